@@ -1,0 +1,268 @@
+"""The HTTP API against a real redis-server: submit, status, result, cancel, errors, keys, limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+
+import pytest
+
+import app as api
+import config
+import jobstore
+import storage
+
+CSM = {"text": "Hello there. General Kenobi."}
+JOBS = {
+    "/csm": CSM,
+    "/portrait": {"image_url": "https://example.com/a.jpg", "audio_url": "https://example.com/a.mp3"},
+    "/api/v1/jobs/whisper": {"audio_url": "https://example.com/a.mp3"},
+    "/whisper": {"audio_url": "https://example.com/a.mp3", "model": "tiny", "language": "en"},
+    "/analyze": {"image_url": "https://example.com/a.jpg", "prompt": "faces?"},
+}
+
+
+@pytest.fixture
+def client(settings):
+    return api.create_app(settings).test_client()
+
+
+def submit(client, route="/csm", body=None, **kwargs):
+    return client.post(route, json=CSM if body is None else body, **kwargs)
+
+
+@pytest.mark.parametrize("route", list(JOBS))
+def test_submit_writes_record_and_queue_entry_together(client, r, route):
+    answer = submit(client, route, JOBS[route])
+    assert answer.status_code == 200, answer.get_json()
+    body = answer.get_json()
+    assert body["status"] == "queued" and jobstore.is_job_id(body["id"])
+    record = r.hgetall(f"job:{body['id']}")
+    assert record["status"] == "queued"
+    assert record["type"] == {"/csm": "csm", "/portrait": "portrait", "/analyze": "analyze"}.get(route, "whisper")
+    assert r.lrange(config.QUEUE_KEY, 0, -1) == [record["queue_entry"]]
+    assert json.loads(record["queue_entry"]) == {"id": body["id"], "type": record["type"]}
+    assert float(record["complete_by"]) - float(record["created_at"]) == pytest.approx(3600)
+
+
+def test_status_shapes_and_queue_position(client, r):
+    ids = [submit(client).get_json()["id"] for _ in range(3)]
+    status = client.get(f"/status/{ids[0]}").get_json()
+    assert status["queue_position"] == 1
+    assert client.get(f"/status/{ids[2]}").get_json()["queue_position"] == 3
+    assert status["type"] == "csm" and status["status"] == "queued"
+    assert status["started_at"] is None and status["finished_at"] is None
+    assert status["created_at"].endswith("Z")
+    assert "error" not in status
+
+
+def finish_job(r, settings, job_id, status, fields, worker="w1"):
+    entry = jobstore.take(r, worker, 1)
+    assert json.loads(entry)["id"] == job_id
+    assert jobstore.transition(r, settings, job_id, "running", {"worker": worker}) == (True, "running")
+    assert jobstore.transition(r, settings, job_id, status, fields, worker_id=worker)[0]
+    jobstore.ack(r, worker, entry)
+
+
+@pytest.mark.parametrize(("route", "status", "fields", "expected"), [
+    ("/csm", "success", {"result_url": "http://x/y.mp3"}, {"result_url": "http://x/y.mp3"}),
+    ("/portrait", "success", {"result_url": "http://x/y.mp4"}, {"result_url": "http://x/y.mp4"}),
+    ("/whisper", "success", {"text": "hello world"}, {"text": "hello world"}),
+    ("/analyze", "success", {"text": "1 face"}, {"text": "1 face"}),
+    ("/csm", "failed", {"error": "CSM failed: boom"}, {"error": "CSM failed: boom"}),
+])
+def test_result_shapes(client, r, settings, route, status, fields, expected):
+    job_id = submit(client, route, JOBS[route]).get_json()["id"]
+    assert client.get(f"/result/{job_id}").status_code == 409
+    assert "queued" in client.get(f"/result/{job_id}").get_json()["error"]
+    finish_job(r, settings, job_id, status, fields)
+    answer = client.get(f"/result/{job_id}")
+    assert answer.status_code == 200
+    assert answer.get_json() == {"id": job_id, "status": status, **expected}
+    state = client.get(f"/status/{job_id}").get_json()
+    assert state["status"] == status and state["finished_at"] and state["started_at"]
+    assert ("error" in state) == (status == "failed")
+    assert r.ttl(f"job:{job_id}") > 0  # finished records expire after RESULT_TTL
+
+
+def test_running_status_shows_progress(client, r, settings):
+    job_id = submit(client).get_json()["id"]
+    jobstore.take(r, "w1", 1)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    jobstore.set_progress(r, job_id, 40)
+    state = client.get(f"/status/{job_id}").get_json()
+    assert state["status"] == "running" and state["progress"] == 40 and state["attempts"] == 1
+    assert "queue_position" not in state
+    assert client.get(f"/result/{job_id}").status_code == 409
+
+
+def test_cancel_queued_job_takes_it_off_the_queue(client, r):
+    job_id = submit(client).get_json()["id"]
+    other = submit(client).get_json()["id"]
+    answer = client.post(f"/cancel/{job_id}")
+    assert answer.status_code == 200 and answer.get_json() == {"id": job_id, "status": "cancelled"}
+    assert [json.loads(e)["id"] for e in r.lrange(config.QUEUE_KEY, 0, -1)] == [other]
+    assert client.get(f"/result/{job_id}").get_json() == {"id": job_id, "status": "cancelled",
+                                                           "error": "cancelled by request"}
+    assert client.post(f"/cancel/{job_id}").status_code == 409
+
+
+def test_cancel_older_form(client):
+    job_id = submit(client).get_json()["id"]
+    assert client.post(f"/job/{job_id}", json={"status": "running"}).status_code == 400
+    assert client.post(f"/job/{job_id}", json={"status": "cancelled"}).get_json()["status"] == "cancelled"
+
+
+def test_cancel_running_job_flags_it(client, r, settings):
+    job_id = submit(client).get_json()["id"]
+    jobstore.take(r, "w1", 1)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    answer = client.post(f"/cancel/{job_id}").get_json()
+    assert answer == {"id": job_id, "status": "running", "cancel_requested": True}
+    assert jobstore.stop_requested(r, job_id)
+    # a late success after the worker saw the cancel and finished it as cancelled is dropped
+    assert jobstore.transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"},
+                               worker_id="w1") == (True, "cancelled")
+    assert jobstore.transition(r, settings, job_id, "success", {"result_url": "http://x"},
+                               worker_id="w1") == (False, "cancelled")
+    assert client.get(f"/result/{job_id}").get_json()["status"] == "cancelled"
+
+
+def test_cancel_of_taken_but_not_started_job(client, r, settings):
+    job_id = submit(client).get_json()["id"]
+    jobstore.take(r, "w1", 1)  # taken, status still queued
+    assert client.post(f"/cancel/{job_id}").get_json()["cancel_requested"] is True
+    assert jobstore.stop_requested(r, job_id)
+
+
+def test_cancel_finished_job_409(client, r, settings):
+    job_id = submit(client).get_json()["id"]
+    finish_job(r, settings, job_id, "success", {"result_url": "http://x/y.mp3"})
+    answer = client.post(f"/cancel/{job_id}")
+    assert answer.status_code == 409 and "success" in answer.get_json()["error"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("get", "/status/{}"), ("get", "/result/{}"),
+                                              ("post", "/cancel/{}")])
+def test_unknown_and_malformed_ids(client, method, path):
+    unknown = getattr(client, method)(path.format(uuid.uuid4()))
+    assert unknown.status_code == 404 and "error" in unknown.get_json()
+    for bad in ("nope", "123", str(uuid.uuid1()), str(uuid.uuid4()).upper()):
+        answer = getattr(client, method)(path.format(bad))
+        assert answer.status_code == 400 and "malformed job id" in answer.get_json()["error"]
+
+
+def test_bad_bodies_never_reach_the_queue(client, r):
+    cases = [
+        (client.post("/csm", data="{not json", content_type="application/json"), 400, "malformed JSON"),
+        (client.post("/csm", data="text=hi", content_type="application/x-www-form-urlencoded"), 415, "JSON"),
+        (client.post("/csm", data="hi"), 415, "JSON"),
+        (client.post("/csm", json={"text": "x", "notify_ulr": "http://e.com"}), 400, "notify_ulr"),
+        (client.post("/csm", json={"text": "x", "topk": 0}), 400, "1 to 100"),
+        (client.post("/portrait", json={"image_url": "file:///etc/passwd", "audio_url": "http://e.com/a"}),
+         400, "image_url"),
+        (client.post("/csm", json=[1, 2]), 400, "JSON object"),
+        (client.post("/csm", data=b"\xff\xfe", content_type="application/json"), 400, "malformed JSON"),
+    ]
+    for answer, status, fragment in cases:
+        assert answer.status_code == status, answer.get_json()
+        assert fragment in answer.get_json()["error"]
+        assert "Traceback" not in answer.get_data(as_text=True)
+    assert r.llen(config.QUEUE_KEY) == 0
+    assert not r.keys("job:*")
+
+
+def test_oversized_body_413(settings, r):
+    client = api.create_app(dataclasses.replace(settings, max_content_length=1000)).test_client()
+    answer = client.post("/csm", data=json.dumps({"text": "x" * 2000}), content_type="application/json")
+    assert answer.status_code == 413 and "too large" in answer.get_json()["error"]
+    assert r.llen(config.QUEUE_KEY) == 0
+
+
+def test_unknown_route_and_method_are_json(client):
+    assert client.get("/nope").get_json() == {"error": "not found"}
+    answer = client.get("/csm")
+    assert answer.status_code == 405 and "not allowed" in answer.get_json()["error"]
+
+
+def test_api_keys(settings):
+    client = api.create_app(dataclasses.replace(settings, api_keys=("k1", "k2"))).test_client()
+    assert client.post("/csm", json=CSM).status_code == 401
+    assert client.post("/csm", json=CSM, headers={"X-C3-RENDER-KEY": "wrong"}).status_code == 401
+    assert client.post("/csm", json=CSM, headers={"X-C3-RENDER-KEY": "k2"}).status_code == 200
+    answer = client.post("/csm", json=CSM, headers={"Authorization": "Bearer k1"})
+    assert answer.status_code == 200
+    job_id = answer.get_json()["id"]
+    assert client.get(f"/status/{job_id}").status_code == 401
+    assert client.get(f"/status/{job_id}", headers={"Authorization": "Bearer k1"}).status_code == 200
+    for open_route in ("/", "/healthz", "/readyz", "/openapi.json"):
+        assert client.get(open_route).status_code == 200
+    assert "k1" not in client.post("/csm", json=CSM).get_data(as_text=True)
+
+
+def test_health_routes_and_openapi(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+    info = client.get("/").get_json()
+    assert info["service"] == "c3-render" and "/csm" in info["submit"]
+    doc = client.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.1")
+
+
+def test_redis_down_gives_503_and_writes_nothing(redis_server, settings):
+    client = api.create_app(settings).test_client()
+    redis_server.stop()
+    try:
+        started = time.time()
+        answer = client.post("/csm", json=CSM)
+        assert answer.status_code == 503 and "Redis" in answer.get_json()["error"]
+        assert time.time() - started < 5
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        assert client.get(f"/status/{uuid.uuid4()}").status_code == 503
+    finally:
+        redis_server.start()
+    # and it comes back by itself
+    assert client.post("/csm", json=CSM).status_code == 200
+
+
+def test_idempotency_key(client, r):
+    headers = {"Idempotency-Key": "order-42"}
+    first = client.post("/csm", json=CSM, headers=headers)
+    again = client.post("/csm", json=CSM, headers=headers)
+    assert first.get_json()["id"] == again.get_json()["id"]
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert r.llen(config.QUEUE_KEY) == 1
+    conflict = client.post("/csm", json={"text": "something else"}, headers=headers)
+    assert conflict.status_code == 422 and "Idempotency-Key" in conflict.get_json()["error"]
+    other = client.post("/csm", json=CSM, headers={"Idempotency-Key": "order-43"})
+    assert other.get_json()["id"] != first.get_json()["id"]
+    assert client.post("/csm", json=CSM, headers={"Idempotency-Key": "x" * 300}).status_code == 400
+
+
+def test_rate_limit(settings, r):
+    client = api.create_app(dataclasses.replace(settings, rate_limit_per_minute=3)).test_client()
+    codes = [client.post("/csm", json=CSM).status_code for _ in range(5)]
+    assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+    limited = client.post("/csm", json=CSM)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert r.llen(config.QUEUE_KEY) == 3
+
+
+def test_local_files_signed_urls(client, settings, r, tmp_path):
+    secret = jobstore.file_url_secret(r, settings.file_url_secret)
+    source = tmp_path / "x.mp3"
+    source.write_bytes(b"ID3 fake mp3 bytes")
+    url = storage.upload_result(settings, source, "abc.mp3", secret)
+    assert url.startswith("http://127.0.0.1:8000/files/abc.mp3?")
+    path = url[len("http://127.0.0.1:8000"):]
+    answer = client.get(path)
+    assert answer.status_code == 200 and answer.data == b"ID3 fake mp3 bytes"
+    assert answer.mimetype == "audio/mpeg"
+    tampered = path.replace("sig=", "sig=0")
+    assert client.get(tampered).status_code == 403
+    expired = storage.signed_file_url(settings, "abc.mp3", secret, 1, now=time.time() - 100)
+    assert client.get(expired[len("http://127.0.0.1:8000"):]).status_code == 403
+    assert client.get("/files/..%2Fsecret?expires=1&sig=0").status_code in (403, 404)

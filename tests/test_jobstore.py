@@ -1,0 +1,200 @@
+"""The queue protocol against a real redis-server: take, ack, heartbeats, requeue of dead workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import config
+import jobspec
+import jobstore
+from tests.conftest import ROOT, wait_for
+
+
+def new_job(r, job_type="csm", **extra):
+    params = jobspec.validate(job_type, {"text": "Hi.", **extra} if job_type == "csm" else extra)
+    job_id, created = jobstore.submit(r, job_type, params)
+    assert created
+    return job_id
+
+
+def test_take_moves_entry_to_processing_and_ack_removes_it(r, settings):
+    first, second = new_job(r), new_job(r)
+    entry = jobstore.take(r, "w1", 1)
+    assert json.loads(entry)["id"] == first  # oldest first
+    assert r.lrange(jobstore.processing_key("w1"), 0, -1) == [entry]
+    assert r.llen(config.QUEUE_KEY) == 1
+    jobstore.ack(r, "w1", entry)
+    assert r.llen(jobstore.processing_key("w1")) == 0
+    assert json.loads(jobstore.take(r, "w2", 1))["id"] == second
+    assert jobstore.take(r, "w3", 0.1) is None
+
+
+def test_transitions_are_guarded(r, settings):
+    job_id = new_job(r)
+    assert jobstore.transition(r, settings, job_id, "success") == (False, "queued")
+    assert jobstore.transition(r, settings, job_id, "running", {"worker": "w1"}) == (True, "running")
+    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w2") == \
+        (False, "running")  # only the worker holding it may finish it
+    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w1") == \
+        (True, "failed")
+    for status in jobspec.STATUSES:
+        assert jobstore.transition(r, settings, job_id, status) == (False, "failed")
+    assert jobstore.transition(r, settings, "no-such-job", "running") == (False, "missing")
+
+
+def test_exactly_one_final_webhook(r, settings):
+    job_id = new_job(r, notify_url="http://127.0.0.1:9/hook")
+    silent = new_job(r)
+    for jid in (job_id, silent):
+        jobstore.transition(r, settings, jid, "running", {"worker": "w"})
+        jobstore.transition(r, settings, jid, "success", {"result_url": "http://x/y.mp3"})
+        jobstore.transition(r, settings, jid, "failed", {"error": "late"})
+    entries = [json.loads(e) for e in r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1)]
+    assert len(entries) == 1
+    assert entries[0]["url"] == "http://127.0.0.1:9/hook"
+    assert json.loads(entries[0]["body"]) == {"id": job_id, "status": "success", "result_url": "http://x/y.mp3"}
+
+
+def test_webhook_bodies_follow_the_spec():
+    assert json.loads(jobstore.webhook_body("i", "success", {"text": "t"})) == \
+        {"id": "i", "status": "success", "text": "t"}
+    assert json.loads(jobstore.webhook_body("i", "failed", {"error": "e"})) == \
+        {"id": "i", "status": "failed", "error": "e"}
+    assert json.loads(jobstore.webhook_body("i", "cancelled", {"error": "cancelled by request"})) == \
+        {"id": "i", "status": "failed", "error": "cancelled by request"}
+
+
+KILLED_WORKER = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import config, jobstore
+    settings = config.Settings(redis_url={url!r})
+    r = jobstore.connect({url!r})
+    jobstore.heartbeat(r, "doomed", 1)
+    entry = jobstore.take(r, "doomed", 5)
+    jobstore.transition(r, settings, __import__("json").loads(entry)["id"], "running", {{"worker": "doomed"}})
+    print("taken", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_requeue_after_killed_process(r, settings, redis_url):
+    job_id = new_job(r)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER.format(root=str(ROOT), url=redis_url)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "taken"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert r.llen(jobstore.processing_key("doomed")) == 1  # the crash left the entry there
+    assert r.hget(f"job:{job_id}", "status") == "running"
+    # while the heartbeat lives, nothing moves
+    jobstore.heartbeat(r, "doomed", 30)
+    assert jobstore.requeue_abandoned(r, settings)["requeued"] == 0
+    r.delete(jobstore.heartbeat_key("doomed"))
+    summary = jobstore.requeue_abandoned(r, settings)
+    assert summary == {"workers": ["doomed"], "requeued": 1, "failed": []}
+    assert r.llen(jobstore.processing_key("doomed")) == 0
+    assert r.hget(f"job:{job_id}", "status") == "queued"
+    entry = jobstore.take(r, "w2", 1)
+    assert json.loads(entry)["id"] == job_id
+    assert jobstore.transition(r, settings, job_id, "running", {"worker": "w2"})[0]
+    assert r.hget(f"job:{job_id}", "attempts") == "2"
+    assert jobstore.requeue_abandoned(r, settings)["requeued"] == 0  # idempotent
+
+
+def test_requeued_job_runs_next(r, settings):
+    job_id = new_job(r)
+    jobstore.take(r, "dead", 1)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "dead"})
+    later = new_job(r)
+    r.sadd(config.WORKERS_KEY, "dead")
+    jobstore.requeue_abandoned(r, settings)
+    assert json.loads(jobstore.take(r, "w2", 1))["id"] == job_id
+    assert json.loads(jobstore.take(r, "w2", 1))["id"] == later
+
+
+def test_max_attempts_fails_the_job(r, settings):
+    settings = dataclasses.replace(settings, max_attempts=2)
+    job_id = new_job(r, notify_url="http://127.0.0.1:9/hook")
+    for attempt in range(2):
+        worker = f"dead{attempt}"
+        r.sadd(config.WORKERS_KEY, worker)
+        assert json.loads(jobstore.take(r, worker, 1))["id"] == job_id
+        jobstore.transition(r, settings, job_id, "running", {"worker": worker})
+        summary = jobstore.requeue_abandoned(r, settings)
+    assert summary["failed"] == [job_id]
+    record = r.hgetall(f"job:{job_id}")
+    assert record["status"] == "failed"
+    assert "2 attempts" in record["error"] and "MAX_ATTEMPTS" in record["error"]
+    assert r.llen(config.QUEUE_KEY) == 0
+    assert r.llen(config.WEBHOOK_OUTBOX_KEY) == 1
+    assert not r.smembers(config.WORKERS_KEY)
+
+
+def test_put_back_on_shutdown(r, settings):
+    job_id = new_job(r)
+    entry = jobstore.take(r, "w1", 1)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    assert jobstore.put_back(r, "w1", job_id, entry)
+    assert r.hget(f"job:{job_id}", "status") == "queued"
+    assert r.hget(f"job:{job_id}", "attempts") == "0"
+    assert r.lrange(config.QUEUE_KEY, 0, -1) == [entry]
+    assert r.llen(jobstore.processing_key("w1")) == 0
+
+
+def test_node_slots_are_capped(r):
+    assert jobstore.acquire_node_slot(r, "a", 2)
+    assert jobstore.acquire_node_slot(r, "a", 2)  # already held
+    assert jobstore.acquire_node_slot(r, "b", 2)
+    assert not jobstore.acquire_node_slot(r, "c", 2)
+    jobstore.release_node(r, "a")
+    assert jobstore.acquire_node_slot(r, "c", 2)
+
+
+def test_dead_worker_node_claimed_once(r):
+    jobstore.acquire_node_slot(r, "gone", 4)
+    jobstore.record_node(r, "gone", {"workload": "wl1", "node": "n1"})
+    assert jobstore.dead_workers(r) == ["gone"]
+    assert jobstore.claim_dead_node(r, "gone")["workload"] == "wl1"
+    assert jobstore.claim_dead_node(r, "gone") is None  # another sweeper is on it
+
+
+def test_file_url_secret_made_once(r):
+    first = jobstore.file_url_secret(r, "")
+    assert len(first) == 64 and jobstore.file_url_secret(r, "") == first
+    assert jobstore.file_url_secret(r, "configured") == b"configured"
+
+
+@pytest.mark.parametrize("value", ["", "x", "123e4567-e89b-12d3-a456-426614174000"])
+def test_is_job_id_refuses_non_uuid4(value):
+    assert not jobstore.is_job_id(value)
+
+
+def test_submit_is_atomic_under_concurrency(r, settings):
+    import threading
+
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def many():
+        for _ in range(50):
+            job_id = new_job(r)
+            with lock:
+                ids.append(job_id)
+
+    threads = [threading.Thread(target=many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queued = {json.loads(e)["id"] for e in r.lrange(config.QUEUE_KEY, 0, -1)}
+    assert queued == set(ids) and len(ids) == 200
+    wait_for(lambda: all(r.exists(f"job:{i}") for i in ids), 1)
