@@ -359,12 +359,14 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
 
         try:
             return engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress)
-        except (JobStopped, EngineError):
+        except JobStopped:
             raise
-        except Exception as exc:  # noqa: BLE001 - any other failure: is it the node?
-            detail = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure: was it the node?
+            detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
             problem = node_usable(state)
             if not problem:
+                if isinstance(exc, EngineError):
+                    raise
                 raise EngineError(f"{job_type} failed: {detail}") from None
             log.warning("node %s failed during job %s (%s): %s", held.node, job_id, problem, detail)
             stop_node(state, f"failed during a job: {problem}")
@@ -498,7 +500,15 @@ def work(state: WorkerState) -> None:
             if state.node is not None and time.time() - state.node.last_used > settings.gpu_idle_timeout_s:
                 stop_node(state, f"idle for {settings.gpu_idle_timeout_s:g} s")
             jobstore.heartbeat(state.r, state.worker_id, settings.heartbeat_ttl_s)
+            # A worker without a node takes a job only when it can get a node slot: at the MAX_NODES
+            # cap it leaves the queue to the workers that hold nodes instead of sitting on a job.
+            if state.node is None and not jobstore.acquire_node_slot(state.r, state.worker_id,
+                                                                     settings.max_nodes):
+                state.stopping.wait(1.0)
+                continue
             entry = jobstore.take(state.r, state.worker_id, 1.0)
+            if entry is None and state.node is None:
+                jobstore.release_node(state.r, state.worker_id)  # give the reserved slot back
             if entry is not None and state.stopping.is_set():
                 jobstore.return_entry(state.r, state.worker_id, entry)  # taken as we were told to stop
             elif entry is not None:

@@ -233,7 +233,7 @@ def prepare_image(src: Path, dest: Path) -> tuple[int, int]:
             img.save(dest, "JPEG", quality=95)
             return img.size
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise EngineError(f"could not read the portrait image: {exc}") from exc
+        raise EngineError(f"could not read the image: {exc}") from exc
 
 
 def probe(path: Path) -> tuple[str, float | None]:

@@ -27,6 +27,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -575,8 +576,7 @@ def _run_ffmpeg(wl: Workload, args: list[str], on_frame: Any = None) -> None:
         "-nostats",
         *args,
     ]
-    log_path = wl.root / "temp" / f"ffmpeg-{uuid.uuid4().hex}.log"
-    with open(log_path, "w+b") as stderr:
+    with tempfile.TemporaryFile() as stderr:
         with wl.cond:
             if wl.interrupt.is_set():
                 raise Interrupted()
@@ -599,7 +599,6 @@ def _run_ffmpeg(wl: Workload, args: list[str], on_frame: Any = None) -> None:
                 proc.wait()
         stderr.seek(0)
         errors = stderr.read().decode("utf-8", "replace").strip()
-    log_path.unlink(missing_ok=True)
     if wl.interrupt.is_set():
         raise Interrupted()
     if code != 0:
@@ -622,10 +621,15 @@ class RunContext:
     class_type: str
 
 
-def _wait_for_interrupt(wl: Workload) -> None:
+def _hang_until_interrupted(wl: Workload) -> None:
+    """The 'hang' fault: wait until /interrupt, the node is gone, shutdown or faults.HANG_LIMIT_S."""
+    deadline = time.monotonic() + faults.HANG_LIMIT_S
+    log.info("comfyui hangs (fault) for workload %s until interrupted", wl.name)
     while not wl.interrupt.wait(HANG_POLL_S):
-        if wl.stopped:
-            break
+        if wl.stopped or faults._should_stop(wl.name):
+            raise Interrupted()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"dev node fault injection: hung for {faults.HANG_LIMIT_S:.0f} s, giving up")
     raise Interrupted()
 
 
@@ -731,7 +735,7 @@ def _run_sonic_sampler(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | Non
     if fault == "error":
         raise RuntimeError("dev node fault injection: comfyui engine_error is set")
     if fault == "hang":
-        _wait_for_interrupt(wl)
+        _hang_until_interrupted(wl)
     data = inputs["data_dict"]
     fps = float(inputs["fps"])
     steps = int(inputs["inference_steps"])
@@ -855,15 +859,18 @@ def _resolve_inputs(node: dict, results: dict[str, tuple]) -> dict:
 
 
 def _execute(wl: Workload, task: Task) -> tuple[dict, dict]:
-    """Run one prompt; return (outputs by node id, status). Sends the websocket messages."""
+    """Run one prompt; return (outputs by node id, status). Sends the websocket messages except the
+    last one of status["messages"] (success, error or interrupted), which the caller sends once the
+    history entry is written."""
     client = _client(task)
     prompt = task.prompt
     messages: list[list] = []
 
-    def add(event: str, data: dict) -> None:
+    def add(event: str, data: dict, send: bool = True) -> None:
         data = {**data, "timestamp": _now_ms()}
         messages.append([event, data])
-        _emit(wl, event, data, client)
+        if send:
+            _emit(wl, event, data, client)
 
     add("execution_start", {"prompt_id": task.prompt_id})
     add("execution_cached", {"nodes": [], "prompt_id": task.prompt_id})
@@ -905,6 +912,7 @@ def _execute(wl: Workload, task: Task) -> tuple[dict, dict]:
                 "node_type": prompt[node_id]["class_type"] if node_id else "",
                 "executed": executed,
             },
+            send=False,
         )
         return outputs, {"status_str": "error", "completed": False, "messages": messages}
     except Exception as exc:  # noqa: BLE001 - every node failure becomes execution_error, as in ComfyUI
@@ -928,9 +936,10 @@ def _execute(wl: Workload, task: Task) -> tuple[dict, dict]:
                 "current_inputs": {},
                 "current_outputs": {},
             },
+            send=False,
         )
         return outputs, {"status_str": "error", "completed": False, "messages": messages}
-    add("execution_success", {"prompt_id": task.prompt_id})
+    add("execution_success", {"prompt_id": task.prompt_id}, send=False)
     return outputs, {"status_str": "success", "completed": True, "messages": messages}
 
 
@@ -942,9 +951,12 @@ def _cleanup_temp(wl: Workload, prompt_id: str) -> None:
 def _worker_loop(wl: Workload) -> None:
     while True:
         with wl.cond:
-            while not wl.pending and not wl.stopped:
+            while not wl.pending and not wl.stopped and not faults._should_stop(wl.name):
                 wl.cond.wait(timeout=1.0)
-            if wl.stopped:
+            if wl.stopped or faults._should_stop(wl.name):  # node stopped: its queue goes with it
+                wl.pending.clear()
+                wl.stopped = True
+                wl.worker = None
                 return
             wl.pending.sort(key=lambda t: t.number)
             task = wl.pending.pop(0)
@@ -955,11 +967,17 @@ def _worker_loop(wl: Workload) -> None:
             outputs, status = _execute(wl, task)
         except Exception as exc:  # noqa: BLE001 - keep the worker alive whatever happens
             log.exception("dev node comfy worker failed on %s", task.prompt_id)
-            status = {
-                "status_str": "error",
-                "completed": False,
-                "messages": [["execution_error", {"error": str(exc)}]],
+            data = {
+                "prompt_id": task.prompt_id,
+                "node_id": "",
+                "node_type": "",
+                "executed": [],
+                "exception_message": str(exc),
+                "exception_type": type(exc).__name__,
+                "traceback": [],
+                "timestamp": _now_ms(),
             }
+            status = {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}
             outputs = {}
         meta = {
             nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
@@ -978,6 +996,8 @@ def _worker_loop(wl: Workload) -> None:
             wl.last_node = None
             wl.interrupt.clear()
         client = _client(task)
+        final_event, final_data = status["messages"][-1]
+        _emit(wl, final_event, final_data, client)  # after the history entry exists
         _emit(wl, "executing", {"node": None, "prompt_id": task.prompt_id}, client)
         _broadcast_status(wl)
 

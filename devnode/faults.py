@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
 _LOCK = threading.Lock()
+LOG = logging.getLogger("devnode.faults")
 DEFAULTS: dict = {
     "launch_failures": 0,
     "launch_failure_mode": "500",
@@ -100,15 +102,23 @@ def _should_stop(workload: str | None) -> bool:
 async def hang(workload: str | None, engine: str = "", limit_s: float = HANG_LIMIT_S) -> None:
     """Sleep in small steps like a hung engine until cancelled, the node is gone, shutdown or `limit_s`."""
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline and not _should_stop(workload):
-        await asyncio.sleep(0.2)
+    LOG.info("%s engine hangs (fault) for workload %s", engine or "an", workload)
+    try:
+        while time.monotonic() < deadline and not _should_stop(workload):
+            await asyncio.sleep(0.2)
+    except asyncio.CancelledError:
+        LOG.info("%s engine hang cancelled", engine or "an")
+        raise
+    LOG.info("%s engine hang ended (node gone, shutdown or time limit)", engine or "an")
 
 
 def hang_blocking(workload: str | None, engine: str = "", limit_s: float = HANG_LIMIT_S) -> None:
     """`hang()` for code running in a thread (cannot be cancelled; ends on node gone/shutdown/limit)."""
     deadline = time.monotonic() + limit_s
+    LOG.info("%s engine hangs (fault) for workload %s", engine or "an", workload)
     while time.monotonic() < deadline and not _should_stop(workload):
         SHUTDOWN.wait(0.2)
+    LOG.info("%s engine hang ended (node gone, shutdown or time limit)", engine or "an")
 
 
 def workload_of(request: object) -> str | None:

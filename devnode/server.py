@@ -285,7 +285,13 @@ async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, body:
 
 async def _refuse(scope: dict, send: Callable[[dict], Awaitable[None]], status: int, message: str) -> None:
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 4000 + status, "reason": message})
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 4000 + status, "reason": message})
+            return  # the server answers the handshake with 403
+        payload = json.dumps({"error": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": payload})
         return
     await _send_json(send, status, {"error": message})
 

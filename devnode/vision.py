@@ -7,7 +7,8 @@ size and format, faces (OpenCV's Haar cascade; with an OpenCV build that lacks i
 cascade when installed), dominant colours (k-means), brightness (mean luma) and sharpness (variance
 of the Laplacian). The first line of every answer says so; the prompt is echoed, never answered.
 Faults: ``faults.engine_fault("ollama")`` "error" answers 500, "hang" holds the request (checked every
-quarter second) until the fault is cleared or HANG_LIMIT_S passes.
+quarter second) until the fault is cleared (then it answers normally), or answers 500 when the node is
+gone, the dev node shuts down or HANG_LIMIT_S (10 min) passes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from devnode import faults
 
 DEFAULT_MODEL = "llama3.2-vision:11b"
-HANG_LIMIT_S = 600.0
+HANG_LIMIT_S = faults.HANG_LIMIT_S
 HANG_STEP_S = 0.25
 MAX_ANALYSIS_SIDE = 1024  # larger images are scaled down before detection (positions are scaled back)
 PROMPT_ECHO_CHARS = 300
@@ -94,7 +95,7 @@ def _face_detector() -> tuple[str, Any]:
     except ImportError:
         return "no face detector available in this OpenCV build", ("none", None)
     cascade = Cascade(sk_data.lbp_frontal_face_cascade_filename())
-    note = f"scikit-image LBP frontal-face cascade (OpenCV {cv2.__version__} has no Haar cascades)"
+    note = f"scikit-image LBP frontal-face cascade; OpenCV {cv2.__version__} has no Haar cascades"
     return note, ("lbp", cascade)
 
 
@@ -208,7 +209,9 @@ def analyse_image(data: bytes, index: int = 1) -> list[str]:
 
 
 def build_report(prompt: str, images: list[bytes]) -> str:
-    lines = [f"c3-render dev node image report (OpenCV {cv2.__version__} on CPU, not a vision-language model)"]
+    lines = [
+        f"c3-render dev node image report (OpenCV {cv2.__version__} on CPU, not a vision-language model)"
+    ]
     echo = prompt.strip().replace("\n", " ")
     if len(echo) > PROMPT_ECHO_CHARS:
         echo = echo[:PROMPT_ECHO_CHARS] + "..."
@@ -243,11 +246,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _wait_out_hang() -> bool:
-    """Hold while the 'hang' fault is set; False when HANG_LIMIT_S passed first."""
+async def _wait_out_hang(workload: str | None) -> bool:
+    """Hold while the "hang" fault is set; False when the node is gone, shutdown or the limit came first."""
     started = time.monotonic()
     while faults.engine_fault("ollama") == "hang":
-        if time.monotonic() - started >= HANG_LIMIT_S:
+        if time.monotonic() - started >= HANG_LIMIT_S or faults._should_stop(workload):
             return False
         await asyncio.sleep(HANG_STEP_S)
     return True
@@ -256,7 +259,9 @@ async def _wait_out_hang() -> bool:
 def create_app(model: str | None = None) -> FastAPI:
     """The Ollama stand-in. Serves `model` (default: $DEVNODE_OLLAMA_MODEL or llama3.2-vision:11b)."""
     served = _normalise_model(model or os.environ.get("DEVNODE_OLLAMA_MODEL") or DEFAULT_MODEL)
-    app = FastAPI(title="c3-render dev node: Ollama stand-in", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="c3-render dev node: Ollama stand-in", docs_url=None, redoc_url=None, openapi_url=None
+    )
 
     @app.get("/")
     async def root() -> Response:
@@ -308,7 +313,7 @@ def create_app(model: str | None = None) -> FastAPI:
         except ValueError as exc:
             return _error(400, str(exc))
         fault = faults.engine_fault("ollama")
-        if fault == "hang" and not await _wait_out_hang():
+        if fault == "hang" and not await _wait_out_hang(faults.workload_of(request)):
             return _error(500, "dev node fault injection: the engine hung and gave up")
         if faults.engine_fault("ollama") == "error":
             return _error(500, "dev node fault injection: ollama engine_error is set")

@@ -171,6 +171,25 @@ def test_node_boots_runs_and_stops(devnode: str) -> None:
     assert row["state"] == "stopped" and row["stopped_at"] and row["launched_at"]
 
 
+def test_node_websocket_requires_key(node: str) -> None:
+    import websocket
+
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(f"ws://{node}/comfyui/ws?clientId=t", timeout=5)
+    assert refused.value.status_code == 401
+
+
+def test_devnode_api_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from devnode import server
+
+    monkeypatch.delenv("DEVNODE_API_KEY", raising=False)
+    assert server._key_error("anything") is None
+    assert server._key_error("") is not None and server._key_error(None) is not None
+    monkeypatch.setenv("DEVNODE_API_KEY", "secret")
+    assert server._key_error("secret") is None
+    assert server._key_error("anything").status_code == 401
+
+
 def test_node_apps_only_under_a_node(devnode: str) -> None:
     assert call(devnode, "GET", "/csm/config")[0] == 404
     assert call(devnode, "GET", "/nodes/unknown-node/")[0] == 404

@@ -423,9 +423,9 @@ _STRICTER_V6 = [ipaddress.ip_network("64:ff9b:1::/48")]
 
 @given(
     st.ip_addresses(v=6).filter(
-        lambda ip: ip.is_global
-        and not ip.is_multicast
-        and not any(ip in n for n in _EMBEDDING_V6 + _STRICTER_V6)
+        lambda ip: (
+            ip.is_global and not ip.is_multicast and not any(ip in n for n in _EMBEDDING_V6 + _STRICTER_V6)
+        )
     )
 )
 def test_prop_public_v6_passes(ip: ipaddress.IPv6Address) -> None:
@@ -485,7 +485,9 @@ def test_real_resolve_of_literal() -> None:
 
 
 def test_parse_allowlist() -> None:
-    entries = parse_allowlist(["minio", "MinIO:9000", "127.0.0.1:9000", "[::1]:9000", "127.0.0.0/8", "::1/128"])
+    entries = parse_allowlist(
+        ["minio", "MinIO:9000", "127.0.0.1:9000", "[::1]:9000", "127.0.0.0/8", "::1/128"]
+    )
     assert entries[0] == netfetch.AllowEntry("minio", None, None)
     assert entries[1] == netfetch.AllowEntry("minio", None, 9000)
     assert entries[2] == netfetch.AllowEntry(None, ipaddress.ip_network("127.0.0.1/32"), 9000)
@@ -534,7 +536,9 @@ def test_allowlist_cidr(dns: dict, no_connect: None) -> None:
 
 def test_download_allowed_host(media: str, rec: Recorder, tmp_path: Path, port: int, dns: dict) -> None:
     dest = tmp_path / "a.png"
-    info = download(f"{media}/file?size=1234&sig=secret", dest, field="image_url", max_bytes=10_000, allowlist=ALLOW)
+    info = download(
+        f"{media}/file?size=1234&sig=secret", dest, field="image_url", max_bytes=10_000, allowlist=ALLOW
+    )
     assert info == netfetch.DownloadInfo(dest, 1234, "image/png", f"{media}/file?size=1234&sig=secret")
     assert dest.read_bytes() == b"x" * 1234
     method, path, headers, _ = rec.requests[0]
@@ -554,10 +558,13 @@ def test_download_pins_the_checked_address(
     assert [a[0] for a in loopback_only] == ["127.0.0.1"]  # type: ignore[index]
 
 
-def test_download_tries_next_address_when_connect_fails(media: str, dns: dict, tmp_path: Path) -> None:
+def test_download_tries_next_address_when_connect_fails(
+    media: str, dns: dict, tmp_path: Path, loopback_only: list[object]
+) -> None:
     dns[HOST] = ["::1", "127.0.0.1"]  # nothing listens on ::1 at this port
     info = download(f"{media}/file", tmp_path / "a", field="image_url", max_bytes=10_000, allowlist=ALLOW)
     assert info.bytes == 1000
+    assert [a[0] for a in loopback_only] == ["::1", "127.0.0.1"]  # type: ignore[index]
 
 
 def test_download_ipv6_literal(rec: Recorder, tmp_path: Path) -> None:
@@ -610,8 +617,14 @@ def test_exact_size_allowed(media: str, tmp_path: Path) -> None:
 def test_read_timeout(media: str, tmp_path: Path) -> None:
     start = time.monotonic()
     with pytest.raises(FetchError, match=r"^audio_url: download failed: .*timed out"):
-        download(f"{media}/slow?delay=3", tmp_path / "a", field="audio_url", max_bytes=100,
-                 allowlist=ALLOW, read_timeout=0.3)  # fmt: skip
+        download(
+            f"{media}/slow?delay=3",
+            tmp_path / "a",
+            field="audio_url",
+            max_bytes=100,
+            allowlist=ALLOW,
+            read_timeout=0.3,
+        )
     assert time.monotonic() - start < 2
 
 
@@ -619,8 +632,15 @@ def test_total_deadline_with_dripping_server(media: str, tmp_path: Path) -> None
     dest = tmp_path / "a"
     start = time.monotonic()
     with pytest.raises(FetchError) as err:
-        download(f"{media}/drip", dest, field="audio_url", max_bytes=10**6, allowlist=ALLOW,
-                 read_timeout=5, total_timeout=0.5)  # fmt: skip
+        download(
+            f"{media}/drip",
+            dest,
+            field="audio_url",
+            max_bytes=10**6,
+            allowlist=ALLOW,
+            read_timeout=5,
+            total_timeout=0.5,
+        )
     assert str(err.value) == "audio_url: timed out after 0.5 s"
     assert time.monotonic() - start < 1.5
     assert not dest.exists()
@@ -629,16 +649,27 @@ def test_total_deadline_with_dripping_server(media: str, tmp_path: Path) -> None
 def test_total_deadline_while_waiting_for_headers(media: str, tmp_path: Path) -> None:
     start = time.monotonic()
     with pytest.raises(FetchError, match=r"^audio_url: timed out after 0.4 s$"):
-        download(f"{media}/slow?delay=3", tmp_path / "a", field="audio_url", max_bytes=100,
-                 allowlist=ALLOW, total_timeout=0.4)  # fmt: skip
+        download(
+            f"{media}/slow?delay=3",
+            tmp_path / "a",
+            field="audio_url",
+            max_bytes=100,
+            allowlist=ALLOW,
+            total_timeout=0.4,
+        )
     assert time.monotonic() - start < 1.5
 
 
 def test_connection_refused(dns: dict, tmp_path: Path) -> None:
     dns[HOST] = ["127.0.0.1"]
     with pytest.raises(FetchError, match=f"^image_url: download failed: could not connect to {HOST}$"):
-        download(f"http://{HOST}:{_free_port()}/a", tmp_path / "a", field="image_url", max_bytes=10,
-                 allowlist=ALLOW)  # fmt: skip
+        download(
+            f"http://{HOST}:{_free_port()}/a",
+            tmp_path / "a",
+            field="image_url",
+            max_bytes=10,
+            allowlist=ALLOW,
+        )
 
 
 # --- redirects ------------------------------------------------------------------------------------
@@ -665,8 +696,13 @@ def test_redirect_to_loopback_ip_refused(media: str, port: int, tmp_path: Path, 
     # HOST is allowed by name and resolves to 127.0.0.1; that does not allow 127.0.0.1 itself.
     target = f"http://127.0.0.1:{port}/file"
     with pytest.raises(FetchError) as err:
-        download(f"{media}/redirect?to={target}", tmp_path / "a", field="image_url", max_bytes=10_000,
-                 allowlist=ALLOW)  # fmt: skip
+        download(
+            f"{media}/redirect?to={target}",
+            tmp_path / "a",
+            field="image_url",
+            max_bytes=10_000,
+            allowlist=ALLOW,
+        )
     assert str(err.value) == "image_url: host is a private or loopback address (refused; see URL_ALLOWLIST)"
     assert rec.paths() == [f"/redirect?to={target}"]
 
@@ -684,8 +720,13 @@ def test_redirect_to_name_resolving_to_metadata_refused(
 
 def test_redirect_to_other_scheme_refused(media: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="only http and https"):
-        download(f"{media}/redirect?to=file:///etc/passwd", tmp_path / "a", field="f", max_bytes=10,
-                 allowlist=ALLOW)  # fmt: skip
+        download(
+            f"{media}/redirect?to=file:///etc/passwd",
+            tmp_path / "a",
+            field="f",
+            max_bytes=10,
+            allowlist=ALLOW,
+        )
 
 
 def test_redirect_without_location(media: str, tmp_path: Path) -> None:
@@ -805,7 +846,9 @@ def _make_certs(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture
-def tls_server(request: pytest.FixtureRequest, tmp_path: Path, rec: Recorder, monkeypatch: pytest.MonkeyPatch):
+def tls_server(
+    request: pytest.FixtureRequest, tmp_path: Path, rec: Recorder, monkeypatch: pytest.MonkeyPatch
+):
     """An https server on 127.0.0.1 whose certificate names `request.param`; yields (port, SNI seen)."""
     pytest.importorskip("cryptography")
     ca, cert, key = _make_certs(tmp_path, request.param)
@@ -821,21 +864,31 @@ def tls_server(request: pytest.FixtureRequest, tmp_path: Path, rec: Recorder, mo
 
 
 @pytest.mark.parametrize("tls_server", [HOST], indirect=True)
-def test_https_pinned_to_loopback_verifies_hostname(tls_server, dns: dict, tmp_path: Path, rec: Recorder) -> None:
+def test_https_pinned_to_loopback_verifies_hostname(
+    tls_server, dns: dict, tmp_path: Path, rec: Recorder
+) -> None:
     port, sni = tls_server
     dns[HOST] = ["127.0.0.1"]
-    info = download(f"https://{HOST}:{port}/file?size=50", tmp_path / "a", field="image_url", max_bytes=100,
-                    allowlist=ALLOW)  # fmt: skip
+    info = download(
+        f"https://{HOST}:{port}/file?size=50",
+        tmp_path / "a",
+        field="image_url",
+        max_bytes=100,
+        allowlist=ALLOW,
+    )
     assert info.bytes == 50
     assert sni == [HOST]
     assert rec.requests[0][2]["Host"] == f"{HOST}:{port}"
 
 
 @pytest.mark.parametrize("tls_server", ["other.example.test"], indirect=True)
-def test_https_certificate_for_another_name_refused(tls_server, dns: dict, tmp_path: Path, rec: Recorder) -> None:
+def test_https_certificate_for_another_name_refused(
+    tls_server, dns: dict, tmp_path: Path, rec: Recorder
+) -> None:
     port, sni = tls_server
     dns[HOST] = ["127.0.0.1"]
     with pytest.raises(FetchError, match=f"^image_url: download failed: TLS with {HOST} failed"):
-        download(f"https://{HOST}:{port}/file", tmp_path / "a", field="image_url", max_bytes=100,
-                 allowlist=ALLOW)  # fmt: skip
+        download(
+            f"https://{HOST}:{port}/file", tmp_path / "a", field="image_url", max_bytes=100, allowlist=ALLOW
+        )
     assert rec.requests == []

@@ -1,0 +1,212 @@
+"""The worker process against real parts: redis-server, the dev node (HTTP, Gradio, websocket), the API.
+
+Crash recovery (SIGKILL mid-job), max_time, cancel of a running job, node failure mid-job, the
+MAX_NODES cap across workers, and SIGTERM with a job running.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import redis
+
+import jobspec
+import jobstore
+from conftest import wait_for
+from devnode_helpers import start_devnode, stop_devnode
+from system import (
+    devnode_nodes,
+    http_json,
+    reset_faults,
+    running_nodes,
+    service_env,
+    set_faults,
+    start_api,
+    start_receiver,
+    start_worker,
+    wait_finished,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def devnode(tmp_path_factory):
+    proc, url = start_devnode(tmp_path_factory.mktemp("devnode"))
+    yield url
+    stop_devnode(proc)
+
+
+@pytest.fixture
+def stack(redis_url, devnode, tmp_path):
+    """The API, a webhook receiver and a way to start workers; everything stopped afterwards."""
+    reset_faults(devnode)
+    env = service_env(redis_url, devnode, tmp_path)
+    api, api_url = start_api(env, tmp_path)
+    receiver = start_receiver()
+    workers = []
+
+    def worker(worker_id: str, **extra: str):
+        proc = start_worker(env, tmp_path, worker_id, **extra)
+        workers.append(proc)
+        return proc
+
+    yield {"api": api_url, "env": env, "receiver": receiver, "worker": worker, "devnode": devnode,
+           "r": redis.Redis.from_url(redis_url, decode_responses=True)}
+    for proc in workers:
+        proc.stop(20)
+    api.stop()
+    receiver.close()
+    reset_faults(devnode)
+    wait_for(lambda: not running_nodes(devnode), 30, what="all dev node nodes to stop")
+
+
+def submit_csm(stack, text="Hello there. This is a test.", **extra):
+    status, body = http_json("POST", stack["api"] + "/csm",
+                             {"text": text, "notify_url": stack["receiver"].url, **extra})
+    assert status == 200, body
+    return body["id"]
+
+
+def wait_status(stack, job_id, wanted, timeout=60):
+    def check():
+        _status, body = http_json("GET", f"{stack['api']}/status/{job_id}")
+        return body if body.get("status") == wanted else None
+    return wait_for(check, timeout, interval=0.2, what=f"job {job_id} to be {wanted}")
+
+
+def test_sigkill_mid_job_another_worker_finishes_one_webhook_node_stopped(stack):
+    r = stack["r"]
+    set_faults(stack["devnode"], engine_hang=["csm"])
+    doomed = stack["worker"]("doomed")
+    job_id = submit_csm(stack)
+    wait_status(stack, job_id, "running", 60)
+    node = wait_for(lambda: (r.hgetall("node:doomed") or {}).get("workload") and r.hgetall("node:doomed"),
+                    30, what="the doomed worker's node record")
+    wait_for(lambda: r.hget("node:doomed", "state") == "running", 30, what="its node to boot")
+    time.sleep(1.0)  # the engine call is in flight on the node
+    doomed.signal(signal.SIGKILL)
+    doomed.proc.wait(10)
+    reset_faults(stack["devnode"])
+    stack["worker"]("rescuer")
+    final = wait_finished(stack["api"], job_id, 120)
+    assert final["status"] == "success", final
+    assert final["attempts"] == 2
+    # the dead worker's node was stopped by the recovery sweep, not left billing
+    states = {n["workload"]: n["state"] for n in devnode_nodes(stack["devnode"])}
+    assert states[node["workload"]] == "stopped"
+    assert not r.exists("node:doomed") and r.llen("processing:doomed") == 0
+    wait_for(lambda: stack["receiver"].for_job(job_id), 20, what="the webhook")
+    time.sleep(2)
+    assert len(stack["receiver"].for_job(job_id)) == 1  # exactly one final webhook
+    assert stack["receiver"].for_job(job_id)[0]["status"] == "success"
+
+
+def test_max_time_stops_the_engine_and_names_the_limit(stack):
+    r = stack["r"]
+    set_faults(stack["devnode"], engine_hang=["csm"])
+    stack["worker"]("w-maxtime")
+    params = jobspec.validate("csm", {"text": "Never ends.", "notify_url": stack["receiver"].url})
+    params["max_time"] = 4  # below the API's minimum of 60 s, to keep the test short
+    job_id, _ = jobstore.submit(r, "csm", params)
+    final = wait_finished(stack["api"], job_id, 90)
+    assert final["status"] == "failed"
+    assert "max_time of 4 s exceeded" in final["error"]
+    started = time.mktime(time.strptime(final["started_at"][:19], "%Y-%m-%dT%H:%M:%S"))
+    finished = time.mktime(time.strptime(final["finished_at"][:19], "%Y-%m-%dT%H:%M:%S"))
+    assert finished - started < 30
+    wait_for(lambda: stack["receiver"].for_job(job_id), 20, what="the webhook")
+    assert "max_time" in stack["receiver"].for_job(job_id)[0]["error"]
+    # the node was checked and is used again for the next job
+    reset_faults(stack["devnode"])
+    second = submit_csm(stack, "Now it works.")
+    assert wait_finished(stack["api"], second, 90)["status"] == "success"
+    assert len(running_nodes(stack["devnode"])) == 1
+
+
+def test_cancel_of_a_running_job(stack):
+    set_faults(stack["devnode"], engine_hang=["csm"])
+    stack["worker"]("w-cancel")
+    job_id = submit_csm(stack)
+    wait_status(stack, job_id, "running", 60)
+    wait_for(lambda: stack["r"].hget("node:w-cancel", "state") == "running", 30, what="node up")
+    time.sleep(1)
+    status, body = http_json("POST", f"{stack['api']}/cancel/{job_id}")
+    assert status == 200 and body["cancel_requested"] is True
+    asked = time.time()
+    final = wait_finished(stack["api"], job_id, 30)
+    assert time.time() - asked < 10
+    assert final["status"] == "cancelled" and final["error"] == "cancelled by request"
+    wait_for(lambda: stack["receiver"].for_job(job_id), 20, what="the webhook")
+    assert stack["receiver"].for_job(job_id)[0] == {"id": job_id, "status": "failed",
+                                                    "error": "cancelled by request"}
+
+
+def test_node_failing_mid_job_is_retried_once_then_reported(stack):
+    t0 = time.time()
+    set_faults(stack["devnode"], engine_hang=["csm"], node_dies_after_s=4)
+    stack["worker"]("w-nodefail")
+    job_id = submit_csm(stack, max_time=120)
+    final = wait_finished(stack["api"], job_id, 120)
+    assert final["status"] == "failed"
+    assert "GPU node failed" in final["error"], final
+    launched = [n for n in devnode_nodes(stack["devnode"]) if n["launched_at"] >= t0]
+    assert len(launched) == 2  # the first node died, the job was retried once on a new one
+    wait_for(lambda: not running_nodes(stack["devnode"]), 10, what="the dead nodes to be stopped")
+
+
+def test_workers_never_share_a_job_and_respect_max_nodes(stack):
+    r = stack["r"]
+    t0 = time.time()
+    for name in ("w-a", "w-b", "w-c"):
+        stack["worker"](name, MAX_NODES="2")
+    ids = [submit_csm(stack, f"Job number {i}.") for i in range(6)]
+    finals = [wait_finished(stack["api"], job_id, 240) for job_id in ids]
+    assert all(f["status"] == "success" for f in finals), finals
+    assert all(f["attempts"] == 1 for f in finals)
+    # every job was started by exactly one worker
+    nodes = [n for n in devnode_nodes(stack["devnode"]) if n["launched_at"] >= t0]
+    assert 1 <= len(nodes) <= 2
+    events = sorted([(n["launched_at"], 1) for n in nodes]
+                    + [(n.get("stopped_at") or time.time() + 1e6, -1) for n in nodes])
+    running = peak = 0
+    for _at, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak <= 2
+    assert len(r.smembers("nodes:slots")) <= 2
+    wait_for(lambda: len(stack["receiver"].bodies()) >= 6, 20, what="webhooks")
+    assert sorted(b["id"] for b in stack["receiver"].bodies()) == sorted(ids)
+
+
+def test_sigterm_lets_the_running_job_finish(stack):
+    worker = stack["worker"]("w-term", WORKER_GRACE_S="60")
+    job_id = submit_csm(stack, "One sentence to finish while the worker shuts down.")
+    wait_status(stack, job_id, "running", 60)
+    worker.signal(signal.SIGTERM)
+    assert worker.proc.wait(90) == 0
+    final = wait_finished(stack["api"], job_id, 10)
+    assert final["status"] == "success"
+    assert "stopped node" in worker.log()
+    wait_for(lambda: not running_nodes(stack["devnode"]), 10, what="the node to be stopped")
+
+
+def test_sigterm_puts_a_long_job_back(stack):
+    r = stack["r"]
+    set_faults(stack["devnode"], engine_hang=["csm"])
+    worker = stack["worker"]("w-term2", WORKER_GRACE_S="2")
+    job_id = submit_csm(stack)
+    wait_status(stack, job_id, "running", 60)
+    wait_for(lambda: r.hget("node:w-term2", "state") == "running", 30, what="node up")
+    worker.signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    record = r.hgetall(f"job:{job_id}")
+    assert record["status"] == "queued"
+    assert json.loads(r.lrange("queue:jobs", -1, -1)[0])["id"] == job_id
+    assert not running_nodes(stack["devnode"])
+    reset_faults(stack["devnode"])
+    stack["worker"]("w-after")
+    assert wait_finished(stack["api"], job_id, 90)["status"] == "success"

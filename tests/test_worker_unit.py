@@ -1,0 +1,196 @@
+"""Unit tests of the worker's Comput3 calls and node handling (responses for HTTP, a real redis-server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import requests
+import responses
+
+import c3_render_worker as worker
+import config
+
+API = "https://api.comput3.test/api/v0"
+
+
+@pytest.fixture
+def s():
+    return dataclasses.replace(
+        config.Settings(), c3_api_key="sekrit-key", c3_api_url=API, c3_node_url="https://{node}",
+        launch_attempts=5, launch_backoff_s=0.01, node_boot_timeout_s=2, gpu_idle_timeout_s=0.2,
+    )
+
+
+@responses.activate
+def test_request_shapes_and_headers(s):
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "abc.comput3.ai"})
+    responses.post(f"{API}/workloads", json=[{"workload": "wl-1", "node": "abc.comput3.ai", "type": "media:fast"}])
+    responses.post(f"{API}/stop", json={"stopped": 1700000000, "refund_amount": 0.5})
+    responses.get("https://abc.comput3.ai/", body="ok")
+    answer = worker.launch_workload(s, "media:fast", expires=1234)
+    assert answer["workload"] == "wl-1"
+    assert worker.get_running_workloads(s)[0]["node"] == "abc.comput3.ai"
+    assert worker.check_node_health(s, "abc.comput3.ai")
+    assert worker.stop_workload(s, "wl-1")["refund_amount"] == 0.5
+    launch, workloads, health, stop = responses.calls
+    assert json.loads(launch.request.body) == {"type": "media:fast", "expires": 1234}
+    assert json.loads(workloads.request.body) == {"running": True}
+    assert json.loads(stop.request.body) == {"workload": "wl-1"}
+    for call in (launch, workloads, stop):
+        assert call.request.headers["X-C3-API-KEY"] == "sekrit-key"
+        assert call.request.headers["Content-Type"] == "application/json"
+        assert call.request.headers["Origin"] == "https://launch.comput3.ai"
+    assert health.request.headers["X-C3-API-KEY"] == "sekrit-key"
+
+
+@responses.activate
+def test_default_expires_leaves_a_margin_beyond_max_age(s):
+    responses.post(f"{API}/launch", json={"workload": "w", "node": "n"})
+    before = time.time()
+    worker.launch_workload(s)
+    expires = json.loads(responses.calls[0].request.body)["expires"]
+    assert expires >= before + s.node_max_age_s + s.node_expires_margin_s - 1
+
+
+@responses.activate
+def test_launch_retried_on_5xx_html_and_timeouts(s):
+    responses.post(f"{API}/launch", status=502, body="<html><body>Bad gateway</body></html>",
+                   content_type="text/html")
+    responses.post(f"{API}/launch", status=200, body="<html>cdn error</html>", content_type="text/html")
+    responses.post(f"{API}/launch", body=requests.Timeout("slow"))
+    responses.post(f"{API}/launch", status=500, json={"error": "x"})
+    responses.post(f"{API}/launch", json={"workload": "wl-9", "node": "n9"})
+    slept = []
+    assert worker.launch_workload(s, sleep=slept.append)["workload"] == "wl-9"
+    assert len(responses.calls) == 5
+    assert slept == [0.01, 0.02, 0.04, 0.08]  # exponential backoff
+
+
+@responses.activate
+def test_launch_gives_up_after_attempts_with_clear_message(s):
+    responses.post(f"{API}/launch", status=503, body="<html>down</html>", content_type="text/html")
+    with pytest.raises(worker.C3Error) as info:
+        worker.launch_workload(s, sleep=lambda _s: None)
+    assert len(responses.calls) == 5
+    assert "could not launch a media:fast GPU node" in str(info.value) and "HTTP 503" in str(info.value)
+    assert "sekrit-key" not in str(info.value)
+
+
+@responses.activate
+def test_launch_not_retried_on_401(s):
+    responses.post(f"{API}/launch", status=401, json={"error": "bad key"})
+    with pytest.raises(worker.C3Error, match="check C3_API_KEY"):
+        worker.launch_workload(s, sleep=lambda _s: None)
+    assert len(responses.calls) == 1
+
+
+@pytest.fixture
+def make_state(r):
+    def make(s):
+        return worker.WorkerState(settings=s, r=r, worker_id="w1")
+    return make
+
+
+@responses.activate
+def test_node_reused_while_healthy_and_replaced_when_not(s, make_state):
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    responses.post(f"{API}/launch", json={"workload": "wl-2", "node": "n2"})
+    workloads = responses.post(f"{API}/workloads", json=[{"workload": "wl-1", "node": "n1"}])
+    stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
+    health1 = responses.get("https://n1/", body="ok")
+    responses.get("https://n2/", body="ok")
+    state = make_state(s)
+    first = worker.ensure_node(state, lambda: None)
+    assert first.workload == "wl-1"
+    assert worker.ensure_node(state, lambda: None) is first  # reused
+    assert state.r.hget("node:w1", "workload") == "wl-1"
+    # the node starts failing its health check: it is stopped and a new one launched
+    health1.status = 502
+    workloads.body = json.dumps([{"workload": "wl-1"}, {"workload": "wl-2"}])
+    second = worker.ensure_node(state, lambda: None)
+    assert second.workload == "wl-2"
+    assert json.loads(stop.calls[0].request.body) == {"workload": "wl-1"}
+    assert state.r.hget("node:w1", "workload") == "wl-2"
+
+
+@responses.activate
+def test_node_replaced_when_gone_from_workloads_list(s, make_state):
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    responses.post(f"{API}/launch", json={"workload": "wl-2", "node": "n2"})
+    responses.post(f"{API}/workloads", json=[])
+    responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
+    responses.get("https://n1/", body="ok")
+    responses.get("https://n2/", body="ok")
+    state = make_state(s)
+    worker.ensure_node(state, lambda: None)
+    assert worker.node_usable(state) == "no longer in the workloads list"
+    assert worker.ensure_node(state, lambda: None).workload == "wl-2"
+
+
+@responses.activate
+def test_node_that_never_boots_is_stopped(s, make_state):
+    s = dataclasses.replace(s, node_boot_timeout_s=0.5)
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
+    responses.get("https://n1/", status=503)
+    state = make_state(s)
+    with pytest.raises(worker.NodeFailed, match="did not become healthy"):
+        worker.ensure_node(state, lambda: None)
+    assert len(stop.calls) == 1 and state.node is None
+    assert not state.r.exists("node:w1") and not state.r.smembers(config.NODE_SLOTS_KEY)
+
+
+@responses.activate
+def test_idle_node_stopped_after_timeout(s, make_state):
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
+    responses.get("https://n1/", body="ok")
+    state = make_state(s)
+    worker.ensure_node(state, lambda: None)
+    state.node.last_used = time.time()
+
+    def stop_soon():
+        time.sleep(1.8)  # the loop blocks up to 1 s on an empty queue between idle checks
+        state.stopping.set()
+
+    import threading
+
+    threading.Thread(target=stop_soon).start()
+    worker.work(state)
+    assert len(stop.calls) == 1  # stopped by the idle timeout, before the loop ended
+    assert state.node is None
+    assert float(state.r.get(config.NODE_SECONDS_KEY)) > 0
+
+
+@responses.activate
+def test_slot_cap_waits_and_honours_stop(s, make_state):
+    s = dataclasses.replace(s, max_nodes=1)
+    state = make_state(s)
+    state.r.sadd(config.NODE_SLOTS_KEY, "someone-else")
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return "cancelled by request" if len(calls) > 1 else None
+
+    with pytest.raises(worker.JobStopped, match="cancelled"):
+        worker.ensure_node(state, should_stop)
+    assert not [c for c in responses.calls if c.request.url.endswith("/launch")]
+
+
+def test_missing_api_key_is_a_clear_startup_error(s):
+    with pytest.raises(SystemExit, match="C3_API_KEY is not set"):
+        worker.check_startup(dataclasses.replace(s, c3_api_key=""))
+
+
+def test_should_stop_reasons(s, make_state):
+    state = make_state(s)
+    now = time.time()
+    assert worker.make_should_stop(state, "j", now, 60, now + 100)() is None
+    assert "max_time of 60 s" in worker.make_should_stop(state, "j", now - 61, 60, now + 100)()
+    assert "complete_by" in worker.make_should_stop(state, "j", now, 60, now - 1)()
+    state.r.hset("job:j", "cancel_requested", "1")
+    assert worker.make_should_stop(state, "j", now, 60, now + 100)() == "cancelled by request"
