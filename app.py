@@ -178,11 +178,11 @@ def create_app(settings: config.Settings | None = None) -> Flask:
                 from None
         if created:
             log.info("job %s (%s) queued", job_id, job_type)
-        record = jobstore.get_job(r, job_id)
-        status = record["status"] if record else "queued"
-        response = jsonify({"id": job_id, "status": status})
-        if not created:
-            response.headers["Idempotent-Replayed"] = "true"
+        if created:
+            return jsonify({"id": job_id, "status": "queued"})
+        record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
+        response = jsonify({"id": job_id, "status": record["status"] if record else "queued"})
+        response.headers["Idempotent-Replayed"] = "true"
         return response
 
     for route, job_type in jobspec.SUBMIT_ROUTES.items():

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devnode", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     parser.add_argument("--port", type=int, default=8700)
+    parser.add_argument("--public-host", default=os.environ.get("DEVNODE_PUBLIC_HOST", ""),
+                        help="host[:port] that workers reach this dev node at, used in the `node` of "
+                             "launch answers (default: --host:--port); e.g. devnode:8700 in docker compose")
     parser.add_argument("--log-level", default=os.environ.get("DEVNODE_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from devnode import faults, server
 
-    app = server.create_app(host=args.host, port=args.port)
+    public_host, _, public_port = (args.public_host or f"{args.host}:{args.port}").partition(":")
+    app = server.create_app(host=public_host, port=int(public_port or args.port))
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -77,9 +77,10 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> Proc:
 
 
 def start_api(env: dict[str, str], tmp_path: Path) -> tuple[Proc, str]:
+    """Start gunicorn serving app.py; sets env["PUBLIC_BASE_URL"] so workers started after it link to it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(env, PUBLIC_BASE_URL=url)
+    env["PUBLIC_BASE_URL"] = url
     proc = _spawn([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
                    "--threads", "8", "--graceful-timeout", "10", "app:create_app()"],
                   env, tmp_path / f"api-{port}.log")

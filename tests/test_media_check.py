@@ -54,10 +54,18 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     put("noise.bin", bytes((i * 7919 + 13) % 251 for i in range(4096)))
     put("empty.bin", b"")
     put("page.mp3", HTML)
-    put("list.m3u8", b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:1/x.ts\n#EXT-X-ENDLIST\n")
+    put(
+        "list.m3u8",
+        b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:1/x.ts\n#EXT-X-ENDLIST\n",
+    )
 
     sine = ["-f", "lavfi", "-i", "sine=frequency=440:duration=1"]
-    for name, codec in (("a.wav", "pcm_s16le"), ("a.mp3", "libmp3lame"), ("a.m4a", "aac"), ("a.ogg", "libvorbis")):
+    for name, codec in (
+        ("a.wav", "pcm_s16le"),
+        ("a.mp3", "libmp3lame"),
+        ("a.m4a", "aac"),
+        ("a.ogg", "libvorbis"),
+    ):
         out[name] = d / name
         _ffmpeg(*sine, "-c:a", codec, str(out[name]))
     out["long.wav"] = d / "long.wav"
@@ -68,8 +76,23 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["silent.mp4"] = d / "silent.mp4"
     _ffmpeg(*video, "-c:v", "mpeg4", str(out["silent.mp4"]))
     out["cover.mp3"] = d / "cover.mp3"
-    _ffmpeg("-i", str(out["a.mp3"]), "-i", str(out["a.png"]), "-map", "0", "-map", "1", "-c", "copy",
-            "-id3v2_version", "3", "-disposition:v", "attached_pic", str(out["cover.mp3"]))  # fmt: skip
+    _ffmpeg(
+        "-i",
+        str(out["a.mp3"]),
+        "-i",
+        str(out["a.png"]),
+        "-map",
+        "0",
+        "-map",
+        "1",
+        "-c",
+        "copy",
+        "-id3v2_version",
+        "3",
+        "-disposition:v",
+        "attached_pic",
+        str(out["cover.mp3"]),
+    )
     return out
 
 
@@ -89,19 +112,25 @@ def _png_with_size(real_w: int, real_h: int, declared_w: int, declared_h: int) -
 # --- images ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.webp", "WEBP"), ("a.gif", "GIF")])
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.webp", "WEBP"), ("a.gif", "GIF")]
+)
 def test_real_images(name: str, fmt: str, files: dict[str, Path]) -> None:
     assert check_image(files[name], field="image_url", max_pixels=10_000) == ImageInfo(64, 48, fmt)
 
 
 def test_image_over_pixel_limit(files: dict[str, Path]) -> None:
-    with pytest.raises(MediaError, match=r"^image_url: image is 64x48 pixels; the limit is 0.003 megapixels$"):
+    with pytest.raises(
+        MediaError, match=r"^image_url: image is 64x48 pixels; the limit is 0.003 megapixels$"
+    ):
         check_image(files["a.png"], field="image_url", max_pixels=3000)
 
 
 def test_declared_size_over_limit_refused_before_decoding(files: dict[str, Path]) -> None:
     assert files["big.png"].stat().st_size < 200
-    with pytest.raises(MediaError, match=r"^image_url: image is 5000x5000 pixels; the limit is 1 megapixels$"):
+    with pytest.raises(
+        MediaError, match=r"^image_url: image is 5000x5000 pixels; the limit is 1 megapixels$"
+    ):
         check_image(files["big.png"], field="image_url", max_pixels=1_000_000)
 
 
@@ -109,8 +138,9 @@ def test_decompression_bomb_refused(files: dict[str, Path]) -> None:
     # 10 gigapixels declared: Pillow itself raises DecompressionBombError, even with a huge limit.
     with pytest.raises(MediaError, match=r"^image_url: image is too large"):
         check_image(files["bomb.png"], field="image_url", max_pixels=10**12)
-    with pytest.raises(MediaError, match=r"^image_url: image is .*too large|limit is 40 megapixels"):
+    with pytest.raises(MediaError) as err:
         check_image(files["bomb.png"], field="image_url", max_pixels=40_000_000)
+    assert str(err.value) == "image_url: image is too large (the limit is 40 megapixels)"
 
 
 @pytest.mark.parametrize(
@@ -146,7 +176,12 @@ def test_truncated_image(name: str, files: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize(
     ("name", "codec", "container"),
-    [("a.wav", "pcm_s16le", "wav"), ("a.mp3", "mp3", "mp3"), ("a.m4a", "aac", "mp4"), ("a.ogg", "vorbis", "ogg")],
+    [
+        ("a.wav", "pcm_s16le", "wav"),
+        ("a.mp3", "mp3", "mp3"),
+        ("a.m4a", "aac", "mp4"),
+        ("a.ogg", "vorbis", "ogg"),
+    ],
 )
 def test_real_audio(name: str, codec: str, container: str, files: dict[str, Path]) -> None:
     info = check_audio(files[name], field="audio_url", max_seconds=600)
