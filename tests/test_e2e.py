@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
-from PIL import Image
-
 from conftest import free_port, wait_for
 from devnode_helpers import start_devnode, stop_devnode
+from moto.server import ThreadedMotoServer
+from PIL import Image
 from system import (
     devnode_nodes,
     download,

@@ -178,6 +178,12 @@ def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             path, query = self._record(body)
+            try:
+                self._route_post(path, query)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _route_post(self, path: str, query: dict[str, list[str]]) -> None:
             if path == "/hook":
                 self._send(204)
             elif path == "/hook-redirect":

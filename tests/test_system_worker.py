@@ -12,9 +12,6 @@ import time
 
 import pytest
 import redis
-
-import jobspec
-import jobstore
 from conftest import wait_for
 from devnode_helpers import start_devnode, stop_devnode
 from system import (
@@ -29,6 +26,9 @@ from system import (
     start_worker,
     wait_finished,
 )
+
+import jobspec
+import jobstore
 
 pytestmark = pytest.mark.e2e
 
