@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +32,9 @@ log = logging.getLogger("c3-render.api")
 VERSION = "0.1.0"
 OPEN_ROUTES = ("/", "/healthz", "/readyz", "/openapi.json")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+JOB_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+IDEMPOTENCY_KEY_PATTERN = re.compile(rf"^[!-~]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}$")
 
 
 class ApiError(Exception):
@@ -87,7 +90,10 @@ def create_app(settings: config.Settings | None = None) -> Flask:
             413: f"request body too large (limit {settings.max_content_length} bytes)",
         }
         message = messages.get(exc.code or 500, exc.description or exc.name)
-        return error_response(exc.code or 500, message)
+        headers = {}
+        if getattr(exc, "valid_methods", None):  # 405 keeps its Allow header (RFC 9110)
+            headers["Allow"] = ", ".join(exc.valid_methods)
+        return error_response(exc.code or 500, message, headers)
 
     @app.errorhandler(Exception)
     def on_unexpected(exc: Exception) -> Response:
@@ -160,9 +166,9 @@ def create_app(settings: config.Settings | None = None) -> Flask:
         idem_key, body_hash = "", ""
         header = request.headers.get(IDEMPOTENCY_HEADER)
         if header is not None:
-            if not header or len(header) > MAX_IDEMPOTENCY_KEY_LENGTH or not header.isprintable():
-                raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable "
-                                    "characters")
+            if not IDEMPOTENCY_KEY_PATTERN.match(header):
+                raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
+                                    "characters (such as a UUID)")
             body_hash = hashlib.sha256(
                 (job_type + "\n" + json.dumps(body, sort_keys=True)).encode()
             ).hexdigest()
@@ -369,7 +375,8 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
         schemas[f"{job_type.capitalize()}Request"] = jobspec.request_schema(job_type)
 
     job_id_param = {"name": "job_id", "in": "path", "required": True,
-                    "schema": {"type": "string", "format": "uuid"}}
+                    "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+                    "description": "A job id as returned on submission (a lower-case UUID4)."}
     common_errors = {
         "401": _error_response("Missing or wrong API key (when C3_RENDER_API_KEYS is set)."),
         "503": _error_response("Redis cannot be reached."),
@@ -380,8 +387,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "summary": f"Submit a {job_type} job" + (" (alias)" if route == "/whisper" else ""),
             "operationId": "submit_" + route.strip("/").replace("/", "_"),
             "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
-                            "schema": {"type": "string", "minLength": 1,
-                                       "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
                             "description": "Same key and body within 24 h: the same job, queued once."}],
             "requestBody": {"required": True, "content": {ok: {"schema": {
                 "$ref": f"#/components/schemas/{job_type.capitalize()}Request"}}}},

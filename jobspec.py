@@ -17,7 +17,11 @@ MAX_MONOLOGUE_CHARS = 10_000  # all sentences together
 MAX_SENTENCES = 200
 MAX_REFERENCE_TEXT_CHARS = 2_000
 MAX_PROMPT_CHARS = 2_000
+# RFC 3986 characters only, with well-formed percent escapes
+_URI_CHARS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
 LANGUAGE_PATTERN = r"^([a-z]{2,3}(-[A-Za-z0-9]{2,8})?)?$"
+NOT_BLANK_PATTERN = r"\S"
+URL_PATTERN = r"^https?://([^/?#@]*@)?[^/?#:@]+"  # documented form: http(s), then a host
 
 JOB_TYPES = ("csm", "portrait", "whisper", "analyze")
 MEDIA_JOB_TYPES = ("csm", "portrait")  # their result is a file (result_url); the others give text
@@ -64,7 +68,8 @@ JOB_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("monologue", "monologue", "Text to speak: a string, or an array of non-empty sentences. "
               "Exactly one of monologue and text.", max_length=MAX_MONOLOGUE_CHARS),
         Field("text", "string", "Text to speak, split into sentences by the service. "
-              "Exactly one of monologue and text.", max_length=MAX_MONOLOGUE_CHARS),
+              "Exactly one of monologue and text.", max_length=MAX_MONOLOGUE_CHARS,
+              pattern=NOT_BLANK_PATTERN),
         Field("voice", "enum", "Voice to speak with; clone needs reference_audio_url and reference_text.",
               default="random", choices=VOICES),
         Field("reference_audio_url", "url", "Audio of the voice to clone (voice=clone only)."),
@@ -121,6 +126,9 @@ def check_url(name: str, value: Any) -> str:
         raise ValidationError(f"{name}: URL is longer than {MAX_URL_LENGTH} characters")
     if value != value.strip() or any(c.isspace() or ord(c) < 32 for c in value):
         raise ValidationError(f"{name}: URL must not contain spaces or control characters")
+    if not _URI_CHARS.match(value):
+        raise ValidationError(f"{name}: not a valid URL (use ASCII: percent-encode the path and query, "
+                              "punycode for international host names)")
     try:
         parts = urlsplit(value)
         port = parts.port  # raises ValueError on a bad port
@@ -140,10 +148,12 @@ def _check_number(field: Field, value: Any) -> int | float:
     # bool is an int in Python but never a number in JSON
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(f"{field.name}: must be {wanted} from {range_text(field)}")
-    if field.kind == "integer" and not isinstance(value, int):
-        raise ValidationError(f"{field.name}: must be {wanted} from {range_text(field)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValidationError(f"{field.name}: must be {wanted} from {range_text(field)}")
+    if field.kind == "integer" and isinstance(value, float):
+        if not value.is_integer():  # 10000.0 is an integer in JSON Schema; 5.5 is not
+            raise ValidationError(f"{field.name}: must be {wanted} from {range_text(field)}")
+        value = int(value)
     if (field.minimum is not None and value < field.minimum) or (
         field.maximum is not None and value > field.maximum
     ):
@@ -156,7 +166,9 @@ def _check_string(field: Field, value: Any) -> str:
         raise ValidationError(f"{field.name}: must be a string")
     if field.max_length is not None and len(value) > field.max_length:
         raise ValidationError(f"{field.name}: longer than {field.max_length} characters")
-    if field.pattern is not None and not re.match(field.pattern, value):
+    if field.pattern == NOT_BLANK_PATTERN and not re.search(field.pattern, value):
+        raise ValidationError(f"{field.name}: must not be empty")
+    if field.pattern is not None and not re.search(field.pattern, value):
         raise ValidationError(f"{field.name}: {value!r} is not a language code such as en or pt-BR")
     return value
 
@@ -198,8 +210,6 @@ def check_field(field: Field, value: Any) -> Any:
 def _check_csm_rules(params: dict[str, Any]) -> None:
     if ("monologue" in params) == ("text" in params):
         raise ValidationError("give exactly one of monologue and text")
-    if "text" in params and not params["text"].strip():
-        raise ValidationError("text: must not be empty")
     if params["voice"] == "clone":
         for name in ("reference_audio_url", "reference_text"):
             if not params.get(name):
@@ -242,7 +252,7 @@ def field_schema(field: Field) -> dict[str, Any]:
     schema: dict[str, Any]
     if field.kind == "url":
         schema = {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH,
-                  "pattern": "^https?://"}
+                  "pattern": URL_PATTERN}
     elif field.kind == "integer":
         schema = {"type": "integer"}
     elif field.kind == "number":
@@ -251,9 +261,9 @@ def field_schema(field: Field) -> dict[str, Any]:
         schema = {"type": "string", "enum": list(field.choices)}
     elif field.kind == "monologue":
         schema = {"oneOf": [
-            {"type": "string", "minLength": 1, "maxLength": MAX_MONOLOGUE_CHARS},
+            {"type": "string", "pattern": NOT_BLANK_PATTERN, "maxLength": MAX_MONOLOGUE_CHARS},
             {"type": "array", "minItems": 1, "maxItems": MAX_SENTENCES,
-             "items": {"type": "string", "minLength": 1}},
+             "items": {"type": "string", "pattern": NOT_BLANK_PATTERN}},
         ]}
     else:
         schema = {"type": "string"}
@@ -261,6 +271,13 @@ def field_schema(field: Field) -> dict[str, Any]:
             schema["maxLength"] = field.max_length
         if field.pattern is not None:
             schema["pattern"] = field.pattern
+    if not field.required:  # JSON null counts as not sent
+        if "oneOf" in schema:
+            schema["oneOf"].append({"type": "null"})
+        else:
+            schema["type"] = [schema["type"], "null"]
+            if "enum" in schema:
+                schema["enum"] = [*schema["enum"], None]
     if field.minimum is not None:
         schema["minimum"] = field.minimum
     if field.maximum is not None:
@@ -280,11 +297,28 @@ def request_schema(job_type: str) -> dict[str, Any]:
         "required": [f.name for f in fields if f.required],
     }
     if job_type == "csm":
-        schema["oneOf"] = [{"required": ["monologue"]}, {"required": ["text"]}]
-        schema["description"] = (
-            "Exactly one of monologue and text. voice=clone requires reference_audio_url and "
-            "reference_text, which are refused with other voices."
-        )
+        schema.update(csm_rules_schema())
     if not schema["required"]:
         del schema["required"]
     return schema
+
+
+def csm_rules_schema() -> dict[str, Any]:
+    """The csm rules across fields, in JSON Schema: exactly one of monologue and text; the reference
+    fields required (non-empty) with voice=clone and absent (or null) otherwise."""
+    absent = {"type": "null"}  # a property constrained to null: not sent, or sent as null
+    present = {"not": {"type": "null"}}
+    clone_fields = ("reference_audio_url", "reference_text")
+    return {
+        "description": "Exactly one of monologue and text. voice=clone requires reference_audio_url and "
+                       "reference_text, which are refused with other voices.",
+        "oneOf": [
+            {"required": ["monologue"], "properties": {"monologue": present, "text": absent}},
+            {"required": ["text"], "properties": {"text": present, "monologue": absent}},
+        ],
+        "if": {"required": ["voice"], "properties": {"voice": {"const": "clone"}}},
+        "then": {"required": list(clone_fields),
+                 "properties": {"reference_audio_url": {"type": "string"},
+                                "reference_text": {"type": "string", "minLength": 1}}},
+        "else": {"properties": {name: absent for name in clone_fields}},
+    }

@@ -423,8 +423,9 @@ def test_prop_public_v4_passes(ip: ipaddress.IPv4Address) -> None:
 
 
 _EMBEDDING_V6 = [ipaddress.ip_network(n) for n in ("::ffff:0:0/96", "2002::/16", "64:ff9b::/96")]
-# Refused by netfetch although some Python versions call them global (local-use NAT64).
-_STRICTER_V6 = [ipaddress.ip_network("64:ff9b:1::/48")]
+# Refused by netfetch although some Python versions call them global: local-use NAT64,
+# deprecated site-local and deprecated IPv4-compatible addresses.
+_STRICTER_V6 = [ipaddress.ip_network(n) for n in ("64:ff9b:1::/48", "fec0::/10", "::/96")]
 
 
 @given(
