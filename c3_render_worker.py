@@ -486,6 +486,10 @@ def check_startup(settings: config.Settings) -> None:
         raise SystemExit("configuration error: C3_API_KEY is not set; the worker needs a Comput3 API key "
                          "(for the local dev node any value works, e.g. C3_API_KEY=dev)")
     try:
+        netfetch.parse_allowlist(settings.url_allowlist)
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: URL_ALLOWLIST: {exc}") from None
+    try:
         storage.ensure_bucket(settings)
     except storage.StorageError as exc:
         raise SystemExit(f"storage error: {exc}") from None

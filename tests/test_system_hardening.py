@@ -8,10 +8,9 @@ import time
 
 import pytest
 import redis
-from moto.server import ThreadedMotoServer
-
 from conftest import free_port, wait_for
 from devnode_helpers import start_devnode, stop_devnode
+from moto.server import ThreadedMotoServer
 from system import (
     C3_KEY,
     devnode_nodes,

@@ -186,6 +186,11 @@ def test_missing_api_key_is_a_clear_startup_error(s):
         worker.check_startup(dataclasses.replace(s, c3_api_key=""))
 
 
+def test_bad_allowlist_is_a_clear_startup_error(s):
+    with pytest.raises(SystemExit, match="URL_ALLOWLIST"):
+        worker.check_startup(dataclasses.replace(s, url_allowlist=("10.0.0.0/99",)))
+
+
 def test_should_stop_reasons(s, make_state):
     state = make_state(s)
     now = time.time()
