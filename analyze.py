@@ -128,14 +128,13 @@ def _shutdown(call: _Call) -> None:
         pass  # already closed
 
 
-def generate(
-    url: str, headers: dict[str, str], body: dict, should_stop: ShouldStop, progress: Progress
-) -> str:
+def generate(url: str, headers: dict[str, str], body: dict, should_stop: ShouldStop, progress: Progress) -> str:
     """POST body to an Ollama /api/generate URL and return the whole answer, honouring should_stop."""
     call = _Call()
     payload = json.dumps({**body, "stream": True}).encode()
     thread = threading.Thread(target=_request, args=(call, url, headers, payload), daemon=True)
     thread.start()
+    reported = False
     while not call.done.wait(STOP_CHECK_S):
         reason = should_stop()
         if reason:
@@ -143,8 +142,9 @@ def generate(
             _shutdown(call)
             thread.join(timeout=2)
             raise JobStopped(reason)
-        if call.parts:
+        if call.parts and not reported:
             progress(50)  # tokens are flowing; there is no total to measure against
+            reported = True
     if call.exc is not None:
         raise call.exc
     if call.error:

@@ -410,7 +410,19 @@ def run_job(state: WorkerState, entry: str) -> None:
     complete_by = float(record.get("complete_by") or started + 3600)
 
     def finish(new_status: str, fields: dict[str, Any]) -> None:
-        done, now_status = jobstore.transition(r, settings, job_id, new_status, fields, worker_id=worker_id)
+        # Ride out a short Redis outage here rather than throw the finished work away: the transition is
+        # idempotent (a retry after a lost reply finds the job finished and changes nothing).
+        for wait_s in (0.5, 1, 2, 4, 8, 0):
+            try:
+                done, now_status = jobstore.transition(r, settings, job_id, new_status, fields,
+                                                       worker_id=worker_id)
+                break
+            except redis.RedisError:
+                if not wait_s:
+                    raise  # the main loop gives the entry back to the queue once Redis answers
+                log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job_id,
+                            new_status, wait_s)
+                time.sleep(wait_s)
         if not done:
             log.info("job %s: result dropped, the job is already %s", job_id, now_status)
         jobstore.ack(r, worker_id, entry)
@@ -453,7 +465,7 @@ def run_job(state: WorkerState, entry: str) -> None:
         finish("failed", {"error": f"could not store the result: {exc}"})
         log.warning("job %s: storage failed: %s", job_id, exc)
     except redis.RedisError:
-        raise  # the entry stays in our processing list; the main loop reconnects
+        raise  # the entry stays in our processing list; the main loop requeues it once Redis answers
     except Exception as exc:  # noqa: BLE001 - report, never crash the worker on one job
         log.exception("job %s failed unexpectedly", job_id)
         finish("failed", {"error": f"internal error while running the job ({type(exc).__name__})"})
@@ -499,8 +511,15 @@ def work(state: WorkerState) -> None:
     """Take and run jobs until asked to stop; stop the node when idle."""
     settings = state.settings
     backoff = 0.5
+    recover = True  # entries in our processing list while no job runs were cut short: give them back
     while not state.stopping.is_set():
         try:
+            if recover:
+                requeued, failed = jobstore.requeue_processing(state.r, settings, state.worker_id)
+                recover = False
+                if requeued or failed:
+                    log.info("gave %d job(s) cut short by a Redis error back to the queue (%d failed after "
+                             "MAX_ATTEMPTS)", requeued, len(failed))
             if state.node is not None and time.time() - state.node.last_used > settings.gpu_idle_timeout_s:
                 stop_node(state, f"idle for {settings.gpu_idle_timeout_s:g} s")
             jobstore.heartbeat(state.r, state.worker_id, settings.heartbeat_ttl_s)
@@ -520,6 +539,7 @@ def work(state: WorkerState) -> None:
             backoff = 0.5
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff)
+            recover = True
             state.stopping.wait(backoff)
             backoff = min(backoff * 2, 15.0)
 

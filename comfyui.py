@@ -161,9 +161,7 @@ def format_prompt_error(body: Any) -> str:
                     messages.append(str(err.get("details") or err.get("message") or "invalid"))
                 else:
                     messages.append(str(err))
-            parts.append(
-                f"node {node_id} ({info.get('class_type', '?')}): {'; '.join(messages) or 'invalid'}"
-            )
+            parts.append(f"node {node_id} ({info.get('class_type', '?')}): {'; '.join(messages) or 'invalid'}")
     if not parts:
         error = body.get("error") if isinstance(body, dict) else body
         if isinstance(error, dict):
@@ -323,9 +321,7 @@ def upload(node: NodeUrls, path: Path, mime: str) -> str:
             timeout=UPLOAD_TIMEOUT,
         )
     if resp.status_code != 200:
-        raise EngineError(
-            f"ComfyUI refused the upload of {path.name}: HTTP {resp.status_code} {resp.text[:200]}"
-        )
+        raise EngineError(f"ComfyUI refused the upload of {path.name}: HTTP {resp.status_code} {resp.text[:200]}")
     body = resp.json()
     name = str(body.get("name") or path.name)
     return f"{body['subfolder']}/{name}" if body.get("subfolder") else name
@@ -403,9 +399,7 @@ def _interrupted(should_stop: ShouldStop) -> Exception:
     return JobStopped(reason) if reason else EngineError(INTERRUPTED)
 
 
-def follow_websocket(
-    ws: Any, node: NodeUrls, prompt_id: str, should_stop: ShouldStop, progress: Progress
-) -> bool:
+def follow_websocket(ws: Any, node: NodeUrls, prompt_id: str, should_stop: ShouldStop, progress: Progress) -> bool:
     """Follow the prompt on the websocket: True when it finished, False when the socket dropped."""
     started = False
     next_check = 0.0
@@ -529,9 +523,7 @@ def run(
 
     wait_ready(node, should_stop, ready_timeout_s())
     image_name = upload(node, image_path, "image/jpeg")
-    audio_name = upload(
-        node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}"
-    )
+    audio_name = upload(node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}")
     seed = params.get("seed")
     workflow = build_sonic_workflow(
         image_name,

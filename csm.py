@@ -227,9 +227,7 @@ def gradio_call(
     from gradio_client.exceptions import AppError
 
     download_dir.mkdir(parents=True, exist_ok=True)
-    client = Client(
-        url, headers=headers, verbose=False, download_files=str(download_dir), analytics_enabled=False
-    )
+    client = Client(url, headers=headers, verbose=False, download_files=str(download_dir), analytics_enabled=False)
     try:
         if callable(kwargs):
             kwargs = kwargs(endpoint_input_names(client, api_name))
@@ -320,9 +318,7 @@ def run(
         CSM_INPUTS["pause_duration"]: value("pause_duration", int),
     }
     log.info("job %s: CSM with %d sentences, voice %s", job_id, len(sentences), voice)
-    result = gradio_call(
-        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio"
-    )
+    result = gradio_call(node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio")
     out = to_mp3(first_path(result), work_dir / f"{job_id}.mp3")
     progress(100)
     return out

@@ -374,19 +374,9 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
     summary: dict[str, Any] = {"workers": [], "requeued": 0, "failed": []}
     for worker in dead_workers(r):
         summary["workers"].append(worker)
-        requeued, over = r.eval(_REQUEUE_LUA, 2, processing_key(worker), config.QUEUE_KEY,
-                                settings.max_attempts, config.JOB_KEY.format(id=""))
-        summary["requeued"] += int(requeued)
-        for entry in over:
-            job_id = json.loads(entry)["id"]
-            record = get_job(r, job_id) or {}
-            message = (
-                f"job failed after {record.get('attempts', settings.max_attempts)} attempts: the worker "
-                "running it stopped responding each time (MAX_ATTEMPTS reached)"
-            )
-            transition(r, settings, job_id, "failed", {"error": message})
-            ack(r, worker, entry)
-            summary["failed"].append(job_id)
+        requeued, failed = requeue_processing(r, settings, worker)
+        summary["requeued"] += requeued
+        summary["failed"] += failed
         # webhook deliveries the dead worker was sending go back to the outbox (same webhook-id)
         inflight = config.WEBHOOK_INFLIGHT_KEY.format(worker=worker)
         while r.lmove(inflight, config.WEBHOOK_OUTBOX_KEY, "RIGHT", "LEFT"):
@@ -394,6 +384,29 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
         if r.llen(processing_key(worker)) == 0 and not r.exists(node_key(worker)):
             r.srem(config.WORKERS_KEY, worker)
     return summary
+
+
+def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -> tuple[int, list[str]]:
+    """Give every entry of one worker's processing list back to the queue (jobs out of attempts fail).
+
+    For a dead worker (the sweep), or for a live worker itself when it runs no job: after a Redis error
+    cut a job short, its entry is left in the processing list and nobody else would ever give it back.
+    Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
+    """
+    requeued, over = r.eval(_REQUEUE_LUA, 2, processing_key(worker), config.QUEUE_KEY,
+                            settings.max_attempts, config.JOB_KEY.format(id=""))
+    failed = []
+    for entry in over:
+        job_id = json.loads(entry)["id"]
+        record = get_job(r, job_id) or {}
+        message = (
+            f"job failed after {record.get('attempts', settings.max_attempts)} attempts: the worker "
+            "running it stopped responding each time (MAX_ATTEMPTS reached)"
+        )
+        transition(r, settings, job_id, "failed", {"error": message})
+        ack(r, worker, entry)
+        failed.append(job_id)
+    return int(requeued), failed
 
 
 def stop_requested(r: redis.Redis, job_id: str) -> bool:

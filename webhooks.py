@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -95,8 +96,20 @@ def attempt(settings: config.Settings, entry: dict[str, Any]) -> str:
     return f"receiver answered HTTP {status}"
 
 
+class Unsettled(Exception):
+    """A delivery was attempted but Redis failed before its outcome was written; call settle() again."""
+
+    def __init__(self, settle: Callable[[], None]) -> None:
+        super().__init__("webhook outcome not recorded")
+        self.settle = settle
+
+
 def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait_s: float = 1.0) -> bool:
-    """Move due retries to the outbox, then make one attempt for the next delivery, if any."""
+    """Move due retries to the outbox, then make one attempt for the next delivery, if any.
+
+    Raises Unsettled when Redis fails after the attempt: the entry is still in our in-flight list,
+    where no one else would look while we live, so the caller must retry settle() once Redis answers.
+    """
     r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(time.time()))
     inflight = config.WEBHOOK_INFLIGHT_KEY.format(worker=worker_id)
     raw = r.blmove(config.WEBHOOK_OUTBOX_KEY, inflight, wait_s, "RIGHT", "LEFT")
@@ -106,24 +119,33 @@ def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait
     number = int(entry.get("attempt", 0)) + 1
     error = attempt(settings, entry)
     job_id = entry["job_id"]
+
+    def settle() -> None:  # every step is idempotent, so it may run again after a Redis error
+        if not error:
+            jobstore.record_webhook(r, job_id, "delivered", number)
+            r.lrem(inflight, 1, raw)
+        elif number >= settings.webhook_attempts:
+            jobstore.record_webhook(r, job_id, "failed", number, error)
+            r.lrem(inflight, 1, raw)
+        else:
+            jobstore.record_webhook(r, job_id, "retrying", number, error)
+            pipe = r.pipeline(transaction=True)
+            pipe.zadd(config.WEBHOOK_RETRY_KEY, {json.dumps({**entry, "attempt": number}):
+                                                 time.time() + settings.webhook_interval_s})
+            pipe.lrem(inflight, 1, raw)
+            pipe.execute()
+
     if not error:
         log.info("webhook for job %s delivered (attempt %d/%d)", job_id, number, settings.webhook_attempts)
-        jobstore.record_webhook(r, job_id, "delivered", number)
-        r.lrem(inflight, 1, raw)
-        return True
-    if number >= settings.webhook_attempts:
+    elif number >= settings.webhook_attempts:
         log.warning("webhook for job %s failed for good after %d attempts: %s", job_id, number, error)
-        jobstore.record_webhook(r, job_id, "failed", number, error)
-        r.lrem(inflight, 1, raw)
-        return True
-    log.info("webhook for job %s attempt %d/%d failed: %s; next in %.0f s", job_id, number,
-             settings.webhook_attempts, error, settings.webhook_interval_s)
-    jobstore.record_webhook(r, job_id, "retrying", number, error)
-    entry["attempt"] = number
-    pipe = r.pipeline(transaction=True)
-    pipe.zadd(config.WEBHOOK_RETRY_KEY, {json.dumps(entry): time.time() + settings.webhook_interval_s})
-    pipe.lrem(inflight, 1, raw)
-    pipe.execute()
+    else:
+        log.info("webhook for job %s attempt %d/%d failed: %s; next in %.0f s", job_id, number,
+                 settings.webhook_attempts, error, settings.webhook_interval_s)
+    try:
+        settle()
+    except redis.RedisError as exc:
+        raise Unsettled(settle) from exc
     return True
 
 
@@ -131,11 +153,17 @@ def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Eve
     """Deliver webhooks until stop is set; survives Redis outages by backing off."""
     r = jobstore.connect(settings.redis_url)
     backoff = 0.5
+    unsettled: Callable[[], None] | None = None
     while not stop.is_set():
         try:
+            if unsettled is not None:
+                unsettled()
+                unsettled = None
             deliver_next(r, settings, worker_id)
             backoff = 0.5
-        except redis.RedisError as exc:
+        except (redis.RedisError, Unsettled) as exc:
+            if isinstance(exc, Unsettled):
+                unsettled = exc.settle
             log.warning("webhook delivery: Redis unavailable (%s); retrying in %.1f s", type(exc).__name__,
                         backoff)
             stop.wait(backoff)

@@ -6,9 +6,9 @@ import dataclasses
 import re
 
 import pytest
+from conftest import ROOT
 
 import config
-from conftest import ROOT
 
 ENV_NAMES = sorted(set(re.findall(r'(?:_env|_int|_float|_bool|_list|environ\.get|environ)[(\[]"([A-Z0-9_]+)"',
                                   (ROOT / "config.py").read_text())))

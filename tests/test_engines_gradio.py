@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -43,7 +45,10 @@ KEY = "test-node-key"
         ("Line one\nLine two.\n\n  \nThree", ["Line one", "Line two.", "Three"]),
         ("I said no. Then I left.", ["I said no.", "Then I left."]),
         ("Item No. 5 is here.", ["Item No. 5 is here."]),
-        ("At 5 p.m. we ate. Apples, pears, etc. Then home.", ["At 5 p.m. we ate.", "Apples, pears, etc.", "Then home."]),
+        (
+            "At 5 p.m. we ate. Apples, pears, etc. Then home.",
+            ["At 5 p.m. we ate.", "Apples, pears, etc.", "Then home."],
+        ),
         ("J. K. Rowling wrote it. Pi is 3.14 roughly.", ["J. K. Rowling wrote it.", "Pi is 3.14 roughly."]),
         ("No terminator at all", ["No terminator at all"]),
         ("...", []),
@@ -151,37 +156,42 @@ def _build_apps(tmp: Path):
         fmt = "mp3" if first == "mp3" else "wav"
         return str(_tone(tmp / f"csm_out_{time.monotonic_ns()}.{fmt}", 0.5, 1, fmt))
 
-    def make_transcribe(audio_name: str):
-        def transcribe(
-            audio, model, task, language, device, compute_type, batch_size, vad_method, word_timestamps,
-            segment_resolution,
-        ):  # fmt: skip
-            from csm import probe_audio
+    def record_transcription(audio_name, audio, model, task, language, *rest):
+        from csm import probe_audio
 
-            RECEIVED["whisper"] = {
-                audio_name: audio,
-                "audio_format": probe_audio(Path(audio))[0],
-                "model": model,
-                "task": task,
-                "language": language,
-                "device": device,
-                "compute_type": compute_type,
-                "batch_size": batch_size,
-                "vad_method": vad_method,
-                "word_timestamps": word_timestamps,
-                "segment_resolution": segment_resolution,
-            }
-            if model == "fail":
-                raise gr.Error("model not found: fail")
-            srt = tmp / "out.srt"
-            srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
-            return f"  hello from {model} in {language or 'auto'}  \n", [str(srt)]
+        names = ("device", "compute_type", "batch_size", "vad_method", "word_timestamps", "segment_resolution")
+        RECEIVED["whisper"] = {
+            audio_name: audio,
+            "audio_format": probe_audio(Path(audio))[0],
+            "model": model,
+            "task": task,
+            "language": language,
+            **dict(zip(names, rest, strict=True)),
+        }
+        if model == "fail":
+            raise gr.Error("model not found: fail")
+        srt = tmp / "out.srt"
+        srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
+        return f"  hello from {model} in {language or 'auto'}  \n", [str(srt)]
 
-        # gradio names the API inputs after the function's parameters
-        transcribe.__code__ = transcribe.__code__.replace(
-            co_varnames=(audio_name,) + transcribe.__code__.co_varnames[1:]
-        )
-        return transcribe
+    # gradio names the API inputs after the function's parameters: one function per naming
+    def transcribe_audio_file(
+        audio_file, model, task, language, device, compute_type, batch_size, vad_method, word_timestamps,
+        segment_resolution,
+    ):  # fmt: skip
+        return record_transcription(
+            "audio_file", audio_file, model, task, language, device, compute_type, batch_size, vad_method,
+            word_timestamps, segment_resolution,
+        )  # fmt: skip
+
+    def transcribe_input_file(
+        input_file, model, task, language, device, compute_type, batch_size, vad_method, word_timestamps,
+        segment_resolution,
+    ):  # fmt: skip
+        return record_transcription(
+            "input_file", input_file, model, task, language, device, compute_type, batch_size, vad_method,
+            word_timestamps, segment_resolution,
+        )  # fmt: skip
 
     with gr.Blocks() as csm_app:
         inputs = [
@@ -198,7 +208,7 @@ def _build_apps(tmp: Path):
             generate_monologue_audio, inputs, gr.Audio(type="filepath"), api_name="generate_monologue_audio"
         )
 
-    def whisper_blocks(audio_name: str):
+    def whisper_blocks(fn):
         with gr.Blocks() as app:
             inputs = [
                 gr.Audio(type="filepath"),
@@ -213,14 +223,14 @@ def _build_apps(tmp: Path):
                 gr.Textbox(),
             ]
             gr.Button().click(
-                make_transcribe(audio_name),
+                fn,
                 inputs,
                 [gr.Textbox(), gr.File(file_count="multiple")],
                 api_name="transcribe_audio",
             )
         return app
 
-    return csm_app, whisper_blocks("audio_file"), whisper_blocks("input_file")
+    return csm_app, whisper_blocks(transcribe_audio_file), whisper_blocks(transcribe_input_file)
 
 
 @pytest.fixture(scope="module")
@@ -382,9 +392,13 @@ def test_whisper_mp3_input_is_copied(node: NodeUrls, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("env_name", ["input_file", ""])
-def test_whisper_input_file_name(node: NodeUrls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env_name: str) -> None:
+def test_whisper_input_file_name(
+    node: NodeUrls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env_name: str
+) -> None:
     monkeypatch.setenv("WHISPER_AUDIO_INPUT_NAME", env_name)
-    old = NodeUrls(base=node.base, csm=node.csm, whisper=node.base + "/whisper-old/", comfyui="", ollama="", api_key=KEY)
+    old = NodeUrls(
+        base=node.base, csm=node.csm, whisper=node.base + "/whisper-old/", comfyui="", ollama="", api_key=KEY
+    )
     audio = _tone(tmp_path / "speech.wav", 0.5)
     assert whisper.run({}, "w3", {"audio": audio}, old, tmp_path, _never, lambda _p: None).startswith("hello")
     assert RECEIVED["whisper"]["audio_format"] == "mp3"
