@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jobspec
 from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ VOICE_MAP = {
     "conversational_b": "conversational_b",
     "clone": "upload_voice",
 }
-DEFAULTS = {"temperature": 0.9, "topk": 50, "max_audio_length": 10000, "pause_duration": 150}
+DEFAULTS = {f.name: f.default for f in jobspec.JOB_FIELDS["csm"] if f.default is not None}
+# The API takes temperature 0.0-2.0 (as existing clients send it); the CSM app's slider starts at 0.1.
+NODE_MIN_TEMPERATURE = 0.1
 POLL_INTERVAL_S = 0.5
 MP3_BITRATE = "192k"
 
@@ -312,7 +315,7 @@ def run(
         CSM_INPUTS["speaker_text"]: speaker_text,
         CSM_INPUTS["speaker_audio"]: speaker_audio,
         CSM_INPUTS["monologue"]: json.dumps(sentences, ensure_ascii=False),
-        CSM_INPUTS["temperature"]: value("temperature", float),
+        CSM_INPUTS["temperature"]: max(NODE_MIN_TEMPERATURE, value("temperature", float)),
         CSM_INPUTS["topk"]: value("topk", int),
         CSM_INPUTS["max_audio_length"]: value("max_audio_length", int),
         CSM_INPUTS["pause_duration"]: value("pause_duration", int),

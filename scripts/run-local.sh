@@ -34,8 +34,11 @@ cleanup() {
   trap - INT TERM EXIT
   echo
   echo "stopping c3-render (worker, API, dev node, Redis)..."
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # newest first: the worker stops its node and leaves Redis tidy before Redis goes
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
   echo "stopped."
 }
 trap cleanup INT TERM EXIT
