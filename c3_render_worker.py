@@ -79,8 +79,10 @@ def _c3_post(settings: config.Settings, path: str, body: dict[str, Any]) -> Any:
     if response.status_code in (401, 403):
         raise _c3_error(f"Comput3 {path}: HTTP {response.status_code} (check C3_API_KEY)", retryable=False)
     if response.status_code >= 400:
-        raise _c3_error(f"Comput3 {path}: HTTP {response.status_code}: {response.text[:200]}",
-                        retryable=False)
+        error = _c3_error(f"Comput3 {path}: HTTP {response.status_code}: {response.text[:200]}",
+                          retryable=False)
+        error.status = response.status_code  # type: ignore[attr-defined]
+        raise error
     try:
         return response.json()
     except ValueError:
@@ -135,7 +137,13 @@ def check_node_health(settings: config.Settings, node: str, timeout_s: float = 1
 
 
 def stop_workload(settings: config.Settings, workload_id: str) -> dict[str, Any]:
-    answer = _c3_post(settings, "stop", {"workload": workload_id})
+    """Stop a workload. One the provider no longer knows (404) is already stopped: that is success."""
+    try:
+        answer = _c3_post(settings, "stop", {"workload": workload_id})
+    except C3Error as exc:
+        if getattr(exc, "status", None) == 404:
+            return {"already_stopped": True}
+        raise
     return answer if isinstance(answer, dict) else {}
 
 
@@ -278,9 +286,17 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
                 log.info("stopped node %s of dead worker %s after %.1f node-seconds", record.get("node"),
                          worker, seconds)
             except C3Error as exc:
-                log.warning("could not stop node of dead worker %s: %s", worker, exc)
-                r.delete(f"sweep:{worker}")  # let the next sweep try again
-                continue
+                # A node already stopped, expired or dead answers stop with a 404: it is gone, so the
+                # record and its MAX_NODES slot must go too (retrying forever would leak the slot).
+                try:
+                    gone = record["workload"] not in {w.get("workload") for w in get_running_workloads(settings)}
+                except C3Error:
+                    gone = False
+                if not gone:
+                    log.warning("could not stop node of dead worker %s: %s", worker, exc)
+                    r.delete(f"sweep:{worker}")  # let the next sweep try again
+                    continue
+                log.info("node %s of dead worker %s was already gone (%s)", record.get("node"), worker, exc)
             _record_node_stop(r, record["workload"], worker, seconds, "worker died")
         jobstore.release_node(r, worker)
     if summary["requeued"] or summary["failed"]:

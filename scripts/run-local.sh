@@ -54,16 +54,18 @@ wait_http() {  # wait_http URL NAME
   exit 1
 }
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$PWD/var/redis" \
+# Each part runs in its own session (setsid), so Ctrl-C reaches only this script, which then stops
+# the parts in order.
+setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$PWD/var/redis" \
   --appendonly yes --appendfsync everysec --save "" >var/log/redis.log 2>&1 &
 pids+=($!)
-"$PYTHON" -m devnode --host 127.0.0.1 --port "$DEVNODE_PORT" >var/log/devnode.log 2>&1 &
+setsid "$PYTHON" -m devnode --host 127.0.0.1 --port "$DEVNODE_PORT" >var/log/devnode.log 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:${DEVNODE_PORT}/admin/faults" "the dev node"
-"$PYTHON" -m gunicorn --bind "127.0.0.1:${API_PORT}" --workers 2 --threads 4 --graceful-timeout 30 \
+setsid "$PYTHON" -m gunicorn --bind "127.0.0.1:${API_PORT}" --workers 2 --threads 4 --graceful-timeout 30 \
   --access-logfile - 'app:create_app()' >var/log/api.log 2>&1 &
 pids+=($!)
-"$PYTHON" c3_render_worker.py >var/log/worker.log 2>&1 &
+setsid "$PYTHON" c3_render_worker.py >var/log/worker.log 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:${API_PORT}/readyz" "the API"
 

@@ -181,6 +181,15 @@ def test_slot_cap_waits_and_honours_stop(s, make_state):
     assert not [c for c in responses.calls if c.request.url.endswith("/launch")]
 
 
+@responses.activate
+def test_stopping_an_unknown_workload_counts_as_stopped(s):
+    responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})
+    assert worker.stop_workload(s, "gone") == {"already_stopped": True}
+    responses.replace(responses.POST, f"{API}/stop", status=500, json={"error": "x"})
+    with pytest.raises(worker.C3Error):
+        worker.stop_workload(s, "gone")
+
+
 def test_missing_api_key_is_a_clear_startup_error(s):
     with pytest.raises(SystemExit, match="C3_API_KEY is not set"):
         worker.check_startup(dataclasses.replace(s, c3_api_key=""))
