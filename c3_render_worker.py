@@ -169,8 +169,9 @@ class WorkerState:
     node_seconds: float = 0.0
 
 
-def stop_node(state: WorkerState, reason: str) -> None:
-    """Stop the held node (if any), log its node-seconds, free its slot."""
+def stop_node(state: WorkerState, reason: str, release_slot: bool = True) -> None:
+    """Stop the held node (if any), log its node-seconds, and free its slot (unless the worker is
+    replacing the node at once: then it keeps the slot, so waiting workers cannot take it meanwhile)."""
     held = state.node
     state.node = None
     if held is None:
@@ -179,16 +180,37 @@ def stop_node(state: WorkerState, reason: str) -> None:
     try:
         stop_workload(state.settings, held.workload)
     except C3Error as exc:
-        log.warning("stopping workload %s failed: %s (it ends by itself at its expires time)",
-                    held.workload, exc)
+        log.warning("stopping workload %s failed: %s; the recovery sweep will retry", held.workload, exc)
+        try:
+            state.r.hset(config.NODES_TO_STOP_KEY, held.workload, held.node)
+        except redis.RedisError:
+            log.warning("could not record workload %s for a later stop; it ends at its expires time",
+                        held.workload)
     state.node_seconds += seconds
     log.info("stopped node %s (workload %s, %s) after %.1f node-seconds; this worker's total %.1f",
              held.node, held.workload, reason, seconds, state.node_seconds)
     _record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
     try:
-        jobstore.release_node(state.r, state.worker_id)
+        if release_slot:
+            jobstore.release_node(state.r, state.worker_id)
+        else:
+            state.r.delete(jobstore.node_key(state.worker_id))
     except redis.RedisError:
-        log.warning("could not release the node slot in Redis; the recovery sweep will")
+        log.warning("could not update the node record in Redis; the recovery sweep will")
+
+
+def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
+    """Stop again the workloads whose stop call failed earlier; return how many are still pending."""
+    pending = r.hgetall(config.NODES_TO_STOP_KEY)
+    for workload in pending:
+        try:
+            stop_workload(settings, workload)
+        except C3Error as exc:
+            log.warning("stopping workload %s failed again: %s", workload, exc)
+            continue
+        r.hdel(config.NODES_TO_STOP_KEY, workload)
+        log.info("stopped workload %s on retry", workload)
+    return r.hlen(config.NODES_TO_STOP_KEY)
 
 
 def _record_node_stop(r: redis.Redis, workload: str, worker_id: str, seconds: float, reason: str) -> None:
@@ -231,7 +253,7 @@ def ensure_node(state: WorkerState, should_stop) -> HeldNode:
         if not problem:
             return state.node
         log.info("replacing node %s: %s", state.node.node, problem)
-        stop_node(state, problem)
+        stop_node(state, problem, release_slot=False)
     waited = False
     while not jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes):
         if not waited:
@@ -274,6 +296,11 @@ def ensure_node(state: WorkerState, should_stop) -> HeldNode:
 
 def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, Any]:
     """Recovery: requeue the jobs of workers whose heartbeat expired, and stop their nodes."""
+    retry_failed_stops(settings, r)
+    if int(r.info("server").get("uptime_in_seconds", 0)) < settings.heartbeat_ttl_s:
+        # Redis has just come back: every heartbeat may have expired while it was down. Wait until
+        # live workers have had a full TTL to announce themselves before calling anyone dead.
+        return {"workers": [], "requeued": 0, "failed": []}
     summary = jobstore.requeue_abandoned(r, settings)
     for worker in summary["workers"]:
         record = jobstore.claim_dead_node(r, worker)
@@ -385,7 +412,7 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
                     raise
                 raise EngineError(f"{job_type} failed: {detail}") from None
             log.warning("node %s failed during job %s (%s): %s", held.node, job_id, problem, detail)
-            stop_node(state, f"failed during a job: {problem}")
+            stop_node(state, f"failed during a job: {problem}", release_slot=attempt == tries)
             if attempt == tries:
                 raise NodeFailed(f"the GPU node failed during the job ({problem})") from None
             log.info("retrying job %s on a new node", job_id)

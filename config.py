@@ -18,6 +18,7 @@ HEARTBEAT_KEY = "worker:{worker}:alive"  # string with a TTL: the worker is aliv
 WORKERS_KEY = "workers"  # set: ids of workers that have announced themselves
 NODE_KEY = "node:{worker}"  # hash: the GPU node a worker holds (or is launching)
 NODE_SLOTS_KEY = "nodes:slots"  # set: workers holding one of the MAX_NODES node slots
+NODES_TO_STOP_KEY = "nodes:to_stop"  # hash: workload -> node whose stop call failed; the sweep retries
 WEBHOOK_OUTBOX_KEY = "webhooks:outbox"  # list: webhook deliveries waiting for a sender
 WEBHOOK_INFLIGHT_KEY = "webhooks:inflight:{worker}"  # list: deliveries a worker is sending
 WEBHOOK_RETRY_KEY = "webhooks:retry"  # sorted set: deliveries waiting for their next attempt

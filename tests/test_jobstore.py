@@ -198,3 +198,15 @@ def test_submit_is_atomic_under_concurrency(r, settings):
     queued = {json.loads(e)["id"] for e in r.lrange(config.QUEUE_KEY, 0, -1)}
     assert queued == set(ids) and len(ids) == 200
     wait_for(lambda: all(r.exists(f"job:{i}") for i in ids), 1)
+
+
+def test_live_worker_gives_back_a_job_cut_short_by_redis(r, settings):
+    """A Redis error while finishing leaves the entry in our own list; the worker gives it back."""
+    job_id = new_job(r)
+    entry = jobstore.take(r, "alive", 1)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "alive"})
+    jobstore.heartbeat(r, "alive", 30)  # alive: the sweep would never touch it
+    assert jobstore.requeue_abandoned(r, settings)["requeued"] == 0
+    assert jobstore.requeue_processing(r, settings, "alive") == (1, [])
+    assert r.lrange(config.QUEUE_KEY, 0, -1) == [entry]
+    assert r.hget(f"job:{job_id}", "status") == "queued"

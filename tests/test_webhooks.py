@@ -142,3 +142,23 @@ def test_inflight_entries_of_dead_worker_go_back(r, settings):
     r.sadd(config.WORKERS_KEY, "gone")
     jobstore.requeue_abandoned(r, settings)
     assert r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1) == [entry]
+
+
+def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch):
+    """Redis fails right after a delivery: the outcome is settled later, and nothing is sent twice."""
+    import redis as redis_lib
+
+    job_id = finished_job(r, settings, receiver.url)
+    real = jobstore.record_webhook
+    failures = [1]
+
+    def flaky(*args, **kwargs):
+        if failures:
+            failures.pop()
+            raise redis_lib.ConnectionError("Redis went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobstore, "record_webhook", flaky)
+    run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "delivered")
+    assert len(receiver.calls) == 1
+    assert r.llen(config.WEBHOOK_INFLIGHT_KEY.format(worker="wtest")) == 0

@@ -12,6 +12,7 @@ import responses
 
 import c3_render_worker as worker
 import config
+import jobstore
 
 API = "https://api.comput3.test/api/v0"
 
@@ -208,3 +209,62 @@ def test_should_stop_reasons(s, make_state):
     assert "complete_by" in worker.make_should_stop(state, "j", now, 60, now - 1)()
     state.r.hset("job:j", "cancel_requested", "1")
     assert worker.make_should_stop(state, "j", now, 60, now + 100)() == "cancelled by request"
+
+
+@responses.activate
+def test_sweep_releases_the_slot_of_a_dead_workers_vanished_node(s, r):
+    responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})
+    jobstore.acquire_node_slot(r, "dead", 4)
+    jobstore.record_node(r, "dead", {"workload": "wl-gone", "node": "n", "launched_at": time.time() - 10})
+    summary = worker.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
+    assert summary["workers"] == ["dead"]
+    assert not r.exists("node:dead") and "dead" not in r.smembers(config.NODE_SLOTS_KEY)
+    assert json.loads(responses.calls[0].request.body) == {"workload": "wl-gone"}
+
+
+@responses.activate
+def test_failed_stop_is_retried_by_the_sweep(s, make_state, r):
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    responses.get("https://n1/", body="ok")
+    stop = responses.post(f"{API}/stop", status=502, body="<html>bad gateway</html>", content_type="text/html")
+    state = make_state(s)
+    worker.ensure_node(state, lambda: None)
+    worker.stop_node(state, "test")
+    assert r.hgetall(config.NODES_TO_STOP_KEY) == {"wl-1": "n1"}
+    stop.status, stop.body, stop.content_type = 200, json.dumps({"stopped": 1}), "application/json"
+    assert worker.retry_failed_stops(s, r) == 0
+    assert not r.exists(config.NODES_TO_STOP_KEY)
+
+
+@responses.activate
+def test_replacing_a_node_keeps_the_slot(s, make_state, r):
+    s = dataclasses.replace(s, max_nodes=1)
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    responses.post(f"{API}/launch", json={"workload": "wl-2", "node": "n2"})
+    responses.post(f"{API}/workloads", json=[])  # wl-1 vanished
+    responses.post(f"{API}/stop", json={"stopped": 1})
+    responses.get("https://n1/", body="ok")
+    responses.get("https://n2/", body="ok")
+    state = make_state(s)
+    worker.ensure_node(state, lambda: None)
+    real_stop = worker.stop_workload
+
+    def stop_and_race(settings, workload):  # another worker tries to take the slot mid-replacement
+        answer = real_stop(settings, workload)
+        assert not jobstore.acquire_node_slot(r, "other", 1)
+        return answer
+
+    worker.stop_workload = stop_and_race
+    try:
+        assert worker.ensure_node(state, lambda: None).workload == "wl-2"
+    finally:
+        worker.stop_workload = real_stop
+    assert r.smembers(config.NODE_SLOTS_KEY) == {"w1"}
+
+
+def test_sweep_waits_after_a_redis_restart(s, r, monkeypatch):
+    r.sadd(config.WORKERS_KEY, "maybe-alive")
+    monkeypatch.setattr(r, "info", lambda section=None: {"uptime_in_seconds": 1})
+    assert worker.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=30), r)["workers"] == []
+    monkeypatch.setattr(r, "info", lambda section=None: {"uptime_in_seconds": 100})
+    assert worker.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=30), r)["workers"] == ["maybe-alive"]
