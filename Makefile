@@ -24,7 +24,7 @@ lint:
 
 ## soak: the full soak test (a few hundred jobs with crashes and outages); prints the table
 soak:
-	$(PYTHON) bench/soak.py --jobs 300 --workers 3
+	$(PYTHON) bench/soak.py --jobs 300 --workers 3 --seed 42
 
 clean:
 	rm -rf var/work var/output var/redis var/devnode-data
