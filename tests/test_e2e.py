@@ -33,8 +33,10 @@ from system import (
 
 pytestmark = pytest.mark.e2e
 
-SPOKEN = "The quick brown fox jumps over the lazy dog. Hello world from the render service."
-EXPECTED_WORDS = {"quick", "brown", "fox", "jumps", "lazy", "dog", "hello", "world", "render", "service"}
+# Words the Whisper base model hears reliably in the dev node's Piper voice (checked 24 of 24 times over
+# voices and temperatures; "quick" was once heard as "quit", so it is not used here).
+SPOKEN = "Hello world from the render service. The weather is sunny and warm today."
+EXPECTED_WORDS = {"hello", "world", "render", "service", "weather", "sunny", "warm", "today"}
 
 
 def words(text: str) -> set[str]:
@@ -94,7 +96,7 @@ def webhook_for(stack, job_id, timeout=30):
 
 
 def test_csm_two_sentences_gives_an_mp3(stack):
-    job_id = submit(stack, "/csm", {"text": SPOKEN, "voice": "conversational_a"})
+    job_id = submit(stack, "/csm", {"text": SPOKEN, "voice": "conversational_a", "temperature": 0.5})
     final = wait_finished(stack["api"], job_id, 180)
     assert final["status"] == "success", final
     hook = webhook_for(stack, job_id)
