@@ -8,7 +8,6 @@ import socket
 import time
 
 import pytest
-
 from conftest import clean_env
 from system import start_api
 
