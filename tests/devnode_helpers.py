@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -27,13 +28,6 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
 }
 os.environ.update(OFFLINE_ENV)  # the gradio_client in the test process stays offline too
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def shared_cache_dir() -> Path:

@@ -7,9 +7,7 @@ workload id the dev node core would set. Test media (a Pillow portrait, a sine-t
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import uvicorn
 import websocket
+from conftest import serve_asgi
 from PIL import Image, ImageDraw
 
 from devnode import comfy, faults
@@ -32,12 +30,6 @@ STEPS = 25
 
 
 # --- server and media ------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _with_workload(app):  # stands in for the dev node core: header -> scope["devnode_workload"]
@@ -56,25 +48,13 @@ def _with_workload(app):  # stands in for the dev node core: header -> scope["de
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     data_dir = tmp_path_factory.mktemp("comfy-data")
     app = comfy.create_app(data_dir)
-    port = _free_port()
-    config = uvicorn.Config(
-        _with_workload(app), host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield {
-        "base": f"http://127.0.0.1:{port}",
-        "ws": f"ws://127.0.0.1:{port}",
-        "data_dir": data_dir,
-        "app": app,
-    }
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_asgi(_with_workload(app), ws="websockets-sansio") as base:
+        yield {
+            "base": base,
+            "ws": "ws://" + base.removeprefix("http://"),
+            "data_dir": data_dir,
+            "app": app,
+        }
 
 
 @pytest.fixture(autouse=True)

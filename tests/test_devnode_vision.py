@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 import skimage.data
-import uvicorn
+from conftest import serve_asgi
 from PIL import Image
 
 from devnode import faults, vision
@@ -23,27 +22,10 @@ pytestmark = pytest.mark.timeout(120)
 MODEL = "llama3.2-vision:11b"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    port = _free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(vision.create_app(MODEL), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_asgi(vision.create_app(MODEL)) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from fastapi.responses import JSONResponse, Response  # the route annotations by
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
+
+from conftest import serve_asgi  # noqa: E402
 
 import comfyui  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
@@ -363,22 +363,8 @@ async def _play(ws, prompt_id: str) -> None:
 
 @pytest.fixture(scope="module")
 def node():
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_fake_comfyui(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    base = f"http://127.0.0.1:{port}"
-    yield NodeUrls(base=base, csm="", whisper="", comfyui=base + "/nodes/abc/comfyui", ollama="", api_key=KEY)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_asgi(_fake_comfyui()) as base:
+        yield NodeUrls(base=base, csm="", whisper="", comfyui=base + "/nodes/abc/comfyui", ollama="", api_key=KEY)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -20,6 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from conftest import serve_asgi  # noqa: E402
 
 import csm  # noqa: E402
 import whisper  # noqa: E402
@@ -106,12 +107,6 @@ RELEASE = threading.Event()  # ends a hanging app function
 HANG_STARTED = threading.Event()
 HANG_STATE: dict[str, object] = {}
 SEEN_PATHS: list[str] = []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tone(path: Path, seconds: float = 1.0, channels: int = 2, fmt: str = "wav") -> Path:
@@ -236,7 +231,6 @@ def _build_apps(tmp: Path):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory):
     import gradio as gr
-    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -254,19 +248,9 @@ def node(tmp_path_factory: pytest.TempPathFactory):
     app = gr.mount_gradio_app(app, csm_app, path="/csm")
     app = gr.mount_gradio_app(app, whisper_app, path="/whisper")
     app = gr.mount_gradio_app(app, whisper_old_app, path="/whisper-old")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    base = f"http://127.0.0.1:{port}"
-    yield NodeUrls(base=base, csm=base + "/csm/", whisper=base + "/whisper/", comfyui="", ollama="", api_key=KEY)
-    RELEASE.set()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_asgi(app) as base:
+        yield NodeUrls(base=base, csm=base + "/csm/", whisper=base + "/whisper/", comfyui="", ollama="", api_key=KEY)
+        RELEASE.set()
 
 
 def _never() -> None:

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import urllib3
+from conftest import free_port
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -236,12 +237,6 @@ def media(dns: dict, port: int) -> str:
 
 
 ALLOW = [HOST]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the address classifier -----------------------------------------------------------------------
@@ -671,7 +666,7 @@ def test_connection_refused(dns: dict, tmp_path: Path) -> None:
     dns[HOST] = ["127.0.0.1"]
     with pytest.raises(FetchError, match=f"^image_url: download failed: could not connect to {HOST}$"):
         download(
-            f"http://{HOST}:{_free_port()}/a",
+            f"http://{HOST}:{free_port()}/a",
             tmp_path / "a",
             field="image_url",
             max_bytes=10,
@@ -772,7 +767,7 @@ def test_post_json_timeout(media: str) -> None:
 def test_post_json_connection_refused(dns: dict) -> None:
     dns[HOST] = ["127.0.0.1"]
     with pytest.raises(FetchError, match=f"^notify_url: delivery failed: could not connect to {HOST}$"):
-        post_json(f"http://{HOST}:{_free_port()}/hook", b"{}", {}, allowlist=ALLOW)
+        post_json(f"http://{HOST}:{free_port()}/hook", b"{}", {}, allowlist=ALLOW)
 
 
 # --- https pinning --------------------------------------------------------------------------------
