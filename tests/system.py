@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -135,12 +134,13 @@ def wait_finished(api_url: str, job_id: str, timeout: float = 180) -> dict:
 @dataclasses.dataclass
 class Receiver:
     url: str
-    calls: list
+    calls: list  # every POST: {"at", "headers", "body", "status"}
+    answers: list  # status codes to answer, in order; the last one repeats
     server: ThreadingHTTPServer
-    fail: list  # [True] makes it answer 503
 
     def bodies(self) -> list[dict]:
-        return [json.loads(c["body"]) for c in self.calls]
+        """The payloads it accepted (answered 2xx)."""
+        return [json.loads(c["body"]) for c in self.calls if 200 <= c["status"] < 300]
 
     def for_job(self, job_id: str) -> list[dict]:
         return [b for b in self.bodies() if b.get("id") == job_id]
@@ -150,18 +150,17 @@ class Receiver:
         self.server.server_close()
 
 
-def start_receiver() -> Receiver:
+def start_receiver(answers: list[int] | None = None) -> Receiver:
+    """A webhook receiver on loopback that records every POST and answers with `answers` (default 200)."""
     calls: list = []
-    fail: list = [False]
+    answers = list(answers or [200])
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-            if fail[0]:
-                self.send_response(503)
-            else:
-                calls.append({"at": time.time(), "headers": dict(self.headers), "body": body})
-                self.send_response(200)
+            status = answers[min(len(calls), len(answers) - 1)]
+            calls.append({"at": time.time(), "headers": dict(self.headers), "body": body, "status": status})
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -171,7 +170,7 @@ def start_receiver() -> Receiver:
     port = free_port()
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return Receiver(f"http://127.0.0.1:{port}/hook", calls, server, fail)
+    return Receiver(f"http://127.0.0.1:{port}/hook", calls, answers, server)
 
 
 def start_file_server(directory: Path) -> tuple[ThreadingHTTPServer, str]:
@@ -217,5 +216,3 @@ def reset_faults(devnode_url: str) -> None:
 def running_nodes(devnode_url: str) -> list[dict]:
     return [n for n in devnode_nodes(devnode_url) if n.get("state") in ("booting", "running")]
 
-
-__all__ = ["os"]

@@ -9,11 +9,11 @@ import sys
 import textwrap
 
 import pytest
+from conftest import ROOT, wait_for
 
 import config
 import jobspec
 import jobstore
-from tests.conftest import ROOT, wait_for
 
 
 def new_job(r, job_type="csm", **extra):

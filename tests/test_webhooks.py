@@ -9,47 +9,22 @@ import hmac
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import free_port, wait_for
+from system import start_receiver
 
 import config
 import jobspec
 import jobstore
 import webhooks
-from tests.conftest import free_port, wait_for
-
-
-@dataclasses.dataclass
-class Receiver:
-    url: str
-    calls: list
-    answers: list  # status codes to answer, in order; the last one repeats
-    server: ThreadingHTTPServer
 
 
 @pytest.fixture
 def receiver():
-    calls: list = []
-    answers: list = [200]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-            calls.append({"at": time.time(), "headers": dict(self.headers), "body": body})
-            status = answers[min(len(calls) - 1, len(answers) - 1)]
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield Receiver(f"http://127.0.0.1:{port}/hook", calls, answers, server)
-    server.shutdown()
+    receiver = start_receiver()
+    yield receiver
+    receiver.close()
 
 
 def finished_job(r, settings, url, status="success", fields=None):
