@@ -51,7 +51,13 @@ C3_TIMEOUT_S = (10, 60)  # connect, read
 
 
 class C3Error(Exception):
-    """A Comput3 control API call failed; str() is safe to show (no key)."""
+    """A Comput3 control API call failed; str() is safe to show (no key). `retryable` for 5xx, timeouts
+    and non-JSON answers; `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, retryable: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
 
 
 class NodeFailed(Exception):
@@ -71,29 +77,23 @@ def _c3_post(settings: config.Settings, path: str, body: dict[str, Any]) -> Any:
     try:
         response = requests.post(url, json=body, headers=c3_headers(settings), timeout=C3_TIMEOUT_S)
     except requests.Timeout:
-        raise _c3_error(f"Comput3 {path}: timed out", retryable=True) from None
+        raise C3Error(f"Comput3 {path}: timed out", retryable=True) from None
     except requests.ConnectionError:
-        raise _c3_error(f"Comput3 {path}: cannot connect to {settings.c3_api_url}", retryable=True) from None
+        raise C3Error(f"Comput3 {path}: cannot connect to {settings.c3_api_url}", retryable=True) from None
     if response.status_code >= 500:
-        raise _c3_error(f"Comput3 {path}: HTTP {response.status_code}", retryable=True)
+        raise C3Error(f"Comput3 {path}: HTTP {response.status_code}", retryable=True,
+                      status=response.status_code)
     if response.status_code in (401, 403):
-        raise _c3_error(f"Comput3 {path}: HTTP {response.status_code} (check C3_API_KEY)", retryable=False)
+        raise C3Error(f"Comput3 {path}: HTTP {response.status_code} (check C3_API_KEY)",
+                      status=response.status_code)
     if response.status_code >= 400:
-        error = _c3_error(f"Comput3 {path}: HTTP {response.status_code}: {response.text[:200]}",
-                          retryable=False)
-        error.status = response.status_code  # type: ignore[attr-defined]
-        raise error
+        raise C3Error(f"Comput3 {path}: HTTP {response.status_code}: {response.text[:200]}",
+                      status=response.status_code)
     try:
         return response.json()
     except ValueError:
         kind = response.headers.get("Content-Type", "unknown content").split(";")[0]
-        raise _c3_error(f"Comput3 {path}: answer was not JSON ({kind})", retryable=True) from None
-
-
-def _c3_error(message: str, retryable: bool) -> C3Error:
-    error = C3Error(message)
-    error.retryable = retryable  # type: ignore[attr-defined]
-    return error
+        raise C3Error(f"Comput3 {path}: answer was not JSON ({kind})", retryable=True) from None
 
 
 def launch_workload(settings: config.Settings, workload_type: str = "media:fast",
@@ -105,11 +105,11 @@ def launch_workload(settings: config.Settings, workload_type: str = "media:fast"
         try:
             answer = _c3_post(settings, "launch", {"type": workload_type, "expires": expires})
             if not isinstance(answer, dict) or not answer.get("workload") or not answer.get("node"):
-                raise _c3_error("Comput3 launch: answer has no workload or node", retryable=True)
+                raise C3Error("Comput3 launch: answer has no workload or node", retryable=True)
             return answer
         except C3Error as exc:
             last = exc
-            if not getattr(exc, "retryable", False) or attempt == settings.launch_attempts:
+            if not exc.retryable or attempt == settings.launch_attempts:
                 break
             delay = settings.launch_backoff_s * 2 ** (attempt - 1)
             log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt,
@@ -141,7 +141,7 @@ def stop_workload(settings: config.Settings, workload_id: str) -> dict[str, Any]
     try:
         answer = _c3_post(settings, "stop", {"workload": workload_id})
     except C3Error as exc:
-        if getattr(exc, "status", None) == 404:
+        if exc.status == 404:
             return {"already_stopped": True}
         raise
     return answer if isinstance(answer, dict) else {}
