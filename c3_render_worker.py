@@ -558,6 +558,8 @@ def work(state: WorkerState) -> None:
     while not state.stopping.is_set():
         try:
             if recover:
+                # announce ourselves before the first take (the heartbeat thread keeps it up after)
+                jobstore.heartbeat(state.r, state.worker_id, settings.heartbeat_ttl_s)
                 requeued, failed = jobstore.requeue_processing(state.r, settings, state.worker_id)
                 recover = False
                 if requeued or failed:
@@ -565,7 +567,6 @@ def work(state: WorkerState) -> None:
                              "MAX_ATTEMPTS)", requeued, len(failed))
             if state.node is not None and time.time() - state.node.last_used > settings.gpu_idle_timeout_s:
                 stop_node(state, f"idle for {settings.gpu_idle_timeout_s:g} s")
-            jobstore.heartbeat(state.r, state.worker_id, settings.heartbeat_ttl_s)
             # A worker without a node takes a job only when it can get a node slot: at the MAX_NODES
             # cap it leaves the queue to the workers that hold nodes instead of sitting on a job.
             if state.node is None and not jobstore.acquire_node_slot(state.r, state.worker_id,
