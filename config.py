@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
+
 # --- Redis key names (the queue protocol; see jobstore.py) ---------------------------------
 QUEUE_KEY = "queue:jobs"  # the one job queue: LPUSH to submit, BLMOVE from the right to take
 JOB_KEY = "job:{id}"  # hash: one record per job
