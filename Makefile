@@ -1,30 +1,53 @@
-# c3-render: the two commands of the README, and a few more.
-PYTHON ?= python3
-export PYTHON
+# c3-render: the two commands of the README (make run, make test), and a few more. `make help` lists them.
+# Everything runs in the project virtualenv .venv, made from the machine's python3 by scripts/install-deps.sh.
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+export SYSTEM_PYTHON VENV PYTHON
 
-.PHONY: run test test-fast lint soak bench clean
+.PHONY: help run test test-fast lint soak bench lock venv clean
 
-## run: install what is missing, then start Redis, the dev node, the API and a worker (Ctrl-C stops all)
+## help: list the targets
+help:
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
+
+## run: set up what is missing (system packages, .venv, locked packages), then start Redis, the dev node, the API and a worker (Ctrl-C stops all)
 run:
-	bash scripts/install-deps.sh run
-	bash scripts/run-local.sh
+	@bash scripts/install-deps.sh run
+	@bash scripts/run-local.sh
 
-## test: install what is missing, then lint and run every test (end-to-end and a small soak included)
+## test: set up what is missing (with the test tools), then lint and run every test (end-to-end and a small soak included)
 test:
-	bash scripts/install-deps.sh dev
+	@bash scripts/install-deps.sh dev
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 ## test-fast: the tests without the end-to-end and soak suites
 test-fast:
+	@bash scripts/install-deps.sh dev
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not e2e and not soak"
 
+## lint: ruff over the whole tree
 lint:
+	@bash scripts/install-deps.sh dev
 	$(PYTHON) -m ruff check .
+
+## venv: only set up .venv with everything the tests need
+venv:
+	@bash scripts/install-deps.sh dev
 
 ## soak: the full soak test (a few hundred jobs with crashes and outages); prints the table
 soak:
+	@bash scripts/install-deps.sh dev
 	$(PYTHON) bench/soak.py --jobs 300 --workers 3 --seed 42
 
+## lock: re-resolve the lock files from pyproject.toml (after editing its dependencies); `make lock ARGS=--upgrade` takes the newest allowed versions
+lock:
+	@bash scripts/install-deps.sh dev
+	bash scripts/lock.sh $(ARGS)
+
+## clean: remove what runs and tests created (var/, caches); keeps .venv (remove it with `rm -rf .venv`)
 clean:
-	rm -rf var/work var/output var/redis var/devnode-data
+	rm -rf var .pytest_cache .ruff_cache .hypothesis c3_render.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	@echo "removed var/ and the caches; kept .venv ($$(du -sh $(VENV) 2>/dev/null | cut -f1 || echo absent)) and .env if present"

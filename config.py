@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
 
@@ -34,6 +35,24 @@ DEFAULT_C3_NODE_URL = "https://{node}"
 DEFAULT_C3_COMFYUI_URL = "https://ui-{node}"
 # Unverified: where a media:fast node serves its Ollama-compatible API (PROTOCOLS.md 6).
 DEFAULT_C3_OLLAMA_URL = "https://{node}/ollama"
+
+
+NODE_URL_SETTINGS = ("C3_NODE_URL", "C3_COMFYUI_URL", "C3_OLLAMA_URL")  # templates with a {node} field
+
+
+def node_url_problem(name: str, template: str) -> str | None:
+    """Why a node URL template (e.g. `https://ui-{node}`) is unusable, or None when it is fine."""
+    try:
+        url = template.format(node="node-1234.example")
+    except (KeyError, IndexError, ValueError):
+        return (f"{name}={template!r} is not a URL template with one {{node}} field "
+                "(a docker compose default such as ${VAR:-http://{node}} ends at the first '}')")
+    if template.count("{node}") != 1:
+        return f"{name}={template!r} must contain {{node}} exactly once"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "{" in url or "}" in url:
+        return f"{name}={template!r} does not give an http(s) URL with a host (got {url!r})"
+    return None
 
 
 def _env(name: str, default: str) -> str:

@@ -5,11 +5,36 @@
 # Ctrl-C stops all of it; the dev node stops its nodes as it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-.venv/bin/python}"
+[ -x "$PYTHON" ] || { echo "no $PYTHON: run 'make run' (it sets up .venv first)" >&2; exit 1; }
+started=$(date +%s)
 
-API_PORT="${API_PORT:-8000}"
-DEVNODE_PORT="${DEVNODE_PORT:-8700}"
-REDIS_PORT="${REDIS_PORT:-6379}"
+port_free() {  # port_free PORT: nothing listens on 127.0.0.1:PORT
+  "$PYTHON" - "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+PY
+}
+# choose_port VAR DEFAULT WHAT: an explicitly set port must be free; a default one that is taken is
+# replaced by the next free port, said in one line.
+choose_port() {
+  local var=$1 default=$2 what=$3 port
+  if [ -n "${!var:-}" ]; then
+    port_free "${!var}" || { echo "port ${!var} ($var, $what) is in use by another program: free it or set $var to another port" >&2; exit 1; }
+    return
+  fi
+  port=$default
+  while ! port_free "$port"; do port=$((port + 1)); done
+  [ "$port" = "$default" ] || echo "port $default ($what) is in use by another program; using $port instead (set $var to choose)"
+  printf -v "$var" '%s' "$port"
+}
+choose_port REDIS_PORT 6379 "Redis"
+choose_port API_PORT 8000 "the API"
+choose_port DEVNODE_PORT 8700 "the dev node"
 mkdir -p var/redis var/output var/work var/log
 
 export REDIS_URL="redis://127.0.0.1:${REDIS_PORT}/0"
@@ -41,16 +66,29 @@ cleanup() {
   done
   echo "stopped."
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup; exit 0' INT TERM
+trap cleanup EXIT
 
+names=()
+# check_alive: every part started so far still runs; otherwise say which stopped and show its log's end
+check_alive() {
+  for i in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      echo "${names[$i]} stopped during start-up; the end of var/log/${names[$i]}.log:" >&2
+      tail -n 15 "var/log/${names[$i]}.log" | sed 's/^/    /' >&2
+      exit 1
+    fi
+  done
+}
 wait_http() {  # wait_http URL NAME
-  for _ in $(seq 1 240); do
+  for _ in $(seq 1 480); do
+    check_alive
     if "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; then
       return 0
     fi
     sleep 0.5
   done
-  echo "$2 did not start; see var/log/" >&2
+  echo "$2 did not answer at $1 within 4 minutes; see var/log/" >&2
   exit 1
 }
 
@@ -58,20 +96,31 @@ wait_http() {  # wait_http URL NAME
 # the parts in order.
 setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$PWD/var/redis" \
   --appendonly yes --appendfsync everysec --save "" >var/log/redis.log 2>&1 &
-pids+=($!)
+pids+=($!); names+=(redis)
+echo "starting Redis on port $REDIS_PORT, the dev node on $DEVNODE_PORT (loads its CPU engines), the API on $API_PORT and a worker..."
 setsid "$PYTHON" -m devnode --host 127.0.0.1 --port "$DEVNODE_PORT" >var/log/devnode.log 2>&1 &
-pids+=($!)
+pids+=($!); names+=(devnode)
 wait_http "http://127.0.0.1:${DEVNODE_PORT}/admin/faults" "the dev node"
 setsid "$PYTHON" -m gunicorn --bind "127.0.0.1:${API_PORT}" --workers 2 --threads 4 --graceful-timeout 30 \
   --access-logfile - 'app:create_app()' >var/log/api.log 2>&1 &
-pids+=($!)
+pids+=($!); names+=(api)
 setsid "$PYTHON" c3_render_worker.py >var/log/worker.log 2>&1 &
-pids+=($!)
+pids+=($!); names+=(worker)
 wait_http "http://127.0.0.1:${API_PORT}/readyz" "the API"
+# the worker is ready once its heartbeat is in Redis
+worker_alive='import sys, config, redis
+r = redis.Redis.from_url(sys.argv[1])
+sys.exit(0 if any(r.scan_iter(match=config.HEARTBEAT_KEY.format(worker="*"))) else 1)'
+for _ in $(seq 1 120); do
+  check_alive
+  "$PYTHON" -c "$worker_alive" "$REDIS_URL" 2>/dev/null && break
+  sleep 0.5
+done
+check_alive
 
 cat <<MSG
 
-c3-render is running (logs in var/log/):
+c3-render is running, ready $(( $(date +%s) - started )) s after start (logs in var/log/):
   API       http://127.0.0.1:${API_PORT}    (OpenAPI document at /openapi.json)
   dev node  http://127.0.0.1:${DEVNODE_PORT}   (local Comput3 stand-in, CPU engines)
 
@@ -85,6 +134,8 @@ Press Ctrl-C to stop everything.
 MSG
 
 # Stop everything if any part dies; otherwise wait for Ctrl-C.
-wait -n "${pids[@]}"
-echo "a component exited; see var/log/" >&2
+wait -n "${pids[@]}" || true
+for i in "${!pids[@]}"; do
+  kill -0 "${pids[$i]}" 2>/dev/null || echo "${names[$i]} exited; see var/log/${names[$i]}.log" >&2
+done
 exit 1

