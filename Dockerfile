@@ -23,7 +23,7 @@ COPY *.py ./
 COPY devnode ./devnode
 COPY scripts ./scripts
 # the package install adds the console scripts (c3-render-worker, c3-render-devnode ...); code runs from /app
-RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation . \
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps . \
  && useradd --create-home --uid 10001 --user-group c3render \
  && mkdir -p /app/var && chown -R 10001:10001 /app/var
 USER 10001

@@ -71,6 +71,6 @@ say "installing the locked Python packages from $lock into $VENV (a few minutes 
 quiet_pip install --require-hashes --no-deps -r "$lock"
 "$VENV/bin/python" -m pip check >/dev/null || { "$VENV/bin/python" -m pip check; exit 1; }
 say "installing c3-render itself into $VENV (editable: the console scripts c3-render-worker, c3-render-devnode)"
-quiet_pip install -q --no-deps --no-build-isolation -e .
+quiet_pip install -q --no-deps -e .
 echo "$want" > "$stamp"
 say "done: $("$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | wc -l) packages in $VENV ($(du -sh "$VENV" | cut -f1))"
