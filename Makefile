@@ -13,8 +13,7 @@ help:
 
 ## run: set up what is missing (system packages, .venv, locked packages), then start Redis, the dev node, the API and a worker (Ctrl-C stops all)
 run:
-	@bash scripts/install-deps.sh run
-	@bash scripts/run-local.sh
+	@export C3_RUN_STARTED=$$(date +%s); bash scripts/install-deps.sh run && bash scripts/run-local.sh
 
 ## test: set up what is missing (with the test tools), then lint and run every test (end-to-end and a small soak included)
 test:

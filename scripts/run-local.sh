@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || { echo "no $PYTHON: run 'make run' (it sets up .venv first)" >&2; exit 1; }
-started=$(date +%s)
+started="${C3_RUN_STARTED:-$(date +%s)}"  # make run sets it before the set-up
 
 port_free() {  # port_free PORT: nothing listens on 127.0.0.1:PORT
   "$PYTHON" - "$1" <<'PY'
