@@ -33,6 +33,7 @@ VOICES = ("random", "conversational_a", "conversational_b", "clone")
 WHISPER_MODELS = ("tiny", "base", "small", "medium", "large", "large-v2", "large-v3")
 WHISPER_TASKS = ("transcribe", "translate")
 JOB_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"  # lower-case UUID4
+JOBS_CURSOR_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,20})?_" + JOB_ID_PATTERN[1:]  # created_at _ job id
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 IDEMPOTENCY_KEY_PATTERN = re.compile(rf"^[!-~]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}$")  # visible ASCII

@@ -13,6 +13,7 @@ Owns every Redis structure of c3-render (key names come from config.py):
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 import uuid
@@ -22,7 +23,7 @@ from typing import Any
 import redis
 
 import config
-from jobspec import FINISHED_STATUSES
+from jobspec import FINISHED_STATUSES, JOBS_CURSOR_PATTERN
 
 # Which status may follow which. Finished statuses have no successors: a finished job never changes.
 ALLOWED = {
@@ -307,14 +308,10 @@ def job_cursor(created_at: float, job_id: str) -> str:
 
 
 def parse_cursor(cursor: str) -> tuple[float, str]:
-    score, _, job_id = cursor.partition("_")
-    try:
-        value = float(score)
-    except ValueError:
-        raise BadCursor(cursor) from None
-    if not is_job_id(job_id) or value != value or value in (float("inf"), float("-inf")):
+    if not re.match(JOBS_CURSOR_PATTERN, cursor):
         raise BadCursor(cursor)
-    return value, job_id
+    score, _, job_id = cursor.partition("_")
+    return float(score), job_id
 
 
 def list_jobs(
