@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import jobstore
 log = logging.getLogger("c3-render.events")
 
 events_routes = Blueprint("events", __name__)
+SHUTTING_DOWN = threading.Event()  # set on SIGTERM: open streams end so the process can stop at once
 
 
 class Hub:
@@ -97,6 +99,30 @@ class Hub:
                 time.sleep(1.0)
 
 
+@events_routes.record_once
+def end_streams_on_sigterm(state: Any) -> None:
+    """Chain a SIGTERM handler (gunicorn's worker installs its own before it loads the app): open streams
+    would otherwise hold a graceful shutdown for its whole timeout. Their clients reconnect with
+    Last-Event-ID to another process. Only possible in the main thread (not under a test client)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    app = state.app
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        SHUTTING_DOWN.set()
+        hub = app.extensions.get("c3_events_hub")
+        if hub is not None:  # not from the handler itself: wake() takes a lock
+            threading.Thread(target=hub.wake, args=(None,), daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def hub_of(app: Flask) -> Hub:
     with _HUB_LOCK:
         hub = app.extensions.get("c3_events_hub")
@@ -128,6 +154,8 @@ def events(job_id: str) -> Response:
         return Response(status=204)  # the client has the final event: EventSource stops reconnecting
     settings: config.Settings = current_app.extensions["c3_settings"]
     hub = hub_of(current_app)
+    if SHUTTING_DOWN.is_set():
+        raise api_app.ApiError(503, "this API process is stopping; retry", {"Retry-After": "1"})
     if hub.open_streams() >= settings.sse_max_streams:
         raise api_app.ApiError(503, f"too many open event streams on this API process (SSE_MAX_STREAMS="
                                     f"{settings.sse_max_streams}); retry shortly or poll /status",
@@ -150,6 +178,9 @@ def events(job_id: str) -> Response:
                     yield sse("end" if finished else "status", ident, answer)
                     sent = ident
                 if finished:
+                    return
+                if SHUTTING_DOWN.is_set():
+                    yield ": this API process is stopping; reconnect\n\n"
                     return
                 try:
                     wake.get(timeout=settings.sse_keepalive_s)

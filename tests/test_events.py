@@ -172,3 +172,16 @@ def test_streams_are_capped_per_process_and_free_their_slot(apis, r):
 def test_unknown_and_malformed_ids(apis, r):
     assert requests.get(f"{apis[0]}/events/00000000-0000-4000-8000-000000000000", timeout=5).status_code == 404
     assert requests.get(f"{apis[0]}/events/nope", timeout=5).status_code == 400
+
+
+def test_sigterm_ends_open_streams_so_the_api_stops_at_once(redis_server, r, tmp_path):
+    proc, api = start_api(clean_env(REDIS_URL=redis_server.url, SSE_KEEPALIVE_S="30"), tmp_path)
+    job_id = submit(api)
+    stream = Stream(f"{api}/events/{job_id}")
+    stream.next()
+    stopping = time.monotonic()
+    proc.stop(timeout=30)
+    took = time.monotonic() - stopping
+    assert stream.closed.wait(2), "the stream is still open after the API stopped"
+    assert took < 5, f"the API took {took:.1f} s to stop with a stream open (graceful timeout: 10 s)"
+    assert any("stopping" in c for c in stream.comments)
