@@ -167,7 +167,11 @@ def events(job_id: str) -> Response:
         try:
             yield f"retry: 3000\n: following job {job_id}\n\n"
             while True:
-                current = jobstore.get_job(api_app.store(), job_id)
+                try:
+                    current = jobstore.get_job(api_app.store(), job_id)
+                except redis.RedisError:
+                    yield ": the job store cannot be reached; reconnect shortly\n\n"
+                    return
                 if current is None:
                     yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
                     return

@@ -185,12 +185,15 @@ return 0
 FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
 
 
-def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
-    """A client with timeouts, so that a dead Redis gives an error instead of a hang."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-        health_check_interval=30,
+def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
+    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
+    thread wait (up to timeout_s) for a free connection instead of failing at once when all
+    max_connections are busy, as a burst of woken /events streams can make them."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
+        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def job_key(job_id: str) -> str:

@@ -73,7 +73,7 @@ async def open_stream(port: int, job_id: str) -> tuple[asyncio.StreamReader, asy
     await writer.drain()
     status = await reader.readline()
     if b" 200 " not in status:
-        raise RuntimeError(status.decode().strip())
+        raise RuntimeError(status.decode().strip() + " " + (await reader.read(2000)).decode(errors="replace"))
     return reader, writer
 
 
@@ -163,18 +163,27 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("C3_", "REDIS_"))}
     env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", SSE_MAX_STREAMS=str(args.streams),
                SSE_KEEPALIVE_S=str(args.keepalive), OUTPUT_DIR=str(tmp / "out"))
+    api_log = open(tmp / "api.log", "wb")  # noqa: SIM115 - the child keeps it
     api = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{api_port}", "--workers", "1",
-                            "--worker-class", "gthread", "--threads", str(args.threads), "app:create_app()"],
-                           cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            "--worker-class", "gthread", "--threads", str(args.threads),
+                            "--worker-connections", str(args.threads + 100), "app:create_app()"],
+                           cwd=str(ROOT), env=env, stdout=api_log, stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{api_port}/healthz")
         r = redis.Redis(port=redis_port, decode_responses=True)
         figures = asyncio.run(bench(args, api_port, r, worker_pid(api.pid)))
         for name, value in figures.items():
             print(f"{name:34} {value}")
+    except Exception:
+        print((tmp / "api.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
     finally:
         api.terminate()
-        api.wait(30)
+        try:
+            api.wait(30)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait(10)
         redis_proc.terminate()
         redis_proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
