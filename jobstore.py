@@ -8,6 +8,8 @@ Owns every Redis structure of c3-render (key names come from config.py):
 - worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
   queue (or fails them after MAX_ATTEMPTS).
 - node records and the MAX_NODES slot cap shared by all workers.
+- the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters
+  and the pub/sub wake-ups of /events: all kept by the same scripts that change a job.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import redis
 
 import config
-from jobspec import FINISHED_STATUSES, JOBS_CURSOR_PATTERN
+from jobspec import COMMON_FIELDS, FINISHED_STATUSES, JOBS_CURSOR_PATTERN
 
 # Which status may follow which. Finished statuses have no successors: a finished job never changes.
 ALLOWED = {
@@ -34,8 +36,9 @@ ALLOWED = {
 # Duration histogram buckets of c3_render_job_duration_seconds (seconds from start to finish)
 DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 # Index entries older than this (plus RESULT_TTL) belong to records that have expired: a job finishes
-# by its complete_by at the latest, and its record lives RESULT_TTL after that.
-INDEX_HORIZON_S = 86400 + 7200
+# by its complete_by (at most complete_in after submission, plus a last run of max_time) and its record
+# lives RESULT_TTL after that.
+INDEX_HORIZON_S = int(sum(f.maximum or 0 for f in COMMON_FIELDS if f.name in ("complete_in", "max_time")))
 
 # Lua functions shared by the scripts that change a job record: every change bumps the record's
 # `events` number and is published for /events listeners; a status change also moves the job between
@@ -140,7 +143,7 @@ end
 return {1, new}
 """
 
-# KEYS: processing list, queue.  ARGV: max attempts, job key prefix.
+# KEYS: processing list, queue.  ARGV: max attempts, job key prefix, now.
 # Gives every entry of a dead worker's processing list back to the queue (as the next to run),
 # except finished jobs (dropped) and jobs that used up their attempts (returned to the caller,
 # which fails them through transition()).
