@@ -249,7 +249,7 @@ def watch(ctx: Context, job_id: str, timeout: float | None) -> None:
 
 def main() -> None:
     try:
-        cli(standalone_mode=True)
+        cli(prog_name="c3-render", standalone_mode=True)
     except c3.ApiError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(EXIT_FAILED)
