@@ -21,6 +21,7 @@ RUN lock=requirements.txt \
 COPY pyproject.toml README.md ./
 COPY *.py ./
 COPY devnode ./devnode
+COPY dashboard_assets ./dashboard_assets
 COPY scripts ./scripts
 # the package install adds the console scripts (c3-render-worker, c3-render-devnode ...); code runs from /app
 RUN pip install --no-cache-dir --disable-pip-version-check --no-deps . \
@@ -31,4 +32,4 @@ USER 10001
 ENV PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
 EXPOSE 8000
 # health checks are set per service in docker-compose.yml (one image runs the API, the worker and the dev node)
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--graceful-timeout", "30", "--access-logfile", "-", "app:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--worker-class", "gthread", "--threads", "64", "--graceful-timeout", "30", "--access-logfile", "-", "app:create_app()"]

@@ -23,8 +23,12 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from werkzeug.exceptions import HTTPException
 
 import config
+import dashboard
+import events
 import jobspec
+import jobstats
 import jobstore
+import metrics
 import storage
 from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
 from openapi import openapi_document
@@ -85,6 +89,9 @@ def create_app(app_settings: config.Settings | None = None) -> Flask:
     app.register_error_handler(Exception, on_unexpected)
     app.before_request(check_api_key)
     app.register_blueprint(api)
+    app.register_blueprint(events.events_routes)
+    app.register_blueprint(metrics.metrics_routes)
+    app.register_blueprint(dashboard.dashboard_routes)
     return app
 
 
@@ -124,8 +131,18 @@ def client_identity() -> str:
     return g.get("client_id") or f"addr:{request.remote_addr or 'unknown'}"
 
 
+def is_open_route(path: str) -> bool:
+    """Routes answered without an API key: the service routes, signed file links, the dashboard's page
+    and scripts (they hold no data: the page asks for a key and sends it with every call), and the
+    PUBLIC_ROUTES (default /docs and /metrics, each with what is under it)."""
+    if path in OPEN_ROUTES or path.startswith("/files/") or path in dashboard.SHELL_ROUTES \
+            or path.startswith(dashboard.ASSET_PREFIX):
+        return True
+    return any(path == route or path.startswith(route.rstrip("/") + "/") for route in settings().public_routes)
+
+
 def check_api_key() -> None:
-    if request.path in OPEN_ROUTES or request.path.startswith("/files/"):
+    if is_open_route(request.path):
         return
     api_keys = settings().api_keys
     if not api_keys:
@@ -252,6 +269,57 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
             "last_error": record.get("webhook_error") or None,
         }
     return answer
+
+
+@api.get("/jobs")
+def list_jobs() -> Response:
+    status_filter = request.args.get("status") or None
+    type_filter = request.args.get("type") or None
+    if status_filter is not None and status_filter not in jobspec.STATUSES:
+        raise ApiError(400, f"status: one of {', '.join(jobspec.STATUSES)}")
+    if type_filter is not None and type_filter not in jobspec.JOB_TYPES:
+        raise ApiError(400, f"type: one of {', '.join(jobspec.JOB_TYPES)}")
+    raw_limit = request.args.get("limit", str(jobspec.JOBS_PAGE_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= jobspec.JOBS_PAGE_MAX:
+        raise ApiError(400, f"limit: an integer from 1 to {jobspec.JOBS_PAGE_MAX}")
+    try:
+        records, next_cursor = jobstore.list_jobs(store(), status=status_filter, job_type=type_filter,
+                                                  limit=int(raw_limit), cursor=request.args.get("cursor") or None)
+    except jobstore.BadCursor:
+        raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None
+    return jsonify({"jobs": [status_answer(record) for record in records], "next_cursor": next_cursor})
+
+
+@api.get("/jobs/<job_id>")
+def job_detail(job_id: str) -> Response:
+    """The status object plus what the dashboard's detail view shows: status history and the result."""
+    record = record_or_error(job_id)
+    answer = status_answer(record)
+    answer["history"] = [{"status": item["status"], "at": iso(str(item["at"]))}
+                         for item in jobstore.job_history(store(), job_id)]
+    if record["status"] == "success":
+        key = "result_url" if record["type"] in jobspec.MEDIA_JOB_TYPES else "text"
+        answer["result"] = {key: record.get(key, "")}
+    return jsonify(answer)
+
+
+@api.get("/overview")
+def overview() -> Response:
+    """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds."""
+    r = store()
+    stats = jobstats.counters(r)
+    workers = jobstats.workers(r)
+    return jsonify({
+        "queue_depth": stats["queue_depth"],
+        "running": stats["running"],
+        "finished_last_hour": stats["finished_last_hour"],
+        "jobs_total": [{"type": t, "status": s, "count": n} for (t, s), n in sorted(stats["jobs_total"].items())],
+        "workers": workers,
+        "nodes_running": jobstats.nodes_running(workers),
+        "node_seconds_today": jobstats.node_seconds_today(stats, workers),
+        "node_seconds_total": round(stats["node_seconds_total"], 1),
+        "webhook_deliveries": stats["webhook_deliveries"],
+    })
 
 
 @api.get("/status/<job_id>")

@@ -217,6 +217,9 @@ def _record_node_stop(r: redis.Redis, workload: str, worker_id: str, seconds: fl
     try:
         pipe = r.pipeline(transaction=True)
         pipe.incrbyfloat(config.NODE_SECONDS_KEY, round(seconds, 3))
+        day_key = config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime()))
+        pipe.incrbyfloat(day_key, round(seconds, 3))
+        pipe.expire(day_key, 8 * 86400)
         pipe.rpush(config.NODE_LOG_KEY, json.dumps({"workload": workload, "worker": worker_id,
                                                     "seconds": round(seconds, 3), "reason": reason}))
         pipe.ltrim(config.NODE_LOG_KEY, -10000, -1)

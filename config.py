@@ -29,6 +29,20 @@ RATE_KEY = "rate:{client}:{window}"  # counter: requests of one client in one ti
 IDEMPOTENCY_KEY = "idem:{client}:{key}"  # string: job id and body hash of an Idempotency-Key
 NODE_SECONDS_KEY = "stats:node_seconds"  # float: node-seconds used by all workers (launch to stop)
 NODE_LOG_KEY = "stats:nodes"  # list: one JSON line per node stop (workload, worker, seconds)
+NODE_SECONDS_DAY_KEY = "stats:node_seconds:{day}"  # float: node-seconds of nodes stopped that UTC day
+# GET /jobs: time-ordered indexes (sorted sets of job ids scored by created_at), trimmed like the records
+JOBS_INDEX_KEY = "jobs:index"  # every job
+JOBS_BY_TYPE_KEY = "jobs:index:type:{type}"  # the jobs of one type
+JOBS_BY_STATUS_KEY = "jobs:index:status:{status}"  # the jobs in one status (moved on every transition)
+JOB_HISTORY_KEY = "job:{id}:history"  # list: JSON {"status", "at"} per status change, expires with the record
+FINISHED_RECENT_KEY = "stats:finished_recent"  # sorted set: jobs finished in the last day, scored by finish time
+# /metrics: counters kept in Redis so that every API process answers the same numbers
+JOBS_TOTAL_KEY = "stats:jobs_total"  # hash: "<type>|<status>" -> jobs submitted ("queued") or finished so
+JOB_DURATION_KEY = "stats:job_duration:{type}"  # hash: bucket bound ("+Inf") -> count, and "sum", "count"
+WEBHOOK_OUTCOMES_KEY = "stats:webhook_deliveries"  # hash: outcome (delivered, retrying, failed) -> count
+# GET /events: Redis pub/sub channels (messages are only wake-ups; listeners read the record)
+JOB_EVENTS_CHANNEL = "events:job:{id}"  # a job's record changed; the message is its change number
+QUEUE_EVENTS_CHANNEL = "events:queue"  # a job left or re-entered the queue: queue positions moved
 
 DEFAULT_C3_API_URL = "https://api.comput3.ai/api/v0"
 DEFAULT_C3_NODE_URL = "https://{node}"
@@ -108,6 +122,10 @@ class Settings:
     max_content_length: int = 1024 * 1024
     public_base_url: str = "http://127.0.0.1:8000"
     rate_limit_per_minute: int = 0  # 0 = off
+    public_routes: tuple[str, ...] = ("/docs", "/metrics")  # open without an API key
+    metrics_token: str = field(default="", repr=False)
+    sse_keepalive_s: float = 15.0
+    sse_max_streams: int = 48  # per API process; each open stream holds one gunicorn thread
     # Result storage
     output_dir: str = "var/output"
     file_url_secret: str = field(default="", repr=False)
@@ -162,6 +180,10 @@ def load() -> Settings:
         max_content_length=_int("MAX_CONTENT_LENGTH", 1024 * 1024),
         public_base_url=_env("PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
         rate_limit_per_minute=_int("RATE_LIMIT_PER_MINUTE", 0),
+        public_routes=tuple(_list("PUBLIC_ROUTES")) if "PUBLIC_ROUTES" in os.environ else ("/docs", "/metrics"),
+        metrics_token=_env("METRICS_TOKEN", ""),
+        sse_keepalive_s=_float("SSE_KEEPALIVE_S", 15.0),
+        sse_max_streams=_int("SSE_MAX_STREAMS", 48),
         output_dir=_env("OUTPUT_DIR", "var/output"),
         file_url_secret=_env("FILE_URL_SECRET", ""),
         minio_endpoint=_env("MINIO_ENDPOINT", ""),

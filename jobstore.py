@@ -8,20 +8,24 @@ Owns every Redis structure of c3-render (key names come from config.py):
 - worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
   queue (or fails them after MAX_ATTEMPTS).
 - node records and the MAX_NODES slot cap shared by all workers.
+- the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters
+  and the pub/sub wake-ups of /events: all kept by the same scripts that change a job.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 import uuid
+from string import Template
 from typing import Any
 
 import redis
 
 import config
-from jobspec import FINISHED_STATUSES
+from jobspec import COMMON_FIELDS, FINISHED_STATUSES, JOBS_CURSOR_PATTERN
 
 # Which status may follow which. Finished statuses have no successors: a finished job never changes.
 ALLOWED = {
@@ -29,10 +33,79 @@ ALLOWED = {
     "running": ("success", "failed", "cancelled", "queued"),
 }
 
+# Duration histogram buckets of c3_render_job_duration_seconds (seconds from start to finish)
+DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+# Index entries older than this (plus RESULT_TTL) belong to records that have expired: a job finishes
+# by its complete_by (at most complete_in after submission, plus a last run of max_time) and its record
+# lives RESULT_TTL after that.
+INDEX_HORIZON_S = int(sum(f.maximum or 0 for f in COMMON_FIELDS if f.name in ("complete_in", "max_time")))
+
+# Lua functions shared by the scripts that change a job record: every change bumps the record's
+# `events` number and is published for /events listeners; a status change also moves the job between
+# the status indexes of GET /jobs and lands in its history. Key names come from config.py.
+_CHANGED_LUA = Template("""
+local function job_changed(job_key, job_id, old, new, now)
+  if old ~= new then
+    local created = redis.call('HGET', job_key, 'created_at') or now
+    redis.call('ZREM', '${by_status}' .. old, job_id)
+    redis.call('ZADD', '${by_status}' .. new, created, job_id)
+    local history = '${history_prefix}' .. job_id .. '${history_suffix}'
+    redis.call('RPUSH', history, cjson.encode({status = new, at = tonumber(now)}))
+    if old == 'queued' or new == 'queued' then redis.call('PUBLISH', '${queue_channel}', job_id) end
+  end
+  redis.call('PUBLISH', '${job_channel}' .. job_id, redis.call('HINCRBY', job_key, 'events', 1))
+end
+""").substitute({
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "queue_channel": config.QUEUE_EVENTS_CHANNEL,
+    "job_channel": config.JOB_EVENTS_CHANNEL.format(id=""),
+})
+
+# On a finished job: count it for /metrics, keep it among the recent finishes, expire its history with
+# it and trim the indexes of GET /jobs past their retention.
+_FINISHED_LUA = Template("""
+local function job_finished(job_key, job_id, new, now, ttl)
+  local job_type = redis.call('HGET', job_key, 'type') or 'unknown'
+  redis.call('HINCRBY', '${jobs_total}', job_type .. '|' .. new, 1)
+  local started = redis.call('HGET', job_key, 'started_at')
+  if started then
+    local seconds = tonumber(now) - tonumber(started)
+    local bound = '+Inf'
+    for _, b in ipairs({${buckets}}) do
+      if seconds <= b then bound = tostring(b) break end
+    end
+    local key = '${duration}' .. job_type
+    redis.call('HINCRBY', key, bound, 1)
+    redis.call('HINCRBY', key, 'count', 1)
+    redis.call('HINCRBYFLOAT', key, 'sum', seconds)
+  end
+  redis.call('ZADD', '${recent}', now, job_id)
+  redis.call('ZREMRANGEBYSCORE', '${recent}', '-inf', tonumber(now) - 86400)
+  redis.call('EXPIRE', '${history_prefix}' .. job_id .. '${history_suffix}', ttl)
+  local horizon = tonumber(now) - tonumber(ttl) - ${horizon}
+  for _, key in ipairs({'${index}', '${by_type}' .. job_type, '${by_status}' .. new}) do
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
+  end
+end
+""").substitute({
+    "jobs_total": config.JOBS_TOTAL_KEY,
+    "buckets": ", ".join(str(b) for b in DURATION_BUCKETS),
+    "duration": config.JOB_DURATION_KEY.format(type=""),
+    "recent": config.FINISHED_RECENT_KEY,
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "horizon": INDEX_HORIZON_S,
+    "index": config.JOBS_INDEX_KEY,
+    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+})
+
 # KEYS: job, queue, outbox.  ARGV: id, new status, now, result ttl, required worker ('' = any),
 # entry to take off the queue ('' = none), webhook body ('' = none), then field/value pairs.
 # Returns {1, new status} when changed, {0, current status or 'missing'} when refused.
-_TRANSITION_LUA = """
+_TRANSITION_LUA = _CHANGED_LUA + _FINISHED_LUA + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, 'missing'} end
 local new = ARGV[2]
@@ -51,6 +124,7 @@ for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', KEYS[1], 'status', new)
+job_changed(KEYS[1], ARGV[1], cur, new, ARGV[3])
 if new == 'running' then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -64,15 +138,16 @@ if new == 'success' or new == 'failed' or new == 'cancelled' then
     redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
     redis.call('LPUSH', KEYS[3], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
   end
+  job_finished(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4])
 end
 return {1, new}
 """
 
-# KEYS: processing list, queue.  ARGV: max attempts, job key prefix.
+# KEYS: processing list, queue.  ARGV: max attempts, job key prefix, now.
 # Gives every entry of a dead worker's processing list back to the queue (as the next to run),
 # except finished jobs (dropped) and jobs that used up their attempts (returned to the caller,
 # which fails them through transition()).
-_REQUEUE_LUA = """
+_REQUEUE_LUA = _CHANGED_LUA + """
 local entries = redis.call('LRANGE', KEYS[1], 0, -1)
 local over = {}
 local requeued = 0
@@ -90,6 +165,7 @@ for i = #entries, 1, -1 do
       redis.call('HDEL', key, 'worker', 'progress')
       redis.call('RPUSH', KEYS[2], entry)
       redis.call('LREM', KEYS[1], 1, entry)
+      job_changed(key, id, status, 'queued', ARGV[3])
       requeued = requeued + 1
     end
   else
@@ -112,12 +188,15 @@ return 0
 FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
 
 
-def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
-    """A client with timeouts, so that a dead Redis gives an error instead of a hang."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-        health_check_interval=30,
+def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
+    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
+    thread wait (up to timeout_s) for a free connection instead of failing at once when all
+    max_connections are busy, as a burst of woken /events streams can make them."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
+        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def job_key(job_id: str) -> str:
@@ -200,6 +279,7 @@ def submit(
                 pipe.multi()
                 pipe.hset(job_key(job_id), mapping=record)
                 pipe.lpush(config.QUEUE_KEY, record["queue_entry"])
+                index_job(pipe, job_id, job_type, now)
                 if idempotency_key:
                     pipe.set(idempotency_key, json.dumps({"job_id": job_id, "body_hash": body_hash}),
                              ex=idempotency_ttl_s)
@@ -209,9 +289,86 @@ def submit(
                 continue
 
 
+def index_job(pipe: redis.client.Pipeline, job_id: str, job_type: str, now: float) -> None:
+    """Add a new job to the GET /jobs indexes, its history and the submission counter (in submit's MULTI)."""
+    pipe.zadd(config.JOBS_INDEX_KEY, {job_id: now})
+    pipe.zadd(config.JOBS_BY_TYPE_KEY.format(type=job_type), {job_id: now})
+    pipe.zadd(config.JOBS_BY_STATUS_KEY.format(status="queued"), {job_id: now})
+    pipe.rpush(config.JOB_HISTORY_KEY.format(id=job_id), json.dumps({"status": "queued", "at": now}))
+    pipe.hincrby(config.JOBS_TOTAL_KEY, f"{job_type}|queued", 1)
+
+
 def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
     record = r.hgetall(job_key(job_id))
     return record or None
+
+
+# --- GET /jobs: newest first from the time-ordered indexes -------------------------------------
+
+class BadCursor(ValueError):
+    """A GET /jobs cursor that this API did not hand out."""
+
+
+def job_cursor(created_at: float, job_id: str) -> str:
+    return f"{created_at!r}_{job_id}"
+
+
+def parse_cursor(cursor: str) -> tuple[float, str]:
+    if not re.match(JOBS_CURSOR_PATTERN, cursor):
+        raise BadCursor(cursor)
+    score, _, job_id = cursor.partition("_")
+    return float(score), job_id
+
+
+def list_jobs(
+    r: redis.Redis, *, status: str | None = None, job_type: str | None = None, limit: int = 50,
+    cursor: str | None = None, scan_budget: int = 2000,
+) -> tuple[list[dict[str, str]], str | None]:
+    """Job records newest first, and the cursor of the next page (None at the end).
+
+    Reads the status index (or the type index, or the index of all jobs) from the cursor on, so a page
+    costs O(limit). Only status and type together filter the status index by type; a page then reads at
+    most scan_budget entries and may come back short, with a cursor to go on from. Entries whose record
+    has expired are dropped from the index on the way. Stable under inserts: new jobs sort before the
+    cursor, so they never shift a later page.
+    """
+    if status:
+        index = config.JOBS_BY_STATUS_KEY.format(status=status)
+    elif job_type:
+        index = config.JOBS_BY_TYPE_KEY.format(type=job_type)
+    else:
+        index = config.JOBS_INDEX_KEY
+    top, after_id = parse_cursor(cursor) if cursor else (float("inf"), "")
+    page: list[dict[str, str]] = []
+    scanned = 0
+    while True:
+        batch = r.zrange(index, top, "-inf", byscore=True, desc=True, offset=0, num=limit + 16, withscores=True)
+        # members with the cursor's own score come in reverse id order: skip up to and including it
+        batch = [(m, sc) for m, sc in batch if not (sc == top and after_id and m >= after_id)]
+        if not batch:
+            return page, None
+        pipe = r.pipeline(transaction=False)
+        for member, _score in batch:
+            pipe.hgetall(job_key(member))
+        records = pipe.execute()
+        gone = [member for (member, _score), record in zip(batch, records, strict=True) if not record]
+        if gone:
+            r.zrem(index, *gone)
+        for (member, score), record in zip(batch, records, strict=True):
+            if record and (not status or record.get("status") == status) \
+                    and (not job_type or record.get("type") == job_type):
+                if len(page) == limit:  # one more exists: the page ends at the previous one
+                    return page, job_cursor(top, after_id)
+                page.append(record)
+            top, after_id = score, member
+            scanned += 1
+            if scanned >= scan_budget:
+                return page, job_cursor(top, after_id)
+
+
+def job_history(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    """The job's status changes, oldest first: [{"status", "at"}]."""
+    return [json.loads(item) for item in r.lrange(config.JOB_HISTORY_KEY.format(id=job_id), 0, -1)]
 
 
 def queue_position(r: redis.Redis, record: dict[str, str]) -> int | None:
@@ -339,7 +496,7 @@ def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
 
 def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
     """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted."""
-    script = """
+    script = _CHANGED_LUA + """
     if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2]
     then redis.call('LREM', KEYS[2], 1, ARGV[1]) return 0 end
     redis.call('HSET', KEYS[1], 'status', 'queued')
@@ -347,10 +504,11 @@ def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
     redis.call('HINCRBY', KEYS[1], 'attempts', -1)
     redis.call('LREM', KEYS[2], 1, ARGV[1])
     redis.call('RPUSH', KEYS[3], ARGV[1])
+    job_changed(KEYS[1], ARGV[3], 'running', 'queued', ARGV[4])
     return 1
     """
     return bool(r.eval(script, 3, job_key(job_id), processing_key(worker_id), config.QUEUE_KEY,
-                       entry, worker_id))
+                       entry, worker_id, job_id, repr(time.time())))
 
 
 def dead_workers(r: redis.Redis) -> list[str]:
@@ -394,7 +552,7 @@ def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -
     Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
     """
     requeued, over = r.eval(_REQUEUE_LUA, 2, processing_key(worker), config.QUEUE_KEY,
-                            settings.max_attempts, config.JOB_KEY.format(id=""))
+                            settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()))
     failed = []
     for entry in over:
         job_id = json.loads(entry)["id"]
@@ -415,18 +573,28 @@ def stop_requested(r: redis.Redis, job_id: str) -> bool:
 
 def set_progress(r: redis.Redis, job_id: str, percent: int) -> None:
     r.eval(
-        "if redis.call('HGET', KEYS[1], 'status') == 'running' then "
-        "redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end return 0",
-        1, job_key(job_id), str(int(percent)),
+        _CHANGED_LUA + "if redis.call('HGET', KEYS[1], 'status') == 'running' "
+        "and redis.call('HGET', KEYS[1], 'progress') ~= ARGV[1] then "
+        "redis.call('HSET', KEYS[1], 'progress', ARGV[1]) job_changed(KEYS[1], ARGV[2], 'running', 'running', '0') "
+        "end return 0",
+        1, job_key(job_id), str(int(percent)), job_id,
     )
+
+
+def notify_changed(r: redis.Redis, job_id: str) -> None:
+    """Tell /events listeners that a job record changed outside the scripts above (e.g. its phase)."""
+    r.eval(_CHANGED_LUA + "if redis.call('EXISTS', KEYS[1]) == 1 then "
+           "job_changed(KEYS[1], ARGV[1], 'same', 'same', '0') end return 0", 1, job_key(job_id), job_id)
 
 
 def record_webhook(r: redis.Redis, job_id: str, status: str, attempts: int, error: str = "") -> None:
     """Keep a webhook's delivery state on the job record, if the record still exists."""
     r.eval(
+        _CHANGED_LUA + "redis.call('HINCRBY', KEYS[2], ARGV[1], 1) "
         "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook_status', ARGV[1], "
-        "'webhook_attempts', ARGV[2], 'webhook_error', ARGV[3], 'webhook_updated_at', ARGV[4]) end return 0",
-        1, job_key(job_id), status, str(attempts), error, repr(time.time()),
+        "'webhook_attempts', ARGV[2], 'webhook_error', ARGV[3], 'webhook_updated_at', ARGV[4]) "
+        "job_changed(KEYS[1], ARGV[5], 'same', 'same', ARGV[4]) end return 0",
+        2, job_key(job_id), config.WEBHOOK_OUTCOMES_KEY, status, str(attempts), error, repr(time.time()), job_id,
     )
 
 

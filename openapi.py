@@ -140,6 +140,100 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                       "404": _error_response("No such file."),
                       "503": _error_response("Redis cannot be reached.")},
     }}
+    paths["/jobs"] = {"get": {
+        "summary": "List jobs, newest first (cursor pages)", "operationId": "list_jobs",
+        "parameters": [
+            {"name": "status", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": list(jobspec.STATUSES)}},
+            {"name": "type", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": list(jobspec.JOB_TYPES)}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": jobspec.JOBS_PAGE_MAX,
+                        "default": jobspec.JOBS_PAGE_DEFAULT}},
+            {"name": "cursor", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
+             "description": "next_cursor of the previous page."},
+        ],
+        "responses": {
+            "200": {"description": "One page. A page filtered by status and type together may be short "
+                                   "with a next_cursor: follow it until it is null.",
+                    "content": {ok: {"schema": {
+                        "type": "object", "required": ["jobs", "next_cursor"],
+                        "properties": {"jobs": {"type": "array",
+                                                "items": {"$ref": "#/components/schemas/JobStatus"}},
+                                       "next_cursor": {"type": ["string", "null"]}}}}}},
+            "400": _error_response("Unknown status or type, limit out of range, or a bad cursor."),
+            **common_errors,
+        },
+    }}
+    paths["/jobs/{job_id}"] = {"get": {
+        "summary": "A job with its status history and result (the dashboard's detail view)",
+        "operationId": "job_detail", "parameters": [job_id_param],
+        "responses": {"200": {"description": "The job.", "content": {ok: {"schema": {"allOf": [
+            {"$ref": "#/components/schemas/JobStatus"},
+            {"type": "object", "required": ["history"], "properties": {
+                "history": {"type": "array", "items": {
+                    "type": "object", "required": ["status", "at"],
+                    "properties": {"status": {"type": "string", "enum": list(jobspec.STATUSES)},
+                                   "at": timestamp}}},
+                "result": {"type": "object", "properties": {"result_url": {"type": "string"},
+                                                            "text": {"type": "string"}}}}},
+        ]}}}}, **by_id},
+    }}
+    paths["/events/{job_id}"] = {"get": {
+        "summary": "Live status as Server-Sent Events",
+        "description": "An `event: status` with the JobStatus object as `data:` on every change (status, "
+                       "phase, progress, queue position, webhook), then `event: end` with the final one, "
+                       "and the stream closes. Comment lines keep it alive. Send Last-Event-ID to resume: "
+                       "no repeat of the event you have, and 204 once you have the final one.",
+        "operationId": "events", "parameters": [
+            job_id_param,
+            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {"description": "The event stream.", "content": {"text/event-stream": {
+                "schema": {"type": "string"}}}},
+            "204": {"description": "The job is finished and Last-Event-ID is its final event."},
+            **by_id,
+            "503": _error_response("Redis cannot be reached, or this API process holds SSE_MAX_STREAMS "
+                                   "streams already; see Retry-After."),
+        },
+    }}
+    paths["/overview"] = {"get": {
+        "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds",
+        "operationId": "overview",
+        "responses": {"200": {"description": "The numbers.", "content": {ok: {"schema": {
+            "type": "object",
+            "required": ["queue_depth", "running", "finished_last_hour", "workers", "nodes_running",
+                         "node_seconds_today", "node_seconds_total"],
+            "properties": {
+                "queue_depth": {"type": "integer"}, "running": {"type": "integer"},
+                "finished_last_hour": {"type": "integer"}, "nodes_running": {"type": "integer"},
+                "node_seconds_today": {"type": "number"}, "node_seconds_total": {"type": "number"},
+                "jobs_total": {"type": "array", "items": {"type": "object"}},
+                "webhook_deliveries": {"type": "object"},
+                "workers": {"type": "array", "items": {"type": "object"}},
+            }}}}}, **common_errors},
+    }}
+    text_answer = {"description": "", "content": {}}
+    metrics_answer = dict(text_answer, description="Prometheus text format (prometheus_client).",
+                          content={"text/plain": {"schema": {"type": "string"}}})
+    paths["/metrics"] = {"get": {
+        "summary": "Prometheus metrics, read from Redis (the same from every API process)",
+        "operationId": "metrics",
+        "responses": {"200": metrics_answer,
+                      "401": _error_response("METRICS_TOKEN is set and Authorization: Bearer <it> is missing "
+                                             "or wrong (or /metrics is not among PUBLIC_ROUTES and the API "
+                                             "key is missing)."),
+                      "503": _error_response("Redis cannot be reached.")},
+    }}
+    html_answer = dict(text_answer, description="An HTML page.",
+                       content={"text/html": {"schema": {"type": "string"}}})
+    paths["/docs"] = {"get": {"summary": "Swagger UI of this document (files served locally)",
+                              "operationId": "docs", "responses": {"200": html_answer}}}
+    paths["/dashboard"] = {"get": {"summary": "The operator's dashboard (HTML; its data calls need the API key)",
+                                   "operationId": "dashboard", "responses": {"200": html_answer}}}
+
     def simple_route(summary: str, operation: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         responses = {"200": {"description": summary, "content": {ok: {"schema": {"type": "object"}}}}}
         responses.update(extra or {})

@@ -101,7 +101,7 @@ echo "starting Redis on port $REDIS_PORT, the dev node on $DEVNODE_PORT (loads i
 setsid "$PYTHON" -m devnode --host 127.0.0.1 --port "$DEVNODE_PORT" >var/log/devnode.log 2>&1 &
 pids+=($!); names+=(devnode)
 wait_http "http://127.0.0.1:${DEVNODE_PORT}/admin/faults" "the dev node"
-setsid "$PYTHON" -m gunicorn --bind "127.0.0.1:${API_PORT}" --workers 2 --threads 4 --graceful-timeout 30 \
+setsid "$PYTHON" -m gunicorn --bind "127.0.0.1:${API_PORT}" --workers 2 --worker-class gthread --threads 64 --graceful-timeout 30 \
   --access-logfile - 'app:create_app()' >var/log/api.log 2>&1 &
 pids+=($!); names+=(api)
 setsid "$PYTHON" c3_render_worker.py >var/log/worker.log 2>&1 &

@@ -178,6 +178,19 @@ def test_every_copy_source_exists_and_reaches_the_build_context():
                 assert not dockerignored(relative), f"COPY {relative}: excluded by .dockerignore"
 
 
+def test_the_image_gets_every_module_and_package_of_the_project():
+    import tomllib
+
+    setuptools_conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = [source for word, args in dockerfile_instructions() if word == "COPY"
+              for source in shlex.split(args)[:-1]]
+    copied_paths = {str(Path(m).relative_to(ROOT)) for source in copied for m in glob.glob(str(ROOT / source))}
+    for module in setuptools_conf["py-modules"]:
+        assert f"{module}.py" in copied_paths, f"{module}.py is not copied into the image"
+    for package in setuptools_conf["packages"]:
+        assert package in copied_paths, f"package {package}/ is not copied into the image"
+
+
 def test_image_installs_from_the_lock_files_with_hashes_as_a_non_root_user():
     instructions = dockerfile_instructions()
     runs = " ".join(args for word, args in instructions if word == "RUN")

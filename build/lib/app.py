@@ -1,0 +1,418 @@
+"""The c3-render HTTP API: one Flask file.
+
+Takes jobs (POST /csm, /portrait, /api/v1/jobs/whisper (alias /whisper), /analyze), validates them
+against jobspec.py and queues them through jobstore.py; answers /status and /result, cancels, serves
+local result files on signed URLs, and describes itself at /openapi.json (openapi.py). Routes are plain
+module-level functions on one blueprint; `create_app()` only wires settings, Redis and error handlers.
+Run it with `gunicorn 'app:create_app()'` in production or `flask --app app run` for development.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+
+import config
+import dashboard
+import events
+import jobspec
+import jobstats
+import jobstore
+import metrics
+import storage
+from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
+from openapi import openapi_document
+
+log = logging.getLogger("c3-render.api")
+
+VERSION = config.VERSION
+OPEN_ROUTES = ("/", "/healthz", "/readyz", "/openapi.json")
+
+api = Blueprint("api", __name__)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status and message, plus optional headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def iso(timestamp: str | None) -> str | None:
+    if not timestamp:
+        return None
+    moment = datetime.fromtimestamp(float(timestamp), tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify({"error": message})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def settings() -> config.Settings:
+    """The settings of the app handling this request."""
+    return current_app.extensions["c3_settings"]
+
+
+def store() -> redis.Redis:
+    """The Redis client of the app handling this request."""
+    return current_app.extensions["c3_redis"]
+
+
+def create_app(app_settings: config.Settings | None = None) -> Flask:
+    app_settings = app_settings or config.load()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = app_settings.max_content_length
+    app.json.sort_keys = False
+    app.extensions["c3_settings"] = app_settings
+    app.extensions["c3_redis"] = jobstore.connect(app_settings.redis_url, timeout_s=2.0)
+    app.register_error_handler(ApiError, on_api_error)
+    app.register_error_handler(redis.RedisError, on_redis_error)
+    app.register_error_handler(HTTPException, on_http_error)
+    app.register_error_handler(Exception, on_unexpected)
+    app.before_request(check_api_key)
+    app.register_blueprint(api)
+    app.register_blueprint(events.events_routes)
+    app.register_blueprint(metrics.metrics_routes)
+    app.register_blueprint(dashboard.dashboard_routes)
+    return app
+
+
+# --- errors: always JSON, never a stack trace --------------------------------------------------
+
+def on_api_error(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.message, exc.headers)
+
+
+def on_redis_error(exc: redis.RedisError) -> Response:
+    log.warning("Redis unavailable: %s", type(exc).__name__)
+    return error_response(503, "service unavailable: the job store (Redis) cannot be reached; "
+                               "retry shortly", {"Retry-After": "5"})
+
+
+def on_http_error(exc: HTTPException) -> Response:
+    messages = {
+        404: "not found",
+        405: f"method {request.method} not allowed on {request.path}",
+        413: f"request body too large (limit {settings().max_content_length} bytes)",
+    }
+    message = messages.get(exc.code or 500, exc.description or exc.name)
+    headers = {}
+    if getattr(exc, "valid_methods", None):  # 405 keeps its Allow header (RFC 9110)
+        headers["Allow"] = ", ".join(exc.valid_methods)
+    return error_response(exc.code or 500, message, headers)
+
+
+def on_unexpected(exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(500, "internal error")
+
+
+# --- API keys and rate limits ------------------------------------------------------------------
+
+def client_identity() -> str:
+    return g.get("client_id") or f"addr:{request.remote_addr or 'unknown'}"
+
+
+def is_open_route(path: str) -> bool:
+    """Routes answered without an API key: the service routes, signed file links, the dashboard's page
+    and scripts (they hold no data: the page asks for a key and sends it with every call), and the
+    PUBLIC_ROUTES (default /docs and /metrics, each with what is under it)."""
+    if path in OPEN_ROUTES or path.startswith("/files/") or path in dashboard.SHELL_ROUTES \
+            or path.startswith(dashboard.ASSET_PREFIX):
+        return True
+    return any(path == route or path.startswith(route.rstrip("/") + "/") for route in settings().public_routes)
+
+
+def check_api_key() -> None:
+    if is_open_route(request.path):
+        return
+    api_keys = settings().api_keys
+    if not api_keys:
+        return
+    given = request.headers.get("X-C3-RENDER-KEY", "")
+    auth = request.headers.get("Authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    matched = False
+    for key in api_keys:  # compare with every key, in constant time
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not given or not matched:
+        raise ApiError(401, "missing or invalid API key: send X-C3-RENDER-KEY or "
+                            "Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+    g.client_id = "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
+
+
+def check_rate_limit() -> None:
+    limit = settings().rate_limit_per_minute
+    if limit <= 0:
+        return
+    now = time.time()
+    window = int(now // 60)
+    key = config.RATE_KEY.format(client=client_identity(), window=window)
+    pipe = store().pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.expire(key, 120)
+    count, _ = pipe.execute()
+    if count > limit:
+        retry_after = max(1, math.ceil((window + 1) * 60 - now))
+        raise ApiError(429, f"rate limit of {limit} jobs per minute exceeded; retry in {retry_after} s",
+                       {"Retry-After": str(retry_after)})
+
+
+# --- reading requests --------------------------------------------------------------------------
+
+def json_body() -> Any:
+    if not request.is_json:
+        raise ApiError(415, "send the job as JSON with Content-Type: application/json")
+    raw = request.get_data(cache=True)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "malformed JSON in request body") from None
+
+
+def record_or_error(job_id: str) -> dict[str, str]:
+    if not jobstore.is_job_id(job_id):
+        raise ApiError(400, f"malformed job id {job_id[:64]!r}: expected a UUID4")
+    record = jobstore.get_job(store(), job_id)
+    if record is None:
+        raise ApiError(404, f"no job with id {job_id} (unknown, or expired after its retention)")
+    return record
+
+
+# --- job submission ----------------------------------------------------------------------------
+
+def submit(job_type: str) -> Response:
+    body = json_body()
+    try:
+        params = jobspec.validate(job_type, body)
+    except jobspec.ValidationError as exc:
+        raise ApiError(400, str(exc)) from None
+    idem_key, body_hash = "", ""
+    header = request.headers.get(IDEMPOTENCY_HEADER)
+    if header is not None:
+        if not IDEMPOTENCY_KEY_PATTERN.match(header):
+            raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
+                                "characters (such as a UUID)")
+        body_hash = hashlib.sha256(
+            (job_type + "\n" + json.dumps(body, sort_keys=True)).encode()
+        ).hexdigest()
+        scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
+        idem_key = config.IDEMPOTENCY_KEY.format(client=scope,
+                                                 key=hashlib.sha256(header.encode()).hexdigest())
+    check_rate_limit()
+    r = store()
+    try:
+        job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key,
+                                          body_hash=body_hash)
+    except jobstore.IdempotencyConflict:
+        raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request body") \
+            from None
+    if created:
+        log.info("job %s (%s) queued", job_id, job_type)
+        return jsonify({"id": job_id, "status": "queued"})
+    record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
+    response = jsonify({"id": job_id, "status": record["status"] if record else "queued"})
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+for _route, _job_type in jobspec.SUBMIT_ROUTES.items():
+    api.add_url_rule(_route, f"submit_{_route}", lambda job_type=_job_type: submit(job_type), methods=["POST"])
+
+
+# --- following jobs ----------------------------------------------------------------------------
+
+def status_answer(record: dict[str, str]) -> dict[str, Any]:
+    """The status object of a job record, as /status shows it."""
+    answer: dict[str, Any] = {
+        "id": record["id"],
+        "type": record["type"],
+        "status": record["status"],
+        "created_at": iso(record.get("created_at")),
+        "started_at": iso(record.get("started_at")),
+        "finished_at": iso(record.get("finished_at")),
+        "complete_by": iso(record.get("complete_by")),
+        "attempts": int(record.get("attempts") or 0),
+    }
+    if record["status"] in ("failed", "cancelled"):
+        answer["error"] = record.get("error") or record["status"]
+    if record["status"] == "queued":
+        answer["queue_position"] = jobstore.queue_position(store(), record)
+    if record["status"] == "running":
+        if record.get("progress"):
+            answer["progress"] = int(record["progress"])
+        if record.get("cancel_requested"):
+            answer["cancel_requested"] = True
+    if record.get("webhook_status", "none") != "none":
+        answer["webhook"] = {
+            "status": record["webhook_status"],
+            "attempts": int(record.get("webhook_attempts") or 0),
+            "last_error": record.get("webhook_error") or None,
+        }
+    return answer
+
+
+@api.get("/jobs")
+def list_jobs() -> Response:
+    status_filter = request.args.get("status") or None
+    type_filter = request.args.get("type") or None
+    if status_filter is not None and status_filter not in jobspec.STATUSES:
+        raise ApiError(400, f"status: one of {', '.join(jobspec.STATUSES)}")
+    if type_filter is not None and type_filter not in jobspec.JOB_TYPES:
+        raise ApiError(400, f"type: one of {', '.join(jobspec.JOB_TYPES)}")
+    raw_limit = request.args.get("limit", str(jobspec.JOBS_PAGE_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= jobspec.JOBS_PAGE_MAX:
+        raise ApiError(400, f"limit: an integer from 1 to {jobspec.JOBS_PAGE_MAX}")
+    try:
+        records, next_cursor = jobstore.list_jobs(store(), status=status_filter, job_type=type_filter,
+                                                  limit=int(raw_limit), cursor=request.args.get("cursor") or None)
+    except jobstore.BadCursor:
+        raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None
+    return jsonify({"jobs": [status_answer(record) for record in records], "next_cursor": next_cursor})
+
+
+@api.get("/jobs/<job_id>")
+def job_detail(job_id: str) -> Response:
+    """The status object plus what the dashboard's detail view shows: status history and the result."""
+    record = record_or_error(job_id)
+    answer = status_answer(record)
+    answer["history"] = [{"status": item["status"], "at": iso(str(item["at"]))}
+                         for item in jobstore.job_history(store(), job_id)]
+    if record["status"] == "success":
+        key = "result_url" if record["type"] in jobspec.MEDIA_JOB_TYPES else "text"
+        answer["result"] = {key: record.get(key, "")}
+    return jsonify(answer)
+
+
+@api.get("/overview")
+def overview() -> Response:
+    """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds."""
+    r = store()
+    stats = jobstats.counters(r)
+    workers = jobstats.workers(r)
+    return jsonify({
+        "queue_depth": stats["queue_depth"],
+        "running": stats["running"],
+        "finished_last_hour": stats["finished_last_hour"],
+        "jobs_total": [{"type": t, "status": s, "count": n} for (t, s), n in sorted(stats["jobs_total"].items())],
+        "workers": workers,
+        "nodes_running": jobstats.nodes_running(workers),
+        "node_seconds_today": jobstats.node_seconds_today(stats, workers),
+        "node_seconds_total": round(stats["node_seconds_total"], 1),
+        "webhook_deliveries": stats["webhook_deliveries"],
+    })
+
+
+@api.get("/status/<job_id>")
+def status(job_id: str) -> Response:
+    return jsonify(status_answer(record_or_error(job_id)))
+
+
+@api.get("/result/<job_id>")
+def result(job_id: str) -> Response:
+    record = record_or_error(job_id)
+    state = record["status"]
+    if state not in jobspec.FINISHED_STATUSES:
+        raise ApiError(409, f"job is {state}; the result is not ready")
+    answer: dict[str, Any] = {"id": record["id"], "status": state}
+    if state == "success":
+        if record["type"] in jobspec.MEDIA_JOB_TYPES:
+            answer["result_url"] = record.get("result_url", "")
+        else:
+            answer["text"] = record.get("text", "")
+    else:
+        answer["error"] = record.get("error") or state
+    return jsonify(answer)
+
+
+def do_cancel(job_id: str) -> Response:
+    record_or_error(job_id)
+    outcome = jobstore.cancel(store(), settings(), job_id)
+    if outcome == "missing":
+        raise ApiError(404, f"no job with id {job_id}")
+    if outcome.startswith("finished:"):
+        raise ApiError(409, f"job already finished ({outcome.split(':', 1)[1]}); nothing to cancel")
+    if outcome == "cancelling":
+        return jsonify({"id": job_id, "status": "running", "cancel_requested": True})
+    return jsonify({"id": job_id, "status": "cancelled"})
+
+
+@api.post("/cancel/<job_id>")
+def cancel(job_id: str) -> Response:
+    return do_cancel(job_id)
+
+
+@api.post("/job/<job_id>")
+def update_job(job_id: str) -> Response:
+    body = json_body()
+    if not isinstance(body, dict) or set(body) != {"status"} or body["status"] != "cancelled":
+        raise ApiError(400, 'the only change a client can make is {"status": "cancelled"}')
+    return do_cancel(job_id)
+
+
+# --- result files (local storage mode) ---------------------------------------------------------
+
+@api.get("/files/<name>")
+def files(name: str) -> Response:
+    secret = jobstore.file_url_secret(store(), settings().file_url_secret)
+    expires = request.args.get("expires", "")
+    signature = request.args.get("sig", "")
+    if not storage.verify_file_signature(name, expires, signature, secret):
+        raise ApiError(403, "invalid or expired file link")
+    path = storage.local_file_path(settings(), name)
+    if path is None:
+        raise ApiError(404, "file not found")
+    return send_file(path, mimetype=storage.content_type_for(name), conditional=True)
+
+
+# --- service routes ----------------------------------------------------------------------------
+
+@api.get("/")
+def index() -> Response:
+    return jsonify({
+        "service": "c3-render",
+        "version": VERSION,
+        "description": "Runs text-to-speech, speech-to-text, talking-portrait video and image "
+                       "analysis jobs on Comput3.ai GPU nodes.",
+        "submit": sorted(jobspec.SUBMIT_ROUTES),
+        "openapi": "/openapi.json",
+        "auth_required": bool(settings().api_keys),
+    })
+
+
+@api.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz() -> Response:
+    try:
+        store().ping()
+    except redis.RedisError:
+        return error_response(503, "not ready: Redis cannot be reached")
+    return jsonify({"status": "ready"})
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(openapi_document(settings()))

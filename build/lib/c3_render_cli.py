@@ -1,0 +1,259 @@
+"""The `c3-render` command: submit, follow, list and cancel jobs from a shell (click + rich).
+
+    c3-render --api URL [--key KEY] submit csm --text "Hello." [--voice V] [--wait] [--out hello.mp3]
+    c3-render submit whisper|portrait|analyze ...   status ID   result ID   cancel ID   jobs   watch ID
+
+--api and --key default to $C3_RENDER_API and $C3_RENDER_API_KEY. With --wait (and in `watch`) a
+terminal shows a live line (status, phase, progress, queue position, elapsed); without a terminal, one
+plain line per change. Exit status: 0 success, 1 the job failed or was cancelled (its error on stderr)
+or the service refused, 3 --timeout passed first. Built on c3_render_client.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import c3_render_client as c3
+from jobspec import JOB_TYPES, STATUSES
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 3
+
+out = Console()
+err = Console(stderr=True)
+
+
+def describe(job: dict[str, Any], started: float) -> str:
+    """One line about a job: status, phase, progress, queue position, elapsed."""
+    parts = [job["status"]]
+    if job.get("phase"):
+        parts.append(str(job["phase"]))
+    if job.get("progress") is not None:
+        parts.append(f"{job['progress']}%")
+    if job.get("queue_position"):
+        parts.append(f"queue position {job['queue_position']}")
+    if job.get("cancel_requested"):
+        parts.append("cancelling")
+    parts.append(f"{time.monotonic() - started:.0f}s elapsed")
+    return " · ".join(parts)
+
+
+def follow(api: c3.Api, job_id: str, timeout: float | None) -> dict[str, Any]:
+    """Show the job's progress until it ends; its final status object (exits non-zero on failure)."""
+    started = time.monotonic()
+    try:
+        if out.is_terminal:
+            with out.status(f"job {job_id}: waiting", spinner="dots") as display:
+                final = c3.wait(api, job_id, timeout,
+                                on_update=lambda job: display.update(f"job {job_id}: {describe(job, started)}"))
+        else:
+            final = c3.wait(api, job_id, timeout,
+                            on_update=lambda job: click.echo(f"{job_id} {describe(job, started)}"))
+    except c3.JobFailed as exc:
+        err.print(f"[red]job {job_id} {exc.job['status']}:[/red] {exc.job.get('error') or exc.job['status']}",
+                  highlight=False)
+        sys.exit(EXIT_FAILED)
+    except c3.WaitTimeout as exc:
+        err.print(f"[yellow]{exc}[/yellow]", highlight=False)
+        sys.exit(EXIT_TIMEOUT)
+    return final
+
+
+def print_result(api: c3.Api, job_id: str, out_file: str | None) -> None:
+    answer = c3.result(api, job_id)
+    if answer.get("status") != "success":
+        err.print(f"[red]job {job_id} {answer.get('status')}:[/red] {answer.get('error')}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    if out_file and answer.get("result_url"):
+        path = c3.download(api, job_id, out_file)
+        err.print(f"saved {path}", highlight=False)
+    elif out_file:
+        with open(out_file, "w", encoding="utf-8") as handle:
+            handle.write(answer.get("text", ""))
+        err.print(f"saved {out_file}", highlight=False)
+    click.echo(answer.get("result_url") or answer.get("text", ""))
+
+
+class Context:
+    def __init__(self, api: c3.Api):
+        self.api = api
+
+
+pass_api = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--api", "api_url", envvar="C3_RENDER_API", default=c3.DEFAULT_API_URL, show_default=True,
+              help="Base URL of the c3-render API (env C3_RENDER_API).")
+@click.option("--key", "api_key", envvar="C3_RENDER_API_KEY", default="", show_default=False,
+              help="API key (env C3_RENDER_API_KEY).")
+@click.option("--request-timeout", default=30.0, show_default=True, help="Seconds per HTTP request.")
+@click.pass_context
+def cli(ctx: click.Context, api_url: str, api_key: str, request_timeout: float) -> None:
+    """Submit and follow c3-render jobs."""
+    ctx.obj = Context(c3.connect(api_url, api_key, timeout_s=request_timeout))
+
+
+def submit_options(func):
+    """The options every `submit` command shares."""
+    decorators = [
+        click.option("--notify-url", help="Webhook URL called once when the job finishes."),
+        click.option("--max-time", type=int, help="Seconds the job may run once started."),
+        click.option("--complete-in", type=int, help="Seconds from now by which the job must be done."),
+        click.option("--idempotency-key", help="Same key and body within 24 h: the same job, queued once."),
+        click.option("--wait", "wait_", is_flag=True, help="Follow the job to its end and print its result."),
+        click.option("--out", "out_file", type=click.Path(dir_okay=False),
+                     help="With --wait: save the result (file, or text) here."),
+        click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 3)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def run_submit(api: c3.Api, job_type: str, fields: dict[str, Any], common: dict[str, Any]) -> None:
+    params = {**fields, "notify_url": common["notify_url"], "max_time": common["max_time"],
+              "complete_in": common["complete_in"]}
+    job_id = c3.submit(api, job_type, params, idempotency_key=common["idempotency_key"])
+    if not common["wait_"]:
+        click.echo(job_id)
+        return
+    err.print(f"queued {job_type} job {job_id}", highlight=False)
+    follow(api, job_id, common["timeout"])
+    print_result(api, job_id, common["out_file"])
+
+
+@cli.group()
+def submit() -> None:
+    """Queue a job (prints its id, or with --wait its result)."""
+
+
+@submit.command("csm")
+@click.option("--text", help="Text to speak (split into sentences by the service).")
+@click.option("--sentence", "sentences", multiple=True, help="One sentence of a monologue (repeat it).")
+@click.option("--voice", help="random, conversational_a, conversational_b or clone.")
+@click.option("--reference-audio-url", help="voice=clone: audio of the voice.")
+@click.option("--reference-text", help="voice=clone: what the reference audio says.")
+@submit_options
+@pass_api
+def submit_csm(ctx: Context, text: str | None, sentences: tuple[str, ...], voice: str | None,
+               reference_audio_url: str | None, reference_text: str | None, **common: Any) -> None:
+    """Text to speech (result: an MP3)."""
+    run_submit(ctx.api, "csm", {"text": text, "monologue": list(sentences) or None, "voice": voice,
+                                "reference_audio_url": reference_audio_url, "reference_text": reference_text},
+               common)
+
+
+@submit.command("whisper")
+@click.option("--audio-url", required=True, help="Audio (or video) to transcribe.")
+@click.option("--model", help="Whisper model size.")
+@click.option("--task", type=click.Choice(["transcribe", "translate"]))
+@click.option("--language", help="Language code such as en; empty to detect it.")
+@submit_options
+@pass_api
+def submit_whisper(ctx: Context, audio_url: str, model: str | None, task: str | None, language: str | None,
+                   **common: Any) -> None:
+    """Speech to text (result: text)."""
+    run_submit(ctx.api, "whisper", {"audio_url": audio_url, "model": model, "task": task, "language": language},
+               common)
+
+
+@submit.command("portrait")
+@click.option("--image-url", required=True, help="Portrait image (JPEG, PNG or WebP).")
+@click.option("--audio-url", required=True, help="Audio the portrait speaks.")
+@submit_options
+@pass_api
+def submit_portrait(ctx: Context, image_url: str, audio_url: str, **common: Any) -> None:
+    """Talking-portrait video (result: an MP4)."""
+    run_submit(ctx.api, "portrait", {"image_url": image_url, "audio_url": audio_url}, common)
+
+
+@submit.command("analyze")
+@click.option("--image-url", required=True, help="Image to analyze.")
+@click.option("--prompt", help="What to look for in the image.")
+@submit_options
+@pass_api
+def submit_analyze(ctx: Context, image_url: str, prompt: str | None, **common: Any) -> None:
+    """Image analysis (result: text)."""
+    run_submit(ctx.api, "analyze", {"image_url": image_url, "prompt": prompt}, common)
+
+
+@cli.command()
+@click.argument("job_id")
+@pass_api
+def status(ctx: Context, job_id: str) -> None:
+    """Print a job's status object (JSON)."""
+    click.echo(json.dumps(c3.status(ctx.api, job_id), indent=2))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Save the result here.")
+@pass_api
+def result(ctx: Context, job_id: str, out_file: str | None) -> None:
+    """Print a finished job's result URL or text (exit 1 if it failed)."""
+    print_result(ctx.api, job_id, out_file)
+
+
+@cli.command()
+@click.argument("job_id")
+@pass_api
+def cancel(ctx: Context, job_id: str) -> None:
+    """Cancel a queued or running job."""
+    answer = c3.cancel(ctx.api, job_id)
+    click.echo("cancelling (the worker stops it within seconds)" if answer.get("cancel_requested") else "cancelled")
+
+
+@cli.command()
+@click.option("--status", "status_", type=click.Choice(STATUSES), help="Only jobs in this status.")
+@click.option("--type", "job_type", type=click.Choice(JOB_TYPES), help="Only jobs of this type.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@pass_api
+def jobs(ctx: Context, status_: str | None, job_type: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    found = []
+    for job in c3.iter_jobs(ctx.api, status=status_, job_type=job_type, page_size=min(limit, 200)):
+        found.append(job)
+        if len(found) >= limit:
+            break
+    if as_json or not out.is_terminal:
+        for job in found:
+            click.echo(json.dumps(job))
+        return
+    table = Table("id", "type", "status", "created", "finished", "detail")
+    for job in found:
+        detail = job.get("error") or (f"queue position {job['queue_position']}" if job.get("queue_position")
+                                      else (f"{job['progress']}%" if job.get("progress") is not None else ""))
+        table.add_row(job["id"], job["type"], job["status"], job["created_at"] or "", job["finished_at"] or "",
+                      detail)
+    out.print(table)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 3).")
+@pass_api
+def watch(ctx: Context, job_id: str, timeout: float | None) -> None:
+    """Follow a job live until it ends; print its result."""
+    follow(ctx.api, job_id, timeout)
+    print_result(ctx.api, job_id, None)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except c3.ApiError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

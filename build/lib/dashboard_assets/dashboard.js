@@ -1,0 +1,171 @@
+// The c3-render dashboard: polls the JSON routes every few seconds with the API key typed in (kept in
+// this browser's localStorage) and builds the page with DOM calls (never innerHTML: job errors are text).
+"use strict";
+
+const POLL_MS = 2000;
+const state = { key: localStorage.getItem("c3-render-key") || "", selected: null, older: [], cursor: null };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (name === "onclick") node.addEventListener("click", value);
+    else if (value !== undefined && value !== null) node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child === null || child === undefined ? "" : child);
+  return node;
+}
+
+async function call(method, path) {
+  const headers = state.key ? { "X-C3-RENDER-KEY": state.key } : {};
+  const response = await fetch(path, { method, headers });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `${method} ${path}: HTTP ${response.status}`);
+  return body;
+}
+
+function when(iso) {
+  if (!iso) return "";
+  const moment = new Date(iso);
+  return moment.toLocaleString(undefined, { hour12: false });
+}
+
+function badge(status) {
+  return el("span", { class: `status status-${status}`, "data-status": status }, status);
+}
+
+function progressText(job) {
+  if (job.status === "queued") return job.queue_position ? `#${job.queue_position} in queue` : "queued";
+  if (job.status !== "running") return "";
+  const parts = [];
+  if (job.phase) parts.push(job.phase);
+  if (job.progress !== undefined) parts.push(`${job.progress}%`);
+  if (job.cancel_requested) parts.push("cancelling…");
+  return parts.join(" · ");
+}
+
+async function cancelJob(id, event) {
+  event.stopPropagation();
+  try {
+    await call("POST", `/cancel/${id}`);
+  } catch (error) {
+    showProblem(error.message);
+  }
+  refresh();
+}
+
+function jobRow(job) {
+  const open = job.status === "queued" || job.status === "running";
+  const cancel = open && !job.cancel_requested
+    ? el("button", { class: "cancel", type: "button", onclick: (e) => cancelJob(job.id, e) }, "Cancel")
+    : "";
+  return el("tr", { class: `job${job.id === state.selected ? " selected" : ""}`, "data-job-id": job.id,
+                    onclick: () => select(job.id) },
+    el("td", {}, el("code", { title: job.id }, job.id.slice(0, 8))),
+    el("td", {}, job.type),
+    el("td", {}, badge(job.status)),
+    el("td", {}, when(job.created_at)),
+    el("td", { class: "progress" }, progressText(job)),
+    el("td", { class: "error" }, job.error || ""),
+    el("td", {}, cancel));
+}
+
+function filterQuery(extra) {
+  const params = new URLSearchParams();
+  if ($("filter-status").value) params.set("status", $("filter-status").value);
+  if ($("filter-type").value) params.set("type", $("filter-type").value);
+  for (const [k, v] of Object.entries(extra || {})) params.set(k, v);
+  return params.toString();
+}
+
+function showProblem(message) {
+  $("problem").textContent = message;
+  $("problem").hidden = !message;
+}
+
+function renderValue(value) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "object") return el("pre", {}, JSON.stringify(value, null, 2));
+  return String(value);
+}
+
+async function refreshDetail() {
+  if (!state.selected) return;
+  const job = await call("GET", `/jobs/${state.selected}`);
+  $("detail").hidden = false;
+  $("detail-id").textContent = job.id;
+  const fields = $("detail-fields");
+  fields.replaceChildren();
+  for (const [name, value] of Object.entries(job)) {
+    if (name === "history" || name === "id") continue;
+    let shown = renderValue(value);
+    if (name === "status") shown = badge(value);
+    if (name === "result" && value && value.result_url) {
+      shown = el("a", { href: value.result_url, target: "_blank", rel: "noopener" }, "result file");
+    }
+    fields.append(el("dt", {}, name), el("dd", { "data-field": name }, shown));
+  }
+  $("detail-history").tBodies[0].replaceChildren(
+    ...(job.history || []).map((item) => el("tr", {}, el("td", {}, badge(item.status)), el("td", {}, when(item.at)))));
+}
+
+function select(id) {
+  state.selected = id;
+  refresh();
+}
+
+async function refresh() {
+  try {
+    const [overview, page, failures] = await Promise.all([
+      call("GET", "/overview"),
+      call("GET", `/jobs?${filterQuery({ limit: 50 })}`),
+      call("GET", "/jobs?status=failed&limit=10"),
+    ]);
+    $("queue-depth").textContent = overview.queue_depth;
+    $("running").textContent = overview.running;
+    $("throughput").textContent = overview.finished_last_hour;
+    $("nodes-running").textContent = overview.nodes_running;
+    $("node-seconds-today").textContent = Math.round(overview.node_seconds_today);
+    $("node-seconds-total").textContent = Math.round(overview.node_seconds_total);
+    $("jobs").tBodies[0].replaceChildren(...page.jobs.map(jobRow), ...state.older.map(jobRow));
+    if (!state.older.length) state.cursor = page.next_cursor;
+    $("more").hidden = !state.cursor;
+    $("workers").tBodies[0].replaceChildren(...overview.workers.map((w) => el("tr", { "data-worker": w.id },
+      el("td", {}, w.id),
+      el("td", {}, w.alive ? `${w.heartbeat_age_s}s ago` : "no heartbeat"),
+      el("td", {}, w.node ? `${w.node.state || ""} ${w.node.node || ""}` : "none"),
+      el("td", {}, (w.jobs || []).map((id) => id.slice(0, 8)).join(", ")))));
+    $("failures").replaceChildren(...failures.jobs.map((job) => el("li", {},
+      el("a", { href: "#", onclick: (e) => { e.preventDefault(); select(job.id); } }, job.id.slice(0, 8)),
+      ` ${job.type} · ${when(job.finished_at)} · `, el("span", { class: "error" }, job.error || ""))));
+    await refreshDetail();
+    showProblem("");
+    $("live").textContent = `updated ${new Date().toLocaleTimeString(undefined, { hour12: false })}`;
+  } catch (error) {
+    showProblem(error.message);
+    $("live").textContent = "not updating";
+  }
+}
+
+async function loadOlder() {
+  if (!state.cursor) return;
+  const page = await call("GET", `/jobs?${filterQuery({ limit: 50, cursor: state.cursor })}`);
+  state.older.push(...page.jobs);
+  state.cursor = page.next_cursor;
+  refresh();
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = $("api-key").value.trim();
+  localStorage.setItem("c3-render-key", state.key);
+  refresh();
+});
+for (const id of ["filter-status", "filter-type"]) {
+  $(id).addEventListener("change", () => { state.older = []; state.cursor = null; refresh(); });
+}
+$("more").addEventListener("click", loadOlder);
+$("detail-close").addEventListener("click", () => { state.selected = null; $("detail").hidden = true; refresh(); });
+$("api-key").value = state.key;
+refresh();
+setInterval(refresh, POLL_MS);

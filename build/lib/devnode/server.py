@@ -1,0 +1,367 @@
+"""The dev node's HTTP server: a local stand-in for Comput3.ai and its media:fast nodes.
+
+This module owns
+- the Comput3 control API at `/api/v0` (launch, workloads, stop; PROTOCOLS.md section 1),
+- the node table (`NODES`) and each node's life: booting (503), running, then stopped / expired /
+  dead (404, gone from the workloads list),
+- the node router, an ASGI wrapper that serves `/nodes/<workload>/...` from the node apps (CSM and
+  WhisperX Gradio apps, the ComfyUI and Ollama stand-ins) after checking the node state and the
+  `X-C3-API-KEY` header,
+- the admin routes for tests (`/admin/faults`, `/admin/reset`, `/admin/nodes`; no key needed).
+
+Node routing follows the ASGI convention Starlette and Gradio use: `scope["path"]` keeps the full
+path and `scope["root_path"]` gains `/nodes/<workload>`; routing inside then sees `/csm/...` etc.
+while `request.url` (which Gradio uses to build file URLs) still carries the prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from devnode import faults
+
+LOG = logging.getLogger("devnode")
+
+WORKLOAD_TYPES = ("media:fast",)
+NODE_SERVICES = ("/csm", "/whisper", "/comfyui", "/ollama")
+_NODE_PATH = re.compile(r"^/nodes/([A-Za-z0-9_.-]+)(/.*)?$")
+_LOCK = threading.Lock()
+
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass
+class Node:
+    """One launched workload and its node."""
+
+    workload: str
+    node: str
+    type: str
+    created: float
+    expires: float
+    up_at: float  # end of boot
+    dies_at: float | None  # from the node_dies_after_s fault captured at launch
+    stopped_at: float | None = None
+
+
+NODES: dict[str, Node] = {}
+
+
+def boot_seconds() -> float:
+    """How long a fresh node answers 503 (DEVNODE_BOOT_S, default 2 s)."""
+    return float(os.environ.get("DEVNODE_BOOT_S", "2"))
+
+
+def node_state(node: Node, now: float | None = None) -> str:
+    """booting, running, stopped, expired or dead."""
+    now = time.time() if now is None else now
+    if node.stopped_at is not None:
+        return "stopped"
+    if now >= node.expires:
+        return "expired"
+    if node.dies_at is not None and now >= node.dies_at:
+        return "dead"
+    if now < node.up_at:
+        return "booting"
+    return "running"
+
+
+def node_gone(workload: str) -> bool:
+    """True when the node is unknown, stopped, expired or dead (what hung engines watch)."""
+    with _LOCK:
+        node = NODES.get(workload)
+    return node is None or node_state(node) not in ("booting", "running")
+
+
+def stop_all_nodes(reason: str) -> int:
+    """Stop every live node; return how many were stopped."""
+    now = time.time()
+    count = 0
+    with _LOCK:
+        for node in NODES.values():
+            if node_state(node, now) in ("booting", "running"):
+                node.stopped_at = now
+                count += 1
+    LOG.info("stopped %d node(s): %s", count, reason)
+    return count
+
+
+def _check_key(request: Request) -> JSONResponse | None:
+    return _key_error(request.headers.get("x-c3-api-key"))
+
+
+def _key_error(key: str | None) -> JSONResponse | None:
+    expected = os.environ.get("DEVNODE_API_KEY", "")
+    if not key or (expected and key != expected):
+        return JSONResponse({"error": "missing or invalid X-C3-API-KEY"}, status_code=401)
+    return None
+
+
+async def _json_body(request: Request) -> dict | JSONResponse:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return JSONResponse({"error": "body must be JSON"}, status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+    return body
+
+
+def _public(node: Node, now: float) -> dict:
+    return {
+        "workload": node.workload,
+        "node": node.node,
+        "type": node.type,
+        "status": node_state(node, now),
+        "created": int(node.created),
+        "expires": int(node.expires),
+    }
+
+
+def add_control_api(app: FastAPI, host: str, port: int) -> None:
+    """The Comput3 control API under /api/v0."""
+
+    @app.post("/api/v0/launch")
+    async def launch(request: Request) -> Any:
+        if (error := _check_key(request)) is not None:
+            return error
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        mode = faults.take_launch_failure()
+        if mode == "timeout":
+            await asyncio.sleep(30)
+            return HTMLResponse("<html><body><h1>504 Gateway Time-out</h1></body></html>", status_code=504)
+        if mode == "html":
+            page = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body>"
+            return HTMLResponse(page, status_code=502)
+        if mode is not None:
+            return JSONResponse({"error": "dev node fault: launch failed"}, status_code=500)
+        kind = body.get("type")
+        if kind not in WORKLOAD_TYPES:
+            return JSONResponse({"error": f"unknown workload type {kind!r}"}, status_code=400)
+        now = time.time()
+        try:
+            expires = float(body.get("expires") or now + 3600)
+        except (TypeError, ValueError):
+            return JSONResponse({"error": "expires must be unix seconds"}, status_code=400)
+        workload = uuid.uuid4().hex[:16]
+        up_at = now + boot_seconds()
+        dies_after = faults.snapshot().get("node_dies_after_s")
+        node = Node(
+            workload=workload,
+            node=f"{host}:{port}/nodes/{workload}",
+            type=kind,
+            created=now,
+            expires=expires,
+            up_at=up_at,
+            dies_at=None if dies_after is None else up_at + float(dies_after),
+        )
+        with _LOCK:
+            NODES[workload] = node
+        LOG.info("launched %s (expires in %.0f s)", workload, expires - now)
+        return {
+            "workload": workload,
+            "node": node.node,
+            "type": kind,
+            "expires": int(expires),
+            "created": int(now),
+        }
+
+    @app.post("/api/v0/workloads")
+    async def workloads(request: Request) -> Any:
+        if (error := _check_key(request)) is not None:
+            return error
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        now = time.time()
+        with _LOCK:
+            nodes = list(NODES.values())
+        rows = [_public(node, now) for node in nodes]
+        if body.get("running", True):
+            rows = [row for row in rows if row["status"] in ("booting", "running")]
+        return rows
+
+    @app.post("/api/v0/stop")
+    async def stop(request: Request) -> Any:
+        if (error := _check_key(request)) is not None:
+            return error
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        workload = str(body.get("workload") or "")
+        now = time.time()
+        with _LOCK:
+            node = NODES.get(workload)
+            if node is None or node_state(node, now) not in ("booting", "running"):
+                return JSONResponse({"error": f"unknown workload {workload!r}"}, status_code=404)
+            node.stopped_at = now
+        LOG.info("stopped %s", workload)
+        return {"stopped": int(now), "refund_amount": 0.0}
+
+
+def add_admin_routes(app: FastAPI) -> None:
+    """Test-only routes: fault switches and the node table."""
+
+    @app.get("/admin/faults")
+    async def get_faults() -> dict:
+        return faults.snapshot()
+
+    @app.post("/admin/faults")
+    async def set_faults(request: Request) -> Any:
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            return faults.update(body)
+        except ValueError as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.post("/admin/reset")
+    async def reset_faults() -> dict:
+        return faults.reset()
+
+    @app.get("/admin/nodes")
+    async def list_nodes() -> list[dict]:
+        now = time.time()
+        with _LOCK:
+            nodes = list(NODES.values())
+        return [
+            {**asdict(node), "state": node_state(node, now), "launched_at": node.created} for node in nodes
+        ]
+
+
+def add_node_apps(app: FastAPI, data_dir: Path) -> None:
+    """Mount what a node serves: health at `/`, CSM, WhisperX, ComfyUI and Ollama stand-ins."""
+    import gradio as gr
+
+    from devnode import stt, tts
+
+    @app.get("/")
+    async def node_health(request: Request) -> dict:
+        return {"status": "ok", "workload": request.scope.get("devnode_workload"), "services": NODE_SERVICES}
+
+    gr.mount_gradio_app(app, tts.build_blocks(), path="/csm", footer_links=[], ssr_mode=False)
+    gr.mount_gradio_app(app, stt.build_blocks(), path="/whisper", footer_links=[], ssr_mode=False)
+    for mount, module_name, args in (
+        ("/comfyui", "devnode.comfy", (data_dir / "comfyui",)),
+        ("/ollama", "devnode.vision", ()),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            LOG.warning("%s is missing: %s not served", module_name, mount)
+            continue
+        if args:
+            args[0].mkdir(parents=True, exist_ok=True)
+        app.mount(mount, module.create_app(*args))
+
+
+async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _refuse(scope: dict, send: Callable[[dict], Awaitable[None]], status: int, message: str) -> None:
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 4000 + status, "reason": message})
+            return  # the server answers the handshake with 403
+        payload = json.dumps({"error": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": payload})
+        return
+    await _send_json(send, status, {"error": message})
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def node_router(app: ASGIApp) -> ASGIApp:
+    """Wrap `app`: route `/nodes/<id>/...` to the node apps; keep node apps off the top level."""
+
+    async def router(
+        scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await app(scope, receive, send)
+        root_path = scope.get("root_path", "")
+        path = scope["path"]
+        route = path[len(root_path) :] if root_path and path.startswith(root_path) else path
+        match = _NODE_PATH.match(route)
+        if match is None:
+            if route.startswith(("/api/v0/", "/admin/")):
+                return await app(scope, receive, send)
+            return await _refuse(scope, send, 404, "not found")
+        workload, rest = match.group(1), match.group(2) or ""
+        with _LOCK:
+            node = NODES.get(workload)
+        state = node_state(node) if node is not None else "unknown"
+        if state not in ("booting", "running"):
+            return await _refuse(scope, send, 404, f"no such node ({state})")
+        if (error := _key_error(_header(scope, b"x-c3-api-key"))) is not None:
+            return await _refuse(scope, send, 401, json.loads(error.body)["error"])
+        if state == "booting":
+            return await _refuse(scope, send, 503, "node is booting")
+        if (
+            rest not in ("", "/")
+            and not rest.startswith(tuple(s + "/" for s in NODE_SERVICES))
+            and rest not in NODE_SERVICES
+        ):
+            return await _refuse(scope, send, 404, "not found on node")
+        prefix = f"{root_path}/nodes/{workload}"
+        child = dict(scope, root_path=prefix, devnode_workload=workload)
+        if rest == "":
+            child["path"] = prefix + "/"
+            child["raw_path"] = child["path"].encode()
+        return await app(child, receive, send)
+
+    return router
+
+
+def create_app(host: str = "127.0.0.1", port: int = 8700, data_dir: Path | None = None) -> ASGIApp:
+    """The whole dev node as one ASGI app (control API, admin routes, node router and node apps)."""
+    faults.load_from_env()
+    faults.set_node_gone_check(node_gone)
+    data_dir = data_dir or Path(os.environ.get("DEVNODE_DATA_DIR") or Path.cwd() / "var" / "devnode")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        faults.SHUTDOWN.clear()
+        LOG.info("dev node up on http://%s:%d (boot %.1f s)", host, port, boot_seconds())
+        yield
+        faults.SHUTDOWN.set()
+        stop_all_nodes("dev node shutting down")
+
+    app = FastAPI(title="c3-render dev node", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.host, app.state.port = host, port
+    add_control_api(app, host, port)
+    add_admin_routes(app)
+    add_node_apps(app, data_dir)
+    return node_router(app)

@@ -1,0 +1,69 @@
+"""What the worker hands a job engine (csm, whisper, comfyui, analyze) and what an engine may raise.
+
+An engine is a module with one function:
+
+    run(params, job_id, inputs, node, work_dir, should_stop, progress) -> Path | str
+
+- params: the job's validated parameters (defaults filled in by the API).
+- inputs: local files the worker has already downloaded and checked, by role
+  ("audio", "image", "reference_audio").
+- node: the URLs of the GPU node the job runs on (NodeUrls below).
+- work_dir: the job's own directory; outputs go there under the spec's names.
+- should_stop(): None while the job may go on, else the reason it must stop (cancel, max_time,
+  complete_by). Engines poll it, stop the remote work (Gradio job cancelled, ComfyUI interrupted)
+  and raise JobStopped(reason).
+- progress(percent): optional progress report (0-100).
+
+Engines never touch Redis or storage; they return a local file path (media) or text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ShouldStop = Callable[[], "str | None"]
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class NodeUrls:
+    """Where a node's services answer. api_key goes in X-C3-API-KEY and is never logged."""
+
+    base: str  # health check: GET base + "/"
+    csm: str  # Gradio CSM app (ends with "/")
+    whisper: str  # Gradio WhisperX app (ends with "/")
+    comfyui: str  # ComfyUI root (no trailing "/")
+    ollama: str  # Ollama-compatible root (no trailing "/")
+    api_key: str
+
+    def headers(self) -> dict[str, str]:
+        return {"X-C3-API-KEY": self.api_key}
+
+    def __repr__(self) -> str:  # keep the key out of logs and tracebacks
+        return f"NodeUrls(base={self.base!r})"
+
+
+def node_urls(node: str, api_key: str, node_url: str, comfyui_url: str, ollama_url: str) -> NodeUrls:
+    """Fill the URL templates ({node} placeholders) for one node hostname."""
+    base = node_url.replace("{node}", node).rstrip("/")
+    return NodeUrls(
+        base=base,
+        csm=base + "/csm/",
+        whisper=base + "/whisper/",
+        comfyui=comfyui_url.replace("{node}", node).rstrip("/"),
+        ollama=ollama_url.replace("{node}", node).rstrip("/"),
+        api_key=api_key,
+    )
+
+
+class JobStopped(Exception):
+    """The engine stopped its remote work because should_stop() gave this reason."""
+
+
+class EngineError(Exception):
+    """The engine's service answered with an error; str() is the message the client sees."""
+
+
+def no_progress(_percent: int) -> None:
+    return None

@@ -1,0 +1,199 @@
+"""GET /events/<id>: a job's status as Server-Sent Events, woken by Redis pub/sub.
+
+jobstore.py's scripts PUBLISH on `events:job:<id>` whenever a job record changes (status, progress,
+webhook, phase through notify_changed) and on `events:queue` when a job leaves or re-enters the queue.
+Each API process holds ONE pub/sub connection (a `Hub` thread) and wakes the streams it serves; a woken
+stream reads the record once and sends the status object if it differs from what it sent last. So Redis
+work grows with changes, not with clients times seconds, and it works across API replicas.
+
+Event ids are the record's change number (plus the queue position while queued); a reconnect with
+Last-Event-ID equal to the current id gets no repeat, and one after the final event gets 204 (which
+tells EventSource to stop reconnecting). Each open stream holds one gunicorn thread (gthread workers),
+so SSE_MAX_STREAMS caps them per process to leave threads for ordinary requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from flask import Blueprint, Flask, Response, current_app, request, stream_with_context
+
+import app as api_app
+import config
+import jobspec
+import jobstore
+
+log = logging.getLogger("c3-render.events")
+
+events_routes = Blueprint("events", __name__)
+SHUTTING_DOWN = threading.Event()  # set on SIGTERM: open streams end so the process can stop at once
+
+
+class Hub:
+    """One pub/sub subscription per process, fanned out to the streams of this process."""
+
+    def __init__(self, r: redis.Redis):
+        self.r = r
+        self.lock = threading.Lock()
+        self.by_job: dict[str, set[queue.Queue]] = {}
+        self.thread: threading.Thread | None = None
+        self.job_prefix = config.JOB_EVENTS_CHANNEL.format(id="")
+
+    def open_streams(self) -> int:
+        with self.lock:
+            return sum(len(listeners) for listeners in self.by_job.values())
+
+    def register(self, job_id: str) -> queue.Queue:
+        wake: queue.Queue = queue.Queue(maxsize=1)
+        with self.lock:
+            self.by_job.setdefault(job_id, set()).add(wake)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.run, name="sse-hub", daemon=True)
+                self.thread.start()
+        return wake
+
+    def unregister(self, job_id: str, wake: queue.Queue) -> None:
+        with self.lock:
+            listeners = self.by_job.get(job_id, set())
+            listeners.discard(wake)
+            if not listeners:
+                self.by_job.pop(job_id, None)
+
+    def wake(self, job_id: str | None) -> None:
+        """Wake the streams of one job, or every stream (None: the queue moved, or we may have missed some)."""
+        with self.lock:
+            targets = [w for listeners in self.by_job.values() for w in listeners] if job_id is None \
+                else list(self.by_job.get(job_id, ()))
+        for target in targets:
+            try:
+                target.put_nowait(True)
+            except queue.Full:  # already woken; one read covers both changes
+                pass
+
+    def run(self) -> None:
+        while True:
+            try:
+                pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.psubscribe(self.job_prefix + "*")
+                pubsub.subscribe(config.QUEUE_EVENTS_CHANNEL)
+                self.wake(None)  # (re)connected: changes may have been missed while we were away
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    channel = message["channel"]
+                    if channel == config.QUEUE_EVENTS_CHANNEL:
+                        self.wake(None)
+                    elif channel.startswith(self.job_prefix):
+                        self.wake(channel[len(self.job_prefix):])
+            except (redis.RedisError, OSError) as exc:
+                log.warning("event subscription lost (%s); reconnecting", type(exc).__name__)
+                time.sleep(1.0)
+
+
+@events_routes.record_once
+def end_streams_on_sigterm(state: Any) -> None:
+    """Chain a SIGTERM handler (gunicorn's worker installs its own before it loads the app): open streams
+    would otherwise hold a graceful shutdown for its whole timeout. Their clients reconnect with
+    Last-Event-ID to another process. Only possible in the main thread (not under a test client)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    app = state.app
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        SHUTTING_DOWN.set()
+        hub = app.extensions.get("c3_events_hub")
+        if hub is not None:  # not from the handler itself: wake() takes a lock
+            threading.Thread(target=hub.wake, args=(None,), daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def hub_of(app: Flask) -> Hub:
+    with _HUB_LOCK:
+        hub = app.extensions.get("c3_events_hub")
+        if hub is None:
+            hub = app.extensions["c3_events_hub"] = Hub(app.extensions["c3_redis"])
+        return hub
+
+
+_HUB_LOCK = threading.Lock()
+
+
+def event_id(record: dict[str, str], answer: dict[str, Any]) -> str:
+    """The record's change number, plus the queue position while queued (it moves without a change)."""
+    number = record.get("events") or "0"
+    position = answer.get("queue_position")
+    return f"{number}.q{position}" if record["status"] == "queued" and position else number
+
+
+def sse(event: str, ident: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\nid: {ident}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@events_routes.get("/events/<job_id>")
+def events(job_id: str) -> Response:
+    record = api_app.record_or_error(job_id)
+    last_sent = request.headers.get("Last-Event-ID", "")
+    if record["status"] in jobspec.FINISHED_STATUSES and \
+            last_sent == event_id(record, api_app.status_answer(record)):
+        return Response(status=204)  # the client has the final event: EventSource stops reconnecting
+    settings: config.Settings = current_app.extensions["c3_settings"]
+    hub = hub_of(current_app)
+    if SHUTTING_DOWN.is_set():
+        raise api_app.ApiError(503, "this API process is stopping; retry", {"Retry-After": "1"})
+    if hub.open_streams() >= settings.sse_max_streams:
+        raise api_app.ApiError(503, f"too many open event streams on this API process (SSE_MAX_STREAMS="
+                                    f"{settings.sse_max_streams}); retry shortly or poll /status",
+                               {"Retry-After": "5"})
+    wake = hub.register(job_id)  # before the first read, so no change can slip between the two
+
+    def stream() -> Iterator[str]:
+        sent = last_sent
+        try:
+            yield f"retry: 3000\n: following job {job_id}\n\n"
+            while True:
+                try:
+                    current = jobstore.get_job(api_app.store(), job_id)
+                except redis.RedisError:
+                    yield ": the job store cannot be reached; reconnect shortly\n\n"
+                    return
+                if current is None:
+                    yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
+                    return
+                answer = api_app.status_answer(current)
+                ident = event_id(current, answer)
+                finished = current["status"] in jobspec.FINISHED_STATUSES
+                if ident != sent or finished:
+                    yield sse("end" if finished else "status", ident, answer)
+                    sent = ident
+                if finished:
+                    return
+                if SHUTTING_DOWN.is_set():
+                    yield ": this API process is stopping; reconnect\n\n"
+                    return
+                try:
+                    wake.get(timeout=settings.sse_keepalive_s)
+                except queue.Empty:
+                    yield ": keepalive\n\n"
+        finally:
+            hub.unregister(job_id, wake)
+
+    response = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+    return response

@@ -1,0 +1,105 @@
+"""Reads of the service's numbers from Redis, for /metrics and the dashboard.
+
+The counters are written atomically where things happen (jobstore.py's scripts, the worker's node stop),
+so every API process reads the same numbers whichever process or worker caused them. Nothing here
+writes to Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+import config
+import jobspec
+import jobstore
+
+
+def today() -> str:
+    return datetime.now(tz=UTC).strftime("%Y-%m-%d")
+
+
+def counters(r: redis.Redis) -> dict[str, Any]:
+    """Queue depth, job counters, duration histograms, node and webhook totals, in one round trip."""
+    pipe = r.pipeline(transaction=False)
+    pipe.llen(config.QUEUE_KEY)
+    pipe.hgetall(config.JOBS_TOTAL_KEY)
+    for job_type in jobspec.JOB_TYPES:
+        pipe.hgetall(config.JOB_DURATION_KEY.format(type=job_type))
+    pipe.get(config.NODE_SECONDS_KEY)
+    pipe.get(config.NODE_SECONDS_DAY_KEY.format(day=today()))
+    pipe.hgetall(config.WEBHOOK_OUTCOMES_KEY)
+    pipe.zcard(config.JOBS_BY_STATUS_KEY.format(status="running"))
+    pipe.zcount(config.FINISHED_RECENT_KEY, time.time() - 3600, "+inf")
+    depth, totals, *rest = pipe.execute()
+    durations = dict(zip(jobspec.JOB_TYPES, rest[:len(jobspec.JOB_TYPES)], strict=True))
+    node_seconds, node_seconds_day, webhooks, running, finished_hour = rest[len(jobspec.JOB_TYPES):]
+    jobs_total: dict[tuple[str, str], int] = {}
+    for label, count in totals.items():
+        job_type, _, status = label.partition("|")
+        jobs_total[(job_type, status)] = int(count)
+    return {
+        "queue_depth": int(depth),
+        "running": int(running),
+        "finished_last_hour": int(finished_hour),
+        "jobs_total": jobs_total,
+        "durations": {t: {k: float(v) for k, v in d.items()} for t, d in durations.items()},
+        "node_seconds_total": float(node_seconds or 0),
+        "node_seconds_stopped_today": float(node_seconds_day or 0),
+        "webhook_deliveries": {k: int(v) for k, v in webhooks.items()},
+    }
+
+
+def histogram_buckets(duration: dict[str, float]) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs of one type's duration hash, ending with +Inf, for Prometheus."""
+    buckets, running = [], 0.0
+    for bound in jobstore.DURATION_BUCKETS:
+        running += duration.get(str(bound), 0)
+        buckets.append((str(float(bound)), running))
+    buckets.append(("+Inf", running + duration.get("+Inf", 0)))
+    return buckets
+
+
+def workers(r: redis.Redis) -> list[dict[str, Any]]:
+    """Every registered worker (or node holder): last heartbeat, its node and the job it has taken."""
+    ids = sorted(r.smembers(config.WORKERS_KEY) | r.smembers(config.NODE_SLOTS_KEY))
+    pipe = r.pipeline(transaction=False)
+    for worker in ids:
+        pipe.get(jobstore.heartbeat_key(worker))
+        pipe.hgetall(jobstore.node_key(worker))
+        pipe.lrange(jobstore.processing_key(worker), 0, -1)
+    answers = pipe.execute()
+    now = time.time()
+    found = []
+    for index, worker in enumerate(ids):
+        beat, node, taken = answers[3 * index: 3 * index + 3]
+        found.append({
+            "id": worker,
+            "alive": beat is not None,
+            "heartbeat_age_s": round(now - float(beat), 1) if beat else None,
+            "node": {k: node[k] for k in ("state", "node", "workload", "launched_at", "since") if k in node}
+            or None,
+            "jobs": [json.loads(entry)["id"] for entry in taken],
+        })
+    return found
+
+
+def nodes_running(found_workers: list[dict[str, Any]]) -> int:
+    """Nodes launched and not yet stopped (booting or running): the ones being paid for."""
+    return sum(1 for w in found_workers if w["node"] and w["node"].get("state") in ("booting", "running"))
+
+
+def node_seconds_today(stats: dict[str, Any], found_workers: list[dict[str, Any]]) -> float:
+    """Node-seconds of nodes stopped today plus the part of today that live nodes have run so far."""
+    now = time.time()
+    midnight = datetime.now(tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    live = 0.0
+    for worker in found_workers:
+        launched = (worker["node"] or {}).get("launched_at")
+        if launched:
+            live += max(0.0, now - max(float(launched), midnight))
+    return round(stats["node_seconds_stopped_today"] + live, 1)

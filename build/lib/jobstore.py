@@ -1,0 +1,635 @@
+"""The job store and the queue protocol in Redis, shared by the API and the worker.
+
+Owns every Redis structure of c3-render (key names come from config.py):
+- `job:<id>` hashes, one per job; every status change goes through `transition()`, a Lua script
+  that refuses to change a finished job and queues the job's one final webhook atomically.
+- `queue:jobs`, the one queue: submit LPUSHes, workers take from the right with BLMOVE into
+  their own `processing:<worker>` list and acknowledge by removing the entry.
+- worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
+  queue (or fails them after MAX_ATTEMPTS).
+- node records and the MAX_NODES slot cap shared by all workers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+import uuid
+from string import Template
+from typing import Any
+
+import redis
+
+import config
+from jobspec import FINISHED_STATUSES, JOBS_CURSOR_PATTERN
+
+# Which status may follow which. Finished statuses have no successors: a finished job never changes.
+ALLOWED = {
+    "queued": ("running", "cancelled", "failed"),
+    "running": ("success", "failed", "cancelled", "queued"),
+}
+
+# Duration histogram buckets of c3_render_job_duration_seconds (seconds from start to finish)
+DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+# Index entries older than this (plus RESULT_TTL) belong to records that have expired: a job finishes
+# by its complete_by at the latest, and its record lives RESULT_TTL after that.
+INDEX_HORIZON_S = 86400 + 7200
+
+# Lua functions shared by the scripts that change a job record: every change bumps the record's
+# `events` number and is published for /events listeners; a status change also moves the job between
+# the status indexes of GET /jobs and lands in its history. Key names come from config.py.
+_CHANGED_LUA = Template("""
+local function job_changed(job_key, job_id, old, new, now)
+  if old ~= new then
+    local created = redis.call('HGET', job_key, 'created_at') or now
+    redis.call('ZREM', '${by_status}' .. old, job_id)
+    redis.call('ZADD', '${by_status}' .. new, created, job_id)
+    local history = '${history_prefix}' .. job_id .. '${history_suffix}'
+    redis.call('RPUSH', history, cjson.encode({status = new, at = tonumber(now)}))
+    if old == 'queued' or new == 'queued' then redis.call('PUBLISH', '${queue_channel}', job_id) end
+  end
+  redis.call('PUBLISH', '${job_channel}' .. job_id, redis.call('HINCRBY', job_key, 'events', 1))
+end
+""").substitute({
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "queue_channel": config.QUEUE_EVENTS_CHANNEL,
+    "job_channel": config.JOB_EVENTS_CHANNEL.format(id=""),
+})
+
+# On a finished job: count it for /metrics, keep it among the recent finishes, expire its history with
+# it and trim the indexes of GET /jobs past their retention.
+_FINISHED_LUA = Template("""
+local function job_finished(job_key, job_id, new, now, ttl)
+  local job_type = redis.call('HGET', job_key, 'type') or 'unknown'
+  redis.call('HINCRBY', '${jobs_total}', job_type .. '|' .. new, 1)
+  local started = redis.call('HGET', job_key, 'started_at')
+  if started then
+    local seconds = tonumber(now) - tonumber(started)
+    local bound = '+Inf'
+    for _, b in ipairs({${buckets}}) do
+      if seconds <= b then bound = tostring(b) break end
+    end
+    local key = '${duration}' .. job_type
+    redis.call('HINCRBY', key, bound, 1)
+    redis.call('HINCRBY', key, 'count', 1)
+    redis.call('HINCRBYFLOAT', key, 'sum', seconds)
+  end
+  redis.call('ZADD', '${recent}', now, job_id)
+  redis.call('ZREMRANGEBYSCORE', '${recent}', '-inf', tonumber(now) - 86400)
+  redis.call('EXPIRE', '${history_prefix}' .. job_id .. '${history_suffix}', ttl)
+  local horizon = tonumber(now) - tonumber(ttl) - ${horizon}
+  for _, key in ipairs({'${index}', '${by_type}' .. job_type, '${by_status}' .. new}) do
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
+  end
+end
+""").substitute({
+    "jobs_total": config.JOBS_TOTAL_KEY,
+    "buckets": ", ".join(str(b) for b in DURATION_BUCKETS),
+    "duration": config.JOB_DURATION_KEY.format(type=""),
+    "recent": config.FINISHED_RECENT_KEY,
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "horizon": INDEX_HORIZON_S,
+    "index": config.JOBS_INDEX_KEY,
+    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+})
+
+# KEYS: job, queue, outbox.  ARGV: id, new status, now, result ttl, required worker ('' = any),
+# entry to take off the queue ('' = none), webhook body ('' = none), then field/value pairs.
+# Returns {1, new status} when changed, {0, current status or 'missing'} when refused.
+_TRANSITION_LUA = _CHANGED_LUA + _FINISHED_LUA + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, 'missing'} end
+local new = ARGV[2]
+local allowed = {
+  queued = {running = true, cancelled = true, failed = true},
+  running = {success = true, failed = true, cancelled = true, queued = true},
+}
+if not allowed[cur] or not allowed[cur][new] then return {0, cur} end
+if ARGV[5] ~= '' and cur == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+  return {0, cur}
+end
+if ARGV[6] ~= '' then
+  if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {0, cur} end
+end
+for i = 8, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'status', new)
+job_changed(KEYS[1], ARGV[1], cur, new, ARGV[3])
+if new == 'running' then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
+if new == 'success' or new == 'failed' or new == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress')
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  local url = redis.call('HGET', KEYS[1], 'notify_url')
+  if url and url ~= '' and ARGV[7] ~= '' then
+    redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
+    redis.call('LPUSH', KEYS[3], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
+  end
+  job_finished(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4])
+end
+return {1, new}
+"""
+
+# KEYS: processing list, queue.  ARGV: max attempts, job key prefix.
+# Gives every entry of a dead worker's processing list back to the queue (as the next to run),
+# except finished jobs (dropped) and jobs that used up their attempts (returned to the caller,
+# which fails them through transition()).
+_REQUEUE_LUA = _CHANGED_LUA + """
+local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+local over = {}
+local requeued = 0
+for i = #entries, 1, -1 do
+  local entry = entries[i]
+  local id = cjson.decode(entry)['id']
+  local key = ARGV[2] .. id
+  local status = redis.call('HGET', key, 'status')
+  if status == 'running' or status == 'queued' then
+    local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0')
+    if attempts >= tonumber(ARGV[1]) then
+      table.insert(over, entry)
+    else
+      redis.call('HSET', key, 'status', 'queued')
+      redis.call('HDEL', key, 'worker', 'progress')
+      redis.call('RPUSH', KEYS[2], entry)
+      redis.call('LREM', KEYS[1], 1, entry)
+      job_changed(key, id, status, 'queued', ARGV[3])
+      requeued = requeued + 1
+    end
+  else
+    redis.call('LREM', KEYS[1], 1, entry)
+  end
+end
+return {requeued, over}
+"""
+
+# KEYS: slots set. ARGV: worker, max nodes. 1 when the worker holds a slot (now or already).
+_ACQUIRE_SLOT_LUA = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
+
+
+def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
+    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
+    thread wait (up to timeout_s) for a free connection instead of failing at once when all
+    max_connections are busy, as a burst of woken /events streams can make them."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
+        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def job_key(job_id: str) -> str:
+    return config.JOB_KEY.format(id=job_id)
+
+
+def processing_key(worker_id: str) -> str:
+    return config.PROCESSING_KEY.format(worker=worker_id)
+
+
+def heartbeat_key(worker_id: str) -> str:
+    return config.HEARTBEAT_KEY.format(worker=worker_id)
+
+
+def node_key(worker_id: str) -> str:
+    return config.NODE_KEY.format(worker=worker_id)
+
+
+def queue_entry(job_id: str, job_type: str) -> str:
+    return json.dumps({"id": job_id, "type": job_type}, separators=(",", ":"))
+
+
+def is_job_id(value: str) -> bool:
+    """A canonical lower-case UUID4 string, as submit() makes them."""
+    try:
+        parsed = uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return str(parsed) == value and parsed.version == 4
+
+
+# --- submission and reading (API side) --------------------------------------------------------
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+def submit(
+    r: redis.Redis,
+    job_type: str,
+    params: dict[str, Any],
+    now: float | None = None,
+    *,
+    idempotency_key: str = "",
+    body_hash: str = "",
+    idempotency_ttl_s: int = 24 * 3600,
+) -> tuple[str, bool]:
+    """Write the job record and its queue entry in one MULTI/EXEC; return (job id, created).
+
+    With idempotency_key (already scoped to the client), a repeat of the same body returns the first
+    job's id and queues nothing (created False); a different body raises IdempotencyConflict.
+    """
+    now = time.time() if now is None else now
+    job_id = str(uuid.uuid4())
+    stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
+    record = {
+        "id": job_id,
+        "type": job_type,
+        "status": "queued",
+        "params": json.dumps(stored),
+        "created_at": repr(now),
+        "complete_by": repr(now + params["complete_in"]),
+        "max_time": str(params["max_time"]),
+        "attempts": "0",
+        "notify_url": params.get("notify_url") or "",
+        "webhook_status": "waiting" if params.get("notify_url") else "none",
+        "queue_entry": queue_entry(job_id, job_type),
+    }
+    with r.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                if idempotency_key:
+                    pipe.watch(idempotency_key)
+                    seen = pipe.get(idempotency_key)
+                    if seen:
+                        first = json.loads(seen)
+                        if first["body_hash"] != body_hash:
+                            raise IdempotencyConflict(first["job_id"])
+                        return first["job_id"], False
+                pipe.multi()
+                pipe.hset(job_key(job_id), mapping=record)
+                pipe.lpush(config.QUEUE_KEY, record["queue_entry"])
+                index_job(pipe, job_id, job_type, now)
+                if idempotency_key:
+                    pipe.set(idempotency_key, json.dumps({"job_id": job_id, "body_hash": body_hash}),
+                             ex=idempotency_ttl_s)
+                pipe.execute()
+                return job_id, True
+            except redis.WatchError:
+                continue
+
+
+def index_job(pipe: redis.client.Pipeline, job_id: str, job_type: str, now: float) -> None:
+    """Add a new job to the GET /jobs indexes, its history and the submission counter (in submit's MULTI)."""
+    pipe.zadd(config.JOBS_INDEX_KEY, {job_id: now})
+    pipe.zadd(config.JOBS_BY_TYPE_KEY.format(type=job_type), {job_id: now})
+    pipe.zadd(config.JOBS_BY_STATUS_KEY.format(status="queued"), {job_id: now})
+    pipe.rpush(config.JOB_HISTORY_KEY.format(id=job_id), json.dumps({"status": "queued", "at": now}))
+    pipe.hincrby(config.JOBS_TOTAL_KEY, f"{job_type}|queued", 1)
+
+
+def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
+    record = r.hgetall(job_key(job_id))
+    return record or None
+
+
+# --- GET /jobs: newest first from the time-ordered indexes -------------------------------------
+
+class BadCursor(ValueError):
+    """A GET /jobs cursor that this API did not hand out."""
+
+
+def job_cursor(created_at: float, job_id: str) -> str:
+    return f"{created_at!r}_{job_id}"
+
+
+def parse_cursor(cursor: str) -> tuple[float, str]:
+    if not re.match(JOBS_CURSOR_PATTERN, cursor):
+        raise BadCursor(cursor)
+    score, _, job_id = cursor.partition("_")
+    return float(score), job_id
+
+
+def list_jobs(
+    r: redis.Redis, *, status: str | None = None, job_type: str | None = None, limit: int = 50,
+    cursor: str | None = None, scan_budget: int = 2000,
+) -> tuple[list[dict[str, str]], str | None]:
+    """Job records newest first, and the cursor of the next page (None at the end).
+
+    Reads the status index (or the type index, or the index of all jobs) from the cursor on, so a page
+    costs O(limit). Only status and type together filter the status index by type; a page then reads at
+    most scan_budget entries and may come back short, with a cursor to go on from. Entries whose record
+    has expired are dropped from the index on the way. Stable under inserts: new jobs sort before the
+    cursor, so they never shift a later page.
+    """
+    if status:
+        index = config.JOBS_BY_STATUS_KEY.format(status=status)
+    elif job_type:
+        index = config.JOBS_BY_TYPE_KEY.format(type=job_type)
+    else:
+        index = config.JOBS_INDEX_KEY
+    top, after_id = parse_cursor(cursor) if cursor else (float("inf"), "")
+    page: list[dict[str, str]] = []
+    scanned = 0
+    while True:
+        batch = r.zrange(index, top, "-inf", byscore=True, desc=True, offset=0, num=limit + 16, withscores=True)
+        # members with the cursor's own score come in reverse id order: skip up to and including it
+        batch = [(m, sc) for m, sc in batch if not (sc == top and after_id and m >= after_id)]
+        if not batch:
+            return page, None
+        pipe = r.pipeline(transaction=False)
+        for member, _score in batch:
+            pipe.hgetall(job_key(member))
+        records = pipe.execute()
+        gone = [member for (member, _score), record in zip(batch, records, strict=True) if not record]
+        if gone:
+            r.zrem(index, *gone)
+        for (member, score), record in zip(batch, records, strict=True):
+            if record and (not status or record.get("status") == status) \
+                    and (not job_type or record.get("type") == job_type):
+                if len(page) == limit:  # one more exists: the page ends at the previous one
+                    return page, job_cursor(top, after_id)
+                page.append(record)
+            top, after_id = score, member
+            scanned += 1
+            if scanned >= scan_budget:
+                return page, job_cursor(top, after_id)
+
+
+def job_history(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    """The job's status changes, oldest first: [{"status", "at"}]."""
+    return [json.loads(item) for item in r.lrange(config.JOB_HISTORY_KEY.format(id=job_id), 0, -1)]
+
+
+def queue_position(r: redis.Redis, record: dict[str, str]) -> int | None:
+    """1 for the job that runs next; None when the entry is not (or no longer) in the queue."""
+    pipe = r.pipeline(transaction=True)
+    pipe.lpos(config.QUEUE_KEY, record["queue_entry"], rank=-1)
+    pipe.llen(config.QUEUE_KEY)
+    index, length = pipe.execute()
+    return None if index is None else length - index
+
+
+def job_params(record: dict[str, str]) -> dict[str, Any]:
+    params = json.loads(record.get("params") or "{}")
+    params["max_time"] = int(record.get("max_time") or 1200)
+    params["notify_url"] = record.get("notify_url") or None
+    return params
+
+
+# --- the one function that changes a job's status ----------------------------------------------
+
+def webhook_body(job_id: str, status: str, fields: dict[str, Any]) -> str:
+    """The final webhook payload, exactly as the spec gives it (a cancel is reported as a failure)."""
+    if status == "success":
+        payload: dict[str, Any] = {"id": job_id, "status": "success"}
+        if fields.get("result_url"):
+            payload["result_url"] = fields["result_url"]
+        else:
+            payload["text"] = fields.get("text", "")
+    else:
+        payload = {"id": job_id, "status": "failed", "error": fields.get("error", status)}
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def transition(
+    r: redis.Redis,
+    settings: config.Settings,
+    job_id: str,
+    new_status: str,
+    fields: dict[str, Any] | None = None,
+    *,
+    worker_id: str = "",
+    dequeue_entry: str = "",
+    now: float | None = None,
+) -> tuple[bool, str]:
+    """Move a job to new_status if that is allowed; return (changed, status now).
+
+    A finished job never changes again, so a late result after a cancel is dropped. With worker_id,
+    a running job only changes if that worker holds it. With dequeue_entry, the change happens only
+    if that entry could be taken off the queue (a cancel racing a worker's take). Moving to a finished
+    status queues the job's final webhook in the same script.
+    """
+    fields = dict(fields or {})
+    now = time.time() if now is None else now
+    body = webhook_body(job_id, new_status, fields) if new_status in FINISHED_STATUSES else ""
+    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, dequeue_entry, body]
+    for key, value in fields.items():
+        argv += [key, "" if value is None else str(value)]
+    changed, status = r.eval(
+        _TRANSITION_LUA, 3, job_key(job_id), config.QUEUE_KEY, config.WEBHOOK_OUTBOX_KEY, *argv
+    )
+    return bool(changed), status
+
+
+def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
+    """Cancel a job. Returns 'cancelled' (it was queued and is now cancelled), 'cancelling' (it is
+    running; the worker stops it within seconds), 'finished:<status>' or 'missing'."""
+    for _ in range(5):  # a worker may take the job between our read and our write; look again
+        record = get_job(r, job_id)
+        if record is None:
+            return "missing"
+        status = record["status"]
+        if status in FINISHED_STATUSES:
+            return f"finished:{status}"
+        if status == "queued":
+            changed, _now = transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"},
+                                       dequeue_entry=record["queue_entry"])
+            if changed:
+                return "cancelled"
+        # running, or taken by a worker that has not started it yet: ask the worker to stop
+        flagged = r.eval(
+            "if redis.call('HGET', KEYS[1], 'status') == ARGV[1] then "
+            "redis.call('HSET', KEYS[1], 'cancel_requested', '1') return 1 end return 0",
+            1, job_key(job_id), status,
+        )
+        if flagged and (status == "running" or queue_position(r, record) is None):
+            return "cancelling"
+    record = get_job(r, job_id)
+    return f"finished:{record['status']}" if record else "missing"
+
+
+# --- the worker side of the protocol ----------------------------------------------------------
+
+def heartbeat(r: redis.Redis, worker_id: str, ttl_s: int) -> None:
+    """Announce the worker and keep its heartbeat key alive for ttl_s seconds."""
+    pipe = r.pipeline(transaction=True)
+    pipe.sadd(config.WORKERS_KEY, worker_id)
+    pipe.set(heartbeat_key(worker_id), repr(time.time()), ex=max(1, int(ttl_s)))
+    pipe.execute()
+
+
+def retire_worker(r: redis.Redis, worker_id: str) -> None:
+    """A worker leaving cleanly: its heartbeat and registration go (its processing list is empty)."""
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(heartbeat_key(worker_id))
+    pipe.srem(config.WORKERS_KEY, worker_id)
+    pipe.execute()
+
+
+def take(r: redis.Redis, worker_id: str, timeout_s: float) -> str | None:
+    """Block up to timeout_s for the next queue entry, moved into the worker's processing list."""
+    return r.blmove(config.QUEUE_KEY, processing_key(worker_id), timeout_s, "RIGHT", "LEFT")
+
+
+def ack(r: redis.Redis, worker_id: str, entry: str) -> None:
+    r.lrem(processing_key(worker_id), 1, entry)
+
+
+def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
+    """Give back an entry taken but not started: from the processing list to the head of the queue."""
+    pipe = r.pipeline(transaction=True)
+    pipe.lrem(processing_key(worker_id), 1, entry)
+    pipe.rpush(config.QUEUE_KEY, entry)
+    pipe.execute()
+
+
+def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
+    """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted."""
+    script = _CHANGED_LUA + """
+    if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2]
+    then redis.call('LREM', KEYS[2], 1, ARGV[1]) return 0 end
+    redis.call('HSET', KEYS[1], 'status', 'queued')
+    redis.call('HDEL', KEYS[1], 'worker', 'progress')
+    redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+    redis.call('LREM', KEYS[2], 1, ARGV[1])
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+    job_changed(KEYS[1], ARGV[3], 'running', 'queued', ARGV[4])
+    return 1
+    """
+    return bool(r.eval(script, 3, job_key(job_id), processing_key(worker_id), config.QUEUE_KEY,
+                       entry, worker_id, job_id, repr(time.time())))
+
+
+def dead_workers(r: redis.Redis) -> list[str]:
+    """Registered workers whose heartbeat key has expired."""
+    workers = sorted(r.smembers(config.WORKERS_KEY) | r.smembers(config.NODE_SLOTS_KEY))
+    if not workers:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for worker in workers:
+        pipe.exists(heartbeat_key(worker))
+    alive = pipe.execute()
+    return [w for w, a in zip(workers, alive, strict=True) if not a]
+
+
+def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, Any]:
+    """Give the jobs of dead workers back to the queue; fail those out of attempts.
+
+    Returns {"workers": [dead worker ids], "requeued": n, "failed": [job ids]}. Safe to run from
+    several workers at once: every step is atomic and a second run finds nothing left to move.
+    """
+    summary: dict[str, Any] = {"workers": [], "requeued": 0, "failed": []}
+    for worker in dead_workers(r):
+        summary["workers"].append(worker)
+        requeued, failed = requeue_processing(r, settings, worker)
+        summary["requeued"] += requeued
+        summary["failed"] += failed
+        # webhook deliveries the dead worker was sending go back to the outbox (same webhook-id)
+        inflight = config.WEBHOOK_INFLIGHT_KEY.format(worker=worker)
+        while r.lmove(inflight, config.WEBHOOK_OUTBOX_KEY, "RIGHT", "LEFT"):
+            pass
+        if r.llen(processing_key(worker)) == 0 and not r.exists(node_key(worker)):
+            r.srem(config.WORKERS_KEY, worker)
+    return summary
+
+
+def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -> tuple[int, list[str]]:
+    """Give every entry of one worker's processing list back to the queue (jobs out of attempts fail).
+
+    For a dead worker (the sweep), or for a live worker itself when it runs no job: after a Redis error
+    cut a job short, its entry is left in the processing list and nobody else would ever give it back.
+    Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
+    """
+    requeued, over = r.eval(_REQUEUE_LUA, 2, processing_key(worker), config.QUEUE_KEY,
+                            settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()))
+    failed = []
+    for entry in over:
+        job_id = json.loads(entry)["id"]
+        record = get_job(r, job_id) or {}
+        message = (
+            f"job failed after {record.get('attempts', settings.max_attempts)} attempts: the worker "
+            "running it stopped responding each time (MAX_ATTEMPTS reached)"
+        )
+        transition(r, settings, job_id, "failed", {"error": message})
+        ack(r, worker, entry)
+        failed.append(job_id)
+    return int(requeued), failed
+
+
+def stop_requested(r: redis.Redis, job_id: str) -> bool:
+    return r.hget(job_key(job_id), "cancel_requested") == "1"
+
+
+def set_progress(r: redis.Redis, job_id: str, percent: int) -> None:
+    r.eval(
+        _CHANGED_LUA + "if redis.call('HGET', KEYS[1], 'status') == 'running' "
+        "and redis.call('HGET', KEYS[1], 'progress') ~= ARGV[1] then "
+        "redis.call('HSET', KEYS[1], 'progress', ARGV[1]) job_changed(KEYS[1], ARGV[2], 'running', 'running', '0') "
+        "end return 0",
+        1, job_key(job_id), str(int(percent)), job_id,
+    )
+
+
+def notify_changed(r: redis.Redis, job_id: str) -> None:
+    """Tell /events listeners that a job record changed outside the scripts above (e.g. its phase)."""
+    r.eval(_CHANGED_LUA + "if redis.call('EXISTS', KEYS[1]) == 1 then "
+           "job_changed(KEYS[1], ARGV[1], 'same', 'same', '0') end return 0", 1, job_key(job_id), job_id)
+
+
+def record_webhook(r: redis.Redis, job_id: str, status: str, attempts: int, error: str = "") -> None:
+    """Keep a webhook's delivery state on the job record, if the record still exists."""
+    r.eval(
+        _CHANGED_LUA + "redis.call('HINCRBY', KEYS[2], ARGV[1], 1) "
+        "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook_status', ARGV[1], "
+        "'webhook_attempts', ARGV[2], 'webhook_error', ARGV[3], 'webhook_updated_at', ARGV[4]) "
+        "job_changed(KEYS[1], ARGV[5], 'same', 'same', ARGV[4]) end return 0",
+        2, job_key(job_id), config.WEBHOOK_OUTCOMES_KEY, status, str(attempts), error, repr(time.time()), job_id,
+    )
+
+
+# --- GPU nodes held by workers, and the MAX_NODES cap --------------------------------------------
+
+def acquire_node_slot(r: redis.Redis, worker_id: str, max_nodes: int) -> bool:
+    """Take one of the MAX_NODES slots for this worker (atomic); True if it holds one."""
+    return bool(r.eval(_ACQUIRE_SLOT_LUA, 1, config.NODE_SLOTS_KEY, worker_id, max_nodes))
+
+
+def record_node(r: redis.Redis, worker_id: str, node: dict[str, Any]) -> None:
+    r.hset(node_key(worker_id), mapping={k: str(v) for k, v in node.items()})
+
+
+def get_node(r: redis.Redis, worker_id: str) -> dict[str, str] | None:
+    return r.hgetall(node_key(worker_id)) or None
+
+
+def release_node(r: redis.Redis, worker_id: str) -> None:
+    """The worker's node is stopped (or never launched): forget it and free its slot."""
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(node_key(worker_id))
+    pipe.srem(config.NODE_SLOTS_KEY, worker_id)
+    pipe.execute()
+
+
+def claim_dead_node(r: redis.Redis, worker_id: str) -> dict[str, str] | None:
+    """For the recovery sweep: the node record of a dead worker, claimed by one sweeper at a time."""
+    if r.exists(heartbeat_key(worker_id)):
+        return None
+    if not r.set(f"sweep:{worker_id}", "1", nx=True, ex=120):
+        return None
+    return get_node(r, worker_id) or {}
+
+
+def file_url_secret(r: redis.Redis, configured: str) -> bytes:
+    """The secret that signs local /files URLs: FILE_URL_SECRET, or one made once and kept in Redis."""
+    if configured:
+        return configured.encode()
+    r.set(FILE_SECRET_KEY, secrets.token_hex(32), nx=True)
+    return r.get(FILE_SECRET_KEY).encode()

@@ -1,0 +1,264 @@
+"""Checks on downloaded inputs, run right after the download and before any GPU is used.
+
+It owns the answer to "is this file really an image / an audio file we accept, and within
+limits?": `check_image` decodes with Pillow (a fixed set of formats, pixel limit, decompression
+bombs refused), `check_audio` probes with ffprobe (an audio stream, a container from a fixed set,
+duration limit, no playlists that would make ffmpeg fetch other URLs). `ffprobe_json` is the one
+place that runs ffprobe. Errors (`MediaError`) name the field and say what the file looked like
+("got text/html"), so they can be shown to the client as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+FFPROBE_TIMEOUT_S = 30.0
+SNIFF_BYTES = 4096
+# Pillow decoders we accept (no EPS/PostScript: Pillow runs Ghostscript for those).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also yields "MPO"
+# ffprobe format_name parts we accept for audio inputs (never hls, concat, image or text demuxers).
+AUDIO_CONTAINERS = frozenset(
+    {"mp3", "wav", "w64", "ogg", "flac", "aac", "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska",
+     "webm", "aiff", "caf", "amr", "asf", "avi", "wv", "ape", "mpegts", "au"}
+)  # fmt: skip
+
+
+class MediaError(Exception):
+    """A downloaded file is not what it should be; str() is a message fit for the client."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str  # Pillow's name: "PNG", "JPEG", ...
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    duration_s: float
+    codec: str  # of the first audio stream, e.g. "mp3", "aac", "pcm_s16le"
+    format_name: str  # ffprobe's container name, e.g. "wav", "mov,mp4,m4a,3gp,3g2,mj2"
+    has_video: bool  # a real video stream (cover art pictures do not count)
+
+
+# --- sniffing -----------------------------------------------------------------------------------
+
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
+    (0, b"\xff\xd8\xff", "image/jpeg"),
+    (0, b"GIF87a", "image/gif"),
+    (0, b"GIF89a", "image/gif"),
+    (0, b"II*\x00", "image/tiff"),
+    (0, b"MM\x00*", "image/tiff"),
+    (0, b"%PDF-", "application/pdf"),
+    (0, b"ID3", "audio/mpeg"),
+    (0, b"OggS", "audio/ogg"),
+    (0, b"fLaC", "audio/flac"),
+    (0, b"\x1aE\xdf\xa3", "video/webm or matroska"),
+    (0, b"PK\x03\x04", "application/zip"),
+    (0, b"\x1f\x8b", "application/gzip"),
+    (0, b"\x7fELF", "an executable"),
+    (0, b"MZ", "an executable"),
+    (0, b"#EXTM3U", "a playlist (m3u)"),
+    (0, b"ffconcat", "a playlist (ffconcat)"),
+)
+
+
+def sniff(head: bytes) -> str:
+    """A short description of what the first bytes of a file look like ("text/html", "image/png",
+    "video/mp4", "unknown data", ...), for error messages."""
+    if not head:
+        return "an empty file"
+    for offset, magic, label in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return label
+    if head[:4] == b"RIFF" and len(head) >= 12:
+        kind = head[8:12]
+        return {b"WEBP": "image/webp", b"WAVE": "audio/wav", b"AVI ": "video/avi"}.get(kind, "a RIFF file")
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "audio/aiff"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
+            return "image/heif or avif"
+        return "audio/mp4" if brand.startswith(b"M4A") else "video/mp4"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:
+        return "audio/aac"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:
+        return "audio/mpeg"
+    if head[:2] == b"BM" and len(head) >= 14:
+        return "image/bmp"
+    return _sniff_text(head)
+
+
+def _sniff_text(head: bytes) -> str:
+    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if head.startswith(bom):
+            head = head[len(bom) :].decode(codec, errors="ignore").encode("utf-8")
+            break
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return "unknown data"
+        text = head[: exc.start].decode("utf-8")
+    if any(ord(ch) < 0x20 and ch not in "\t\n\r\f" for ch in text):
+        return "unknown data"
+    start = text.lstrip().lower()
+    if start.startswith(("<!doctype html", "<html", "<head", "<body")) or "<html" in start[:1024]:
+        return "text/html"
+    if "<svg" in start[:1024]:
+        return "image/svg+xml"
+    if start.startswith("<?xml") or start.startswith("<"):
+        return "application/xml"
+    if start.startswith(("{", "[")):
+        return "application/json"
+    if start.startswith("#extm3u"):
+        return "a playlist (m3u)"
+    return "text/plain"
+
+
+def _sniff_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sniff(f.read(SNIFF_BYTES))
+
+
+# --- ffprobe --------------------------------------------------------------------------------------
+
+
+def ffprobe_json(path: Path | str, *, timeout: float = FFPROBE_TIMEOUT_S) -> dict:
+    """ffprobe's JSON (format and streams) for a local file. Only the file protocol is allowed,
+    so a playlist inside the file cannot make ffprobe fetch anything. Raises MediaError."""
+    target = Path(path).resolve()
+    command = [
+        "ffprobe", "-v", "error", "-hide_banner",
+        "-protocol_whitelist", "file",
+        "-print_format", "json", "-show_format", "-show_streams",
+        f"file:{target}",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MediaError(f"ffprobe took longer than {timeout:g} s") from None
+    except FileNotFoundError:
+        raise MediaError("ffprobe is not installed") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        raise MediaError(f"ffprobe could not read the file: {lines[-1] if lines else 'no details'}")
+    try:
+        data = json.loads(done.stdout or b"{}")
+    except ValueError:
+        raise MediaError("ffprobe gave unreadable output") from None
+    if not isinstance(data, dict):
+        raise MediaError("ffprobe gave unreadable output")
+    return data
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:g}"
+
+
+def check_image(path: Path | str, *, field: str, max_pixels: int) -> ImageInfo:
+    """Make sure `path` is an image Pillow decodes fully, of at most `max_pixels` pixels."""
+    path = Path(path)
+    too_big = f"{field}: image is too large (the limit is {_megapixels(max_pixels)} megapixels)"
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels decides (below); Pillow's global limit only warns, or raises
+            # DecompressionBombError for images over twice its limit (about 179 megapixels).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
+                width, height = im.size
+                fmt = im.format or "unknown"
+                if width <= 0 or height <= 0:
+                    raise MediaError(f"{field}: image has no pixels ({width}x{height})")
+                if width * height > max_pixels:
+                    raise MediaError(
+                        f"{field}: image is {width}x{height} pixels; the limit is "
+                        f"{_megapixels(max_pixels)} megapixels"
+                    )
+                im.verify()
+            with Image.open(path, formats=IMAGE_FORMATS) as im:  # verify() leaves it unusable
+                im.load()
+    except Image.DecompressionBombError:
+        raise MediaError(too_big) from None
+    except UnidentifiedImageError:
+        raise MediaError(f"{field}: not an image (got {_describe_non_image(path)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise MediaError(f"{field}: image could not be decoded ({_sniff_file(path)}: {exc})") from None
+    return ImageInfo(width=width, height=height, format=fmt)
+
+
+def _describe_non_image(path: Path) -> str:
+    label = _sniff_file(path)
+    if label.startswith("image/"):
+        return f"{label}, a format that is not accepted"
+    if label == "unknown data":
+        try:
+            probe = ffprobe_json(path, timeout=10)
+        except MediaError:
+            return label
+        kinds = {s.get("codec_type") for s in probe.get("streams", [])}
+        if kinds & {"audio", "video"}:
+            return f"an audio/video file ({probe.get('format', {}).get('format_name', '?')})"
+    return label
+
+
+# --- audio ----------------------------------------------------------------------------------------
+
+
+def _duration(probe: dict, stream: dict) -> float | None:
+    for raw in (probe.get("format", {}).get("duration"), stream.get("duration")):
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            continue
+        if value == value and value >= 0:  # not NaN
+            return value
+    return None
+
+
+def check_audio(path: Path | str, *, field: str, max_seconds: float) -> AudioInfo:
+    """Make sure `path` holds an audio stream in an accepted container, at most `max_seconds` long.
+    A video with sound passes (has_video=True); a video without sound does not."""
+    path = Path(path)
+    label = _sniff_file(path)
+    if label.startswith(("text/", "application/", "image/", "a playlist", "an ")):
+        # Text never reaches ffprobe: playlists and concat lists are text.
+        raise MediaError(f"{field}: not an audio file (got {label})")
+    try:
+        probe = ffprobe_json(path)
+    except MediaError:
+        raise MediaError(f"{field}: not an audio file (got {label})") from None
+    format_name = str(probe.get("format", {}).get("format_name", ""))
+    if not set(format_name.split(",")) & AUDIO_CONTAINERS:
+        raise MediaError(f"{field}: not an audio file (got {format_name or label})")
+    streams = [s for s in probe.get("streams", []) if isinstance(s, dict)]
+    audio = [s for s in streams if s.get("codec_type") == "audio"]
+    if not audio:
+        raise MediaError(f"{field}: not an audio file (the file has no audio stream)")
+    has_video = any(
+        s.get("codec_type") == "video" and not (s.get("disposition") or {}).get("attached_pic")
+        for s in streams
+    )
+    duration = _duration(probe, audio[0])
+    if duration is None:
+        raise MediaError(f"{field}: could not tell how long the audio is")
+    if duration > max_seconds:
+        raise MediaError(f"{field}: audio is {duration:.1f} s long; the limit is {max_seconds:g} s")
+    return AudioInfo(
+        duration_s=duration,
+        codec=str(audio[0].get("codec_name", "unknown")),
+        format_name=format_name,
+        has_video=has_video,
+    )

@@ -1,0 +1,76 @@
+"""GET /metrics: the service's numbers in Prometheus text format (prometheus_client).
+
+Every number is read from Redis at scrape time (jobstats.py), so any API process of any replica answers
+the same, however many gunicorn workers and render workers there are; no multiprocess directory needed.
+With METRICS_TOKEN set, a scrape must send `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+
+import redis
+from flask import Blueprint, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+import config
+import jobspec
+import jobstats
+
+metrics_routes = Blueprint("metrics", __name__)
+
+
+class RedisCollector:
+    """A prometheus_client collector whose every sample comes from Redis."""
+
+    def __init__(self, r: redis.Redis):
+        self.r = r
+
+    def collect(self) -> Iterator[Metric]:
+        stats = jobstats.counters(self.r)
+        workers = jobstats.workers(self.r)
+        yield GaugeMetricFamily("c3_render_queue_depth", "Jobs waiting in the queue.", value=stats["queue_depth"])
+        yield GaugeMetricFamily("c3_render_jobs_running", "Jobs running now.", value=stats["running"])
+        jobs = CounterMetricFamily("c3_render_jobs", "Jobs submitted (status queued) and finished, by final "
+                                   "status.", labels=["type", "status"])
+        for job_type in jobspec.JOB_TYPES:
+            for status in ("queued", *jobspec.FINISHED_STATUSES):
+                jobs.add_metric([job_type, status], stats["jobs_total"].get((job_type, status), 0))
+        yield jobs
+        durations = HistogramMetricFamily("c3_render_job_duration_seconds", "Run time of finished jobs, "
+                                          "from start to finish.", labels=["type"])
+        for job_type in jobspec.JOB_TYPES:
+            duration = stats["durations"].get(job_type, {})
+            durations.add_metric([job_type], jobstats.histogram_buckets(duration),
+                                 sum_value=duration.get("sum", 0.0))
+        yield durations
+        yield GaugeMetricFamily("c3_render_nodes_running", "GPU nodes launched and not stopped (booting or "
+                                "running).", value=jobstats.nodes_running(workers))
+        yield CounterMetricFamily("c3_render_node_seconds", "Node-seconds of stopped nodes, launch to stop.",
+                                  value=stats["node_seconds_total"])
+        yield GaugeMetricFamily("c3_render_workers_alive", "Workers with a live heartbeat.",
+                                value=sum(1 for w in workers if w["alive"]))
+        hooks = CounterMetricFamily("c3_render_webhook_deliveries", "Webhook delivery attempts by outcome.",
+                                    labels=["outcome"])
+        for outcome in sorted({"delivered", "retrying", "failed"} | set(stats["webhook_deliveries"])):
+            hooks.add_metric([outcome], stats["webhook_deliveries"].get(outcome, 0))
+        yield hooks
+
+
+@metrics_routes.get("/metrics")
+def metrics() -> Response:
+    settings: config.Settings = current_app.extensions["c3_settings"]
+    if settings.metrics_token:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {settings.metrics_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            answer = jsonify({"error": "missing or invalid metrics token: send Authorization: Bearer "
+                                       "<METRICS_TOKEN>"})
+            answer.status_code = 401
+            answer.headers["WWW-Authenticate"] = "Bearer"
+            return answer
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(current_app.extensions["c3_redis"]))
+    return Response(generate_latest(registry), mimetype=None, content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,260 @@
+"""The OpenAPI 3.1 document of the c3-render API, generated from jobspec.py (served at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import config
+import jobspec
+from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN
+
+VERSION = config.VERSION
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
+    """An OpenAPI 3.1 document of every route, field, range and error."""
+    ok = "application/json"
+    timestamp = {"type": ["string", "null"], "format": "date-time"}
+    schemas: dict[str, Any] = {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "JobAccepted": {
+            "type": "object", "required": ["id", "status"],
+            "properties": {"id": {"type": "string", "format": "uuid"},
+                           "status": {"type": "string", "enum": list(jobspec.STATUSES)}},
+        },
+        "JobStatus": {
+            "type": "object",
+            "required": ["id", "type", "status", "created_at", "started_at", "finished_at", "complete_by",
+                         "attempts"],
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "type": {"type": "string", "enum": list(jobspec.JOB_TYPES)},
+                "status": {"type": "string", "enum": list(jobspec.STATUSES)},
+                "created_at": timestamp, "started_at": timestamp, "finished_at": timestamp,
+                "complete_by": timestamp,
+                "attempts": {"type": "integer", "minimum": 0},
+                "error": {"type": "string", "description": "Why the job failed or was cancelled."},
+                "queue_position": {"type": ["integer", "null"], "minimum": 1,
+                                   "description": "While queued: 1 = runs next."},
+                "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+                "cancel_requested": {"type": "boolean"},
+                "webhook": {
+                    "type": "object", "required": ["status", "attempts", "last_error"],
+                    "properties": {
+                        "status": {"type": "string",
+                                   "enum": ["waiting", "pending", "retrying", "delivered", "failed"]},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "last_error": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+        "JobResult": {
+            "type": "object", "required": ["id", "status"],
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "status": {"type": "string", "enum": list(jobspec.FINISHED_STATUSES)},
+                "result_url": {"type": "string", "description": "csm and portrait: the file, valid 7 days"},
+                "text": {"type": "string", "description": "whisper and analyze: the text"},
+                "error": {"type": "string"},
+            },
+        },
+        "CancelAnswer": {
+            "type": "object", "required": ["id", "status"],
+            "properties": {"id": {"type": "string", "format": "uuid"},
+                           "status": {"type": "string", "enum": ["cancelled", "running"]},
+                           "cancel_requested": {"type": "boolean"}},
+        },
+    }
+    for job_type in jobspec.JOB_TYPES:
+        schemas[f"{job_type.capitalize()}Request"] = jobspec.request_schema(job_type)
+
+    job_id_param = {"name": "job_id", "in": "path", "required": True,
+                    "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+                    "description": "A job id as returned on submission (a lower-case UUID4)."}
+    common_errors = {
+        "401": _error_response("Missing or wrong API key (when C3_RENDER_API_KEYS is set)."),
+        "503": _error_response("Redis cannot be reached."),
+    }
+    paths: dict[str, Any] = {}
+    for route, job_type in jobspec.SUBMIT_ROUTES.items():
+        paths[route] = {"post": {
+            "summary": f"Submit a {job_type} job" + (" (alias)" if route == "/whisper" else ""),
+            "operationId": "submit_" + route.strip("/").replace("/", "_"),
+            "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
+                            "description": "Same key and body within 24 h: the same job, queued once."}],
+            "requestBody": {"required": True, "content": {ok: {"schema": {
+                "$ref": f"#/components/schemas/{job_type.capitalize()}Request"}}}},
+            "responses": {
+                "200": {"description": "Queued.", "content": {ok: {"schema": {
+                    "$ref": "#/components/schemas/JobAccepted"}}}},
+                "400": _error_response("Invalid field, unknown field, malformed JSON or a bad "
+                                       "Idempotency-Key; the message names the field and allowed range."),
+                "413": _error_response("Body larger than MAX_CONTENT_LENGTH."),
+                "415": _error_response("Body is not JSON."),
+                "422": _error_response("Idempotency-Key reused with a different body."),
+                "429": _error_response("Rate limit exceeded; see Retry-After."),
+                **common_errors,
+            },
+        }}
+    by_id = {"400": _error_response("Malformed job id."), "404": _error_response("Unknown job id."),
+             **common_errors}
+    paths["/status/{job_id}"] = {"get": {
+        "summary": "Status of a job", "operationId": "status", "parameters": [job_id_param],
+        "responses": {"200": {"description": "The job.", "content": {ok: {"schema": {
+            "$ref": "#/components/schemas/JobStatus"}}}}, **by_id},
+    }}
+    paths["/result/{job_id}"] = {"get": {
+        "summary": "Result of a finished job", "operationId": "result", "parameters": [job_id_param],
+        "responses": {"200": {"description": "Finished.", "content": {ok: {"schema": {
+            "$ref": "#/components/schemas/JobResult"}}}},
+            "409": _error_response("Not finished yet."), **by_id},
+    }}
+    cancel_responses = {"200": {"description": "Cancelled, or running and asked to stop.",
+                                "content": {ok: {"schema": {"$ref": "#/components/schemas/CancelAnswer"}}}},
+                        "409": _error_response("Already finished."), **by_id}
+    paths["/cancel/{job_id}"] = {"post": {"summary": "Cancel a job", "operationId": "cancel",
+                                          "parameters": [job_id_param], "responses": cancel_responses}}
+    paths["/job/{job_id}"] = {"post": {
+        "summary": 'Cancel a job (older form, body {"status": "cancelled"})', "operationId": "job_update",
+        "parameters": [job_id_param],
+        "requestBody": {"required": True, "content": {ok: {"schema": {
+            "type": "object", "additionalProperties": False, "required": ["status"],
+            "properties": {"status": {"type": "string", "enum": ["cancelled"]}}}}}},
+        "responses": {**cancel_responses, "415": _error_response("Body is not JSON.")},
+    }}
+    paths["/files/{name}"] = {"get": {
+        "summary": "A result file (local storage mode), on a signed, expiring link",
+        "operationId": "files",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                       {"name": "expires", "in": "query", "required": True, "schema": {"type": "string"}},
+                       {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "The file."},
+                      "403": _error_response("Invalid or expired link."),
+                      "404": _error_response("No such file."),
+                      "503": _error_response("Redis cannot be reached.")},
+    }}
+    paths["/jobs"] = {"get": {
+        "summary": "List jobs, newest first (cursor pages)", "operationId": "list_jobs",
+        "parameters": [
+            {"name": "status", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": list(jobspec.STATUSES)}},
+            {"name": "type", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": list(jobspec.JOB_TYPES)}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": jobspec.JOBS_PAGE_MAX,
+                        "default": jobspec.JOBS_PAGE_DEFAULT}},
+            {"name": "cursor", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
+             "description": "next_cursor of the previous page."},
+        ],
+        "responses": {
+            "200": {"description": "One page. A page filtered by status and type together may be short "
+                                   "with a next_cursor: follow it until it is null.",
+                    "content": {ok: {"schema": {
+                        "type": "object", "required": ["jobs", "next_cursor"],
+                        "properties": {"jobs": {"type": "array",
+                                                "items": {"$ref": "#/components/schemas/JobStatus"}},
+                                       "next_cursor": {"type": ["string", "null"]}}}}}},
+            "400": _error_response("Unknown status or type, limit out of range, or a bad cursor."),
+            **common_errors,
+        },
+    }}
+    paths["/jobs/{job_id}"] = {"get": {
+        "summary": "A job with its status history and result (the dashboard's detail view)",
+        "operationId": "job_detail", "parameters": [job_id_param],
+        "responses": {"200": {"description": "The job.", "content": {ok: {"schema": {"allOf": [
+            {"$ref": "#/components/schemas/JobStatus"},
+            {"type": "object", "required": ["history"], "properties": {
+                "history": {"type": "array", "items": {
+                    "type": "object", "required": ["status", "at"],
+                    "properties": {"status": {"type": "string", "enum": list(jobspec.STATUSES)},
+                                   "at": timestamp}}},
+                "result": {"type": "object", "properties": {"result_url": {"type": "string"},
+                                                            "text": {"type": "string"}}}}},
+        ]}}}}, **by_id},
+    }}
+    paths["/events/{job_id}"] = {"get": {
+        "summary": "Live status as Server-Sent Events",
+        "description": "An `event: status` with the JobStatus object as `data:` on every change (status, "
+                       "phase, progress, queue position, webhook), then `event: end` with the final one, "
+                       "and the stream closes. Comment lines keep it alive. Send Last-Event-ID to resume: "
+                       "no repeat of the event you have, and 204 once you have the final one.",
+        "operationId": "events", "parameters": [
+            job_id_param,
+            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {"description": "The event stream.", "content": {"text/event-stream": {
+                "schema": {"type": "string"}}}},
+            "204": {"description": "The job is finished and Last-Event-ID is its final event."},
+            **by_id,
+            "503": _error_response("Redis cannot be reached, or this API process holds SSE_MAX_STREAMS "
+                                   "streams already; see Retry-After."),
+        },
+    }}
+    paths["/overview"] = {"get": {
+        "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds",
+        "operationId": "overview",
+        "responses": {"200": {"description": "The numbers.", "content": {ok: {"schema": {
+            "type": "object",
+            "required": ["queue_depth", "running", "finished_last_hour", "workers", "nodes_running",
+                         "node_seconds_today", "node_seconds_total"],
+            "properties": {
+                "queue_depth": {"type": "integer"}, "running": {"type": "integer"},
+                "finished_last_hour": {"type": "integer"}, "nodes_running": {"type": "integer"},
+                "node_seconds_today": {"type": "number"}, "node_seconds_total": {"type": "number"},
+                "jobs_total": {"type": "array", "items": {"type": "object"}},
+                "webhook_deliveries": {"type": "object"},
+                "workers": {"type": "array", "items": {"type": "object"}},
+            }}}}}, **common_errors},
+    }}
+    text_answer = {"description": "", "content": {}}
+    metrics_answer = dict(text_answer, description="Prometheus text format (prometheus_client).",
+                          content={"text/plain": {"schema": {"type": "string"}}})
+    paths["/metrics"] = {"get": {
+        "summary": "Prometheus metrics, read from Redis (the same from every API process)",
+        "operationId": "metrics",
+        "responses": {"200": metrics_answer,
+                      "401": _error_response("METRICS_TOKEN is set and Authorization: Bearer <it> is missing "
+                                             "or wrong (or /metrics is not among PUBLIC_ROUTES and the API "
+                                             "key is missing)."),
+                      "503": _error_response("Redis cannot be reached.")},
+    }}
+    html_answer = dict(text_answer, description="An HTML page.",
+                       content={"text/html": {"schema": {"type": "string"}}})
+    paths["/docs"] = {"get": {"summary": "Swagger UI of this document (files served locally)",
+                              "operationId": "docs", "responses": {"200": html_answer}}}
+    paths["/dashboard"] = {"get": {"summary": "The operator's dashboard (HTML; its data calls need the API key)",
+                                   "operationId": "dashboard", "responses": {"200": html_answer}}}
+
+    def simple_route(summary: str, operation: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        responses = {"200": {"description": summary, "content": {ok: {"schema": {"type": "object"}}}}}
+        responses.update(extra or {})
+        return {"get": {"summary": summary, "operationId": operation, "responses": responses}}
+
+    paths["/"] = simple_route("Service information", "index")
+    paths["/healthz"] = simple_route("The process is alive", "healthz")
+    paths["/readyz"] = simple_route("Redis answers", "readyz",
+                                    {"503": _error_response("Redis cannot be reached.")})
+    paths["/openapi.json"] = simple_route("This OpenAPI 3.1 document", "openapi")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "c3-render", "version": VERSION,
+                 "description": "AI render jobs on Comput3.ai GPU nodes: submit, follow, fetch results."},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "RenderKey": {"type": "apiKey", "in": "header", "name": "X-C3-RENDER-KEY"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+        "security": [{}, {"RenderKey": []}, {"Bearer": []}],
+    }

@@ -1,0 +1,303 @@
+"""Result storage: where finished job outputs go and the URL a client fetches them from.
+
+This module owns the result files and their URLs, and nothing else (no Redis, no job logic):
+
+- MinIO / S3 mode (MINIO_ENDPOINT set): the file is uploaded to MINIO_BUCKET under the spec's
+  object name ({job_id}.mp3, {job_id}.mp4, {job_id}.txt) and the result URL is a presigned GET,
+  valid at most 7 days (the S3 signature limit). With MINIO_PUBLIC_URL the URL is signed for that
+  public host; presigning is pure computation (the region is always given to the client, so no
+  GetBucketLocation request is made) and never contacts either host.
+- Local mode: the file is copied into OUTPUT_DIR and the result URL is
+  {PUBLIC_BASE_URL}/files/{name}?expires=..&sig=.., an HMAC-SHA256 signature the API checks
+  with verify_file_signature() before serving local_file_path(). Never a file:// URL.
+
+Secrets (S3 keys, the file URL secret) never appear in exceptions or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.parse
+from datetime import timedelta
+from pathlib import Path
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # S3 SigV4 presigned URLs are valid 7 days at most
+DEFAULT_REGION = "us-east-1"
+
+# A stored file's name: one path component, no leading dot, only these characters.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
+_EXPIRES_RE = re.compile(r"[0-9]{1,12}")
+
+_CONTENT_TYPES = {
+    ".mp3": "audio/mpeg",
+    ".mp4": "video/mp4",
+    ".txt": "text/plain; charset=utf-8",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".wav": "audio/wav",
+    ".json": "application/json",
+}
+
+
+class StorageError(Exception):
+    """Result storage is unreachable or refused an operation (message names no secret)."""
+
+
+# --- names and content types ------------------------------------------------------------------
+
+
+def content_type_for(name: str) -> str:
+    """The Content-Type of a result file, from its extension."""
+    return _CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
+def valid_name(name: str) -> bool:
+    """True when name is a plain file name this module will store or serve."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
+def _check_name(name: str) -> None:
+    if not valid_name(name):
+        raise ValueError(f"invalid result file name {name!r}")
+
+
+# --- MinIO / S3 ---------------------------------------------------------------------------------
+
+
+def uses_minio(settings: Settings) -> bool:
+    """True when results go to MinIO / S3 (MINIO_ENDPOINT is set)."""
+    return bool(settings.minio_endpoint.strip())
+
+
+def _split_endpoint(value: str, default_secure: bool) -> tuple[str, bool]:
+    """'host:port' or 'http(s)://host:port[/]' -> ('host:port', secure)."""
+    value = value.strip()
+    if "://" not in value:
+        value = ("https://" if default_secure else "http://") + value
+    url = urllib.parse.urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise StorageError(f"invalid S3 endpoint {value!r}: expected host:port or http(s)://host:port")
+    if url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
+        raise StorageError(f"invalid S3 endpoint {value!r}: no path, query or user info allowed")
+    return url.netloc, url.scheme == "https"
+
+
+def _region(settings: Settings) -> str:
+    return settings.minio_region.strip() or DEFAULT_REGION
+
+
+def _http_client() -> urllib3.PoolManager:
+    # minio's default pool retries a refused connection 5 times with backoff; keep the failure
+    # quick and clear, and the upload read timeout generous.
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=10, read=300),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+
+
+def _client(settings: Settings, endpoint: str, default_secure: bool) -> Minio:
+    host, secure = _split_endpoint(endpoint, default_secure)
+    try:
+        return Minio(
+            host,
+            access_key=settings.minio_access_key or None,
+            secret_key=settings.minio_secret_key or None,
+            secure=secure,
+            region=_region(settings),
+            http_client=_http_client(),
+        )
+    except ValueError as exc:
+        raise StorageError(
+            f"invalid S3 configuration for endpoint {host}: {_redact(str(exc), settings)}"
+        ) from None
+
+
+def _redact(text: str, settings: Settings) -> str:
+    for secret in (settings.minio_access_key, settings.minio_secret_key, settings.file_url_secret):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _describe(exc: BaseException, settings: Settings) -> str:
+    if isinstance(exc, S3Error):
+        detail = f"{exc.code}: {exc.message}"
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    return _redact(detail, settings)[:500]
+
+
+def ensure_bucket(settings: Settings) -> None:
+    """Make sure results can be stored: create the bucket (MinIO) or the output directory (local)."""
+    if not uses_minio(settings):
+        try:
+            Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create output directory {settings.output_dir}: {exc}") from None
+        return
+    endpoint = settings.minio_endpoint.strip()
+    bucket = settings.minio_bucket
+    client = _client(settings, endpoint, settings.minio_secure)
+    try:
+        if not client.bucket_exists(bucket):
+            try:
+                client.make_bucket(bucket, location=_region(settings))
+                log.info("created bucket %s on %s", bucket, endpoint)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+    except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        raise StorageError(
+            f"cannot use bucket {bucket!r} on S3 endpoint {endpoint}: {_describe(exc, settings)}"
+        ) from None
+
+
+def _presigned_url(settings: Settings, object_name: str, ttl_s: int) -> str:
+    """Presigned GET for object_name, for MINIO_PUBLIC_URL when set. Makes no network request:
+    the clients have their region set, so minio never asks the server for the bucket location."""
+    public = settings.minio_public_url.strip()
+    endpoint = public or settings.minio_endpoint.strip()
+    client = _client(settings, endpoint, settings.minio_secure)
+    expires = timedelta(seconds=max(1, min(int(ttl_s), MAX_PRESIGN_TTL_S)))
+    try:
+        return client.presigned_get_object(settings.minio_bucket, object_name, expires=expires)
+    except (MinioException, ValueError) as exc:
+        raise StorageError(
+            f"cannot presign {object_name} for {endpoint}: {_describe(exc, settings)}"
+        ) from None
+
+
+def _upload_minio(settings: Settings, path: Path, object_name: str, ttl_s: int) -> str:
+    endpoint = settings.minio_endpoint.strip()
+    bucket = settings.minio_bucket
+    client = _client(settings, endpoint, settings.minio_secure)
+    content_type = content_type_for(object_name)
+    for attempt in (1, 2):
+        try:
+            client.fput_object(bucket, object_name, str(path), content_type=content_type)
+            break
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket" and attempt == 1:
+                ensure_bucket(settings)
+                continue
+            raise StorageError(
+                f"cannot upload {object_name} to bucket {bucket!r} on {endpoint}: {_describe(exc, settings)}"
+            ) from None
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise StorageError(
+                f"cannot upload {object_name} to bucket {bucket!r} on {endpoint}: {_describe(exc, settings)}"
+            ) from None
+    log.info("uploaded %s to bucket %s (%s)", object_name, bucket, content_type)
+    return _presigned_url(settings, object_name, ttl_s)
+
+
+# --- local files ----------------------------------------------------------------------------------
+
+
+def _upload_local(settings: Settings, path: Path, object_name: str) -> None:
+    out_dir = Path(settings.output_dir)
+    tmp_name = ""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The temporary name starts with a dot, so local_file_path() never serves a partial file.
+        fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".upload-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, out_dir / object_name)
+        tmp_name = ""
+    except OSError as exc:
+        raise StorageError(f"cannot store {object_name} in {out_dir}: {exc.strerror or exc}") from None
+    finally:
+        if tmp_name:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+    log.info("stored %s in %s", object_name, out_dir)
+
+
+def _signature(name: str, expires: int, secret: bytes) -> str:
+    return hmac.new(secret, f"{name}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_file_url(
+    settings: Settings, name: str, secret: bytes, ttl_s: int, now: float | None = None
+) -> str:
+    """{PUBLIC_BASE_URL}/files/{name}?expires=<unix>&sig=<hex HMAC-SHA256(secret, name\\nexpires)>."""
+    _check_name(name)
+    if not secret:
+        raise ValueError("the file URL secret is empty")
+    expires = int(time.time() if now is None else now) + int(ttl_s)
+    sig = _signature(name, expires, secret)
+    base = settings.public_base_url.rstrip("/")
+    return f"{base}/files/{name}?expires={expires}&sig={sig}"
+
+
+def verify_file_signature(name: str, expires: str, sig: str, secret: bytes, now: float | None = None) -> bool:
+    """True when sig is the signature of name and expires, and expires has not passed."""
+    if not secret or not valid_name(name):
+        return False
+    if not isinstance(expires, str) or not isinstance(sig, str):
+        return False
+    if not _EXPIRES_RE.fullmatch(expires) or not _SIG_RE.fullmatch(sig):
+        return False
+    expires_at = int(expires)
+    if expires_at < (time.time() if now is None else now):
+        return False
+    expected = _signature(name, expires_at, secret)
+    return hmac.compare_digest(expected, sig.lower())
+
+
+def local_file_path(settings: Settings, name: str) -> Path | None:
+    """The stored file called name inside OUTPUT_DIR, or None (missing, or not a safe plain name)."""
+    if not valid_name(name):
+        return None
+    base = Path(settings.output_dir).resolve()
+    candidate = (base / name).resolve()
+    if candidate.parent != base or not candidate.is_file():
+        return None
+    return candidate
+
+
+# --- the one entry point the worker uses -----------------------------------------------------------
+
+
+def upload_result(
+    settings: Settings, path: Path, object_name: str, file_secret: bytes, ttl_s: int = 7 * 24 * 3600
+) -> str:
+    """Store the result file at path under object_name and return the URL a client fetches it from."""
+    _check_name(object_name)
+    if ttl_s < 1:
+        raise ValueError("ttl_s must be at least 1 second")
+    if uses_minio(settings):
+        if ttl_s > MAX_PRESIGN_TTL_S:
+            log.info("result URL lifetime capped at 7 days (S3 presign limit), asked %ss", ttl_s)
+        return _upload_minio(settings, Path(path), object_name, ttl_s)
+    if not file_secret:
+        raise ValueError("the file URL secret is empty")
+    _upload_local(settings, Path(path), object_name)
+    return signed_file_url(settings, object_name, file_secret, ttl_s)

@@ -1,0 +1,116 @@
+"""WhisperX speech-to-text engine (PROTOCOLS.md 4).
+
+This module owns the WhisperX Gradio call (`/transcribe_audio`, input names in `WHISPER_INPUTS`) and the
+files of a whisper job: work_dir/{job_id}_input.mp3 (the audio sent) and work_dir/{job_id}.txt (the
+transcript). It returns the transcript text. Polling, stopping and error mapping are csm.gradio_call's.
+
+The audio input's name is unverified (deployed versions used `input_file`): it is AUDIO_INPUT_NAME,
+overridable by env WHISPER_AUDIO_INPUT_NAME; when the app declares its inputs and the configured name
+is not among them, the other known name is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from csm import gradio_call, to_mp3
+from engine_api import EngineError, NodeUrls, Progress, ShouldStop
+
+log = logging.getLogger(__name__)
+
+API_NAME = "/transcribe_audio"
+AUDIO_INPUT_NAME = "audio_file"
+KNOWN_AUDIO_INPUT_NAMES = ("audio_file", "input_file")
+# Keyword inputs other than the audio file, with the values the public client sends (PROTOCOLS.md 4).
+WHISPER_INPUTS = {
+    "model": "model",
+    "task": "task",
+    "language": "language",
+    "device": "device",
+    "compute_type": "compute_type",
+    "batch_size": "batch_size",
+    "vad_method": "vad_method",
+    "word_timestamps": "word_timestamps",
+    "segment_resolution": "segment_resolution",
+}
+FIXED_VALUES = {
+    "device": "cuda",
+    "compute_type": "float16",
+    "batch_size": 16,
+    "vad_method": "pyannote",
+    "word_timestamps": True,
+    "segment_resolution": "sentence",
+}
+DEFAULT_MODEL = "medium"
+DEFAULT_TASK = "transcribe"
+
+
+def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
+    """The name to send the audio under: env, else the constant; adapted to what the app declares."""
+    name = os.environ.get("WHISPER_AUDIO_INPUT_NAME", "").strip() or AUDIO_INPUT_NAME
+    if declared and name not in declared:
+        for other in KNOWN_AUDIO_INPUT_NAMES:
+            if other in declared:
+                log.warning("whisper app has no input %r; sending the audio as %r", name, other)
+                return other
+    return name
+
+
+def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] = frozenset()) -> dict:
+    """The keyword inputs of /transcribe_audio for these params (audio: a handle_file value)."""
+    language = str(params.get("language") or "").strip()
+    values = {
+        "model": str(params.get("model") or DEFAULT_MODEL),
+        "task": str(params.get("task") or DEFAULT_TASK),
+        "language": "" if language.lower() == "auto" else language,  # "" = detect
+        **FIXED_VALUES,
+    }
+    kwargs = {audio_input_name(declared): audio}
+    kwargs.update({WHISPER_INPUTS[key]: value for key, value in values.items()})
+    return kwargs
+
+
+def transcript_text(result: Any) -> str:
+    """The text of the app's (transcript_text, files) output."""
+    text = result[0] if isinstance(result, (list, tuple)) and result else result
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise EngineError(f"Whisper failed: the app returned {type(text).__name__}, not text")
+    return text.strip()
+
+
+def run(
+    params: dict,
+    job_id: str,
+    inputs: dict[str, Path],
+    node: NodeUrls,
+    work_dir: Path,
+    should_stop: ShouldStop,
+    progress: Progress,
+) -> str:
+    """Transcribe inputs["audio"] with WhisperX on the node; return the transcript text."""
+    from gradio_client import handle_file
+
+    audio = inputs.get("audio")
+    if audio is None:
+        raise EngineError("Whisper failed: no audio input")
+    sent = to_mp3(audio, work_dir / f"{job_id}_input.mp3")
+    log.info("job %s: whisper model %s", job_id, params.get("model") or DEFAULT_MODEL)
+    result = gradio_call(
+        node.whisper,
+        node.headers(),
+        API_NAME,
+        lambda declared: build_kwargs(params, handle_file(str(sent)), declared),
+        should_stop,
+        progress,
+        "Whisper",
+        work_dir / "gradio",
+    )
+    text = transcript_text(result)
+    (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
+    progress(100)
+    return text

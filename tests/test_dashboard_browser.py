@@ -1,0 +1,162 @@
+"""The whole stack in a real browser: redis-server, the dev node, the API (gunicorn), a worker; jobs
+submitted with the `c3-render` CLI (including `submit portrait ... --wait --out talk.mp4`), and the
+dashboard opened in headless Chromium (Debian's `chromium`, driven by Playwright with the system
+browser; never `playwright install`). Checks the jobs, their states, the detail view, the workers and
+that the Cancel button cancels; saves a screenshot in the test's tmp dir (and in /work/wt/notes when
+that directory exists, for the team to look at)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import ROOT, clean_env
+from devnode_helpers import start_devnode, stop_devnode
+from PIL import Image
+from system import ffprobe, http_json, running_nodes, service_env, start_api, start_file_server, start_worker
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+KEY = "dashboard-test-key"
+NOTES_DIR = Path("/work/wt/notes")
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    tmp = tmp_path_factory.mktemp("dashboard")
+    redis.Redis.from_url(redis_server.url).flushall()
+    devnode_proc, devnode_url = start_devnode(tmp)
+    env = service_env(redis_server.url, devnode_url, tmp, GPU_IDLE_TIMEOUT="30", C3_RENDER_API_KEYS=KEY)
+    api, api_url = start_api(env, tmp)
+    inputs = tmp / "inputs"
+    inputs.mkdir()
+    from skimage import data as sample_data
+
+    Image.fromarray(sample_data.astronaut()).save(inputs / "astronaut.jpg", quality=90)
+    (inputs / "page.jpg").write_text("<html>not an image</html>")
+    files, files_url = start_file_server(inputs)
+    workers: list = []  # the test starts the worker once it has cancelled a job while it was queued
+    yield {"api": api_url, "files": files_url, "tmp": tmp, "env": env, "workers": workers}
+    for worker in workers:
+        worker.stop()
+    api.stop()
+    files.shutdown()
+    nodes_left = running_nodes(devnode_url)
+    stop_devnode(devnode_proc)
+    assert not nodes_left, nodes_left
+
+
+def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "c3_render_cli.py"), *args], cwd=str(ROOT),
+                          env=clean_env(C3_RENDER_API=stack["api"], C3_RENDER_API_KEY=KEY),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit(stack, route: str, body: dict) -> str:
+    status, answer = http_json("POST", stack["api"] + route, body, {"X-C3-RENDER-KEY": KEY})
+    assert status == 200, answer
+    return answer["id"]
+
+
+def status_of(page, job_id: str):
+    return page.locator(f'tr[data-job-id="{job_id}"] [data-status]')
+
+
+def test_cli_and_dashboard_on_the_whole_stack(stack):
+    from playwright.sync_api import expect, sync_playwright
+
+    tmp = stack["tmp"]
+    target = submit(stack, "/csm", {"text": "This job is cancelled from the dashboard."})
+    failing = submit(stack, "/analyze", {"image_url": stack["files"] + "/page.jpg"})
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        outside = []
+        page.on("request", lambda request: None if request.url.startswith(stack["api"])
+                else outside.append(request.url))
+        page.goto(stack["api"] + "/dashboard")
+        expect(page.locator("#problem")).to_contain_text("API key")  # no key yet: the data routes say 401
+        page.fill("#api-key", KEY)
+        page.click("#key-form button")
+        rows = page.locator("#jobs tbody tr")
+        expect(rows).to_have_count(2)
+        expect(status_of(page, target)).to_have_text("queued")
+        expect(page.locator(f'tr[data-job-id="{target}"] .progress')).to_have_text("#1 in queue")
+        expect(page.locator("#queue-depth")).to_have_text("2")
+
+        # no worker yet, so the job is still queued when the button is pressed
+        page.locator(f'tr[data-job-id="{target}"] button.cancel').click()
+        expect(status_of(page, target)).to_have_text("cancelled")
+        expect(page.locator(f'tr[data-job-id="{target}"] button.cancel')).to_have_count(0)
+        expect(page.locator("#queue-depth")).to_have_text("1")
+
+        stack["workers"].append(start_worker(stack["env"], tmp, "dashboard-worker"))
+        speech = tmp / "speech.mp3"
+        done = cli(stack, "submit", "csm", "--text", "Hello from the dashboard test. Two sentences.",
+                   "--voice", "conversational_a", "--wait", "--out", str(speech))
+        assert done.returncode == 0, done.stderr
+        assert ffprobe(speech)["format"]["format_name"] == "mp3"
+        talk = tmp / "talk.mp4"
+        portrait = cli(stack, "submit", "portrait", "--image-url", stack["files"] + "/astronaut.jpg",
+                       "--audio-url", done.stdout.strip().splitlines()[-1], "--wait", "--out", str(talk))
+        assert portrait.returncode == 0, portrait.stderr
+        video = [s for s in ffprobe(talk)["streams"] if s["codec_type"] == "video"]
+        assert video and video[0]["codec_name"] == "h264"
+
+        expect(rows).to_have_count(4)
+        expect(status_of(page, failing)).to_have_text("failed")
+        expect(page.locator(f'tr[data-job-id="{failing}"] .error')).to_contain_text("not an image")
+        expect(page.locator("#failures")).to_contain_text("not an image")
+        expect(page.locator('#jobs tbody [data-status="success"]')).to_have_count(2)
+        expect(page.locator('#workers tbody tr[data-worker="dashboard-worker"]')).to_contain_text("s ago")
+        expect(page.locator("#throughput")).to_have_text("4")
+
+        page.locator(f'tr[data-job-id="{failing}"]').click()
+        expect(page.locator('#detail-fields [data-field="error"]')).to_contain_text("not an image")
+        expect(page.locator("#detail-history tbody tr")).to_have_count(3)  # queued, running, failed
+
+        page.select_option("#filter-status", "cancelled")
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_have_attribute("data-job-id", target)
+        page.select_option("#filter-status", "")
+        expect(rows).to_have_count(4)
+
+        portrait_id = rows.first.get_attribute("data-job-id")  # newest first
+        rows.first.click()
+        expect(page.locator('#detail-fields [data-field="type"]')).to_have_text("portrait")
+        expect(page.locator('#detail-fields [data-field="result"] a')).to_have_text("result file")
+        shot = tmp / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+
+        page.goto(stack["api"] + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("c3-render", timeout=15_000)
+        expect(page.locator(".opblock-summary-path").filter(has_text="/events/")).to_have_count(1)
+        page.screenshot(path=str(tmp / "docs.png"))
+        browser.close()
+    assert not outside, f"the pages fetched from elsewhere: {outside}"  # no CDN
+    assert shot.stat().st_size > 10_000
+    if NOTES_DIR.is_dir():
+        shutil.copy(shot, NOTES_DIR / "dashboard.png")
+    status, record = http_json("GET", f"{stack['api']}/jobs/{portrait_id}", headers={"X-C3-RENDER-KEY": KEY})
+    assert status == 200 and record["result"]["result_url"]
+    metrics = http_text(stack["api"] + "/metrics")
+    assert 'c3_render_jobs_total{status="cancelled",type="csm"} 1.0' in metrics
+    assert 'c3_render_jobs_total{status="success",type="portrait"} 1.0' in metrics
+    assert 'c3_render_jobs_total{status="failed",type="analyze"} 1.0' in metrics
+
+
+def http_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()

@@ -1,0 +1,245 @@
+"""GET /jobs (cursor pages over the Redis indexes), GET /jobs/<id>, GET /overview and GET /metrics,
+on the Flask app with a real redis-server; job changes are made through jobstore as a worker makes them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+import app as api
+import config
+import jobstore
+
+
+@pytest.fixture
+def client(settings):
+    return api.create_app(settings).test_client()
+
+
+def submit(client, route="/csm", body=None) -> str:
+    answer = client.post(route, json=body or {"text": "Hello there."})
+    assert answer.status_code == 200, answer.json
+    return answer.json["id"]
+
+
+def run(r, settings, job_id, outcome="success", fields=None, now=None):
+    """Run a job to its end as a worker does: off the queue, running, finished."""
+    r.lrem(config.QUEUE_KEY, 1, jobstore.get_job(r, job_id)["queue_entry"])
+    assert jobstore.transition(r, settings, job_id, "running", {"worker": "w1"}, now=now)[0]
+    assert jobstore.transition(r, settings, job_id, outcome, fields or {"result_url": "http://x/y.mp3"},
+                               worker_id="w1", now=None if now is None else now + 42)[0]
+
+
+def all_pages(client, query="", limit=3):
+    seen, cursor = [], None
+    while True:
+        url = f"/jobs?limit={limit}{query}" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(url)
+        assert page.status_code == 200, page.json
+        seen += page.json["jobs"]
+        cursor = page.json["next_cursor"]
+        if not cursor:
+            return seen
+
+
+def test_jobs_come_newest_first_in_stable_pages(client):
+    ids = [submit(client) for _ in range(7)]
+    first = client.get("/jobs?limit=3").json
+    assert [j["id"] for j in first["jobs"]] == ids[::-1][:3]
+    assert first["jobs"][0]["status"] == "queued" and first["jobs"][0]["queue_position"] == 7
+    newer = [submit(client) for _ in range(2)]  # inserts between pages do not shift later pages
+    second = client.get(f"/jobs?limit=3&cursor={first['next_cursor']}").json
+    assert [j["id"] for j in second["jobs"]] == ids[::-1][3:6]
+    assert [j["id"] for j in all_pages(client)] == (ids + newer)[::-1]
+
+
+def test_filters_by_status_and_type(client, r, settings):
+    csm = [submit(client) for _ in range(4)]
+    analyze = [submit(client, "/analyze", {"image_url": "http://127.0.0.1/a.png"}) for _ in range(3)]
+    run(r, settings, csm[0])
+    run(r, settings, analyze[1], "failed", {"error": "no face"})
+    jobstore.cancel(r, settings, csm[2])
+    assert [j["id"] for j in all_pages(client, "&type=analyze", 2)] == analyze[::-1]
+    assert [j["id"] for j in all_pages(client, "&status=success")] == [csm[0]]
+    failed = all_pages(client, "&status=failed")
+    assert [j["id"] for j in failed] == [analyze[1]] and failed[0]["error"] == "no face"
+    assert [j["id"] for j in all_pages(client, "&status=cancelled")] == [csm[2]]
+    assert [j["id"] for j in all_pages(client, "&status=queued&type=csm", 1)] == [csm[3], csm[1]]
+    assert [j["id"] for j in all_pages(client, "&status=queued&type=analyze")] == [analyze[2], analyze[0]]
+
+
+def test_a_page_reads_limit_records_not_all(client, r, settings):
+    """O(limit): with 3,000 jobs in the index, one page of 10 reads a few dozen records at most."""
+    now = time.time()
+    pipe = r.pipeline(transaction=False)
+    for n in range(3000):
+        job_id = f"00000000-0000-4000-8000-{n:012d}"
+        pipe.hset(f"job:{job_id}", mapping={"id": job_id, "type": "csm", "status": "success",
+                                            "created_at": repr(now - 3000 + n), "attempts": "1"})
+        jobstore.index_job(pipe, job_id, "csm", now - 3000 + n)
+    pipe.execute()
+    r.config_resetstat()
+    page = client.get("/jobs?limit=10").json
+    assert [j["id"] for j in page["jobs"]][0] == "00000000-0000-4000-8000-000000002999"
+    reads = int(r.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+    assert 10 <= reads <= 40, reads
+
+
+def test_expired_records_leave_the_index(client, r, settings):
+    ids = [submit(client) for _ in range(5)]
+    r.delete(f"job:{ids[1]}", f"job:{ids[3]}")  # as if their retention ran out
+    assert [j["id"] for j in all_pages(client, limit=2)] == [ids[4], ids[2], ids[0]]
+    assert r.zscore(config.JOBS_INDEX_KEY, ids[1]) is None
+
+
+def test_finishing_trims_index_entries_past_retention(r, settings):
+    settings = dataclasses.replace(settings, result_ttl_s=60)
+    old = "00000000-0000-4000-8000-000000000001"
+    ancient = time.time() - 60 - jobstore.INDEX_HORIZON_S - 10
+    pipe = r.pipeline()
+    jobstore.index_job(pipe, old, "csm", ancient)
+    pipe.execute()
+    job_id, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600})
+    run(r, settings, job_id)
+    assert r.zscore(config.JOBS_INDEX_KEY, old) is None
+    assert r.zscore(config.JOBS_INDEX_KEY, job_id) is not None
+    assert 0 < r.ttl(config.JOB_HISTORY_KEY.format(id=job_id)) <= 60
+
+
+@pytest.mark.parametrize("query, message", [
+    ("limit=0", "limit"), ("limit=201", "limit"), ("limit=x", "limit"), ("status=done", "status"),
+    ("type=video", "type"), ("cursor=abc", "cursor"), ("cursor=1e999_x", "cursor"),
+])
+def test_bad_list_queries_are_400(client, query, message):
+    answer = client.get(f"/jobs?{query}")
+    assert answer.status_code == 400 and message in answer.json["error"]
+
+
+def test_job_detail_has_history_and_result(client, r, settings):
+    job_id = submit(client)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    jobstore.set_progress(r, job_id, 30)
+    jobstore.put_back(r, "w1", job_id, jobstore.queue_entry(job_id, "csm"))  # worker shut down: requeued
+    run(r, settings, job_id)
+    detail = client.get(f"/jobs/{job_id}").json
+    assert [h["status"] for h in detail["history"]] == ["queued", "running", "queued", "running", "success"]
+    assert detail["result"] == {"result_url": "http://x/y.mp3"}
+    assert client.get("/jobs/not-a-uuid").status_code == 400
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_metrics_count_from_redis_the_same_in_every_process(settings, r):
+    first, second = api.create_app(settings).test_client(), api.create_app(settings).test_client()
+    now = time.time()
+    ids = [submit(first) for _ in range(3)] + [submit(second, "/analyze", {"image_url": "http://127.0.0.1/a.png"})]
+    run(r, settings, ids[0], now=now)  # 42 s
+    run(r, settings, ids[3], "failed", {"error": "boom"}, now=now)
+    jobstore.cancel(r, settings, ids[1])
+    jobstore.record_webhook(r, ids[0], "retrying", 1, "HTTP 500")
+    jobstore.record_webhook(r, ids[0], "delivered", 2)
+    r.incrbyfloat(config.NODE_SECONDS_KEY, 125.5)
+    jobstore.record_node(r, "w1", {"state": "running", "node": "n-1", "launched_at": now - 10})
+    r.sadd(config.NODE_SLOTS_KEY, "w1")
+    texts = [c.get("/metrics") for c in (first, second)]
+    assert texts[0].status_code == 200 and texts[0].content_type.startswith("text/plain")
+    samples = metric_samples(texts[0].data.decode())
+    assert samples == metric_samples(texts[1].data.decode())
+    assert samples[("c3_render_queue_depth", ())] == 1
+    assert samples[("c3_render_jobs_total", (("status", "queued"), ("type", "csm")))] == 3
+    assert samples[("c3_render_jobs_total", (("status", "success"), ("type", "csm")))] == 1
+    assert samples[("c3_render_jobs_total", (("status", "cancelled"), ("type", "csm")))] == 1
+    assert samples[("c3_render_jobs_total", (("status", "failed"), ("type", "analyze")))] == 1
+    assert samples[("c3_render_job_duration_seconds_bucket", (("le", "30.0"), ("type", "csm")))] == 0
+    assert samples[("c3_render_job_duration_seconds_bucket", (("le", "60.0"), ("type", "csm")))] == 1
+    assert samples[("c3_render_job_duration_seconds_bucket", (("le", "+Inf"), ("type", "csm")))] == 1
+    assert samples[("c3_render_job_duration_seconds_count", (("type", "csm"),))] == 1
+    assert samples[("c3_render_job_duration_seconds_sum", (("type", "csm"),))] == pytest.approx(42, abs=0.01)
+    assert samples[("c3_render_nodes_running", ())] == 1
+    assert samples[("c3_render_node_seconds_total", ())] == 125.5
+    assert samples[("c3_render_webhook_deliveries_total", (("outcome", "delivered"),))] == 1
+    assert samples[("c3_render_webhook_deliveries_total", (("outcome", "retrying"),))] == 1
+    assert samples[("c3_render_webhook_deliveries_total", (("outcome", "failed"),))] == 0
+
+
+def test_keys_guard_the_data_routes_not_docs_metrics_or_the_page(settings):
+    keyed = api.create_app(dataclasses.replace(settings, api_keys=("k1",))).test_client()
+    for path in ("/jobs", "/overview", "/events/00000000-0000-4000-8000-000000000001",
+                 "/jobs/00000000-0000-4000-8000-000000000001"):
+        assert keyed.get(path).status_code == 401, path
+    assert keyed.get("/jobs", headers={"X-C3-RENDER-KEY": "k1"}).status_code == 200
+    for path in ("/docs", "/docs/assets/swagger-ui-bundle.js", "/metrics", "/dashboard",
+                 "/dashboard/assets/dashboard.js"):
+        assert keyed.get(path).status_code == 200, path
+    closed = api.create_app(dataclasses.replace(settings, api_keys=("k1",), public_routes=())).test_client()
+    assert closed.get("/metrics").status_code == 401 and closed.get("/docs").status_code == 401
+    assert closed.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def test_metrics_token(settings):
+    guarded = api.create_app(dataclasses.replace(settings, metrics_token="scrape-me")).test_client()
+    assert guarded.get("/metrics").status_code == 401
+    assert guarded.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    answer = guarded.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert answer.status_code == 200 and b"c3_render_queue_depth" in answer.data
+    assert b"scrape-me" not in answer.data
+
+
+def test_overview_shows_workers_nodes_and_throughput(client, r, settings):
+    ids = [submit(client) for _ in range(3)]
+    run(r, settings, ids[0])
+    jobstore.heartbeat(r, "worker-a", 30)
+    r.lpush(jobstore.processing_key("worker-a"), jobstore.queue_entry(ids[1], "csm"))
+    jobstore.record_node(r, "worker-a", {"state": "running", "node": "node-7", "workload": "wl-7",
+                                         "launched_at": time.time() - 100})
+    r.incrbyfloat(config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime())), 50)
+    view = client.get("/overview").json
+    assert view["queue_depth"] == 2 and view["finished_last_hour"] == 1 and view["nodes_running"] == 1
+    assert 149 <= view["node_seconds_today"] <= 160
+    [worker] = view["workers"]
+    assert worker["id"] == "worker-a" and worker["alive"] and worker["heartbeat_age_s"] < 5
+    assert worker["node"]["node"] == "node-7" and worker["jobs"] == [ids[1]]
+
+
+def test_docs_are_served_locally(client):
+    page = client.get("/docs").data.decode()
+    assert "swagger-ui-bundle.js" in page and "http" not in page  # no CDN: every asset from this server
+    bundle = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.data) > 100_000
+    assert client.get("/docs/assets/../app.py").status_code == 404
+    dashboard = client.get("/dashboard").data.decode()
+    assert "http://" not in dashboard and "https://" not in dashboard
+
+
+def test_events_are_published_on_every_change(r, settings):
+    pubsub = redis.Redis.from_url(settings.redis_url, decode_responses=True).pubsub()
+    job_id, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600})
+    pubsub.subscribe(config.JOB_EVENTS_CHANNEL.format(id=job_id), config.QUEUE_EVENTS_CHANNEL)
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    jobstore.set_progress(r, job_id, 10)
+    jobstore.set_progress(r, job_id, 10)  # no change, no event
+    jobstore.notify_changed(r, job_id)
+    jobstore.transition(r, settings, job_id, "success", {"text": "ok"})
+    messages = []
+    deadline = time.time() + 5
+    while time.time() < deadline and len(messages) < 5:
+        message = pubsub.get_message(timeout=0.5)
+        if message and message["type"] == "message":
+            messages.append((message["channel"], message["data"]))
+    assert messages == [(config.QUEUE_EVENTS_CHANNEL, job_id),
+                        (config.JOB_EVENTS_CHANNEL.format(id=job_id), "1"),
+                        (config.JOB_EVENTS_CHANNEL.format(id=job_id), "2"),
+                        (config.JOB_EVENTS_CHANNEL.format(id=job_id), "3"),
+                        (config.JOB_EVENTS_CHANNEL.format(id=job_id), "4")]
+    assert json.loads(r.lrange(config.JOB_HISTORY_KEY.format(id=job_id), -1, -1)[0])["status"] == "success"
