@@ -317,7 +317,7 @@ def overview() -> Response:
         "workers": workers,
         "nodes_running": jobstats.nodes_running(workers),
         "node_seconds_today": jobstats.node_seconds_today(stats, workers),
-        "node_seconds_total": round(stats["node_seconds_total"], 1),
+        "node_seconds_total": jobstats.node_seconds_total(stats, workers),
         "webhook_deliveries": stats["webhook_deliveries"],
     })
 

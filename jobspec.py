@@ -20,7 +20,9 @@ MAX_PROMPT_CHARS = 2_000
 # RFC 3986 characters only, with well-formed percent escapes
 _URI_CHARS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
 LANGUAGE_PATTERN = r"^([a-z]{2,3}(-[A-Za-z0-9]{2,8})?)?$"
-NOT_BLANK_PATTERN = r"\S"
+# "Has a visible character": neither Python's whitespace nor JSON Schema's (ECMA-262), which differ on
+# \x1c-\x1f, \x85 and \ufeff, so the validator and /openapi.json accept exactly the same strings.
+NOT_BLANK_PATTERN = r"[^\s\x1c-\x1f\x85\ufeff]"
 URL_PATTERN = r"^https?://([^/?#@]*@)?[^/?#:@]+"  # documented form: http(s), then a host
 
 JOB_TYPES = ("csm", "portrait", "whisper", "analyze")
@@ -182,7 +184,7 @@ def _check_string(field: Field, value: Any) -> str:
 
 def _check_monologue(field: Field, value: Any) -> str | list[str]:
     if isinstance(value, str):
-        if not value.strip():
+        if not re.search(NOT_BLANK_PATTERN, value):
             raise ValidationError("monologue: must not be empty")
         if len(value) > MAX_MONOLOGUE_CHARS:
             raise ValidationError(f"monologue: longer than {MAX_MONOLOGUE_CHARS} characters")
@@ -192,7 +194,7 @@ def _check_monologue(field: Field, value: Any) -> str | list[str]:
     if len(value) > MAX_SENTENCES:
         raise ValidationError(f"monologue: more than {MAX_SENTENCES} sentences")
     for index, sentence in enumerate(value):
-        if not isinstance(sentence, str) or not sentence.strip():
+        if not isinstance(sentence, str) or not re.search(NOT_BLANK_PATTERN, sentence):
             raise ValidationError(f"monologue[{index}]: must be a non-empty string")
     if sum(len(s) for s in value) > MAX_MONOLOGUE_CHARS:
         raise ValidationError(f"monologue: longer than {MAX_MONOLOGUE_CHARS} characters in all")

@@ -93,13 +93,23 @@ def nodes_running(found_workers: list[dict[str, Any]]) -> int:
     return sum(1 for w in found_workers if w["node"] and w["node"].get("state") in ("booting", "running"))
 
 
-def node_seconds_today(stats: dict[str, Any], found_workers: list[dict[str, Any]]) -> float:
-    """Node-seconds of nodes stopped today plus the part of today that live nodes have run so far."""
+def live_node_seconds(found_workers: list[dict[str, Any]], since: float = 0.0) -> float:
+    """Node-seconds that nodes still held by workers have run since `since` (unix time)."""
     now = time.time()
-    midnight = datetime.now(tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     live = 0.0
     for worker in found_workers:
         launched = (worker["node"] or {}).get("launched_at")
         if launched:
-            live += max(0.0, now - max(float(launched), midnight))
-    return round(stats["node_seconds_stopped_today"] + live, 1)
+            live += max(0.0, now - max(float(launched), since))
+    return live
+
+
+def node_seconds_today(stats: dict[str, Any], found_workers: list[dict[str, Any]]) -> float:
+    """Node-seconds of nodes stopped today plus the part of today that live nodes have run so far."""
+    midnight = datetime.now(tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    return round(stats["node_seconds_stopped_today"] + live_node_seconds(found_workers, midnight), 1)
+
+
+def node_seconds_total(stats: dict[str, Any], found_workers: list[dict[str, Any]]) -> float:
+    """Node-seconds of every node stopped so far plus what live nodes have run (so total >= today)."""
+    return round(stats["node_seconds_total"] + live_node_seconds(found_workers), 1)

@@ -238,3 +238,15 @@ def test_any_body_is_accepted_or_refused_cleanly(extra):
         assert str(exc)
     else:
         assert set(params) <= {f.name for f in jobspec.fields_for("whisper")}
+
+
+@pytest.mark.parametrize("text", ["\u001c", " \u001f ", "\u0085", "\ufeff", "\t\n"])
+def test_text_of_only_separators_is_blank_for_the_validator_and_the_schema(text):
+    """Python and JSON Schema (ECMA-262) disagree on what whitespace is; both must call these blank."""
+    import re as python_re
+
+    assert not python_re.search(jobspec.NOT_BLANK_PATTERN, text)
+    with pytest.raises(jobspec.ValidationError, match="must not be empty"):
+        jobspec.validate("csm", {"monologue": text})
+    with pytest.raises(jobspec.ValidationError, match="non-empty"):
+        jobspec.validate("csm", {"monologue": ["ok", text]})
