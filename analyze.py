@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from comfyui import prepare_image
-from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ def run(
     work_dir: Path,
     should_stop: ShouldStop,
     progress: Progress,
+    phase: Phase = no_phase,
 ) -> str:
     """Describe inputs["image"] with the vision model on the node; return the text."""
     if "image" not in inputs:
@@ -176,6 +177,7 @@ def run(
         "images": [base64.b64encode(image_path.read_bytes()).decode("ascii")],
     }
     log.info("job %s: vision model %s", job_id, model)
+    phase("rendering")  # the image travels inside the request: no separate upload
     text = generate(f"{node.ollama}/api/generate", node.headers(), body, should_stop, progress)
     (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
     progress(100)

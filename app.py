@@ -214,6 +214,9 @@ def create_app(settings: config.Settings | None = None) -> Flask:
         if record["status"] == "queued":
             answer["queue_position"] = jobstore.queue_position(r, record)
         if record["status"] == "running":
+            if record.get("phase"):
+                answer["phase"] = record["phase"]
+                answer["phase_since"] = iso(record.get("phase_since"))
             if record.get("progress"):
                 answer["progress"] = int(record["progress"])
             if record.get("cancel_requested"):
@@ -341,7 +344,12 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                 "error": {"type": "string", "description": "Why the job failed or was cancelled."},
                 "queue_position": {"type": ["integer", "null"], "minimum": 1,
                                    "description": "While queued: 1 = runs next."},
-                "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+                "phase": {"type": "string", "enum": list(jobspec.PHASES),
+                          "description": "While running: what the job is doing now."},
+                "phase_since": {**timestamp, "description": "When the job entered its phase."},
+                "progress": {"type": "integer", "minimum": 0, "maximum": 100,
+                             "description": "Percent done within the phase, only where the node reports "
+                                            "it (portrait: while encoding)."},
                 "cancel_requested": {"type": "boolean"},
                 "webhook": {
                     "type": "object", "required": ["status", "attempts", "last_error"],

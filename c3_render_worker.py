@@ -245,7 +245,7 @@ def node_usable(state: WorkerState) -> str:
     return ""
 
 
-def ensure_node(state: WorkerState, should_stop) -> HeldNode:
+def ensure_node(state: WorkerState, should_stop, phase=None) -> HeldNode:
     """The node for the next job: the held one when usable, else a fresh one (waiting for a slot)."""
     settings = state.settings
     if state.node is not None:
@@ -274,6 +274,8 @@ def ensure_node(state: WorkerState, should_stop) -> HeldNode:
                     urls=node_urls(str(answer["node"]), settings.c3_api_key, settings.c3_node_url,
                                    settings.c3_comfyui_url, settings.c3_ollama_url))
     state.node = held
+    if phase:
+        phase("booting_node")
     jobstore.record_node(state.r, state.worker_id, {"state": "booting", "workload": held.workload,
                                                     "node": held.node, "launched_at": held.launched_at,
                                                     "worker": state.worker_id})
@@ -385,13 +387,25 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
     return should_stop
 
 
+def job_phase(state: WorkerState, job_id: str):
+    """phase(name) for one job: recorded on its record for /status (best effort, like progress)."""
+    def phase(name: str) -> None:
+        try:
+            jobstore.set_phase(state.r, job_id, name)
+        except redis.RedisError:
+            pass
+    return phase
+
+
 def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any], job_id: str,
                        inputs: dict[str, Path], work_dir: Path, should_stop) -> Path | str:
     """Get a node and run the engine; a node failure is retried on a fresh node NODE_FAILURE_RETRIES times."""
     engine = ENGINES[job_type]
     tries = 1 + max(0, state.settings.node_failure_retries)
+    phase = job_phase(state, job_id)
     for attempt in range(1, tries + 1):
-        held = ensure_node(state, should_stop)
+        phase("waiting_for_node")
+        held = ensure_node(state, should_stop, phase)
         held.last_used = time.time()
 
         def progress(percent: int) -> None:
@@ -401,7 +415,7 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
                 pass
 
         try:
-            return engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress)
+            return engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress, phase)
         except JobStopped:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: was it the node?
@@ -482,11 +496,13 @@ def run_job(state: WorkerState, entry: str) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     should_stop = make_should_stop(state, job_id, started, int(params["max_time"]), complete_by)
     try:
+        job_phase(state, job_id)("downloading")
         inputs = fetch_inputs(settings, job_type, params, job_id, work_dir)
         reason = should_stop()
         if reason:
             raise JobStopped(reason)
         output = run_engine_on_node(state, job_type, params, job_id, inputs, work_dir, should_stop)
+        job_phase(state, job_id)("storing")
         fields = store_result(state, job_type, job_id, output, work_dir)
         finish("success", fields)
         log.info("job %s succeeded in %.1f s", job_id, time.time() - started)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jobspec
-from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,22 @@ def to_mono_wav(src: Path, dest: Path) -> Path:
 # --- Gradio -------------------------------------------------------------------------------------
 
 
-def _report_progress(job: Any, progress: Progress) -> None:
+# Where a Gradio job is, from its status code: still sending its inputs, waiting in the app's queue
+# behind other work on the node (e.g. a cancelled generation that Gradio could not stop), or running.
+GRADIO_PHASES = {"STARTING": "uploading_inputs", "JOINING_QUEUE": "uploading_inputs",
+                 "IN_QUEUE": "waiting_for_node", "SENDING_DATA": "rendering", "PROCESSING": "rendering",
+                 "ITERATING": "rendering", "PROGRESS": "rendering"}
+
+
+def _report_progress(job: Any, progress: Progress, phase: Phase = no_phase) -> None:
     try:
-        units = job.status().progress_data
+        status = job.status()
+        units = status.progress_data
     except Exception:  # noqa: BLE001 - progress is best effort
         return
+    code = getattr(getattr(status, "code", None), "name", "")
+    if code in GRADIO_PHASES:
+        phase(GRADIO_PHASES[code])
     if not units:
         return
     unit = units[-1]
@@ -216,6 +227,7 @@ def gradio_call(
     progress: Progress,
     label: str,
     download_dir: Path,
+    phase: Phase = no_phase,
 ) -> Any:
     """Submit one call to a Gradio app and wait for it while honouring should_stop.
 
@@ -235,6 +247,7 @@ def gradio_call(
         if callable(kwargs):
             kwargs = kwargs(endpoint_input_names(client, api_name))
         try:
+            phase("uploading_inputs")
             job = client.submit(api_name=api_name, **kwargs)
         except (ValueError, TypeError) as exc:  # unknown api_name or input names: the app differs
             raise EngineError(f"{label} failed: {exc}") from exc
@@ -248,7 +261,7 @@ def gradio_call(
                 except Exception as exc:  # noqa: BLE001 - we stop anyway
                     log.warning("%s: cancelling the Gradio job failed: %s", label, exc)
                 raise JobStopped(reason)
-            _report_progress(job, progress)
+            _report_progress(job, progress, phase)
             time.sleep(POLL_INTERVAL_S)
         try:
             return job.result()
@@ -289,6 +302,7 @@ def run(
     work_dir: Path,
     should_stop: ShouldStop,
     progress: Progress,
+    phase: Phase = no_phase,
 ) -> Path:
     """Speak the monologue with CSM on the node; return work_dir/{job_id}.mp3."""
     sentences = sentences_from_params(params)
@@ -321,7 +335,8 @@ def run(
         CSM_INPUTS["pause_duration"]: value("pause_duration", int),
     }
     log.info("job %s: CSM with %d sentences, voice %s", job_id, len(sentences), voice)
-    result = gradio_call(node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio")
-    out = to_mp3(first_path(result), work_dir / f"{job_id}.mp3")
-    progress(100)
-    return out
+    result = gradio_call(
+        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase
+    )
+    phase("encoding")
+    return to_mp3(first_path(result), work_dir / f"{job_id}.mp3")

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
-from devnode.comfy_nodes import _node_error, _object_info, validate_prompt
+from devnode.comfy_nodes import _node_error, _object_info, create_model_files, validate_prompt
 from devnode.comfy_render import _ensure_worker, _interrupt
 from devnode.comfy_state import (
     UPLOAD_TYPES,
@@ -46,6 +46,8 @@ from devnode.comfy_state import (
 )
 
 log = logging.getLogger("devnode.comfy")
+
+DEFAULT_MAX_UPLOAD_MB = 100.0  # ComfyUI's --max-upload-size default
 
 
 def reset_workload(app: FastAPI, workload: str) -> None:
@@ -107,6 +109,15 @@ def _system_stats() -> dict:
     }
 
 
+def max_upload_bytes() -> int:
+    """ComfyUI's --max-upload-size (MiB, default 100): DEVNODE_COMFY_MAX_UPLOAD_MB, read per request."""
+    try:
+        megabytes = float(os.environ.get("DEVNODE_COMFY_MAX_UPLOAD_MB", "") or DEFAULT_MAX_UPLOAD_MB)
+    except ValueError:
+        megabytes = DEFAULT_MAX_UPLOAD_MB
+    return int(megabytes * 1024 * 1024)
+
+
 def _build_router(data_dir: Path, registry: dict[str, Workload], lock: threading.Lock) -> APIRouter:
     router = APIRouter()
 
@@ -118,12 +129,19 @@ def _build_router(data_dir: Path, registry: dict[str, Workload], lock: threading
         return _system_stats()
 
     @router.get("/object_info")
-    async def object_info() -> dict:
-        return _object_info()
+    async def object_info(request: Request) -> dict:
+        return _object_info(workload_of(request))
 
     @router.post("/upload/image")
     async def upload_image(request: Request) -> Response:
         wl = workload_of(request)
+        limit = max_upload_bytes()
+        declared = request.headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() else len(await request.body())
+        if size > limit:  # what aiohttp answers for a body over ComfyUI's --max-upload-size
+            return PlainTextResponse(
+                f"Maximum request body size {limit} exceeded, actual body size {size}", status_code=413
+            )
         form = await request.form()
         image = form.get("image")
         if not isinstance(image, UploadFile):
@@ -329,6 +347,7 @@ def create_app(data_dir: Path) -> FastAPI:
     """The ComfyUI stand-in; serves every workload, keeping each one's files under data_dir/<workload>/."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    create_model_files(data_dir / "models")
     registry: dict[str, Workload] = {}
     lock = threading.Lock()
     app = FastAPI(

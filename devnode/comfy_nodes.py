@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from devnode.comfy_state import Workload, _upload_path
@@ -17,8 +18,10 @@ from devnode.comfy_state import Workload, _upload_path
 MAX_RESOLUTION = 16384
 
 # --- node classes ---------------------------------------------------------------------------
-# Input spec: (type, options). type is a ComfyUI type name ("INT", "IMAGE", ...) or a list of
-# allowed values; options may hold min/max. "UPLOAD" marks LoadImage/LoadAudio file names.
+# Input spec: (type, options). type is a ComfyUI type name ("INT", "IMAGE", ...; "FLOAT,INT" accepts
+# either, as ComfyUI's type unions do) or a list of allowed values; options may hold min/max.
+# "UPLOAD" marks LoadImage/LoadAudio file names; "MODEL_FILES" a choice of the files in a model folder
+# (options: folder, and fixed choices listed first), read at validation time like folder_paths does.
 
 _INTERPOLATIONS = ["nearest", "bilinear", "bicubic", "area", "nearest-exact", "lanczos"]
 _RESIZE_METHODS = ["stretch", "keep proportion", "fill / crop", "pad"]
@@ -37,7 +40,9 @@ _VHS_FORMATS = [
     "video/webm",
     "video/nvenc_h264-mp4",
 ]
-_PIX_FMTS = ["yuv420p", "yuv420p10le"]
+# The model files a media:fast node carries, created as empty placeholders in the dev node's model
+# folders (the dev node renders without them); the choices come from the folders, as on a real node.
+MODEL_FILES = {"checkpoints": ("svd_xt.safetensors",), "sonic": ("unet.pth",)}
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,13 @@ NODE_DEFS: dict[str, NodeDef] = {
         ("IMAGE", "INT", "INT"),
     ),
     "ImageOnlyCheckpointLoader": NodeDef(
-        {"ckpt_name": (["svd_xt.safetensors", "svd_xt_1_1.safetensors"], {})}, ("MODEL", "CLIP_VISION", "VAE")
+        {"ckpt_name": ("MODEL_FILES", {"folder": "checkpoints"})}, ("MODEL", "CLIP_VISION", "VAE")
     ),
     "SONICTLoader": NodeDef(
         {
             "model": ("MODEL", {}),
-            "sonic_unet": (["unet.pth"], {}),
-            "ip_audio_scale": ("FLOAT", {"min": 0.1, "max": 10.0}),
+            "sonic_unet": ("MODEL_FILES", {"folder": "sonic", "fixed": ["none"]}),
+            "ip_audio_scale": ("FLOAT", {"min": 0.5, "max": 2.0}),
             "use_interframe": ("BOOLEAN", {}),
             "dtype": (["fp16", "fp32", "bf16"], {}),
         },
@@ -83,8 +88,8 @@ NODE_DEFS: dict[str, NodeDef] = {
             "audio": ("AUDIO", {}),
             "image": ("IMAGE", {}),
             "weight_dtype": ("DTYPE", {}),
-            "min_resolution": ("INT", {"min": 64, "max": 2048}),
-            "duration": ("FLOAT", {"min": 1.0, "max": 100000.0}),
+            "min_resolution": ("INT", {"min": 128, "max": 2048}),
+            "duration": ("FLOAT", {"min": 1.0, "max": 100000000000.0}),
             "expand_ratio": ("FLOAT", {"min": 0.1, "max": 1.0}),
         },
         ("SONIC_PREDATA",),
@@ -93,37 +98,47 @@ NODE_DEFS: dict[str, NodeDef] = {
         {
             "model": ("MODEL_SONIC", {}),
             "data_dict": ("SONIC_PREDATA", {}),
-            "seed": ("INT", {"min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-            "inference_steps": ("INT", {"min": 1, "max": 100}),
-            "dynamic_scale": ("FLOAT", {"min": 0.1, "max": 2.0}),
+            "seed": ("INT", {"min": 0, "max": 2**31 - 1}),
+            "inference_steps": ("INT", {"min": 1, "max": 1024}),
+            "dynamic_scale": ("FLOAT", {"min": 0.5, "max": 2.0}),
             "fps": ("FLOAT", {"min": 5.0, "max": 120.0}),
         },
         ("IMAGE", "FLOAT"),
     ),
-    # Real VHS_VideoCombine also requires loop_count, pingpong and save_output; accepted, not required.
+    # pix_fmt, crf, trim_to_audio, save_metadata are the format's extra widgets: not declared, so
+    # ComfyUI passes them through unvalidated (the runner reads them).
     "VHS_VideoCombine": NodeDef(
         {
             "images": ("IMAGE", {}),
-            "frame_rate": ("FLOAT", {"min": 1.0, "max": 240.0}),
+            "frame_rate": ("FLOAT,INT", {"min": 1}),
+            "loop_count": ("INT", {"min": 0, "max": 100}),
             "filename_prefix": ("STRING", {}),
             "format": (_VHS_FORMATS, {}),
-        },
-        (),
-        optional={
-            "audio": ("AUDIO", {}),
-            "loop_count": ("INT", {"min": 0, "max": 100}),
             "pingpong": ("BOOLEAN", {}),
             "save_output": ("BOOLEAN", {}),
-            "pix_fmt": (_PIX_FMTS, {}),
-            "crf": ("INT", {"min": 0, "max": 100}),
-            "trim_to_audio": ("BOOLEAN", {}),
-            "save_metadata": ("BOOLEAN", {}),
         },
+        (),
+        optional={"audio": ("AUDIO", {}), "vae": ("VAE", {})},
         output_node=True,
     ),
     "PreviewImage": NodeDef({"images": ("IMAGE", {})}, (), output_node=True),
 }
 
+
+
+def model_choices(wl: Workload, opts: dict) -> list[str]:
+    """The choices of a model-file input: its fixed ones, then the files in its model folder."""
+    folder = wl.models / opts["folder"]
+    files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return list(opts.get("fixed", [])) + files
+
+
+def create_model_files(models: Path) -> None:
+    """The model folders of a media:fast node with empty placeholder files (see MODEL_FILES)."""
+    for folder, names in MODEL_FILES.items():
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (models / folder / name).touch(exist_ok=True)
 
 
 def _node_error(kind: str, message: str, details: str, **extra: Any) -> dict:
@@ -153,7 +168,20 @@ def _convert(type_name: str, value: Any) -> Any:
 def _check_value(wl: Workload, name: str, spec: tuple[Any, dict], value: Any) -> tuple[Any, dict | None]:
     """Validate one widget value; return (converted value, error or None)."""
     type_input, opts = spec
+    if type_input == "MODEL_FILES":
+        type_input = model_choices(wl, opts)
     config = [type_input if not isinstance(type_input, list) else list(type_input), opts]
+    if isinstance(type_input, str) and "," in type_input:  # a type union: no conversion, ranges apply
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return value, _node_error(
+                "invalid_input_type",
+                f"Failed to convert an input value to a {type_input} value",
+                f"{name}, {value}",
+                input_name=name,
+                input_config=config,
+                received_value=value,
+            )
+        type_input = "FLOAT" if isinstance(value, float) else "INT"
     if type_input == "UPLOAD":
         if _upload_path(wl, value) is None:
             what = "image" if opts.get("kind") == "image" else "audio"
@@ -253,13 +281,17 @@ def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tup
                 continue
             source_id, slot = str(value[0]), value[1]
             source = prompt.get(source_id)
-            if source is None:
+            if source is None:  # ComfyUI hits a KeyError looking the node up and reports that
                 errors.append(
                     _node_error(
-                        "bad_linked_input",
-                        f"Linked node '{source_id}' does not exist in the prompt",
-                        f"{name}, node '{source_id}' not found",
+                        "exception_during_inner_validation",
+                        "Exception when validating inner node",
+                        repr(source_id),
                         input_name=name,
+                        input_config=[spec[0], spec[1]],
+                        exception_message=repr(source_id),
+                        exception_type="KeyError",
+                        traceback=[],
                         linked_node=value,
                     )
                 )
@@ -276,7 +308,7 @@ def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tup
                     )
                 )
                 continue
-            if spec[0] != returns[slot]:
+            if returns[slot] not in str(spec[0]).split(","):
                 errors.append(
                     _node_error(
                         "return_type_mismatch",
@@ -387,12 +419,20 @@ def _execution_order(prompt: dict, outputs: list[str]) -> list[str]:
 
 
 
-def _object_info() -> dict:
+def _object_info(wl: Workload) -> dict:
     info = {}
+
+    def shown(spec: tuple[Any, dict]) -> list:
+        if spec[0] == "UPLOAD":
+            return [[], spec[1]]
+        if spec[0] == "MODEL_FILES":
+            return [model_choices(wl, spec[1]), {}]
+        return [spec[0], spec[1]]
+
     for name, definition in NODE_DEFS.items():
 
         def widgets(specs: dict) -> dict:
-            return {k: [v[0] if v[0] != "UPLOAD" else [], v[1]] for k, v in specs.items()}
+            return {k: shown(v) for k, v in specs.items()}
 
         info[name] = {
             "input": {"required": widgets(definition.required), "optional": widgets(definition.optional)},

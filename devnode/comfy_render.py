@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import subprocess
 import tempfile
@@ -60,8 +61,9 @@ def _probe_duration(path: Path) -> float:
     return duration
 
 
-def _run_ffmpeg(wl: Workload, args: list[str], on_frame: Any = None) -> None:
-    """Run ffmpeg; /interrupt kills it (Interrupted); a non-zero exit raises RuntimeError."""
+def _run_ffmpeg(wl: Workload, args: list[str], on_frame: Any = None, interruptible: bool = True) -> None:
+    """Run ffmpeg; /interrupt kills it (Interrupted) unless `interruptible` is False (then it runs to its
+    end and the interrupt takes effect before the next node); a non-zero exit raises RuntimeError."""
     cmd = [
         "ffmpeg",
         "-hide_banner",
@@ -80,6 +82,7 @@ def _run_ffmpeg(wl: Workload, args: list[str], on_frame: Any = None) -> None:
                 raise Interrupted()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
             wl.proc = proc
+            wl.proc_interruptible = interruptible
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -92,12 +95,13 @@ def _run_ffmpeg(wl: Workload, args: list[str], on_frame: Any = None) -> None:
         finally:
             with wl.cond:
                 wl.proc = None
+                wl.proc_interruptible = True
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         stderr.seek(0)
         errors = stderr.read().decode("utf-8", "replace").strip()
-    if wl.interrupt.is_set():
+    if wl.stopped or (interruptible and wl.interrupt.is_set()):
         raise Interrupted()
     if code != 0:
         tail = errors[-800:] if errors else "(no output)"
@@ -227,8 +231,19 @@ def _motion_filter(width: int, height: int) -> str:
     )
 
 
+def sampler_min_s() -> float:
+    """DEVNODE_SONIC_MIN_S: the least time SONICSampler takes (a GPU's pace; default 0 = ffmpeg's)."""
+    try:
+        return max(0.0, float(os.environ.get("DEVNODE_SONIC_MIN_S", "") or 0))
+    except ValueError:
+        return 0.0
+
+
 def _run_sonic_sampler(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | None]:
+    """Like the real sampler: no progress messages, and /interrupt is ignored until it ends (its loop
+    never checks for interrupts); only a stopped node or shutdown ends it early."""
     wl, task = ctx.wl, ctx.task
+    started = time.monotonic()
     fault = faults.engine_fault("comfyui")
     if fault == "error":
         raise RuntimeError("dev node fault injection: comfyui engine_error is set")
@@ -244,23 +259,18 @@ def _run_sonic_sampler(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | Non
     image = data["image"]
     width, height = _even(image["width"]), _even(image["height"])
     out = wl.root / "temp" / f"sonic_{task.prompt_id}.mp4"
-    sent = 0
-
-    def on_frame(frame: int) -> None:
-        nonlocal sent
-        value = min(steps, frame * steps // frames)
-        while sent < value:
-            sent += 1
-            _emit(wl, "progress", _progress(task, ctx.node_id, sent, steps), _client(task))
-
+    log.info("SONICSampler: %d frames, %d steps (ignores /interrupt until done)", frames, steps)
     args = [
         "-loop", "1", "-framerate", f"{fps:g}", "-i", str(image["path"]),
         "-filter_complex", _motion_filter(width, height), "-map", "[v]",
         "-frames:v", str(frames), "-c:v", "libx264", "-preset", "ultrafast", "-crf", "20",
         "-pix_fmt", "yuv420p", "-r", f"{fps:g}", str(out),
     ]  # fmt: skip
-    _run_ffmpeg(wl, args, on_frame)
-    on_frame(frames)
+    _run_ffmpeg(wl, args, interruptible=False)
+    while time.monotonic() - started < sampler_min_s():
+        if wl.stopped or faults._should_stop(wl.name):
+            raise Interrupted()
+        time.sleep(HANG_POLL_S)
     video = {"path": out, "fps": fps, "frames": frames, "width": width, "height": height}
     return (video, fps), None
 
@@ -288,8 +298,19 @@ def _next_counter(directory: Path, base: str) -> int:
 
 
 def _run_video_combine(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | None]:
-    wl = ctx.wl
+    """Mux the frames and the audio; the one node that reports progress (frame by frame, as VHS does)."""
+    wl, task = ctx.wl, ctx.task
     video = inputs["images"]
+    frames = max(1, int(video["frames"]))
+    sent = 0
+
+    def on_frame(frame: int) -> None:
+        nonlocal sent
+        value = min(frames, frame)
+        if value > sent:
+            sent = value
+            _emit(wl, "progress", _progress(task, ctx.node_id, value, frames), _client(task))
+
     if inputs["format"] != "video/h264-mp4":
         raise ValueError(f"the dev node renders only video/h264-mp4, not {inputs['format']}")
     if inputs.get("pix_fmt", "yuv420p") != "yuv420p":
@@ -307,8 +328,9 @@ def _run_video_combine(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | Non
             args += ["-t", f"{audio['duration']:.3f}", "-shortest"]
     else:
         args += ["-map", "0:v:0"]
-    args += ["-c:v", "copy", "-movflags", "+faststart", str(target)]
-    _run_ffmpeg(wl, args)
+    args += ["-c:v", "copy", "-movflags", "+faststart", "-stats_period", "0.1", str(target)]
+    _run_ffmpeg(wl, args, on_frame)
+    on_frame(frames)
     Path(video["path"]).unlink(missing_ok=True)
     entry = {
         "filename": filename,
@@ -512,7 +534,7 @@ def _interrupt(wl: Workload, prompt_id: str | None = None) -> bool:
         if running is None or (prompt_id and running.prompt_id != prompt_id):
             return False
         wl.interrupt.set()
-        proc = wl.proc
+        proc = wl.proc if (wl.proc_interruptible or wl.stopped) else None  # the sampler runs on
     if proc is not None and proc.poll() is None:
         proc.kill()
     return True

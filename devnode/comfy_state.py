@@ -40,6 +40,7 @@ class Client:
 class Workload:
     name: str
     root: Path
+    models: Path  # the node's model folders (shared by every workload of the dev node)
     cond: threading.Condition = field(default_factory=threading.Condition)
     pending: list[Task] = field(default_factory=list)
     running: Task | None = None
@@ -48,6 +49,7 @@ class Workload:
     clients: dict[str, list[Client]] = field(default_factory=dict)
     interrupt: threading.Event = field(default_factory=threading.Event)
     proc: subprocess.Popen | None = None
+    proc_interruptible: bool = True  # False while a node that ignores /interrupt runs (SONICSampler)
     last_node: str | None = None
     worker: threading.Thread | None = None
     stopped: bool = False
@@ -76,7 +78,7 @@ def _get_workload(
             root = data_dir / _safe_dir_name(name)
             for sub in UPLOAD_TYPES:
                 (root / sub).mkdir(parents=True, exist_ok=True)
-            wl = Workload(name=name, root=root)
+            wl = Workload(name=name, root=root, models=data_dir / "models")
             registry[name] = wl
         return wl
 
