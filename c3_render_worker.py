@@ -436,6 +436,33 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
     raise NodeFailed("the GPU node failed during the job")
 
 
+# After a stopped job, how to see whether the node still works on it (None: nothing tells). ComfyUI's
+# /queue shows the SONIC sampler, which ignores /interrupt; Gradio's queue does not show a cancelled
+# CSM generation that runs on in its thread, so csm/whisper have no check (README: "What a cancel costs").
+BUSY_CHECKS = {"portrait": comfyui.node_busy}
+
+
+def drain_node(state: WorkerState, job_type: str, job_id: str) -> None:
+    """After a stopped job (already reported), keep the node from the next job while it still works on
+    the stopped one: wait up to NODE_DRAIN_TIMEOUT (node time of the stopped job), else replace it."""
+    held, check = state.node, BUSY_CHECKS.get(job_type)
+    if held is None or check is None:
+        return
+    started = time.time()
+    while check(held.urls):
+        if state.stopping.is_set():
+            return  # the worker stops the node on its way out
+        if time.time() - started > state.settings.node_drain_timeout_s:
+            stop_node(state, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
+                             f"({state.settings.node_drain_timeout_s:g} s)")
+            return
+        time.sleep(1.0)
+    if time.time() - started >= 1.0:
+        log.info("job %s: node %s finished the work it could not stop after %.1f s more (node time of the "
+                 "stopped job)", job_id, held.node, time.time() - started)
+    held.last_used = time.time()
+
+
 def store_result(state: WorkerState, job_type: str, job_id: str, output: Path | str,
                  work_dir: Path) -> dict[str, str]:
     settings = state.settings
@@ -517,6 +544,8 @@ def run_job(state: WorkerState, entry: str) -> None:
         else:
             finish("failed", {"error": reason})
             log.info("job %s stopped: %s", job_id, reason)
+        if reason != SHUTDOWN_REASON:
+            drain_node(state, job_type, job_id)
     except (netfetch.FetchError, media_check.MediaError, EngineError, NodeFailed) as exc:
         finish("failed", {"error": str(exc)})
         log.info("job %s failed: %s", job_id, exc)

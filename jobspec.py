@@ -42,8 +42,9 @@ JOB_TYPES = ("csm", "portrait", "whisper", "analyze")
 MEDIA_JOB_TYPES = ("csm", "portrait")  # their result is a file (result_url); the others give text
 STATUSES = ("queued", "running", "success", "failed", "cancelled")
 FINISHED_STATUSES = ("success", "failed", "cancelled")
-# What a running job is doing now (shown in /status with the time it entered the phase), in order.
-PHASES = ("waiting_for_node", "booting_node", "downloading", "uploading_inputs", "rendering", "encoding",
+# What a running job is doing now (shown in /status with the time it entered the phase), in the order a
+# job usually goes through them (inputs are downloaded and checked before any node is asked for).
+PHASES = ("downloading", "waiting_for_node", "booting_node", "uploading_inputs", "rendering", "encoding",
           "storing")
 VOICES = ("random", "conversational_a", "conversational_b", "clone")
 WHISPER_MODELS = ("tiny", "base", "small", "medium", "large", "large-v2", "large-v3")
