@@ -48,7 +48,7 @@ def shrink_audio(src: Path, dest_stem: Path, max_bytes: int, sample_rate: int = 
         return src
     rate = _rate_args(src, sample_rate)
     attempts = (
-        (dest_stem.with_suffix(".flac"), ["-c:a", "flac", "-compression_level", "8"]),
+        (dest_stem.with_suffix(".flac"), ["-c:a", "flac"]),
         (dest_stem.with_suffix(".mp3"), ["-c:a", "libmp3lame", "-b:a", MP3_BITRATE]),
     )
     for dest, codec in attempts:
