@@ -3,7 +3,8 @@
 This module owns:
 - `split_sentences`: how a `text` parameter becomes the sentence list CSM speaks;
 - the CSM Gradio call (`/generate_monologue_audio`, input names in `CSM_INPUTS`);
-- `gradio_call`: submit to a Gradio app, poll, honour should_stop, map app errors (whisper.py uses it);
+- `gradio_call`: submit to a Gradio app, poll, honour should_stop, report the phase from the Gradio job's
+  status, map app errors, retry one HTTP 5xx when the node is healthy (whisper.py uses it);
 - `probe_audio` / `is_mp3` / `to_mp3`: ffprobe and pydub helpers (whisper.py uses them).
 
 Result: work_dir/{job_id}.mp3. Raises JobStopped when should_stop() gives a reason, EngineError when the
@@ -218,6 +219,22 @@ def endpoint_input_names(client: Any, api_name: str) -> set[str]:
     return {p["parameter_name"] for p in params if p.get("parameter_name")}
 
 
+def _server_error(exc: BaseException) -> bool:
+    """Whether exc is an HTTP 5xx answer (httpx, as gradio_client raises it)."""
+    response = getattr(exc, "response", None)
+    return isinstance(getattr(response, "status_code", None), int) and response.status_code >= 500
+
+
+def node_healthy(health_url: str, headers: dict[str, str]) -> bool:
+    """Whether the node answers 200 at its root (the worker's health check)."""
+    import requests
+
+    try:
+        return requests.get(health_url, headers=headers, timeout=(5, 10)).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def gradio_call(
     url: str,
     headers: dict[str, str],
@@ -228,13 +245,36 @@ def gradio_call(
     label: str,
     download_dir: Path,
     phase: Phase = no_phase,
+    health_url: str | None = None,
 ) -> Any:
     """Submit one call to a Gradio app and wait for it while honouring should_stop.
 
     kwargs may be a function of the endpoint's declared input names (to adapt to app versions).
     Returns the app's output. Raises JobStopped (after cancelling the Gradio job) or
-    EngineError(f"{label} failed: <app message>").
+    EngineError(f"{label} failed: <app message>"). An HTTP 5xx answer (a transient app error) is
+    retried once when the node still answers its health check at health_url.
     """
+    try:
+        return _gradio_call_once(url, headers, api_name, kwargs, should_stop, progress, label, download_dir, phase)
+    except Exception as exc:
+        if not (health_url and _server_error(exc) and node_healthy(health_url, headers)):
+            raise
+        log.warning("%s: the app answered HTTP %s on a healthy node; retrying once", label,
+                    exc.response.status_code)  # type: ignore[attr-defined]
+    return _gradio_call_once(url, headers, api_name, kwargs, should_stop, progress, label, download_dir, phase)
+
+
+def _gradio_call_once(
+    url: str,
+    headers: dict[str, str],
+    api_name: str,
+    kwargs: dict[str, Any] | Callable[[set[str]], dict[str, Any]],
+    should_stop: ShouldStop,
+    progress: Progress,
+    label: str,
+    download_dir: Path,
+    phase: Phase,
+) -> Any:
     reason = should_stop()
     if reason:
         raise JobStopped(reason)
@@ -336,7 +376,8 @@ def run(
     }
     log.info("job %s: CSM with %d sentences, voice %s", job_id, len(sentences), voice)
     result = gradio_call(
-        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase
+        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase,
+        node.base + "/",
     )
     phase("encoding")
     return to_mp3(first_path(result), work_dir / f"{job_id}.mp3")

@@ -113,6 +113,7 @@ RELEASE = threading.Event()  # ends a hanging app function
 HANG_STARTED = threading.Event()
 HANG_STATE: dict[str, object] = {}
 SEEN_PATHS: list[str] = []
+FAIL_NEXT: dict[str, int] = {}  # path suffix -> how many more requests answer 502
 
 
 def _tone(path: Path, seconds: float = 1.0, channels: int = 2, fmt: str = "wav") -> Path:
@@ -249,7 +250,15 @@ def node(tmp_path_factory: pytest.TempPathFactory):
         SEEN_PATHS.append(request.url.path)
         if request.headers.get("x-c3-api-key") != KEY:
             return JSONResponse({"error": "missing key"}, status_code=401)
+        for suffix, left in FAIL_NEXT.items():
+            if request.url.path.endswith(suffix) and left > 0:
+                FAIL_NEXT[suffix] = left - 1
+                return JSONResponse({"error": "bad gateway"}, status_code=502)
         return await call_next(request)
+
+    @app.get("/")
+    async def health() -> dict:  # the node's health check
+        return {"status": "ok"}
 
     app = gr.mount_gradio_app(app, csm_app, path="/csm")
     app = gr.mount_gradio_app(app, whisper_app, path="/whisper")
@@ -319,6 +328,19 @@ def test_csm_clone_sends_mono_reference(node: NodeUrls, tmp_path: Path) -> None:
 def test_csm_app_error(node: NodeUrls, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"^CSM failed: GPU out of memory$"):
         csm.run({"monologue": ["fail"]}, "job3", {}, node, tmp_path, _never, lambda _p: None)
+
+
+def test_5xx_from_a_healthy_node_is_retried_once(node: NodeUrls, tmp_path: Path) -> None:
+    joins = lambda: sum(p.endswith("/csm/gradio_api/queue/join") for p in SEEN_PATHS)  # noqa: E731
+    before = joins()
+    FAIL_NEXT["/csm/gradio_api/queue/join"] = 1
+    out = csm.run({"monologue": ["Hi."]}, "retry1", {}, node, tmp_path, _never, lambda _p: None)
+    assert out.is_file() and joins() - before == 2
+    FAIL_NEXT["/csm/gradio_api/queue/join"] = 2  # still failing after the retry: the job fails
+    with pytest.raises(Exception, match="502"):  # noqa: PT011 - gradio_client's HTTP error, for the worker
+        csm.run({"monologue": ["Hi."]}, "retry2", {}, node, tmp_path, _never, lambda _p: None)
+    assert joins() - before == 4
+    FAIL_NEXT.clear()
 
 
 def test_csm_wrong_key_is_not_an_engine_error(node: NodeUrls, tmp_path: Path) -> None:
