@@ -354,3 +354,27 @@ def test_shutdown_with_hung_engine(tmp_path: Path) -> None:
     assert code in (0, -15) and elapsed < 15, (code, elapsed, log[-2000:])
     assert "Finished server process" in log, log[-2000:]
     assert re.search(r"stopped 1 node\(s\)", log), log[-2000:]
+
+
+def test_whisper_answers_failures_as_the_real_app_does(devnode: str, node: str, tmp_path: Path) -> None:
+    # The real app catches every exception and returns ("Error: <message>", []) (PROTOCOLS.md 4).
+    audio = tmp_path / "tone.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=duration=1", str(audio)], check=True)
+    client = whisper_client(node)
+    text, files = client.predict(**whisper_kwargs(str(audio), language="pt-BR"))
+    assert text.startswith("Error: ") and "pt-BR" in text and not files
+    call(devnode, "POST", "/admin/faults", {"engine_error": ["whisper"]}, key=None)  # e.g. out of GPU memory
+    text, files = client.predict(**whisper_kwargs(str(audio)))
+    assert text == "Error: dev node fault: whisper engine error" and not files
+
+
+def test_csm_inputs_in_the_real_order_with_the_real_defaults(node: str) -> None:
+    info = csm_client(node).view_api(print_info=False, return_format="dict")
+    params = info["named_endpoints"]["/generate_monologue_audio"]["parameters"]
+    assert [p["parameter_name"] for p in params] == [
+        "speaker_voice", "speaker_text", "speaker_audio", "monologue_json", "temperature", "topk",
+        "max_audio_length", "pause_duration"]
+    defaults = {p["parameter_name"]: p.get("parameter_default") for p in params}
+    assert defaults["speaker_voice"] == "conversational_a"  # the UI default of comput3ai/c3-csm-gradio
+    assert (defaults["temperature"], defaults["topk"], defaults["max_audio_length"], defaults["pause_duration"]) == (
+        0.9, 50, 10000, 150)
