@@ -388,8 +388,14 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
 
 
 def job_phase(state: WorkerState, job_id: str):
-    """phase(name) for one job: recorded on its record for /status (best effort, like progress)."""
+    """phase(name) for one job: recorded on its record for /status (best effort, like progress); a
+    repeat of the last name (engines report it at each poll) costs no Redis call."""
+    last = [""]
+
     def phase(name: str) -> None:
+        if name == last[0]:
+            return
+        last[0] = name
         try:
             jobstore.set_phase(state.r, job_id, name)
         except redis.RedisError:
