@@ -134,7 +134,6 @@ def generate(url: str, headers: dict[str, str], body: dict, should_stop: ShouldS
     payload = json.dumps({**body, "stream": True}).encode()
     thread = threading.Thread(target=_request, args=(call, url, headers, payload), daemon=True)
     thread.start()
-    reported = False
     while not call.done.wait(STOP_CHECK_S):
         reason = should_stop()
         if reason:
@@ -142,9 +141,7 @@ def generate(url: str, headers: dict[str, str], body: dict, should_stop: ShouldS
             _shutdown(call)
             thread.join(timeout=2)
             raise JobStopped(reason)
-        if call.parts and not reported:
-            progress(50)  # tokens are flowing; there is no total to measure against
-            reported = True
+        # no progress(): tokens flow without a total to measure them against (README: Progress)
     if call.exc is not None:
         raise call.exc
     if call.error:
@@ -180,5 +177,4 @@ def run(
     phase("rendering")  # the image travels inside the request: no separate upload
     text = generate(f"{node.ollama}/api/generate", node.headers(), body, should_stop, progress)
     (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
-    progress(100)
     return text
