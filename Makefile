@@ -18,6 +18,7 @@ run:
 ## test: set up what is missing (with the test tools), then lint and run every test (end-to-end and a small soak included)
 test:
 	@bash scripts/install-deps.sh dev
+	@bash scripts/gradio5-venv.sh
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
@@ -49,4 +50,4 @@ lock:
 clean:
 	rm -rf var .pytest_cache .ruff_cache .hypothesis c3_render.egg-info
 	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
-	@echo "removed var/ and the caches; kept .venv ($$(du -sh $(VENV) 2>/dev/null | cut -f1 || echo absent)) and .env if present"
+	@echo "removed var/ and the caches; kept .venv ($$(du -sh $(VENV) 2>/dev/null | cut -f1 || echo absent)), .venv-gradio5 and .env if present"

@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from comfyui import prepare_image
-from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,6 @@ def generate(url: str, headers: dict[str, str], body: dict, should_stop: ShouldS
     payload = json.dumps({**body, "stream": True}).encode()
     thread = threading.Thread(target=_request, args=(call, url, headers, payload), daemon=True)
     thread.start()
-    reported = False
     while not call.done.wait(STOP_CHECK_S):
         reason = should_stop()
         if reason:
@@ -142,9 +141,7 @@ def generate(url: str, headers: dict[str, str], body: dict, should_stop: ShouldS
             _shutdown(call)
             thread.join(timeout=2)
             raise JobStopped(reason)
-        if call.parts and not reported:
-            progress(50)  # tokens are flowing; there is no total to measure against
-            reported = True
+        # no progress(): tokens flow without a total to measure them against (README: Progress)
     if call.exc is not None:
         raise call.exc
     if call.error:
@@ -163,6 +160,7 @@ def run(
     work_dir: Path,
     should_stop: ShouldStop,
     progress: Progress,
+    phase: Phase = no_phase,
 ) -> str:
     """Describe inputs["image"] with the vision model on the node; return the text."""
     if "image" not in inputs:
@@ -176,7 +174,7 @@ def run(
         "images": [base64.b64encode(image_path.read_bytes()).decode("ascii")],
     }
     log.info("job %s: vision model %s", job_id, model)
+    phase("rendering")  # the image travels inside the request: no separate upload
     text = generate(f"{node.ollama}/api/generate", node.headers(), body, should_stop, progress)
     (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
-    progress(100)
     return text

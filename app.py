@@ -258,6 +258,9 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
     if record["status"] == "queued":
         answer["queue_position"] = jobstore.queue_position(store(), record)
     if record["status"] == "running":
+        if record.get("phase"):
+            answer["phase"] = record["phase"]
+            answer["phase_since"] = iso(record.get("phase_since"))
         if record.get("progress"):
             answer["progress"] = int(record["progress"])
         if record.get("cancel_requested"):

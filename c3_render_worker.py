@@ -248,7 +248,7 @@ def node_usable(state: WorkerState) -> str:
     return ""
 
 
-def ensure_node(state: WorkerState, should_stop) -> HeldNode:
+def ensure_node(state: WorkerState, should_stop, phase=None) -> HeldNode:
     """The node for the next job: the held one when usable, else a fresh one (waiting for a slot)."""
     settings = state.settings
     if state.node is not None:
@@ -277,6 +277,8 @@ def ensure_node(state: WorkerState, should_stop) -> HeldNode:
                     urls=node_urls(str(answer["node"]), settings.c3_api_key, settings.c3_node_url,
                                    settings.c3_comfyui_url, settings.c3_ollama_url))
     state.node = held
+    if phase:
+        phase("booting_node")
     jobstore.record_node(state.r, state.worker_id, {"state": "booting", "workload": held.workload,
                                                     "node": held.node, "launched_at": held.launched_at,
                                                     "worker": state.worker_id})
@@ -388,13 +390,31 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
     return should_stop
 
 
+def job_phase(state: WorkerState, job_id: str):
+    """phase(name) for one job: recorded on its record for /status (best effort, like progress); a
+    repeat of the last name (engines report it at each poll) costs no Redis call."""
+    last = [""]
+
+    def phase(name: str) -> None:
+        if name == last[0]:
+            return
+        last[0] = name
+        try:
+            jobstore.set_phase(state.r, job_id, name)
+        except redis.RedisError:
+            pass
+    return phase
+
+
 def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any], job_id: str,
                        inputs: dict[str, Path], work_dir: Path, should_stop) -> Path | str:
     """Get a node and run the engine; a node failure is retried on a fresh node NODE_FAILURE_RETRIES times."""
     engine = ENGINES[job_type]
     tries = 1 + max(0, state.settings.node_failure_retries)
+    phase = job_phase(state, job_id)
     for attempt in range(1, tries + 1):
-        held = ensure_node(state, should_stop)
+        phase("waiting_for_node")
+        held = ensure_node(state, should_stop, phase)
         held.last_used = time.time()
 
         def progress(percent: int) -> None:
@@ -404,7 +424,7 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
                 pass
 
         try:
-            return engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress)
+            return engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress, phase)
         except JobStopped:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: was it the node?
@@ -423,6 +443,33 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
             if state.node is not None:
                 state.node.last_used = time.time()
     raise NodeFailed("the GPU node failed during the job")
+
+
+# After a stopped job, how to see whether the node still works on it (None: nothing tells). ComfyUI's
+# /queue shows the SONIC sampler, which ignores /interrupt; Gradio's queue does not show a cancelled
+# CSM generation that runs on in its thread, so csm/whisper have no check (README: "What a cancel costs").
+BUSY_CHECKS = {"portrait": comfyui.node_busy}
+
+
+def drain_node(state: WorkerState, job_type: str, job_id: str) -> None:
+    """After a stopped job (already reported), keep the node from the next job while it still works on
+    the stopped one: wait up to NODE_DRAIN_TIMEOUT (node time of the stopped job), else replace it."""
+    held, check = state.node, BUSY_CHECKS.get(job_type)
+    if held is None or check is None:
+        return
+    started = time.time()
+    while check(held.urls):
+        if state.stopping.is_set():
+            return  # the worker stops the node on its way out
+        if time.time() - started > state.settings.node_drain_timeout_s:
+            stop_node(state, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
+                             f"({state.settings.node_drain_timeout_s:g} s)")
+            return
+        time.sleep(1.0)
+    if time.time() - started >= 1.0:
+        log.info("job %s: node %s finished the work it could not stop after %.1f s more (node time of the "
+                 "stopped job)", job_id, held.node, time.time() - started)
+    held.last_used = time.time()
 
 
 def store_result(state: WorkerState, job_type: str, job_id: str, output: Path | str,
@@ -485,11 +532,13 @@ def run_job(state: WorkerState, entry: str) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     should_stop = make_should_stop(state, job_id, started, int(params["max_time"]), complete_by)
     try:
+        job_phase(state, job_id)("downloading")
         inputs = fetch_inputs(settings, job_type, params, job_id, work_dir)
         reason = should_stop()
         if reason:
             raise JobStopped(reason)
         output = run_engine_on_node(state, job_type, params, job_id, inputs, work_dir, should_stop)
+        job_phase(state, job_id)("storing")
         fields = store_result(state, job_type, job_id, output, work_dir)
         finish("success", fields)
         log.info("job %s succeeded in %.1f s", job_id, time.time() - started)
@@ -504,6 +553,8 @@ def run_job(state: WorkerState, entry: str) -> None:
         else:
             finish("failed", {"error": reason})
             log.info("job %s stopped: %s", job_id, reason)
+        if reason != SHUTDOWN_REASON:
+            drain_node(state, job_type, job_id)
     except (netfetch.FetchError, media_check.MediaError, EngineError, NodeFailed) as exc:
         finish("failed", {"error": str(exc)})
         log.info("job %s failed: %s", job_id, exc)

@@ -9,7 +9,13 @@ downloading the video named in /history.
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
 EngineError when ComfyUI rejects or fails the workflow, TimeoutError when ComfyUI does not become
 ready within COMFYUI_READY_TIMEOUT seconds (env, default 120). Transport errors (requests, websocket)
-propagate unchanged: the node is in trouble.
+propagate unchanged: the node is in trouble. A 5xx answer from a node whose health check still passes
+is retried once (a transient app error) before the job fails.
+
+Real-node facts this follows (PROTOCOLS.md 5): uploads over COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused
+with 413, so larger audio is compressed first (mediaconv.shrink_audio); the SONIC sampler ignores
+/interrupt until it ends, so after a stop the node stays busy (`node_busy` tells the worker); only
+VHS_VideoCombine (node 13) reports progress, so the percentage is that of the encoding phase.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import requests
 import websocket
 from PIL import Image, ImageOps
 
-from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
+import config
+import mediaconv
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ HISTORY_SETTLE_S = 30.0  # after "done", how long /history may take to show the 
 HTTP_TIMEOUT = (10, 60)
 INTERRUPTED = "ComfyUI execution was interrupted on the node"
 UPLOAD_TIMEOUT = (10, 300)
+RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
+JPEG_QUALITIES = (95, 85, 70)  # tried in turn until the portrait fits the upload limit
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -216,8 +226,9 @@ def video_output(entry: dict) -> dict:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def prepare_image(src: Path, dest: Path) -> tuple[int, int]:
-    """Write src as an RGB JPEG at dest, upright, at most MAX_INPUT_SIDE px a side; return its size."""
+def prepare_image(src: Path, dest: Path, max_bytes: int | None = None) -> tuple[int, int]:
+    """Write src as an RGB JPEG at dest, upright, at most MAX_INPUT_SIDE px a side, within max_bytes
+    (lower JPEG quality when needed); return its size."""
     try:
         with Image.open(src) as opened:
             img = ImageOps.exif_transpose(opened)
@@ -228,8 +239,11 @@ def prepare_image(src: Path, dest: Path) -> tuple[int, int]:
             img = img.convert("RGB")
             if max(img.size) > MAX_INPUT_SIDE:
                 img.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE), Image.Resampling.LANCZOS)
-            img.save(dest, "JPEG", quality=95)
-            return img.size
+            for quality in JPEG_QUALITIES:
+                img.save(dest, "JPEG", quality=quality)
+                if max_bytes is None or mediaconv.fits(dest, max_bytes):
+                    return img.size
+            raise EngineError(f"the image does not fit ComfyUI's upload limit of {max_bytes} bytes")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise EngineError(f"could not read the image: {exc}") from exc
 
@@ -246,8 +260,9 @@ def probe(path: Path) -> tuple[str, float | None]:
     return str(fmt.get("format_name", "")), duration
 
 
-def prepare_audio(src: Path, work_dir: Path, job_id: str) -> tuple[Path, float]:
-    """Keep MP3/WAV/FLAC as is, convert anything else (video containers, m4a, ogg, webm...) to MP3.
+def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None = None) -> tuple[Path, float]:
+    """Keep MP3/WAV/FLAC as is, convert anything else (video containers, m4a, ogg, webm...) to MP3;
+    then, when the file would not fit max_bytes (ComfyUI's upload limit), a mono FLAC or MP3 of it.
 
     Returns the file to upload and its duration in seconds.
     """
@@ -272,6 +287,14 @@ def prepare_audio(src: Path, work_dir: Path, job_id: str) -> tuple[Path, float]:
             duration = len(AudioSegment.from_file(str(dest))) / 1000.0
         except Exception as exc:  # noqa: BLE001
             raise EngineError(f"could not read the audio: {exc}") from exc
+    if max_bytes is not None and not mediaconv.fits(dest, max_bytes):
+        try:
+            small = mediaconv.shrink_audio(dest, work_dir / f"{job_id}_upload", max_bytes)
+        except mediaconv.ConversionError as exc:
+            raise EngineError(f"the audio does not fit ComfyUI's upload limit: {exc}") from exc
+        log.info("audio %s (%d bytes) compressed to %s (%d bytes) to fit the upload limit", dest.name,
+                 dest.stat().st_size, small.name, small.stat().st_size)
+        dest = small
     return dest, duration
 
 
@@ -289,6 +312,48 @@ def _wait(seconds: float, should_stop: ShouldStop) -> str | None:
         if left <= 0:
             return None
         time.sleep(min(STOP_CHECK_INTERVAL_S, left))
+
+
+def node_healthy(node: NodeUrls) -> bool:
+    """Whether the node itself still answers 200 at its root (as the worker's health check asks)."""
+    try:
+        return requests.get(node.base + "/", headers=node.headers(), timeout=(5, 10)).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def node_request(
+    node: NodeUrls, method: str, path: str, timeout: tuple[float, float], **kwargs: Any
+) -> requests.Response:
+    """One request to ComfyUI; a 5xx answer is retried once when the node is still healthy.
+
+    Files in kwargs["files"] are rewound before the retry. The answer is returned whatever its status
+    (the caller decides); transport errors propagate.
+    """
+    url = f"{node.comfyui}{path}"
+    resp = requests.request(method, url, headers=node.headers(), timeout=timeout, **kwargs)
+    if resp.status_code < 500 or not node_healthy(node):
+        return resp
+    log.warning("ComfyUI %s %s answered HTTP %d on a healthy node; retrying once", method, path, resp.status_code)
+    resp.close()
+    time.sleep(RETRY_PAUSE_S)
+    for item in (kwargs.get("files") or {}).values():
+        handle = item[1] if isinstance(item, tuple) else item
+        if hasattr(handle, "seek"):
+            handle.seek(0)
+    return requests.request(method, url, headers=node.headers(), timeout=timeout, **kwargs)
+
+
+def node_busy(node: NodeUrls) -> bool | None:
+    """Whether the node's ComfyUI still runs or queues a prompt (GET /queue); None when it cannot tell."""
+    try:
+        resp = requests.get(f"{node.comfyui}/queue", headers=node.headers(), timeout=(5, 10))
+        body = resp.json() if resp.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    return bool(body.get("queue_running") or body.get("queue_pending"))
 
 
 def wait_ready(node: NodeUrls, should_stop: ShouldStop, timeout_s: float) -> None:
@@ -313,13 +378,17 @@ def wait_ready(node: NodeUrls, should_stop: ShouldStop, timeout_s: float) -> Non
 def upload(node: NodeUrls, path: Path, mime: str) -> str:
     """POST /upload/image; return the name to use in the workflow."""
     with path.open("rb") as fh:
-        resp = requests.post(
-            f"{node.comfyui}/upload/image",
-            headers=node.headers(),
+        resp = node_request(
+            node,
+            "POST",
+            "/upload/image",
             files={"image": (path.name, fh, mime)},
             data={"overwrite": "true", "type": "input"},
             timeout=UPLOAD_TIMEOUT,
         )
+    if resp.status_code == 413:
+        raise EngineError(f"ComfyUI refused the upload of {path.name} ({path.stat().st_size} bytes) as too large "
+                          "(HTTP 413): lower COMFYUI_MAX_UPLOAD_MB to the node's --max-upload-size")
     if resp.status_code != 200:
         raise EngineError(f"ComfyUI refused the upload of {path.name}: HTTP {resp.status_code} {resp.text[:200]}")
     body = resp.json()
@@ -328,12 +397,13 @@ def upload(node: NodeUrls, path: Path, mime: str) -> str:
 
 
 def queue_prompt(node: NodeUrls, workflow: dict, client_id: str) -> str:
-    """POST /prompt; return prompt_id. 400 -> EngineError naming the node errors."""
-    resp = requests.post(
-        f"{node.comfyui}/prompt",
-        headers=node.headers(),
-        json={"prompt": workflow, "client_id": client_id},
-        timeout=HTTP_TIMEOUT,
+    """POST /prompt; return prompt_id. 400 -> EngineError naming the node errors.
+
+    A 200 answer that still lists node_errors means part of the graph was refused and the valid rest
+    (e.g. the preview) was queued: that prompt is deleted from the queue before giving up on it.
+    """
+    resp = node_request(
+        node, "POST", "/prompt", json={"prompt": workflow, "client_id": client_id}, timeout=HTTP_TIMEOUT
     )
     if resp.status_code == 400:
         try:
@@ -344,13 +414,15 @@ def queue_prompt(node: NodeUrls, workflow: dict, client_id: str) -> str:
     resp.raise_for_status()
     body = resp.json()
     if body.get("node_errors"):
+        if body.get("prompt_id"):
+            stop_prompt(node, str(body["prompt_id"]), started=False)
         raise EngineError(format_prompt_error(body))
     return str(body["prompt_id"])
 
 
 def get_history(node: NodeUrls, prompt_id: str) -> dict | None:
     """The /history entry of a finished prompt, None while it is not finished."""
-    resp = requests.get(f"{node.comfyui}/history/{prompt_id}", headers=node.headers(), timeout=HTTP_TIMEOUT)
+    resp = node_request(node, "GET", f"/history/{prompt_id}", timeout=HTTP_TIMEOUT)
     resp.raise_for_status()
     entry = resp.json().get(prompt_id)
     return entry if isinstance(entry, dict) else None
@@ -399,8 +471,14 @@ def _interrupted(should_stop: ShouldStop) -> Exception:
     return JobStopped(reason) if reason else EngineError(INTERRUPTED)
 
 
-def follow_websocket(ws: Any, node: NodeUrls, prompt_id: str, should_stop: ShouldStop, progress: Progress) -> bool:
-    """Follow the prompt on the websocket: True when it finished, False when the socket dropped."""
+def follow_websocket(
+    ws: Any, node: NodeUrls, prompt_id: str, should_stop: ShouldStop, progress: Progress, phase: Phase = no_phase
+) -> bool:
+    """Follow the prompt on the websocket: True when it finished, False when the socket dropped.
+
+    Phases: rendering once the prompt starts, encoding once node 13 (VHS_VideoCombine) runs; the
+    percentage is node 13's frame count, the one real progress signal (the SONIC nodes send none).
+    """
     started = False
     next_check = 0.0
     while True:
@@ -431,12 +509,13 @@ def follow_websocket(ws: Any, node: NodeUrls, prompt_id: str, should_stop: Shoul
             continue
         if kind in ("execution_start", "execution_cached", "progress"):
             started = True
-        if kind == "progress" and data.get("max"):
+        if kind == "progress" and data.get("max") and str(data.get("node")) == VIDEO_NODE:
             progress(max(0, min(99, int(100 * float(data.get("value", 0)) / float(data["max"])))))
         elif kind == "executing":
             if data.get("node") is None:
                 return True
             started = True
+            phase("encoding" if str(data.get("node")) == VIDEO_NODE else "rendering")
         elif kind == "execution_success":
             return True
         elif kind == "execution_error":
@@ -469,9 +548,7 @@ def download(node: NodeUrls, item: dict, dest: Path) -> Path:
         "type": item.get("type", "output"),
     }
     partial = dest.with_name(dest.name + ".part")
-    with requests.get(
-        f"{node.comfyui}/view", headers=node.headers(), params=query, stream=True, timeout=UPLOAD_TIMEOUT
-    ) as resp:
+    with node_request(node, "GET", "/view", params=query, stream=True, timeout=UPLOAD_TIMEOUT) as resp:
         if resp.status_code != 200:
             raise EngineError(f"ComfyUI output {item['filename']} not downloadable: HTTP {resp.status_code}")
         with partial.open("wb") as fh:
@@ -513,15 +590,18 @@ def run(
     work_dir: Path,
     should_stop: ShouldStop,
     progress: Progress,
+    phase: Phase = no_phase,
 ) -> Path:
     """Render a talking-head video of inputs["image"] speaking inputs["audio"]; return the .mp4 path."""
     if "image" not in inputs or "audio" not in inputs:
         raise EngineError("portrait needs an image and an audio input")
+    max_bytes = int(config.load().comfyui_max_upload_mb * 1024 * 1024)
     image_path = work_dir / f"{job_id}_input.jpg"
-    image_size = prepare_image(inputs["image"], image_path)
-    audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id)
+    image_size = prepare_image(inputs["image"], image_path, max_bytes)
+    audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id, max_bytes)
 
     wait_ready(node, should_stop, ready_timeout_s())
+    phase("uploading_inputs")
     image_name = upload(node, image_path, "image/jpeg")
     audio_name = upload(node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}")
     seed = params.get("seed")
@@ -542,7 +622,8 @@ def run(
             raise JobStopped(reason)
         prompt_id = queue_prompt(node, workflow, client_id)
         log.info("job %s: ComfyUI prompt %s queued (%.1f s of audio)", job_id, prompt_id, audio_seconds)
-        finished = ws is not None and follow_websocket(ws, node, prompt_id, should_stop, progress)
+        phase("rendering")
+        finished = ws is not None and follow_websocket(ws, node, prompt_id, should_stop, progress, phase)
     finally:
         if ws is not None:
             try:

@@ -165,6 +165,8 @@ class Settings:
     max_image_pixels: int = 40_000_000
     download_timeout_s: float = 120.0
     node_failure_retries: int = 1
+    comfyui_max_upload_mb: float = 100.0  # ComfyUI's --max-upload-size: larger audio is compressed first
+    node_drain_timeout_s: float = 600.0  # wait this long for a node still busy with a stopped job
     url_allowlist: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -219,5 +221,7 @@ def load() -> Settings:
         max_image_pixels=_int("MAX_IMAGE_PIXELS", 40_000_000),
         download_timeout_s=_float("DOWNLOAD_TIMEOUT_S", 120.0),
         node_failure_retries=_int("NODE_FAILURE_RETRIES", 1),
+        comfyui_max_upload_mb=_float("COMFYUI_MAX_UPLOAD_MB", 100.0),
+        node_drain_timeout_s=_float("NODE_DRAIN_TIMEOUT", 600.0),
         url_allowlist=tuple(_list("URL_ALLOWLIST")),
     )

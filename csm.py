@@ -3,7 +3,8 @@
 This module owns:
 - `split_sentences`: how a `text` parameter becomes the sentence list CSM speaks;
 - the CSM Gradio call (`/generate_monologue_audio`, input names in `CSM_INPUTS`);
-- `gradio_call`: submit to a Gradio app, poll, honour should_stop, map app errors (whisper.py uses it);
+- `gradio_call`: submit to a Gradio app, poll, honour should_stop, report the phase from the Gradio job's
+  status, map app errors, retry one HTTP 5xx when the node is healthy (whisper.py uses it);
 - `probe_audio` / `is_mp3` / `to_mp3`: ffprobe and pydub helpers (whisper.py uses them).
 
 Result: work_dir/{job_id}.mp3. Raises JobStopped when should_stop() gives a reason, EngineError when the
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jobspec
-from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,22 @@ def to_mono_wav(src: Path, dest: Path) -> Path:
 # --- Gradio -------------------------------------------------------------------------------------
 
 
-def _report_progress(job: Any, progress: Progress) -> None:
+# Where a Gradio job is, from its status code: still sending its inputs, waiting in the app's queue
+# behind other work on the node (e.g. a cancelled generation that Gradio could not stop), or running.
+GRADIO_PHASES = {"STARTING": "uploading_inputs", "JOINING_QUEUE": "uploading_inputs",
+                 "IN_QUEUE": "waiting_for_node", "SENDING_DATA": "rendering", "PROCESSING": "rendering",
+                 "ITERATING": "rendering", "PROGRESS": "rendering"}
+
+
+def _report_progress(job: Any, progress: Progress, phase: Phase = no_phase) -> None:
     try:
-        units = job.status().progress_data
+        status = job.status()
+        units = status.progress_data
     except Exception:  # noqa: BLE001 - progress is best effort
         return
+    code = getattr(getattr(status, "code", None), "name", "")
+    if code in GRADIO_PHASES:
+        phase(GRADIO_PHASES[code])
     if not units:
         return
     unit = units[-1]
@@ -207,6 +219,22 @@ def endpoint_input_names(client: Any, api_name: str) -> set[str]:
     return {p["parameter_name"] for p in params if p.get("parameter_name")}
 
 
+def _server_error(exc: BaseException) -> bool:
+    """Whether exc is an HTTP 5xx answer (httpx, as gradio_client raises it)."""
+    response = getattr(exc, "response", None)
+    return isinstance(getattr(response, "status_code", None), int) and response.status_code >= 500
+
+
+def node_healthy(health_url: str, headers: dict[str, str]) -> bool:
+    """Whether the node answers 200 at its root (the worker's health check)."""
+    import requests
+
+    try:
+        return requests.get(health_url, headers=headers, timeout=(5, 10)).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def gradio_call(
     url: str,
     headers: dict[str, str],
@@ -216,13 +244,37 @@ def gradio_call(
     progress: Progress,
     label: str,
     download_dir: Path,
+    phase: Phase = no_phase,
+    health_url: str | None = None,
 ) -> Any:
     """Submit one call to a Gradio app and wait for it while honouring should_stop.
 
     kwargs may be a function of the endpoint's declared input names (to adapt to app versions).
     Returns the app's output. Raises JobStopped (after cancelling the Gradio job) or
-    EngineError(f"{label} failed: <app message>").
+    EngineError(f"{label} failed: <app message>"). An HTTP 5xx answer (a transient app error) is
+    retried once when the node still answers its health check at health_url.
     """
+    try:
+        return _gradio_call_once(url, headers, api_name, kwargs, should_stop, progress, label, download_dir, phase)
+    except Exception as exc:
+        if not (health_url and _server_error(exc) and node_healthy(health_url, headers)):
+            raise
+        log.warning("%s: the app answered HTTP %s on a healthy node; retrying once", label,
+                    exc.response.status_code)  # type: ignore[attr-defined]
+    return _gradio_call_once(url, headers, api_name, kwargs, should_stop, progress, label, download_dir, phase)
+
+
+def _gradio_call_once(
+    url: str,
+    headers: dict[str, str],
+    api_name: str,
+    kwargs: dict[str, Any] | Callable[[set[str]], dict[str, Any]],
+    should_stop: ShouldStop,
+    progress: Progress,
+    label: str,
+    download_dir: Path,
+    phase: Phase,
+) -> Any:
     reason = should_stop()
     if reason:
         raise JobStopped(reason)
@@ -235,6 +287,7 @@ def gradio_call(
         if callable(kwargs):
             kwargs = kwargs(endpoint_input_names(client, api_name))
         try:
+            phase("uploading_inputs")
             job = client.submit(api_name=api_name, **kwargs)
         except (ValueError, TypeError) as exc:  # unknown api_name or input names: the app differs
             raise EngineError(f"{label} failed: {exc}") from exc
@@ -248,7 +301,7 @@ def gradio_call(
                 except Exception as exc:  # noqa: BLE001 - we stop anyway
                     log.warning("%s: cancelling the Gradio job failed: %s", label, exc)
                 raise JobStopped(reason)
-            _report_progress(job, progress)
+            _report_progress(job, progress, phase)
             time.sleep(POLL_INTERVAL_S)
         try:
             return job.result()
@@ -289,6 +342,7 @@ def run(
     work_dir: Path,
     should_stop: ShouldStop,
     progress: Progress,
+    phase: Phase = no_phase,
 ) -> Path:
     """Speak the monologue with CSM on the node; return work_dir/{job_id}.mp3."""
     sentences = sentences_from_params(params)
@@ -321,7 +375,9 @@ def run(
         CSM_INPUTS["pause_duration"]: value("pause_duration", int),
     }
     log.info("job %s: CSM with %d sentences, voice %s", job_id, len(sentences), voice)
-    result = gradio_call(node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio")
-    out = to_mp3(first_path(result), work_dir / f"{job_id}.mp3")
-    progress(100)
-    return out
+    result = gradio_call(
+        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase,
+        node.base + "/",
+    )
+    phase("encoding")
+    return to_mp3(first_path(result), work_dir / f"{job_id}.mp3")

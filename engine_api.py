@@ -2,7 +2,7 @@
 
 An engine is a module with one function:
 
-    run(params, job_id, inputs, node, work_dir, should_stop, progress) -> Path | str
+    run(params, job_id, inputs, node, work_dir, should_stop, progress, phase=no_phase) -> Path | str
 
 - params: the job's validated parameters (defaults filled in by the API).
 - inputs: local files the worker has already downloaded and checked, by role
@@ -12,7 +12,10 @@ An engine is a module with one function:
 - should_stop(): None while the job may go on, else the reason it must stop (cancel, max_time,
   complete_by). Engines poll it, stop the remote work (Gradio job cancelled, ComfyUI interrupted)
   and raise JobStopped(reason).
-- progress(percent): optional progress report (0-100).
+- progress(percent): progress within the current phase (0-100), reported only from a real signal
+  (the node's own per-frame messages); engines without one never call it.
+- phase(name): what the job is doing now, one of jobspec.PHASES (the engines report uploading_inputs,
+  rendering and encoding; the worker the others).
 
 Engines never touch Redis or storage; they return a local file path (media) or text.
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 ShouldStop = Callable[[], "str | None"]
 Progress = Callable[[int], None]
+Phase = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -66,4 +70,8 @@ class EngineError(Exception):
 
 
 def no_progress(_percent: int) -> None:
+    return None
+
+
+def no_phase(_phase: str) -> None:
     return None

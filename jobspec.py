@@ -19,7 +19,22 @@ MAX_REFERENCE_TEXT_CHARS = 2_000
 MAX_PROMPT_CHARS = 2_000
 # RFC 3986 characters only, with well-formed percent escapes
 _URI_CHARS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
-LANGUAGE_PATTERN = r"^([a-z]{2,3}(-[A-Za-z0-9]{2,8})?)?$"
+# The language codes faster-whisper knows (what the WhisperX app accepts, PROTOCOLS.md 4). Users may
+# send a tag with a region or script subtag, in any case (pt-BR, en_US, EN): the API stores the bare code.
+WHISPER_LANGUAGES = (
+    "af", "am", "ar", "as", "az", "ba", "be", "bg", "bn", "bo", "br", "bs", "ca", "cs", "cy", "da", "de",
+    "el", "en", "es", "et", "eu", "fa", "fi", "fo", "fr", "gl", "gu", "ha", "haw", "he", "hi", "hr", "ht",
+    "hu", "hy", "id", "is", "it", "ja", "jw", "ka", "kk", "km", "kn", "ko", "la", "lb", "ln", "lo", "lt",
+    "lv", "mg", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "ne", "nl", "nn", "no", "oc", "pa", "pl",
+    "ps", "pt", "ro", "ru", "sa", "sd", "si", "sk", "sl", "sn", "so", "sq", "sr", "su", "sv", "sw", "ta",
+    "te", "tg", "th", "tk", "tl", "tr", "tt", "uk", "ur", "uz", "vi", "yi", "yo", "zh", "yue",
+)  # fmt: skip
+# Exactly the accepted values, for the OpenAPI document too (JSON Schema regexes have no (?i) flag).
+LANGUAGE_PATTERN = (
+    "^(?:(?:"
+    + "|".join("".join(f"[{c}{c.upper()}]" for c in code) for code in sorted(WHISPER_LANGUAGES, key=len, reverse=True))
+    + ")(?:[-_][A-Za-z0-9]{1,8})*)?$"
+)
 # "Has a visible character": neither Python's whitespace nor JSON Schema's (ECMA-262), which differ on
 # \x1c-\x1f, \x85 and \ufeff, so the validator and /openapi.json accept exactly the same strings.
 NOT_BLANK_PATTERN = r"[^\s\x1c-\x1f\x85\ufeff]"
@@ -31,6 +46,10 @@ STATUSES = ("queued", "running", "success", "failed", "cancelled")
 FINISHED_STATUSES = ("success", "failed", "cancelled")
 JOBS_PAGE_DEFAULT = 50  # GET /jobs: jobs per page unless limit says otherwise
 JOBS_PAGE_MAX = 200
+# What a running job is doing now (shown in /status with the time it entered the phase), in the order a
+# job usually goes through them (inputs are downloaded and checked before any node is asked for).
+PHASES = ("downloading", "waiting_for_node", "booting_node", "uploading_inputs", "rendering", "encoding",
+          "storing")
 VOICES = ("random", "conversational_a", "conversational_b", "clone")
 WHISPER_MODELS = ("tiny", "base", "small", "medium", "large", "large-v2", "large-v3")
 WHISPER_TASKS = ("transcribe", "translate")
@@ -101,8 +120,9 @@ JOB_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("model", "enum", "Whisper model size.", default="medium", choices=WHISPER_MODELS),
         Field("task", "enum", "transcribe keeps the language; translate gives English.",
               default="transcribe", choices=WHISPER_TASKS),
-        Field("language", "string", "Language code such as en or pt-BR; empty to detect it.", default="",
-              max_length=16, pattern=LANGUAGE_PATTERN),
+        Field("language", "language", "Language code such as en or pt-BR (stored as the bare code "
+              "faster-whisper knows: pt-BR -> pt); empty to detect it.", default="", max_length=16,
+              pattern=LANGUAGE_PATTERN),
     ),
     "analyze": (
         Field("image_url", "url", "Image to analyze.", required=True),
@@ -178,8 +198,22 @@ def _check_string(field: Field, value: Any) -> str:
     if field.pattern == NOT_BLANK_PATTERN and not re.search(field.pattern, value):
         raise ValidationError(f"{field.name}: must not be empty")
     if field.pattern is not None and not re.search(field.pattern, value):
-        raise ValidationError(f"{field.name}: {value!r} is not a language code such as en or pt-BR")
+        raise ValidationError(f"{field.name}: {value!r} is not allowed")
     return value
+
+
+def whisper_language(value: str) -> str:
+    """The bare faster-whisper code for a language tag (pt-BR, en_US, EN -> pt, en, en; "" stays "").
+
+    Raises ValidationError naming the accepted codes when the primary subtag is not one of them.
+    """
+    primary = re.split(r"[-_]", value.strip(), maxsplit=1)[0].lower()
+    if primary and primary not in WHISPER_LANGUAGES:
+        raise ValidationError(
+            f"language: {value!r} is not a language Whisper knows; use one of {', '.join(WHISPER_LANGUAGES)} "
+            "(a region subtag such as pt-BR is accepted and dropped), or leave it empty to detect the language"
+        )
+    return primary
 
 
 def _check_monologue(field: Field, value: Any) -> str | list[str]:
@@ -213,6 +247,13 @@ def check_field(field: Field, value: Any) -> Any:
         return value
     if field.kind == "monologue":
         return _check_monologue(field, value)
+    if field.kind == "language":
+        if not isinstance(value, str) or len(value) > (field.max_length or 16):
+            raise ValidationError(f"{field.name}: must be a language code such as en or pt-BR")
+        code = whisper_language(value)  # names the accepted codes when the language is unknown
+        if not re.search(LANGUAGE_PATTERN, value):
+            raise ValidationError(f"{field.name}: {value!r} is not a language tag such as en or pt-BR")
+        return code
     return _check_string(field, value)
 
 

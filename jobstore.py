@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 import config
-from jobspec import COMMON_FIELDS, FINISHED_STATUSES, JOBS_CURSOR_PATTERN
+from jobspec import COMMON_FIELDS, FINISHED_STATUSES, JOBS_CURSOR_PATTERN, PHASES
 
 # Which status may follow which. Finished statuses have no successors: a finished job never changes.
 ALLOWED = {
@@ -131,7 +131,7 @@ if new == 'running' then
 end
 if new == 'success' or new == 'failed' or new == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress')
+  redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress', 'phase', 'phase_since')
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   local url = redis.call('HGET', KEYS[1], 'notify_url')
   if url and url ~= '' and ARGV[7] ~= '' then
@@ -162,7 +162,7 @@ for i = #entries, 1, -1 do
       table.insert(over, entry)
     else
       redis.call('HSET', key, 'status', 'queued')
-      redis.call('HDEL', key, 'worker', 'progress')
+      redis.call('HDEL', key, 'worker', 'progress', 'phase', 'phase_since')
       redis.call('RPUSH', KEYS[2], entry)
       redis.call('LREM', KEYS[1], 1, entry)
       job_changed(key, id, status, 'queued', ARGV[3])
@@ -500,7 +500,7 @@ def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
     if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2]
     then redis.call('LREM', KEYS[2], 1, ARGV[1]) return 0 end
     redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'worker', 'progress')
+    redis.call('HDEL', KEYS[1], 'worker', 'progress', 'phase', 'phase_since')
     redis.call('HINCRBY', KEYS[1], 'attempts', -1)
     redis.call('LREM', KEYS[2], 1, ARGV[1])
     redis.call('RPUSH', KEYS[3], ARGV[1])
@@ -585,6 +585,20 @@ def notify_changed(r: redis.Redis, job_id: str) -> None:
     """Tell /events listeners that a job record changed outside the scripts above (e.g. its phase)."""
     r.eval(_CHANGED_LUA + "if redis.call('EXISTS', KEYS[1]) == 1 then "
            "job_changed(KEYS[1], ARGV[1], 'same', 'same', '0') end return 0", 1, job_key(job_id), job_id)
+
+
+def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None) -> None:
+    """Record what a running job is doing now and since when (only while it runs: finished jobs never
+    change). A new phase drops the percentage, which belonged to the phase it was measured in."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}")
+    r.eval(
+        _CHANGED_LUA + "if redis.call('HGET', KEYS[1], 'status') == 'running' and "
+        "redis.call('HGET', KEYS[1], 'phase') ~= ARGV[1] then "
+        "redis.call('HSET', KEYS[1], 'phase', ARGV[1], 'phase_since', ARGV[2]) "
+        "redis.call('HDEL', KEYS[1], 'progress') job_changed(KEYS[1], ARGV[3], 'running', 'running', '0') end return 0",
+        1, job_key(job_id), phase, repr(time.time() if now is None else now), job_id,
+    )
 
 
 def record_webhook(r: redis.Redis, job_id: str, status: str, attempts: int, error: str = "") -> None:

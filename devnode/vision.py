@@ -19,10 +19,10 @@ import binascii
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -80,8 +80,19 @@ def _normalise_model(name: str) -> str:
 # --- analysis -------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
+_DETECTORS = threading.local()
+
+
 def _face_detector() -> tuple[str, Any]:
+    """This thread's (description, detector), loaded once per thread: a cascade keeps scratch buffers
+    sized for the last image, so one shared cascade used by concurrent requests with images of different
+    sizes failed OpenCV assertions or crashed the process."""
+    if not hasattr(_DETECTORS, "value"):
+        _DETECTORS.value = _load_face_detector()
+    return _DETECTORS.value
+
+
+def _load_face_detector() -> tuple[str, Any]:
     """(description, detector). OpenCV's Haar cascade when this OpenCV has it, else scikit-image's LBP."""
     if hasattr(cv2, "CascadeClassifier") and hasattr(cv2, "data"):
         path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")

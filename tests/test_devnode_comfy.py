@@ -297,8 +297,11 @@ def test_full_render(server: dict, media: dict) -> None:
         assert set(executing) == {"18", "26", "58", "21", "32", "34", "33", "31", "13"}
         assert executing.index("31") < executing.index("13")
         progress = [m["data"] for m in messages if m["type"] == "progress"]
-        assert [p["value"] for p in progress] == list(range(1, STEPS + 1))
-        assert all(p["max"] == STEPS and p["node"] == "31" for p in progress)
+        # Like the real nodes: the SONIC sampler sends no progress; only VHS_VideoCombine (node 13) does,
+        # frame by frame while encoding, ending at the frame count.
+        assert progress and all(p["node"] == "13" for p in progress)
+        values = [p["value"] for p in progress]
+        assert values == sorted(values) and values[-1] == progress[-1]["max"]
         executed = {m["data"]["node"]: m["data"]["output"] for m in messages if m["type"] == "executed"}
         gif = executed["13"]["gifs"][0]
         assert gif["filename"] == "render_test_00001.mp4"
@@ -403,7 +406,7 @@ def test_validation_errors(server: dict, media: dict) -> None:
     graph["58"]["inputs"]["image"] = ["99", 0]  # link to a node that does not exist
     resp = submit(server, graph, client_id)
     assert resp.status_code == 400
-    assert resp.json()["node_errors"]["58"]["errors"][0]["type"] == "bad_linked_input"
+    assert resp.json()["node_errors"]["58"]["errors"][0]["type"] == "exception_during_inner_validation"
 
     graph = sonic_graph(image, audio, preview=False)
     graph["34"]["inputs"]["model"] = ["32", 7]  # the loader has 3 outputs
@@ -544,3 +547,92 @@ def test_workloads_are_isolated(server: dict, media: dict) -> None:
     # Also under the /api prefix, as ComfyUI serves it.
     api = requests.get(f"{server['base']}/api/history/{prompt_id}", headers=_headers("node-a"), timeout=10)
     assert prompt_id in api.json()
+
+
+# --- fidelity to the real nodes (issue 11; PROTOCOLS.md 5) ------------------------------------------
+
+
+def _first_error(server: dict, graph: dict, node_id: str) -> dict | None:
+    resp = submit(server, graph, str(uuid.uuid4()))
+    errors = (resp.json().get("node_errors") or {}).get(node_id)
+    return errors["errors"][0] if errors else None
+
+
+@pytest.mark.parametrize(
+    ("node_id", "name", "value", "kind"),
+    [
+        ("31", "seed", 2**31, "value_bigger_than_max"),  # SONIC's MAX_SEED is int32
+        ("31", "inference_steps", 1025, "value_bigger_than_max"),
+        ("31", "dynamic_scale", 0.4, "value_smaller_than_min"),
+        ("34", "ip_audio_scale", 0.4, "value_smaller_than_min"),
+        ("33", "min_resolution", 64, "value_smaller_than_min"),
+        ("34", "sonic_unet", "other.pth", "value_not_in_list"),
+    ],
+)
+def test_real_input_ranges(server: dict, media: dict, node_id: str, name: str, value: object, kind: str) -> None:
+    image, audio = uploaded(server, media)
+    graph = sonic_graph(image, audio, preview=False)
+    graph[node_id]["inputs"][name] = value
+    error = _first_error(server, graph, node_id)
+    assert error is not None and error["type"] == kind, error
+
+
+def test_real_signatures_accept_what_comfyui_accepts(server: dict, media: dict) -> None:
+    image, audio = uploaded(server, media)
+    graph = sonic_graph(image, audio, preview=False)
+    graph["31"]["inputs"].update(seed=2**31 - 1, inference_steps=1024)
+    graph["34"]["inputs"]["sonic_unet"] = "none"  # "none" plus the files under models/sonic
+    graph["13"]["inputs"].update(crf=999, trim_to_audio="whatever")  # format extras: passed through
+    assert submit(server, graph, str(uuid.uuid4())).json()["node_errors"] == {}
+    requests.post(f"{server['base']}/interrupt", timeout=10)
+    # choices come from the model folders, as folder_paths lists them
+    info = requests.get(f"{server['base']}/object_info", timeout=10).json()
+    assert info["ImageOnlyCheckpointLoader"]["input"]["required"]["ckpt_name"][0] == ["svd_xt.safetensors"]
+    assert info["SONICTLoader"]["input"]["required"]["sonic_unet"][0] == ["none", "unet.pth"]
+    (server["data_dir"] / "models" / "checkpoints" / "svd_xt_1_1.safetensors").touch()
+    graph = sonic_graph(image, audio, preview=False)
+    graph["32"]["inputs"]["ckpt_name"] = "svd_xt_1_1.safetensors"
+    assert _first_error(server, graph, "32") is None
+    requests.post(f"{server['base']}/interrupt", timeout=10)
+    # VHS_VideoCombine requires loop_count, pingpong and save_output
+    for name in ("loop_count", "pingpong", "save_output"):
+        graph = sonic_graph(image, audio, preview=False)
+        del graph["13"]["inputs"][name]
+        error = _first_error(server, graph, "13")
+        assert error is not None and error["type"] == "required_input_missing" and error["details"] == name
+
+
+def test_upload_over_the_limit_is_refused_with_413(server: dict, tmp_path: Path, monkeypatch) -> None:
+    assert comfy.max_upload_bytes() == 100 * 1024 * 1024  # ComfyUI's --max-upload-size default
+    monkeypatch.setenv("DEVNODE_COMFY_MAX_UPLOAD_MB", "0.5")
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * (600 * 1024))
+    with big.open("rb") as fh:
+        resp = requests.post(f"{server['base']}/upload/image", files={"image": ("big.wav", fh)}, timeout=30)
+    assert resp.status_code == 413 and "Maximum request body size" in resp.text
+    assert not (server["data_dir"] / "default" / "input" / "big.wav").exists()
+
+
+def test_sampler_ignores_interrupt_until_it_ends(server: dict, media: dict, monkeypatch) -> None:
+    monkeypatch.setenv("DEVNODE_SONIC_MIN_S", "3")
+    image, audio = uploaded(server, media)
+    client_id = str(uuid.uuid4())
+    ws = connect(server, client_id)
+    try:
+        prompt_id = submit(server, sonic_graph(image, audio, prefix="busy"), client_id).json()["prompt_id"]
+        seen = collect(ws, prompt_id, {"executing"}, timeout=30)
+        while seen[-1]["data"]["node"] != "31":
+            seen = collect(ws, prompt_id, {"executing"}, timeout=30)
+        interrupted_at = time.monotonic()
+        assert requests.post(f"{server['base']}/interrupt", timeout=10).status_code == 200
+        time.sleep(1.0)
+        queue = requests.get(f"{server['base']}/queue", timeout=10).json()
+        assert [item[1] for item in queue["queue_running"]] == [prompt_id]  # still busy after /interrupt
+        messages = collect(ws, prompt_id, {"execution_interrupted", "execution_success", "execution_error"}, 60)
+    finally:
+        ws.close()
+    assert time.monotonic() - interrupted_at >= 1.5  # ran on to the sampler's end
+    assert messages[-1]["type"] == "execution_interrupted"
+    assert not [m for m in messages if m["type"] == "progress"]  # the sampler reports no progress
+    assert "13" not in {m["data"].get("node") for m in messages if m["type"] == "executing"}
+    assert requests.get(f"{server['base']}/queue", timeout=10).json()["queue_running"] == []

@@ -340,8 +340,10 @@ async def _play(ws, prompt_id: str) -> None:
     await ws.send_json({"type": "execution_error", "data": other})
     await send("execution_cached", nodes=["32"])
     await send("executing", node="31")
-    for step in (5, 10):
-        await send("progress", value=step, max=25, node="31")
+    await send("progress", value=5, max=25, node="31")  # per-node progress of another node: not job progress
+    await send("executing", node="13")
+    for frame in (12, 24):
+        await send("progress", value=frame, max=48, node="13")
     if mode == "success":
         await send("executed", node="13", output={})
         await send("execution_success", timestamp=2)
@@ -383,7 +385,8 @@ def test_success(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> Non
     _reset("success")
     SCRIPT["not_ready"] = 2
     seen: list[int] = []
-    out = comfyui.run({"seed": 7}, "job1", inputs, node, tmp_path, lambda: None, seen.append)
+    phases: list[str] = []
+    out = comfyui.run({"seed": 7}, "job1", inputs, node, tmp_path, lambda: None, seen.append, phases.append)
     assert out == tmp_path / "job1.mp4"
     assert out.read_bytes() == VIDEO
     assert len(_names("system_stats")) == 3
@@ -402,7 +405,9 @@ def test_success(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> Non
     assert wf["31"]["inputs"]["seed"] == 7
     assert wf["13"]["inputs"]["filename_prefix"] == "c3render/job1"
     assert _names("view") == [{"filename": "j_00001-audio.mp4", "subfolder": "c3render", "type": "output"}]
-    assert 20 in seen and 40 in seen and seen[-1] == 100
+    assert seen == [25, 50, 100]  # node 13's frames only (the encoding phase), then done
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == [
+        "uploading_inputs", "rendering", "encoding"]
     assert not _names("interrupt")
 
 

@@ -98,6 +98,12 @@ def test_whisper_kwargs_and_input_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert whisper.audio_input_name({"audio_file", "model"}) == "audio_file"  # the app knows better
     assert whisper.transcript_text(("  hi there \n", [])) == "hi there"
     assert whisper.transcript_text((None, None)) == ""
+    with pytest.raises(EngineError, match=r"^Whisper failed: CUDA out of memory$"):
+        whisper.transcript_text(("Error: CUDA out of memory", []))
+    # speech that happens to start with the word is a transcript: it comes with its files
+    assert whisper.transcript_text(("Error: none found.", ["/tmp/a.srt"])) == "Error: none found."
+    for sent, bare in (("pt-BR", "pt"), ("EN", "en"), ("auto", ""), ("", "")):
+        assert whisper.build_kwargs({"language": sent}, "AUDIO")["language"] == bare
 
 
 # --- the apps -----------------------------------------------------------------------------------
@@ -107,6 +113,7 @@ RELEASE = threading.Event()  # ends a hanging app function
 HANG_STARTED = threading.Event()
 HANG_STATE: dict[str, object] = {}
 SEEN_PATHS: list[str] = []
+FAIL_NEXT: dict[str, int] = {}  # path suffix -> how many more requests answer 502
 
 
 def _tone(path: Path, seconds: float = 1.0, channels: int = 2, fmt: str = "wav") -> Path:
@@ -163,8 +170,8 @@ def _build_apps(tmp: Path):
             "language": language,
             **dict(zip(names, rest, strict=True)),
         }
-        if model == "fail":
-            raise gr.Error("model not found: fail")
+        if model == "fail":  # the real app never raises: it answers with the error text (PROTOCOLS.md 4)
+            return "Error: model not found: fail", []
         srt = tmp / "out.srt"
         srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
         return f"  hello from {model} in {language or 'auto'}  \n", [str(srt)]
@@ -243,7 +250,15 @@ def node(tmp_path_factory: pytest.TempPathFactory):
         SEEN_PATHS.append(request.url.path)
         if request.headers.get("x-c3-api-key") != KEY:
             return JSONResponse({"error": "missing key"}, status_code=401)
+        for suffix, left in FAIL_NEXT.items():
+            if request.url.path.endswith(suffix) and left > 0:
+                FAIL_NEXT[suffix] = left - 1
+                return JSONResponse({"error": "bad gateway"}, status_code=502)
         return await call_next(request)
+
+    @app.get("/")
+    async def health() -> dict:  # the node's health check
+        return {"status": "ok"}
 
     app = gr.mount_gradio_app(app, csm_app, path="/csm")
     app = gr.mount_gradio_app(app, whisper_app, path="/whisper")
@@ -262,6 +277,7 @@ def _never() -> None:
 
 def test_csm_text_to_mp3(node: NodeUrls, tmp_path: Path) -> None:
     seen: list[int] = []
+    phases: list[str] = []
     out = csm.run(
         {"text": "Hello there. How are you?", "voice": "conversational_b", "temperature": 1.2, "topk": 20},
         "job1",
@@ -270,6 +286,7 @@ def test_csm_text_to_mp3(node: NodeUrls, tmp_path: Path) -> None:
         tmp_path,
         _never,
         seen.append,
+        phases.append,
     )
     assert out == tmp_path / "job1.mp3"
     assert csm.is_mp3(out)  # the app answered WAV: converted
@@ -282,7 +299,10 @@ def test_csm_text_to_mp3(node: NodeUrls, tmp_path: Path) -> None:
     assert got["topk"] == 20
     assert got["max_audio_length"] == 10000
     assert got["pause_duration"] == 150
-    assert seen[-1] == 100
+    # The app reports no progress: no percentage is made up; the phases say what happened.
+    assert seen == []
+    assert phases[0] == "uploading_inputs" and phases[-1] == "encoding"
+    assert set(phases) <= {"uploading_inputs", "waiting_for_node", "rendering", "encoding"}
     assert any(p.startswith("/csm/") for p in SEEN_PATHS)
 
 
@@ -308,6 +328,19 @@ def test_csm_clone_sends_mono_reference(node: NodeUrls, tmp_path: Path) -> None:
 def test_csm_app_error(node: NodeUrls, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"^CSM failed: GPU out of memory$"):
         csm.run({"monologue": ["fail"]}, "job3", {}, node, tmp_path, _never, lambda _p: None)
+
+
+def test_5xx_from_a_healthy_node_is_retried_once(node: NodeUrls, tmp_path: Path) -> None:
+    joins = lambda: sum(p.endswith("/csm/gradio_api/queue/join") for p in SEEN_PATHS)  # noqa: E731
+    before = joins()
+    FAIL_NEXT["/csm/gradio_api/queue/join"] = 1
+    out = csm.run({"monologue": ["Hi."]}, "retry1", {}, node, tmp_path, _never, lambda _p: None)
+    assert out.is_file() and joins() - before == 2
+    FAIL_NEXT["/csm/gradio_api/queue/join"] = 2  # still failing after the retry: the job fails
+    with pytest.raises(Exception, match="502"):  # noqa: PT011 - gradio_client's HTTP error, for the worker
+        csm.run({"monologue": ["Hi."]}, "retry2", {}, node, tmp_path, _never, lambda _p: None)
+    assert joins() - before == 4
+    FAIL_NEXT.clear()
 
 
 def test_csm_wrong_key_is_not_an_engine_error(node: NodeUrls, tmp_path: Path) -> None:

@@ -210,3 +210,25 @@ def test_live_worker_gives_back_a_job_cut_short_by_redis(r, settings):
     assert jobstore.requeue_processing(r, settings, "alive") == (1, [])
     assert r.lrange(config.QUEUE_KEY, 0, -1) == [entry]
     assert r.hget(f"job:{job_id}", "status") == "queued"
+
+
+def test_phase_is_recorded_only_while_running_and_gone_when_finished(r, settings):
+    job_id = new_job(r)
+    jobstore.set_phase(r, job_id, "downloading", now=1000.0)
+    assert r.hget(jobstore.job_key(job_id), "phase") is None  # queued: nothing changes
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    jobstore.set_phase(r, job_id, "downloading", now=1000.0)
+    jobstore.set_progress(r, job_id, 40)
+    jobstore.set_phase(r, job_id, "downloading", now=1005.0)  # the same phase again keeps its start
+    record = jobstore.get_job(r, job_id)
+    assert (record["phase"], float(record["phase_since"]), record["progress"]) == ("downloading", 1000.0, "40")
+    jobstore.set_phase(r, job_id, "rendering", now=1010.0)  # a percentage belongs to its phase
+    record = jobstore.get_job(r, job_id)
+    assert (record["phase"], float(record["phase_since"]), record.get("progress")) == ("rendering", 1010.0, None)
+    with pytest.raises(ValueError, match="unknown phase"):
+        jobstore.set_phase(r, job_id, "thinking")
+    jobstore.transition(r, settings, job_id, "success", {"text": "hi"})
+    before = jobstore.get_job(r, job_id)
+    assert "phase" not in before and "phase_since" not in before
+    jobstore.set_phase(r, job_id, "storing")  # finished jobs never change
+    assert jobstore.get_job(r, job_id) == before
