@@ -8,7 +8,7 @@ downloading the video named in /history.
 
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
 EngineError when ComfyUI rejects or fails the workflow, TimeoutError when ComfyUI does not become
-ready within COMFYUI_READY_TIMEOUT seconds (env, default 120). Transport errors (requests, websocket)
+ready within COMFYUI_READY_TIMEOUT seconds (env, default 480: a real cold start). Transport errors (requests, websocket)
 propagate unchanged: the node is in trouble.
 """
 
@@ -31,11 +31,12 @@ import requests
 import websocket
 from PIL import Image, ImageOps
 
+import config
 from engine_api import EngineError, JobStopped, NodeUrls, Progress, ShouldStop
 
 log = logging.getLogger(__name__)
 
-DEFAULT_READY_TIMEOUT_S = 120.0
+DEFAULT_READY_TIMEOUT_S = config.DEFAULT_SERVICE_READY_TIMEOUT_S
 MAX_INPUT_SIDE = 2048  # larger inputs are scaled down before upload
 FIT_W, FIT_H = 1280, 720  # the portrait is resized to fit this box inside the workflow
 DURATION_MARGIN_S = 2  # SONIC_PreData duration = ceil(audio seconds) + this
