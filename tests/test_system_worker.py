@@ -84,8 +84,9 @@ def test_sigkill_mid_job_another_worker_finishes_one_webhook_node_stopped(stack)
     doomed = stack["worker"]("doomed")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    node = wait_for(lambda: (r.hgetall("node:doomed:media:fast") or {}).get("workload") and r.hgetall("node:doomed:media:fast"),
-                    30, what="the doomed worker's node record")
+    key = "node:doomed:media:fast"
+    node = wait_for(lambda: (r.hgetall(key) or {}).get("workload") and r.hgetall(key), 30,
+                    what="the doomed worker's node record")
     wait_for(lambda: r.hget("node:doomed:media:fast", "state") == "running", 30, what="its node to boot")
     time.sleep(1.0)  # the engine call is in flight on the node
     doomed.signal(signal.SIGKILL)
