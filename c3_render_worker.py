@@ -109,34 +109,11 @@ def default_expires(settings: config.Settings) -> int:
 
 
 def launch_once(settings: config.Settings, workload_type: str, expires: int) -> dict[str, Any]:
-    """One launch call (no retry: a failed launch may still have created a node; see launch_node)."""
+    """One launch call (no retry here: a failed launch may still have created a node; see launch_node)."""
     answer = _c3_post(settings, "launch", {"type": workload_type, "expires": expires})
     if not isinstance(answer, dict) or not answer.get("workload") or not answer.get("node"):
         raise C3Error("Comput3 launch: answer has no workload or node", retryable=True)
     return answer
-
-
-def launch_workload(settings: config.Settings, workload_type: str = config.DEFAULT_WORKLOAD_TYPE,
-                    expires: int | None = None, sleep=time.sleep) -> dict[str, Any]:
-    """Launch a node, retried with exponential backoff on 5xx, timeouts and non-JSON answers.
-
-    Not leak-safe on its own (a lost answer may hide a node that was created): the worker launches
-    through launch_node(), which records a launch window first and finds such nodes.
-    """
-    expires = expires or default_expires(settings)
-    last: C3Error | None = None
-    for attempt in range(1, settings.launch_attempts + 1):
-        try:
-            return launch_once(settings, workload_type, expires)
-        except C3Error as exc:
-            last = exc
-            if not exc.retryable or attempt == settings.launch_attempts:
-                break
-            delay = settings.launch_backoff_s * 2 ** (attempt - 1)
-            log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt,
-                        settings.launch_attempts, exc, delay)
-            sleep(delay)
-    raise C3Error(f"could not launch a {workload_type} GPU node: {last}")
 
 
 def get_workload_types(settings: config.Settings) -> list[str]:
@@ -439,11 +416,14 @@ def launch_candidates(settings: config.Settings, intent: dict[str, Any], running
     return sorted(found, key=lambda w: abs(float(w["created"]) - intent["started_at"]))
 
 
+LOST_ANSWER_WAITS_S = (0.0, 1.0, 3.0)  # the provider may list a new workload a moment late
+
+
 def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
                       intent_id: str, intent: dict[str, Any], sleep=time.sleep) -> dict[str, Any] | None:
     """After a launch whose answer was lost: find the workload it created and make it ours."""
     intent = dict(intent, ended_at=time.time())
-    for wait_s in (0.0, 1.0, 3.0):  # the provider may list a new workload a moment late
+    for wait_s in LOST_ANSWER_WAITS_S:
         sleep(wait_s)
         try:
             running = get_running_workloads(settings)
@@ -464,10 +444,11 @@ def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str,
 
 
 def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
-                sleep=time.sleep) -> dict[str, Any]:
+                sleep=time.sleep, expires: int | None = None) -> dict[str, Any]:
     """Launch (or adopt) a node of node_type for this worker, leak-proof; it is recorded in Redis as this
-    worker's node (booting) when this returns. Retries with exponential backoff like launch_workload."""
-    expires = default_expires(settings)
+    worker's node (booting) when this returns. Retried LAUNCH_ATTEMPTS times with exponential backoff on
+    5xx, timeouts and non-JSON answers (each time after looking for the node a lost answer hid)."""
+    expires = expires or default_expires(settings)
     last: C3Error | None = None
     for attempt in range(1, settings.launch_attempts + 1):
         try:
@@ -478,6 +459,9 @@ def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_
             try:
                 answer = launch_once(settings, node_type, expires)
             except C3Error as exc:
+                if not exc.retryable and exc.status is not None:
+                    jobstore.close_launch(r, intent_id)  # refused (4xx): nothing was created
+                    raise
                 adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
                 if adopted:
                     return adopted
@@ -520,20 +504,22 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
     lost, nothing adopted); return how many were stopped. A workload that a live launch may yet own is
     left for a later sweep; an intent is dropped once its window has closed."""
     now = time.time() if now is None else now
-    intents = jobstore.launch_intents(r)
-    if not intents:
-        return 0
-    alive = {worker: bool(r.exists(jobstore.heartbeat_key(worker)))
-             for worker in {i["worker"] for i in intents.values()}}
-    settled = {k: i for k, i in intents.items() if i.get("orphan") or not alive[i["worker"]]}
-    live = [i for i in intents.values() if not (i.get("orphan") or not alive[i["worker"]])]
-    if not settled:
+
+    def split(intents: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        alive = {worker: bool(r.exists(jobstore.heartbeat_key(worker)))
+                 for worker in {i["worker"] for i in intents.values()}}
+        settled = {k: i for k, i in intents.items() if i.get("orphan") or not alive[i["worker"]]}
+        return settled, [i for k, i in intents.items() if k not in settled]
+
+    if not split(jobstore.launch_intents(r))[0]:
         return 0
     try:
         running = get_running_workloads(settings)
     except C3Error as exc:
         log.warning("recovery sweep: could not list workloads to resolve launch windows (%s)", exc)
         return 0
+    # Read the intents again after the list: a launch begun before the list is then seen as live.
+    settled, live = split(jobstore.launch_intents(r))
     stopped = 0
     for intent_id, intent in settled.items():
         for workload in launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):

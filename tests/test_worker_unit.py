@@ -27,17 +27,17 @@ def s():
 
 
 @responses.activate
-def test_request_shapes_and_headers(s):
+def test_request_shapes_and_headers(s, r):
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "abc.comput3.ai"})
     responses.post(f"{API}/workloads", json=[{"workload": "wl-1", "node": "abc.comput3.ai", "type": "media:fast"}])
     responses.post(f"{API}/stop", json={"stopped": 1700000000, "refund_amount": 0.5})
     responses.get("https://abc.comput3.ai/", body="ok")
-    answer = worker.launch_workload(s, "media:fast", expires=1234)
+    answer = worker.launch_node(s, r, "w1", "media:fast", expires=1234)
     assert answer["workload"] == "wl-1"
     assert worker.get_running_workloads(s)[0]["node"] == "abc.comput3.ai"
     assert worker.check_node_health(s, "abc.comput3.ai")
     assert worker.stop_workload(s, "wl-1")["refund_amount"] == 0.5
-    launch, workloads, health, stop = responses.calls
+    _before, launch, workloads, health, stop = responses.calls
     assert json.loads(launch.request.body) == {"type": "media:fast", "expires": 1234}
     assert json.loads(workloads.request.body) == {"running": True}
     assert json.loads(stop.request.body) == {"workload": "wl-1"}
@@ -49,16 +49,18 @@ def test_request_shapes_and_headers(s):
 
 
 @responses.activate
-def test_default_expires_leaves_a_margin_beyond_max_age(s):
-    responses.post(f"{API}/launch", json={"workload": "w", "node": "n"})
+def test_default_expires_leaves_a_margin_beyond_max_age(s, r):
+    responses.post(f"{API}/workloads", json=[])
+    launch = responses.post(f"{API}/launch", json={"workload": "w", "node": "n"})
     before = time.time()
-    worker.launch_workload(s)
-    expires = json.loads(responses.calls[0].request.body)["expires"]
+    worker.launch_node(s, r, "w1", "media:fast")
+    expires = json.loads(launch.calls[0].request.body)["expires"]
     assert expires >= before + s.node_max_age_s + s.node_expires_margin_s - 1
 
 
 @responses.activate
-def test_launch_retried_on_5xx_html_and_timeouts(s):
+def test_launch_retried_on_5xx_html_and_timeouts(s, r):
+    responses.post(f"{API}/workloads", json=[])  # none of the failed launches created a node
     responses.post(f"{API}/launch", status=502, body="<html><body>Bad gateway</body></html>",
                    content_type="text/html")
     responses.post(f"{API}/launch", status=200, body="<html>cdn error</html>", content_type="text/html")
@@ -66,27 +68,31 @@ def test_launch_retried_on_5xx_html_and_timeouts(s):
     responses.post(f"{API}/launch", status=500, json={"error": "x"})
     responses.post(f"{API}/launch", json={"workload": "wl-9", "node": "n9"})
     slept = []
-    assert worker.launch_workload(s, sleep=slept.append)["workload"] == "wl-9"
-    assert len(responses.calls) == 5
-    assert slept == [0.01, 0.02, 0.04, 0.08]  # exponential backoff
+    assert worker.launch_node(s, r, "w1", "media:fast", sleep=slept.append)["workload"] == "wl-9"
+    assert len([c for c in responses.calls if c.request.url.endswith("/launch")]) == 5
+    looked = list(worker.LOST_ANSWER_WAITS_S)  # after each failure: look for a node the answer hid
+    assert slept == [*looked, 0.01, *looked, 0.02, *looked, 0.04, *looked, 0.08]  # exponential backoff
 
 
 @responses.activate
-def test_launch_gives_up_after_attempts_with_clear_message(s):
-    responses.post(f"{API}/launch", status=503, body="<html>down</html>", content_type="text/html")
+def test_launch_gives_up_after_attempts_with_clear_message(s, r):
+    responses.post(f"{API}/workloads", json=[])
+    launch = responses.post(f"{API}/launch", status=503, body="<html>down</html>", content_type="text/html")
     with pytest.raises(worker.C3Error) as info:
-        worker.launch_workload(s, sleep=lambda _s: None)
-    assert len(responses.calls) == 5
+        worker.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
+    assert len(launch.calls) == 5
     assert "could not launch a media:fast GPU node" in str(info.value) and "HTTP 503" in str(info.value)
     assert "sekrit-key" not in str(info.value)
 
 
 @responses.activate
-def test_launch_not_retried_on_401(s):
-    responses.post(f"{API}/launch", status=401, json={"error": "bad key"})
+def test_launch_not_retried_on_401(s, r):
+    responses.post(f"{API}/workloads", json=[])
+    launch = responses.post(f"{API}/launch", status=401, json={"error": "bad key"})
     with pytest.raises(worker.C3Error, match="check C3_API_KEY"):
-        worker.launch_workload(s, sleep=lambda _s: None)
-    assert len(responses.calls) == 1
+        worker.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
+    assert len(launch.calls) == 1
+    assert not jobstore.launch_intents(r)  # a refused launch created nothing: no window to watch
 
 
 @pytest.fixture
