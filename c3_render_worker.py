@@ -370,10 +370,15 @@ def wait_service_ready(state: WorkerState, held: HeldNode, job_type: str, should
             response = requests.get(url, headers=held.urls.headers(), timeout=(5, 15))
             if response.status_code == 200:
                 held.ready.add(service)
+                if last:
+                    log.info("%s on node %s is ready", service, held.node)
                 return
-            last = f"HTTP {response.status_code}"
+            answer = f"HTTP {response.status_code}"
         except requests.RequestException as exc:
-            last = type(exc).__name__
+            answer = type(exc).__name__
+        if not last:
+            log.info("waiting for %s on node %s to be ready (%s)", service, held.node, answer)
+        last = answer
         reason = should_stop()
         if reason:
             raise JobStopped(reason)
@@ -416,6 +421,7 @@ def launch_candidates(settings: config.Settings, intent: dict[str, Any], running
     return sorted(found, key=lambda w: abs(float(w["created"]) - intent["started_at"]))
 
 
+SWEEP_CLAIM_S = 120  # a sweeper's claim on a workload it stops; another sweeper takes over after it
 LOST_ANSWER_WAITS_S = (0.0, 1.0, 3.0)  # the provider may list a new workload a moment late
 
 
@@ -526,7 +532,8 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
             if any(in_launch_window(settings, other, workload) for other in live):
                 continue  # a live launch may still record it as its own
             if jobstore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
-                                                                 "node": workload.get("node")}):
+                                                                 "node": workload.get("node"),
+                                                                 "since": time.time()}):
                 _stop_unheld(settings, r, workload, f"launched by {intent['worker']} in a launch window "
                                                     "that never recorded its node")
                 stopped += 1
@@ -540,9 +547,12 @@ def stop_nodes_of_dead_owners(settings: config.Settings, r: redis.Redis) -> int:
     stopped = 0
     for workload, owner in jobstore.owned_nodes(r).items():
         worker = owner.get("worker", "")
-        if worker == "sweep" or r.exists(jobstore.heartbeat_key(worker)):  # "sweep": being stopped
+        if worker == "sweep":  # being stopped by a sweeper; taken over if that sweeper died meanwhile
+            if time.time() - float(owner.get("since") or 0) < SWEEP_CLAIM_S:
+                continue
+        elif r.exists(jobstore.heartbeat_key(worker)):
             continue
-        if r.set(f"sweep:workload:{workload}", "1", nx=True, ex=120):  # one sweeper at a time
+        if r.set(f"sweep:workload:{workload}", "1", nx=True, ex=SWEEP_CLAIM_S):  # one sweeper at a time
             _stop_unheld(settings, r, {"workload": workload, "node": owner.get("node"),
                                        "created": owner.get("launched_at")}, f"its worker {worker} died")
             stopped += 1

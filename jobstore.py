@@ -157,12 +157,13 @@ RESERVED = "*"  # the slot type of a worker that reserved a slot before it knew 
 
 
 def slot_member(worker_id: str, node_type: str) -> str:
-    return f"{worker_id}|{node_type}"
+    return f"{worker_id}|{node_type}" if node_type else worker_id
 
 
 def split_slot_member(member: str) -> tuple[str, str]:
-    worker, _sep, node_type = member.rpartition("|")
-    return worker, node_type
+    """(worker, node type); a member without a type (written by an older worker) is (worker, '')."""
+    worker, sep, node_type = member.rpartition("|")
+    return (worker, node_type) if sep else (member, "")
 
 
 def queue_entry(job_id: str, job_type: str) -> str:

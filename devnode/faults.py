@@ -12,6 +12,8 @@ Set from the environment at start-up (DEVNODE_FAULTS, a JSON object) or at run t
 - launch_answer_lost: int     the next N launches create their node, then answer a gateway's HTML 504
                               page instead of the launch answer (the node exists, the client cannot know)
 - node_dies_after_s: float|None   every node launched from now on stops answering (404) T s after boot
+- comfyui_warmup_s: float     ComfyUI on a node answers a gateway's 502 page for this long after the node's
+                              root is up (a real cold start: minutes while models load)
 - engine_error: list[str]     engines that answer with an error: "csm", "whisper", "comfyui", "ollama"
 - engine_hang: list[str]      engines that never finish (until stopped/interrupted/cancelled)
 
@@ -39,6 +41,7 @@ DEFAULTS: dict = {
     "launch_answer_delay_s": 0.0,
     "launch_answer_lost": 0,
     "node_dies_after_s": None,
+    "comfyui_warmup_s": 0.0,
     "engine_error": [],
     "engine_hang": [],
 }

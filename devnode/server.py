@@ -385,6 +385,9 @@ def node_router(app: ASGIApp, vision_app: ASGIApp | None = None) -> ASGIApp:
             and rest not in NODE_SERVICES
         ):
             return await _refuse(scope, send, 404, "not found on node")
+        warmup = float(faults.snapshot().get("comfyui_warmup_s") or 0)
+        if service == "/comfyui" and node is not None and time.time() < node.up_at + warmup:
+            return await _refuse(scope, send, 502, "Bad Gateway: ComfyUI is still starting")
         child = dict(scope, root_path=prefix, devnode_workload=workload)
         if rest == "":
             child["path"] = prefix + "/"

@@ -247,3 +247,25 @@ def test_back_to_back_jobs_cost_at_most_one_provider_call_each(stack):
     print(f"\nprovider calls per job, {jobs} back-to-back csm jobs on a held node: {calls / jobs:.2f} "
           f"({calls} calls: control API + node health)")
     assert calls <= jobs, f"{calls} provider calls for {jobs} jobs"
+
+
+def test_portrait_waits_for_comfyui_to_warm_up_on_a_fresh_node(stack, tmp_path):
+    import subprocess
+
+    from PIL import Image
+
+    Image.new("RGB", (320, 240), (90, 90, 160)).save(tmp_path / "face.png")
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-ac", "1",
+                    str(tmp_path / "voice.wav")], check=True, timeout=60)
+    files, files_url = start_file_server(tmp_path)
+    set_faults(stack["devnode"], comfyui_warmup_s=5)  # ComfyUI answers 502 for 5 s after the node is up
+    worker = stack["worker"]("w-warmup")
+    try:
+        job_id = submit(stack, "/portrait", {"image_url": files_url + "/face.png",
+                                             "audio_url": files_url + "/voice.wav"})
+        final = wait_finished(stack["api"], job_id, 180)
+        assert final["status"] == "success", final
+        assert "waiting for comfyui on node" in worker.log() and "(HTTP 502)" in worker.log()
+        assert "comfyui on node" in worker.log() and "is ready" in worker.log()
+    finally:
+        files.shutdown()

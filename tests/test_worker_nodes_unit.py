@@ -199,3 +199,13 @@ def test_workload_types_checked_at_start_up(s, caplog):
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
         assert worker.check_workload_types(s) == []
     assert "not checked" in caplog.text and "sekrit-key" not in caplog.text
+
+
+@responses.activate
+def test_a_workload_claimed_by_a_sweeper_that_died_is_taken_over(s, r):
+    jobstore.claim_workload(r, "wl-fresh", {"worker": "sweep", "node": "f.gpu", "since": time.time()})
+    jobstore.claim_workload(r, "wl-stale", {"worker": "sweep", "node": "s.gpu", "since": time.time() - 600})
+    stop = responses.post(f"{API}/stop", json={"stopped": 1})
+    assert worker.stop_nodes_of_dead_owners(s, r) == 1
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-stale"]
+    assert set(jobstore.owned_nodes(r)) == {"wl-fresh"}
