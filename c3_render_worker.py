@@ -416,8 +416,10 @@ def in_launch_window(settings: config.Settings, intent: dict[str, Any], workload
 def launch_candidates(settings: config.Settings, intent: dict[str, Any], running: list[dict[str, Any]],
                       owned: dict[str, Any]) -> list[dict[str, Any]]:
     """Running workloads this launch may have created that no one of ours holds, closest in time first."""
+    # No filter on status: a fresh node's status while it boots is not documented (and stopping one
+    # that is already gone is harmless).
     found = [w for w in running if w.get("workload") and w["workload"] not in owned
-             and w.get("status", "running") in ("running", "booting") and in_launch_window(settings, intent, w)]
+             and in_launch_window(settings, intent, w)]
     return sorted(found, key=lambda w: abs(float(w["created"]) - intent["started_at"]))
 
 
