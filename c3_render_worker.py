@@ -67,6 +67,10 @@ class NodeFailed(Exception):
     """The GPU node could not be had, or stopped working during the job."""
 
 
+class NodeDown(Exception):
+    """The node stopped answering while the worker waited for one of its services (it is replaced)."""
+
+
 # --- the Comput3 control API -------------------------------------------------------------------
 
 def c3_headers(settings: config.Settings) -> dict[str, str]:
@@ -166,6 +170,7 @@ def stop_workload(settings: config.Settings, workload_id: str) -> dict[str, Any]
 # analyze type for analyze), each with its own idle timer; all of them count against MAX_NODES.
 
 READY_PATHS = {"csm": "csm", "whisper": "whisper", "portrait": "comfyui", "analyze": "ollama"}
+READY_ROOT_CHECK_S = 10.0  # while a service is not ready, check this often that the node itself answers
 
 
 @dataclass
@@ -365,6 +370,7 @@ def wait_service_ready(state: WorkerState, held: HeldNode, job_type: str, should
     timeout_s = state.settings.service_ready_timeout_s
     deadline = time.time() + timeout_s
     last = ""
+    root_checked = 0.0
     while True:
         try:
             response = requests.get(url, headers=held.urls.headers(), timeout=(5, 15))
@@ -379,6 +385,10 @@ def wait_service_ready(state: WorkerState, held: HeldNode, job_type: str, should
         if not last:
             log.info("waiting for %s on node %s to be ready (%s)", service, held.node, answer)
         last = answer
+        if time.time() - root_checked >= READY_ROOT_CHECK_S:  # a node that died is not waited for
+            root_checked = time.time()
+            if not check_node_health(state.settings, held.node):
+                raise NodeDown(f"the node stopped answering while {service} was starting ({answer})")
         reason = should_stop()
         if reason:
             raise JobStopped(reason)
@@ -673,11 +683,6 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
     for attempt in range(1, tries + 1):
         held = ensure_node(state, should_stop, node_type)
         held.last_used = time.time()
-        try:
-            wait_service_ready(state, held, job_type, should_stop)
-        except NodeFailed:
-            stop_node(state, node_type, "a service never became ready")
-            raise
 
         def progress(percent: int) -> None:
             try:
@@ -686,12 +691,17 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
                 pass
 
         try:
+            try:
+                wait_service_ready(state, held, job_type, should_stop)
+            except NodeFailed:
+                stop_node(state, node_type, "a service never became ready")
+                raise
             output = engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress)
             held.checked_at = time.time()  # it just did a job: known good for NODE_CHECK_TTL
             return output
-        except JobStopped:
+        except (JobStopped, NodeFailed):
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure: was it the node?
+        except Exception as exc:  # noqa: BLE001 - any failure (NodeDown included): was it the node?
             detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
             problem = node_usable(state, node_type, force=True)
             if not problem:
