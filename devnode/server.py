@@ -1,4 +1,4 @@
-"""The dev node's HTTP server: a local stand-in for Comput3.ai and its media:fast nodes.
+"""The dev node's HTTP server: a local stand-in for Comput3.ai and its media:fast and ollama_webui:fast nodes.
 
 This module owns
 - the Comput3 control API at `/api/v0` (launch, workloads, stop, types; PROTOCOLS.md section 1),
