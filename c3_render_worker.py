@@ -1,11 +1,14 @@
 """The c3-render worker: takes jobs from the Redis queue and runs them on Comput3 GPU nodes.
 
-Owns the Comput3 calls (launch_workload, get_running_workloads, check_node_health, stop_workload),
-the one node each worker holds (launched when a job needs it, reused while healthy, replaced when it
-fails or grows old, stopped when idle or on SIGTERM, capped at MAX_NODES across all workers), the job
-run (inputs downloaded and checked, the engine called with a should_stop() that enforces cancel,
-max_time and complete_by, the result uploaded and recorded), the heartbeat, and the recovery sweep
-that requeues the jobs of dead workers and stops their nodes.
+Owns the Comput3 calls (launch, workloads list, types, node health, stop), the nodes each worker
+holds (one per workload type: analyze jobs on C3_ANALYZE_WORKLOAD_TYPE, the others on
+C3_WORKLOAD_TYPE; launched when a job needs one, reused while healthy, replaced when it fails or
+grows old, stopped when idle or on SIGTERM, capped at MAX_NODES across all workers), leak-proof
+launches (a launch window recorded in Redis before each launch call; lost answers resolved from the
+workloads list), the job run (inputs downloaded and checked, the node's service waited for, the
+engine called with a should_stop() that enforces cancel, max_time and complete_by, the result
+uploaded and recorded), the heartbeat, and the recovery sweep that requeues the jobs of dead workers
+and stops every node of ours that no live worker holds.
 
 Run: `python c3_render_worker.py` (configuration from the environment; see README).
 """
@@ -47,7 +50,7 @@ ENGINES = {"csm": csm.run, "whisper": whisper.run, "portrait": comfyui.run, "ana
 RESULT_NAMES = {"csm": "{id}.mp3", "portrait": "{id}.mp4", "whisper": "{id}.txt", "analyze": "{id}.txt"}
 CANCEL_REASON = "cancelled by request"
 SHUTDOWN_REASON = "worker shutting down"
-C3_TIMEOUT_S = (10, 60)  # connect, read
+C3_CONNECT_TIMEOUT_S = 10  # the read timeout is C3_READ_TIMEOUT
 
 
 class C3Error(Exception):
@@ -64,6 +67,10 @@ class NodeFailed(Exception):
     """The GPU node could not be had, or stopped working during the job."""
 
 
+class NodeDown(Exception):
+    """The node stopped answering while the worker waited for one of its services (it is replaced)."""
+
+
 # --- the Comput3 control API -------------------------------------------------------------------
 
 def c3_headers(settings: config.Settings) -> dict[str, str]:
@@ -73,9 +80,14 @@ def c3_headers(settings: config.Settings) -> dict[str, str]:
 
 def _c3_post(settings: config.Settings, path: str, body: dict[str, Any]) -> Any:
     """One call; raises C3Error saying what went wrong, with `retryable` set for 5xx/timeouts/non-JSON."""
+    return _c3_call(settings, "POST", path, body)
+
+
+def _c3_call(settings: config.Settings, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     url = f"{settings.c3_api_url}/{path}"
     try:
-        response = requests.post(url, json=body, headers=c3_headers(settings), timeout=C3_TIMEOUT_S)
+        response = requests.request(method, url, json=body, headers=c3_headers(settings),
+                                    timeout=(C3_CONNECT_TIMEOUT_S, settings.c3_read_timeout_s))
     except requests.Timeout:
         raise C3Error(f"Comput3 {path}: timed out", retryable=True) from None
     except requests.ConnectionError:
@@ -96,26 +108,32 @@ def _c3_post(settings: config.Settings, path: str, body: dict[str, Any]) -> Any:
         raise C3Error(f"Comput3 {path}: answer was not JSON ({kind})", retryable=True) from None
 
 
-def launch_workload(settings: config.Settings, workload_type: str = "media:fast",
-                    expires: int | None = None, sleep=time.sleep) -> dict[str, Any]:
-    """Launch a node; retried with exponential backoff on 5xx, timeouts and non-JSON answers."""
-    expires = expires or int(time.time() + settings.node_max_age_s + settings.node_expires_margin_s)
-    last: C3Error | None = None
-    for attempt in range(1, settings.launch_attempts + 1):
-        try:
-            answer = _c3_post(settings, "launch", {"type": workload_type, "expires": expires})
-            if not isinstance(answer, dict) or not answer.get("workload") or not answer.get("node"):
-                raise C3Error("Comput3 launch: answer has no workload or node", retryable=True)
-            return answer
-        except C3Error as exc:
-            last = exc
-            if not exc.retryable or attempt == settings.launch_attempts:
-                break
-            delay = settings.launch_backoff_s * 2 ** (attempt - 1)
-            log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt,
-                        settings.launch_attempts, exc, delay)
-            sleep(delay)
-    raise C3Error(f"could not launch a {workload_type} GPU node: {last}")
+def default_expires(settings: config.Settings) -> int:
+    return int(time.time() + settings.node_max_age_s + settings.node_expires_margin_s)
+
+
+def launch_once(settings: config.Settings, workload_type: str, expires: int) -> dict[str, Any]:
+    """One launch call (no retry here: a failed launch may still have created a node; see launch_node)."""
+    answer = _c3_post(settings, "launch", {"type": workload_type, "expires": expires})
+    if not isinstance(answer, dict) or not answer.get("workload") or not answer.get("node"):
+        raise C3Error("Comput3 launch: answer has no workload or node", retryable=True)
+    return answer
+
+
+def get_workload_types(settings: config.Settings) -> list[str]:
+    """The workload types the provider offers (GET /types: a list of names, or of records with one)."""
+    answer = _c3_call(settings, "GET", "types")
+    if isinstance(answer, dict):
+        answer = answer.get("types", list(answer))
+    if not isinstance(answer, list):
+        raise C3Error("Comput3 types: answer is not a list")
+    names = []
+    for item in answer:
+        if isinstance(item, dict):
+            item = item.get("type") or item.get("name")
+        if isinstance(item, str):
+            names.append(item)
+    return names
 
 
 def get_running_workloads(settings: config.Settings) -> list[dict[str, Any]]:
@@ -147,7 +165,13 @@ def stop_workload(settings: config.Settings, workload_id: str) -> dict[str, Any]
     return answer if isinstance(answer, dict) else {}
 
 
-# --- the node this worker holds ----------------------------------------------------------------
+# --- the nodes this worker holds ---------------------------------------------------------------
+# A worker holds at most one node of each workload type (media:fast for csm/whisper/portrait, the
+# analyze type for analyze), each with its own idle timer; all of them count against MAX_NODES.
+
+READY_PATHS = {"csm": "csm", "whisper": "whisper", "portrait": "comfyui", "analyze": "ollama"}
+READY_ROOT_CHECK_S = 10.0  # while a service is not ready, check this often that the node itself answers
+
 
 @dataclass
 class HeldNode:
@@ -155,7 +179,10 @@ class HeldNode:
     node: str
     launched_at: float
     urls: NodeUrls
+    type: str = config.DEFAULT_WORKLOAD_TYPE
     last_used: float = field(default_factory=time.time)
+    checked_at: float = 0.0  # last time the node was known good (a health check, or a job it ran)
+    ready: set[str] = field(default_factory=set)  # services seen ready (csm, whisper, comfyui, ollama)
 
 
 @dataclass
@@ -163,17 +190,21 @@ class WorkerState:
     settings: config.Settings
     r: redis.Redis
     worker_id: str
-    node: HeldNode | None = None
+    nodes: dict[str, HeldNode] = field(default_factory=dict)  # workload type -> node
     stopping: threading.Event = field(default_factory=threading.Event)
     shutdown_deadline: float | None = None
     node_seconds: float = 0.0
 
 
-def stop_node(state: WorkerState, reason: str, release_slot: bool = True) -> None:
-    """Stop the held node (if any), log its node-seconds, and free its slot (unless the worker is
-    replacing the node at once: then it keeps the slot, so waiting workers cannot take it meanwhile)."""
-    held = state.node
-    state.node = None
+def node_type_for(settings: config.Settings, job_type: str) -> str:
+    """The workload type a job type runs on: the node type is a property of the job type."""
+    return settings.analyze_workload_type if job_type == "analyze" else settings.workload_type
+
+
+def stop_node(state: WorkerState, node_type: str, reason: str, release_slot: bool = True) -> None:
+    """Stop the held node of node_type (if any), log its node-seconds, and free its slot (unless the
+    worker reuses the slot at once: then it keeps it, so waiting workers cannot take it meanwhile)."""
+    held = state.nodes.pop(node_type, None)
     if held is None:
         return
     seconds = time.time() - held.launched_at
@@ -184,19 +215,22 @@ def stop_node(state: WorkerState, reason: str, release_slot: bool = True) -> Non
         try:
             state.r.hset(config.NODES_TO_STOP_KEY, held.workload, held.node)
         except redis.RedisError:
-            log.warning("could not record workload %s for a later stop; it ends at its expires time",
-                        held.workload)
+            log.warning("could not record workload %s for a later stop; the sweep finds it in the registry "
+                        "of our nodes", held.workload)
     state.node_seconds += seconds
-    log.info("stopped node %s (workload %s, %s) after %.1f node-seconds; this worker's total %.1f",
-             held.node, held.workload, reason, seconds, state.node_seconds)
+    log.info("stopped node %s (workload %s, %s, %s) after %.1f node-seconds; this worker's total %.1f",
+             held.node, held.workload, held.type, reason, seconds, state.node_seconds)
     _record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
     try:
-        if release_slot:
-            jobstore.release_node(state.r, state.worker_id)
-        else:
-            state.r.delete(jobstore.node_key(state.worker_id))
+        jobstore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
+                              workload=held.workload)
     except redis.RedisError:
         log.warning("could not update the node record in Redis; the recovery sweep will")
+
+
+def stop_all_nodes(state: WorkerState, reason: str) -> None:
+    for node_type in list(state.nodes):
+        stop_node(state, node_type, reason)
 
 
 def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
@@ -228,37 +262,54 @@ def _record_node_stop(r: redis.Redis, workload: str, worker_id: str, seconds: fl
         pass
 
 
-def node_usable(state: WorkerState) -> str:
-    """'' when the held node can take the next job, else why it must be replaced."""
-    held = state.node
+def node_usable(state: WorkerState, node_type: str, force: bool = False) -> str:
+    """'' when the held node of node_type can take the next job, else why it must be replaced.
+
+    A node known good within NODE_CHECK_TTL (a check, or a job it just ran) is not asked again, so
+    back-to-back jobs cost no provider call; force (after any error) always asks the provider and the node.
+    """
+    held = state.nodes.get(node_type)
     settings = state.settings
     if held is None:
         return "no node"
     if time.time() - held.launched_at > settings.node_max_age_s:
         return "older than NODE_MAX_AGE"
+    if not force and time.time() - held.checked_at < settings.node_check_ttl_s:
+        return ""
+    held.checked_at = 0.0  # invalidated until this check succeeds in full
+    listed = True
     try:
         running = {w.get("workload") for w in get_running_workloads(settings)}
     except C3Error as exc:
         log.warning("could not list workloads (%s); relying on the health check", exc)
-        running = {held.workload}
+        running, listed = {held.workload}, False
     if held.workload not in running:
         return "no longer in the workloads list"
     if not check_node_health(settings, held.node):
         return "failed its health check"
+    if listed:
+        held.checked_at = time.time()
     return ""
 
 
-def ensure_node(state: WorkerState, should_stop, phase=None) -> HeldNode:
-    """The node for the next job: the held one when usable, else a fresh one (waiting for a slot)."""
+def _take_slot(state: WorkerState, node_type: str, should_stop) -> None:
+    """Hold a MAX_NODES slot for a node of node_type: the worker's reservation, a free slot, or the slot
+    of its own idle node of another type (stopped: an idle node is not kept for a job of the other type,
+    and a job never waits behind it)."""
     settings = state.settings
-    if state.node is not None:
-        problem = node_usable(state)
-        if not problem:
-            return state.node
-        log.info("replacing node %s: %s", state.node.node, problem)
-        stop_node(state, problem, release_slot=False)
     waited = False
-    while not jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes):
+    while True:
+        if jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
+                                      convert_from=jobstore.RESERVED):
+            return
+        others = sorted((held.last_used, kind) for kind, held in state.nodes.items() if kind != node_type)
+        if others:
+            other = others[0][1]
+            stop_node(state, other, f"idle; its slot is needed for a {node_type} node", release_slot=False)
+            if jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
+                                          convert_from=other):
+                return
+            continue
         if not waited:
             log.info("MAX_NODES (%d) nodes are running; waiting for a slot", settings.max_nodes)
             waited = True
@@ -266,41 +317,268 @@ def ensure_node(state: WorkerState, should_stop, phase=None) -> HeldNode:
         if reason:
             raise JobStopped(reason)
         time.sleep(1.0)
-    jobstore.record_node(state.r, state.worker_id, {"state": "launching", "worker": state.worker_id,
-                                                    "since": time.time()})
+
+
+def ensure_node(state: WorkerState, should_stop, node_type: str | None = None, phase=None) -> HeldNode:
+    """The node of node_type for the next job: the held one when usable, else a fresh one (waiting for a
+    slot, or taking the slot of this worker's idle node of the other type)."""
+    settings = state.settings
+    node_type = node_type or settings.workload_type
+    if node_type in state.nodes:
+        problem = node_usable(state, node_type)
+        if not problem:
+            return state.nodes[node_type]
+        log.info("replacing node %s: %s", state.nodes[node_type].node, problem)
+        stop_node(state, node_type, problem, release_slot=False)
+    _take_slot(state, node_type, should_stop)
+    jobstore.record_node(state.r, state.worker_id, node_type,
+                         {"state": "launching", "worker": state.worker_id, "type": node_type,
+                          "since": time.time()})
     try:
-        answer = launch_workload(settings, settings.workload_type)
+        answer = launch_node(settings, state.r, state.worker_id, node_type)
     except C3Error as exc:
-        jobstore.release_node(state.r, state.worker_id)
+        jobstore.release_node(state.r, state.worker_id, node_type)
         raise NodeFailed(str(exc)) from None
-    held = HeldNode(workload=str(answer["workload"]), node=str(answer["node"]), launched_at=time.time(),
-                    urls=node_urls(str(answer["node"]), settings.c3_api_key, settings.c3_node_url,
-                                   settings.c3_comfyui_url, settings.c3_ollama_url))
-    state.node = held
+    held = HeldNode(workload=str(answer["workload"]), node=str(answer["node"]), launched_at=answer["launched_at"],
+                    type=node_type, urls=node_urls(str(answer["node"]), settings.c3_api_key, settings.c3_node_url,
+                                                   settings.c3_comfyui_url, settings.c3_ollama_url))
+    state.nodes[node_type] = held
     if phase:
         phase("booting_node")
-    jobstore.record_node(state.r, state.worker_id, {"state": "booting", "workload": held.workload,
-                                                    "node": held.node, "launched_at": held.launched_at,
-                                                    "worker": state.worker_id})
-    log.info("launched node %s (workload %s); waiting for it to boot", held.node, held.workload)
+    log.info("%s node %s (workload %s, %s); waiting for it to boot",
+             "adopted" if answer.get("adopted") else "launched", held.node, held.workload, node_type)
     deadline = time.time() + settings.node_boot_timeout_s
     while not check_node_health(settings, held.node, timeout_s=5.0):
         reason = should_stop()
         if reason:
-            stop_node(state, "job stopped while the node booted")
+            stop_node(state, node_type, "job stopped while the node booted")
             raise JobStopped(reason)
         if time.time() > deadline:
-            stop_node(state, "did not boot")
+            stop_node(state, node_type, "did not boot")
             raise NodeFailed(f"GPU node did not become healthy within {settings.node_boot_timeout_s:g} s "
                              "(NODE_BOOT_TIMEOUT)")
         time.sleep(1.0)
-    jobstore.record_node(state.r, state.worker_id, {"state": "running"})
+    held.checked_at = time.time()
+    jobstore.record_node(state.r, state.worker_id, node_type, {"state": "running"})
     log.info("node %s is up after %.1f s", held.node, time.time() - held.launched_at)
     return held
 
 
+def wait_service_ready(state: WorkerState, held: HeldNode, job_type: str, should_stop) -> None:
+    """Before a node's service is first used: wait until it answers (ComfyUI answers 404/502 for minutes
+    after the node's root is up). Once seen ready, a service is not checked again on that node."""
+    service = READY_PATHS[job_type]
+    if service in held.ready:
+        return
+    url = {"csm": held.urls.csm + "config", "whisper": held.urls.whisper + "config",
+           "comfyui": held.urls.comfyui + "/system_stats", "ollama": held.urls.ollama + "/api/tags"}[service]
+    timeout_s = state.settings.service_ready_timeout_s
+    deadline = time.time() + timeout_s
+    last = ""
+    root_checked = 0.0
+    while True:
+        try:
+            response = requests.get(url, headers=held.urls.headers(), timeout=(5, 15))
+            if response.status_code == 200:
+                held.ready.add(service)
+                if last:
+                    log.info("%s on node %s is ready", service, held.node)
+                return
+            answer = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            answer = type(exc).__name__
+        if not last:
+            log.info("waiting for %s on node %s to be ready (%s)", service, held.node, answer)
+        last = answer
+        if time.time() - root_checked >= READY_ROOT_CHECK_S:  # a node that died is not waited for
+            root_checked = time.time()
+            if not check_node_health(state.settings, held.node):
+                raise NodeDown(f"the node stopped answering while {service} was starting ({answer})")
+        reason = should_stop()
+        if reason:
+            raise JobStopped(reason)
+        if time.time() > deadline:
+            raise NodeFailed(f"{service} on the GPU node was not ready within {timeout_s:g} s "
+                             f"(SERVICE_READY_TIMEOUT; last answer: {last})")
+        time.sleep(2.0)
+
+
+# --- leak-proof launches ---------------------------------------------------------------------------
+# Before each launch call the worker records a launch intent in Redis: its type, the workloads running
+# before it and the time. When the answer is lost (timeout, gateway error, or the worker dies before it
+# records the node), the workload that appeared in that window is found in the workloads list and
+# adopted (by the launcher) or stopped (by the sweep). Workloads that appeared outside every window of
+# ours, or that another live launch could own, are never touched: the account may be shared.
+
+def launch_window_end(settings: config.Settings, intent: dict[str, Any]) -> float:
+    """The latest a workload created by this launch can carry as `created` (plus clock slack)."""
+    end = intent.get("ended_at") or intent["started_at"] + C3_CONNECT_TIMEOUT_S + settings.c3_read_timeout_s
+    return float(end) + settings.launch_window_slack_s
+
+
+def in_launch_window(settings: config.Settings, intent: dict[str, Any], workload: dict[str, Any]) -> bool:
+    try:
+        created = float(workload.get("created"))
+    except (TypeError, ValueError):
+        return False
+    if workload.get("type") and workload.get("type") != intent["type"]:
+        return False
+    if workload.get("workload") in set(intent.get("before") or ()):
+        return False
+    return intent["started_at"] - settings.launch_window_slack_s <= created <= launch_window_end(settings, intent)
+
+
+def launch_candidates(settings: config.Settings, intent: dict[str, Any], running: list[dict[str, Any]],
+                      owned: dict[str, Any]) -> list[dict[str, Any]]:
+    """Running workloads this launch may have created that no one of ours holds, closest in time first."""
+    # No filter on status: a fresh node's status while it boots is not documented (and stopping one
+    # that is already gone is harmless).
+    found = [w for w in running if w.get("workload") and w["workload"] not in owned
+             and in_launch_window(settings, intent, w)]
+    return sorted(found, key=lambda w: abs(float(w["created"]) - intent["started_at"]))
+
+
+SWEEP_CLAIM_S = 120  # a sweeper's claim on a workload it stops; another sweeper takes over after it
+LOST_ANSWER_WAITS_S = (0.0, 1.0, 3.0)  # the provider may list a new workload a moment late
+
+
+def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
+                      intent_id: str, intent: dict[str, Any], sleep=time.sleep) -> dict[str, Any] | None:
+    """After a launch whose answer was lost: find the workload it created and make it ours."""
+    intent = dict(intent, ended_at=time.time())
+    for wait_s in LOST_ANSWER_WAITS_S:
+        sleep(wait_s)
+        try:
+            running = get_running_workloads(settings)
+        except C3Error as exc:
+            log.warning("could not list workloads after a lost launch answer (%s)", exc)
+            continue
+        for workload in launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+            launched_at = float(workload["created"])
+            if jobstore.own_node(r, worker_id, node_type, workload["workload"], str(workload["node"]),
+                                 launched_at, intent_id):
+                log.warning("launch answer lost; adopted workload %s that appeared in the launch window",
+                            workload["workload"])
+                return {"workload": workload["workload"], "node": workload["node"], "launched_at": launched_at,
+                        "adopted": True}
+    # Nothing seen (most failed launches create nothing): the sweep watches the window until it closes.
+    jobstore.orphan_launch(r, intent_id, intent["ended_at"])
+    return None
+
+
+def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
+                sleep=time.sleep, expires: int | None = None) -> dict[str, Any]:
+    """Launch (or adopt) a node of node_type for this worker, leak-proof; it is recorded in Redis as this
+    worker's node (booting) when this returns. Retried LAUNCH_ATTEMPTS times with exponential backoff on
+    5xx, timeouts and non-JSON answers (each time after looking for the node a lost answer hid)."""
+    expires = expires or default_expires(settings)
+    last: C3Error | None = None
+    for attempt in range(1, settings.launch_attempts + 1):
+        try:
+            before = [str(w.get("workload")) for w in get_running_workloads(settings)]
+            started = time.time()
+            intent_id = jobstore.begin_launch(r, worker_id, node_type, before, started)
+            intent = {"worker": worker_id, "type": node_type, "before": before, "started_at": started}
+            try:
+                answer = launch_once(settings, node_type, expires)
+            except C3Error as exc:
+                if not exc.retryable and exc.status is not None:
+                    jobstore.close_launch(r, intent_id)  # refused (4xx): nothing was created
+                    raise
+                adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
+                if adopted:
+                    return adopted
+                raise exc from None
+            launched_at = time.time()
+            if jobstore.own_node(r, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
+                                 launched_at, intent_id):
+                return {**answer, "launched_at": launched_at}
+            # Another launcher took our workload for its own lost launch; ours is then its node.
+            adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
+            if adopted:
+                return adopted
+            raise C3Error("Comput3 launch: the launched workload was claimed by another launch", retryable=True)
+        except C3Error as exc:
+            last = exc
+            if not exc.retryable or attempt == settings.launch_attempts:
+                break
+            delay = settings.launch_backoff_s * 2 ** (attempt - 1)
+            log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt,
+                        settings.launch_attempts, exc, delay)
+            sleep(delay)
+    raise C3Error(f"could not launch a {node_type} GPU node: {last}")
+
+
+def _stop_unheld(settings: config.Settings, r: redis.Redis, workload: dict[str, Any], why: str) -> None:
+    """Stop a workload of ours that nobody holds (claimed in the registry first by the caller)."""
+    seconds = time.time() - float(workload.get("created") or time.time())
+    try:
+        stop_workload(settings, workload["workload"])
+        log.info("stopped node %s (workload %s): %s", workload.get("node"), workload["workload"], why)
+    except C3Error as exc:
+        log.warning("could not stop workload %s (%s): %s; retried by the next sweep", workload["workload"], why, exc)
+        r.hset(config.NODES_TO_STOP_KEY, workload["workload"], str(workload.get("node") or ""))
+    jobstore.forget_owned(r, workload["workload"])
+    _record_node_stop(r, workload["workload"], "sweep", seconds, why)
+
+
+def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float | None = None) -> int:
+    """Sweep: stop the nodes created by the launches of dead workers and by orphaned launches (answer
+    lost, nothing adopted); return how many were stopped. A workload that a live launch may yet own is
+    left for a later sweep; an intent is dropped once its window has closed."""
+    now = time.time() if now is None else now
+
+    def split(intents: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        alive = {worker: bool(r.exists(jobstore.heartbeat_key(worker)))
+                 for worker in {i["worker"] for i in intents.values()}}
+        settled = {k: i for k, i in intents.items() if i.get("orphan") or not alive[i["worker"]]}
+        return settled, [i for k, i in intents.items() if k not in settled]
+
+    if not split(jobstore.launch_intents(r))[0]:
+        return 0
+    try:
+        running = get_running_workloads(settings)
+    except C3Error as exc:
+        log.warning("recovery sweep: could not list workloads to resolve launch windows (%s)", exc)
+        return 0
+    # Read the intents again after the list: a launch begun before the list is then seen as live.
+    settled, live = split(jobstore.launch_intents(r))
+    stopped = 0
+    for intent_id, intent in settled.items():
+        for workload in launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+            if any(in_launch_window(settings, other, workload) for other in live):
+                continue  # a live launch may still record it as its own
+            if jobstore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
+                                                                 "node": workload.get("node"),
+                                                                 "since": time.time()}):
+                _stop_unheld(settings, r, workload, f"launched by {intent['worker']} in a launch window "
+                                                    "that never recorded its node")
+                stopped += 1
+        if now > launch_window_end(settings, intent):
+            jobstore.close_launch(r, intent_id)
+    return stopped
+
+
+def stop_nodes_of_dead_owners(settings: config.Settings, r: redis.Redis) -> int:
+    """Sweep: stop every node in the registry of our nodes whose worker is dead (its record may be gone)."""
+    stopped = 0
+    for workload, owner in jobstore.owned_nodes(r).items():
+        worker = owner.get("worker", "")
+        if worker == "sweep":  # being stopped by a sweeper; taken over if that sweeper died meanwhile
+            if time.time() - float(owner.get("since") or 0) < SWEEP_CLAIM_S:
+                continue
+        elif r.exists(jobstore.heartbeat_key(worker)):
+            continue
+        if r.set(f"sweep:workload:{workload}", "1", nx=True, ex=SWEEP_CLAIM_S):  # one sweeper at a time
+            _stop_unheld(settings, r, {"workload": workload, "node": owner.get("node"),
+                                       "created": owner.get("launched_at")}, f"its worker {worker} died")
+            stopped += 1
+    return stopped
+
+
 def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, Any]:
-    """Recovery: requeue the jobs of workers whose heartbeat expired, and stop their nodes."""
+    """Recovery: requeue the jobs of workers whose heartbeat expired, stop their nodes, and stop the nodes
+    of launches whose answer or record was lost."""
     retry_failed_stops(settings, r)
     if int(r.info("server").get("uptime_in_seconds", 0)) < settings.heartbeat_ttl_s:
         # Redis has just come back: every heartbeat may have expired while it was down. Wait until
@@ -308,33 +586,43 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
         return {"workers": [], "requeued": 0, "failed": []}
     summary = jobstore.requeue_abandoned(r, settings)
     for worker in summary["workers"]:
-        record = jobstore.claim_dead_node(r, worker)
-        if record is None:
+        claimed = jobstore.claim_dead_nodes(r, worker)
+        if claimed is None:
             continue
-        if record.get("workload"):
-            seconds = time.time() - float(record.get("launched_at") or time.time())
-            try:
-                stop_workload(settings, record["workload"])
-                log.info("stopped node %s of dead worker %s after %.1f node-seconds", record.get("node"),
-                         worker, seconds)
-            except C3Error as exc:
-                # A node already stopped, expired or dead answers stop with a 404: it is gone, so the
-                # record and its MAX_NODES slot must go too (retrying forever would leak the slot).
-                try:
-                    gone = record["workload"] not in {w.get("workload") for w in get_running_workloads(settings)}
-                except C3Error:
-                    gone = False
-                if not gone:
-                    log.warning("could not stop node of dead worker %s: %s", worker, exc)
-                    r.delete(f"sweep:{worker}")  # let the next sweep try again
-                    continue
-                log.info("node %s of dead worker %s was already gone (%s)", record.get("node"), worker, exc)
-            _record_node_stop(r, record["workload"], worker, seconds, "worker died")
-        jobstore.release_node(r, worker)
+        retry = False
+        for node_type, record in claimed:
+            if record.get("workload") and not _stop_dead_workers_node(settings, r, worker, record):
+                retry = True
+                continue
+            jobstore.release_node(r, worker, node_type, workload=record.get("workload", ""))
+        if retry:
+            r.delete(f"sweep:{worker}")  # let the next sweep try again
+    summary["stopped_unrecorded"] = resolve_launch_intents(settings, r) + stop_nodes_of_dead_owners(settings, r)
     if summary["requeued"] or summary["failed"]:
         log.info("recovery sweep: %d job(s) requeued, %d failed after MAX_ATTEMPTS, dead workers %s",
                  summary["requeued"], len(summary["failed"]), ", ".join(summary["workers"]))
     return summary
+
+
+def _stop_dead_workers_node(settings: config.Settings, r: redis.Redis, worker: str, record: dict[str, str]) -> bool:
+    """Stop the recorded node of a dead worker; False when that failed and must be tried again."""
+    seconds = time.time() - float(record.get("launched_at") or time.time())
+    try:
+        stop_workload(settings, record["workload"])
+        log.info("stopped node %s of dead worker %s after %.1f node-seconds", record.get("node"), worker, seconds)
+    except C3Error as exc:
+        # A node already stopped, expired or dead answers stop with a 404: it is gone, so the
+        # record and its MAX_NODES slot must go too (retrying forever would leak the slot).
+        try:
+            gone = record["workload"] not in {w.get("workload") for w in get_running_workloads(settings)}
+        except C3Error:
+            gone = False
+        if not gone:
+            log.warning("could not stop node of dead worker %s: %s", worker, exc)
+            return False
+        log.info("node %s of dead worker %s was already gone (%s)", record.get("node"), worker, exc)
+    _record_node_stop(r, record["workload"], worker, seconds, "worker died")
+    return True
 
 
 # --- running one job ---------------------------------------------------------------------------
@@ -408,13 +696,15 @@ def job_phase(state: WorkerState, job_id: str):
 
 def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any], job_id: str,
                        inputs: dict[str, Path], work_dir: Path, should_stop) -> Path | str:
-    """Get a node and run the engine; a node failure is retried on a fresh node NODE_FAILURE_RETRIES times."""
+    """Get a node of the job's type and run the engine; a node failure is retried on a fresh node
+    NODE_FAILURE_RETRIES times."""
     engine = ENGINES[job_type]
+    node_type = node_type_for(state.settings, job_type)
     tries = 1 + max(0, state.settings.node_failure_retries)
     phase = job_phase(state, job_id)
     for attempt in range(1, tries + 1):
         phase("waiting_for_node")
-        held = ensure_node(state, should_stop, phase)
+        held = ensure_node(state, should_stop, node_type, phase)
         held.last_used = time.time()
 
         def progress(percent: int) -> None:
@@ -424,24 +714,31 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
                 pass
 
         try:
-            return engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress, phase)
-        except JobStopped:
+            try:
+                wait_service_ready(state, held, job_type, should_stop)
+            except NodeFailed:
+                stop_node(state, node_type, "a service never became ready")
+                raise
+            output = engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress, phase)
+            held.checked_at = time.time()  # it just did a job: known good for NODE_CHECK_TTL
+            return output
+        except (JobStopped, NodeFailed):
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure: was it the node?
+        except Exception as exc:  # noqa: BLE001 - any failure (NodeDown included): was it the node?
             detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
-            problem = node_usable(state)
+            problem = node_usable(state, node_type, force=True)
             if not problem:
                 if isinstance(exc, EngineError):
                     raise
                 raise EngineError(f"{job_type} failed: {detail}") from None
             log.warning("node %s failed during job %s (%s): %s", held.node, job_id, problem, detail)
-            stop_node(state, f"failed during a job: {problem}", release_slot=attempt == tries)
+            stop_node(state, node_type, f"failed during a job: {problem}", release_slot=attempt == tries)
             if attempt == tries:
                 raise NodeFailed(f"the GPU node failed during the job ({problem})") from None
             log.info("retrying job %s on a new node", job_id)
         finally:
-            if state.node is not None:
-                state.node.last_used = time.time()
+            if node_type in state.nodes:
+                state.nodes[node_type].last_used = time.time()
     raise NodeFailed("the GPU node failed during the job")
 
 
@@ -454,7 +751,8 @@ BUSY_CHECKS = {"portrait": comfyui.node_busy}
 def drain_node(state: WorkerState, job_type: str, job_id: str) -> None:
     """After a stopped job (already reported), keep the node from the next job while it still works on
     the stopped one: wait up to NODE_DRAIN_TIMEOUT (node time of the stopped job), else replace it."""
-    held, check = state.node, BUSY_CHECKS.get(job_type)
+    node_type = node_type_for(state.settings, job_type)
+    held, check = state.nodes.get(node_type), BUSY_CHECKS.get(job_type)
     if held is None or check is None:
         return
     started = time.time()
@@ -462,7 +760,7 @@ def drain_node(state: WorkerState, job_type: str, job_id: str) -> None:
         if state.stopping.is_set():
             return  # the worker stops the node on its way out
         if time.time() - started > state.settings.node_drain_timeout_s:
-            stop_node(state, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
+            stop_node(state, node_type, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
                              f"({state.settings.node_drain_timeout_s:g} s)")
             return
         time.sleep(1.0)
@@ -608,8 +906,31 @@ def check_startup(settings: config.Settings) -> None:
         raise SystemExit(f"storage error: {exc}") from None
 
 
+def check_workload_types(settings: config.Settings) -> list[str]:
+    """Ask the provider which workload types it offers (GET /types) and say clearly in the log when a
+    configured one is not among them; return the missing ones. A provider without /types is no error."""
+    try:
+        offered = get_workload_types(settings)
+    except C3Error as exc:
+        if exc.status in (404, 405):
+            log.info("Comput3 offers no list of workload types (GET /types: %s); not checked", exc)
+        else:
+            log.warning("could not ask Comput3 which workload types it offers (%s); not checked", exc)
+        return []
+    wanted = {"C3_WORKLOAD_TYPE": settings.workload_type, "C3_ANALYZE_WORKLOAD_TYPE": settings.analyze_workload_type}
+    missing = []
+    for name, kind in wanted.items():
+        if kind not in offered:
+            missing.append(kind)
+            log.error("%s=%s is not offered by Comput3 (offered: %s): jobs that need it will fail at launch",
+                      name, kind, ", ".join(offered) or "none")
+    if not missing:
+        log.info("Comput3 offers the configured workload types %s", ", ".join(sorted(set(wanted.values()))))
+    return missing
+
+
 def work(state: WorkerState) -> None:
-    """Take and run jobs until asked to stop; stop the node when idle."""
+    """Take and run jobs until asked to stop; stop each node when idle."""
     settings = state.settings
     backoff = 0.5
     recover = True  # entries in our processing list while no job runs were cut short: give them back
@@ -623,21 +944,23 @@ def work(state: WorkerState) -> None:
                 if requeued or failed:
                     log.info("gave %d job(s) cut short by a Redis error back to the queue (%d failed after "
                              "MAX_ATTEMPTS)", requeued, len(failed))
-            if state.node is not None and time.time() - state.node.last_used > settings.gpu_idle_timeout_s:
-                stop_node(state, f"idle for {settings.gpu_idle_timeout_s:g} s")
-            # A worker without a node takes a job only when it can get a node slot: at the MAX_NODES
+            for node_type, held in list(state.nodes.items()):  # each node has its own idle timer
+                if time.time() - held.last_used > settings.gpu_idle_timeout_s:
+                    stop_node(state, node_type, f"idle for {settings.gpu_idle_timeout_s:g} s")
+            # A worker without a node takes a job only when it can reserve a node slot: at the MAX_NODES
             # cap it leaves the queue to the workers that hold nodes instead of sitting on a job.
-            if state.node is None and not jobstore.acquire_node_slot(state.r, state.worker_id,
-                                                                     settings.max_nodes):
+            if not state.nodes and not jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes):
                 state.stopping.wait(1.0)
                 continue
             entry = jobstore.take(state.r, state.worker_id, 1.0)
-            if entry is None and state.node is None:
-                jobstore.release_node(state.r, state.worker_id)  # give the reserved slot back
+            if entry is None and not state.nodes:
+                jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)  # give the reservation back
             if entry is not None and state.stopping.is_set():
                 jobstore.return_entry(state.r, state.worker_id, entry)  # taken as we were told to stop
             elif entry is not None:
                 run_job(state, entry)
+                if state.nodes:  # a reservation the job did not turn into a node goes back
+                    jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)
             backoff = 0.5
         except redis.RedisError as exc:
             log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff)
@@ -665,10 +988,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("worker %s started; queue %s, Comput3 API %s", worker_id, config.QUEUE_KEY, settings.c3_api_url)
+    check_workload_types(settings)
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
     webhooks.start_delivery_threads(settings, worker_id, webhook_stop)
     work(state)
-    stop_node(state, "worker shutting down")
+    stop_all_nodes(state, "worker shutting down")
     webhook_stop.set()
     try:
         if state.r.llen(jobstore.processing_key(worker_id)) == 0:

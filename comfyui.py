@@ -8,7 +8,7 @@ downloading the video named in /history.
 
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
 EngineError when ComfyUI rejects or fails the workflow, TimeoutError when ComfyUI does not become
-ready within COMFYUI_READY_TIMEOUT seconds (env, default 120). Transport errors (requests, websocket)
+ready within COMFYUI_READY_TIMEOUT seconds (env, default 480: a real cold start). Transport errors (requests, websocket)
 propagate unchanged: the node is in trouble. A 5xx answer from a node whose health check still passes
 is retried once (a transient app error) before the job fails.
 
@@ -43,7 +43,7 @@ from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, Shoul
 
 log = logging.getLogger(__name__)
 
-DEFAULT_READY_TIMEOUT_S = 120.0
+DEFAULT_READY_TIMEOUT_S = config.DEFAULT_SERVICE_READY_TIMEOUT_S
 MAX_INPUT_SIDE = 2048  # larger inputs are scaled down before upload
 FIT_W, FIT_H = 1280, 720  # the portrait is resized to fit this box inside the workflow
 DURATION_MARGIN_S = 2  # SONIC_PreData duration = ceil(audio seconds) + this

@@ -19,9 +19,11 @@ JOB_KEY = "job:{id}"  # hash: one record per job
 PROCESSING_KEY = "processing:{worker}"  # list: entries a worker has taken and not acknowledged
 HEARTBEAT_KEY = "worker:{worker}:alive"  # string with a TTL: the worker is alive while it exists
 WORKERS_KEY = "workers"  # set: ids of workers that have announced themselves
-NODE_KEY = "node:{worker}"  # hash: the GPU node a worker holds (or is launching)
-NODE_SLOTS_KEY = "nodes:slots"  # set: workers holding one of the MAX_NODES node slots
+NODE_KEY = "node:{worker}:{type}"  # hash: the GPU node of one workload type a worker holds (or launches)
+NODE_SLOTS_KEY = "nodes:slots"  # set: "<worker>|<type>" members holding one of the MAX_NODES node slots
 NODES_TO_STOP_KEY = "nodes:to_stop"  # hash: workload -> node whose stop call failed; the sweep retries
+NODES_OWNED_KEY = "nodes:owned"  # hash: workload -> JSON {worker, type, node, launched_at}: nodes we launched
+LAUNCH_INTENTS_KEY = "nodes:launching"  # hash: intent id -> JSON launch window (worker, type, before, times)
 WEBHOOK_OUTBOX_KEY = "webhooks:outbox"  # list: webhook deliveries waiting for a sender
 WEBHOOK_INFLIGHT_KEY = "webhooks:inflight:{worker}"  # list: deliveries a worker is sending
 WEBHOOK_RETRY_KEY = "webhooks:retry"  # sorted set: deliveries waiting for their next attempt
@@ -47,8 +49,12 @@ QUEUE_EVENTS_CHANNEL = "events:queue"  # a job left or re-entered the queue: que
 DEFAULT_C3_API_URL = "https://api.comput3.ai/api/v0"
 DEFAULT_C3_NODE_URL = "https://{node}"
 DEFAULT_C3_COMFYUI_URL = "https://ui-{node}"
-# Unverified: where a media:fast node serves its Ollama-compatible API (PROTOCOLS.md 6).
-DEFAULT_C3_OLLAMA_URL = "https://{node}/ollama"
+# Ollama answers at the root of an ollama_webui node (PROTOCOLS.md 2 and 6).
+DEFAULT_C3_OLLAMA_URL = "https://{node}"
+DEFAULT_WORKLOAD_TYPE = "media:fast"  # CSM, WhisperX, ComfyUI
+DEFAULT_ANALYZE_WORKLOAD_TYPE = "ollama_webui:fast"  # Ollama with llama3.2-vision:11b
+# ComfyUI answers 404/502 for minutes after a fresh node's root is up; public clients wait up to 7 min.
+DEFAULT_SERVICE_READY_TIMEOUT_S = 480.0
 
 
 NODE_URL_SETTINGS = ("C3_NODE_URL", "C3_COMFYUI_URL", "C3_OLLAMA_URL")  # templates with a {node} field
@@ -148,7 +154,12 @@ class Settings:
     c3_comfyui_url: str = DEFAULT_C3_COMFYUI_URL
     c3_ollama_url: str = DEFAULT_C3_OLLAMA_URL
     c3_origin: str = "https://launch.comput3.ai"
-    workload_type: str = "media:fast"
+    workload_type: str = DEFAULT_WORKLOAD_TYPE
+    analyze_workload_type: str = DEFAULT_ANALYZE_WORKLOAD_TYPE
+    service_ready_timeout_s: float = DEFAULT_SERVICE_READY_TIMEOUT_S
+    c3_read_timeout_s: float = 60.0
+    launch_window_slack_s: float = 10.0
+    node_check_ttl_s: float = 30.0
     ollama_model: str = "llama3.2-vision:11b"
     max_nodes: int = 4
     node_boot_timeout_s: float = 600.0
@@ -205,7 +216,12 @@ def load() -> Settings:
         c3_comfyui_url=_env("C3_COMFYUI_URL", DEFAULT_C3_COMFYUI_URL).rstrip("/"),
         c3_ollama_url=_env("C3_OLLAMA_URL", DEFAULT_C3_OLLAMA_URL).rstrip("/"),
         c3_origin=_env("C3_ORIGIN", "https://launch.comput3.ai"),
-        workload_type=_env("C3_WORKLOAD_TYPE", "media:fast"),
+        workload_type=_env("C3_WORKLOAD_TYPE", DEFAULT_WORKLOAD_TYPE),
+        analyze_workload_type=_env("C3_ANALYZE_WORKLOAD_TYPE", DEFAULT_ANALYZE_WORKLOAD_TYPE),
+        service_ready_timeout_s=_float("SERVICE_READY_TIMEOUT", DEFAULT_SERVICE_READY_TIMEOUT_S),
+        c3_read_timeout_s=_float("C3_READ_TIMEOUT", 60.0),
+        launch_window_slack_s=_float("LAUNCH_WINDOW_SLACK_S", 10.0),
+        node_check_ttl_s=_float("NODE_CHECK_TTL", 30.0),
         ollama_model=_env("OLLAMA_MODEL", "llama3.2-vision:11b"),
         max_nodes=_int("MAX_NODES", 4),
         node_boot_timeout_s=_float("NODE_BOOT_TIMEOUT", 600.0),

@@ -7,7 +7,8 @@ Owns every Redis structure of c3-render (key names come from config.py):
   their own `processing:<worker>` list and acknowledge by removing the entry.
 - worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
   queue (or fails them after MAX_ATTEMPTS).
-- node records and the MAX_NODES slot cap shared by all workers.
+- node records (one per worker and workload type), the MAX_NODES slot cap shared by all workers,
+  the launch intents and the registry of the nodes this service launched (leak-proof launches).
 - the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters
   and the pub/sub wake-ups of /events: all kept by the same scripts that change a job.
 """
@@ -175,14 +176,30 @@ end
 return {requeued, over}
 """
 
-# KEYS: slots set. ARGV: worker, max nodes. 1 when the worker holds a slot (now or already).
+# KEYS: slots set. ARGV: member, max nodes, member to convert ('' = none).
+# 1 when the member holds a slot: already, by converting the worker's own slot `convert`, or a free one.
 _ACQUIRE_SLOT_LUA = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if ARGV[3] ~= '' and redis.call('SREM', KEYS[1], ARGV[3]) == 1 then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return 1
+end
 if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('SADD', KEYS[1], ARGV[1])
   return 1
 end
 return 0
+"""
+
+# KEYS: owned hash, node record, intents hash. ARGV: workload, owned JSON, intent id, then record pairs.
+# A launched (or adopted) workload becomes this worker's node only if nobody claimed it first.
+_OWN_NODE_LUA = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
+return 1
 """
 
 FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
@@ -211,8 +228,21 @@ def heartbeat_key(worker_id: str) -> str:
     return config.HEARTBEAT_KEY.format(worker=worker_id)
 
 
-def node_key(worker_id: str) -> str:
-    return config.NODE_KEY.format(worker=worker_id)
+def node_key(worker_id: str, node_type: str) -> str:
+    return config.NODE_KEY.format(worker=worker_id, type=node_type)
+
+
+RESERVED = "*"  # the slot type of a worker that reserved a slot before it knew which node its job needs
+
+
+def slot_member(worker_id: str, node_type: str) -> str:
+    return f"{worker_id}|{node_type}" if node_type else worker_id
+
+
+def split_slot_member(member: str) -> tuple[str, str]:
+    """(worker, node type); a member without a type (written by an older worker) is (worker, '')."""
+    worker, sep, node_type = member.rpartition("|")
+    return (worker, node_type) if sep else (member, "")
 
 
 def queue_entry(job_id: str, job_type: str) -> str:
@@ -513,7 +543,8 @@ def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
 
 def dead_workers(r: redis.Redis) -> list[str]:
     """Registered workers whose heartbeat key has expired."""
-    workers = sorted(r.smembers(config.WORKERS_KEY) | r.smembers(config.NODE_SLOTS_KEY))
+    holders = {split_slot_member(m)[0] for m in r.smembers(config.NODE_SLOTS_KEY)}
+    workers = sorted(r.smembers(config.WORKERS_KEY) | holders)
     if not workers:
         return []
     pipe = r.pipeline(transaction=False)
@@ -539,7 +570,7 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
         inflight = config.WEBHOOK_INFLIGHT_KEY.format(worker=worker)
         while r.lmove(inflight, config.WEBHOOK_OUTBOX_KEY, "RIGHT", "LEFT"):
             pass
-        if r.llen(processing_key(worker)) == 0 and not r.exists(node_key(worker)):
+        if r.llen(processing_key(worker)) == 0 and not slot_types(r, worker):
             r.srem(config.WORKERS_KEY, worker)
     return summary
 
@@ -614,34 +645,112 @@ def record_webhook(r: redis.Redis, job_id: str, status: str, attempts: int, erro
 
 # --- GPU nodes held by workers, and the MAX_NODES cap --------------------------------------------
 
-def acquire_node_slot(r: redis.Redis, worker_id: str, max_nodes: int) -> bool:
-    """Take one of the MAX_NODES slots for this worker (atomic); True if it holds one."""
-    return bool(r.eval(_ACQUIRE_SLOT_LUA, 1, config.NODE_SLOTS_KEY, worker_id, max_nodes))
+def acquire_node_slot(r: redis.Redis, worker_id: str, max_nodes: int, node_type: str = RESERVED,
+                      convert_from: str = "") -> bool:
+    """Take one of the MAX_NODES slots for this worker's node of node_type (atomic); True if it holds one.
+
+    convert_from names another slot type of the same worker (its reservation, or a node it has just
+    stopped) that is turned into this one when no slot is free, so the slot never goes back to the pool.
+    """
+    convert = slot_member(worker_id, convert_from) if convert_from else ""
+    return bool(r.eval(_ACQUIRE_SLOT_LUA, 1, config.NODE_SLOTS_KEY, slot_member(worker_id, node_type),
+                       max_nodes, convert))
 
 
-def record_node(r: redis.Redis, worker_id: str, node: dict[str, Any]) -> None:
-    r.hset(node_key(worker_id), mapping={k: str(v) for k, v in node.items()})
+def slot_types(r: redis.Redis, worker_id: str) -> list[str]:
+    """The slot types a worker holds (node types, or RESERVED)."""
+    members = (split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY))
+    return sorted(node_type for worker, node_type in members if worker == worker_id)
 
 
-def get_node(r: redis.Redis, worker_id: str) -> dict[str, str] | None:
-    return r.hgetall(node_key(worker_id)) or None
+def record_node(r: redis.Redis, worker_id: str, node_type: str, node: dict[str, Any]) -> None:
+    r.hset(node_key(worker_id, node_type), mapping={k: str(v) for k, v in node.items()})
 
 
-def release_node(r: redis.Redis, worker_id: str) -> None:
-    """The worker's node is stopped (or never launched): forget it and free its slot."""
+def get_node(r: redis.Redis, worker_id: str, node_type: str) -> dict[str, str] | None:
+    return r.hgetall(node_key(worker_id, node_type)) or None
+
+
+def release_node(r: redis.Redis, worker_id: str, node_type: str | None = None, keep_slot: bool = False,
+                 workload: str = "") -> None:
+    """The worker's node of node_type (None: every one) is stopped or never launched: forget its record,
+    its entry in the registry of our nodes (workload), and free its slot unless keep_slot."""
+    types = slot_types(r, worker_id) if node_type is None else [node_type]
     pipe = r.pipeline(transaction=True)
-    pipe.delete(node_key(worker_id))
-    pipe.srem(config.NODE_SLOTS_KEY, worker_id)
+    for kind in types:
+        pipe.delete(node_key(worker_id, kind))
+        if not keep_slot:
+            pipe.srem(config.NODE_SLOTS_KEY, slot_member(worker_id, kind))
+    if workload:
+        pipe.hdel(config.NODES_OWNED_KEY, workload)
     pipe.execute()
 
 
-def claim_dead_node(r: redis.Redis, worker_id: str) -> dict[str, str] | None:
-    """For the recovery sweep: the node record of a dead worker, claimed by one sweeper at a time."""
+def claim_dead_nodes(r: redis.Redis, worker_id: str) -> list[tuple[str, dict[str, str]]] | None:
+    """For the recovery sweep: (type, node record) of each slot of a dead worker, claimed by one
+    sweeper at a time (None when the worker is alive or another sweeper has it)."""
     if r.exists(heartbeat_key(worker_id)):
         return None
     if not r.set(f"sweep:{worker_id}", "1", nx=True, ex=120):
         return None
-    return get_node(r, worker_id) or {}
+    return [(kind, get_node(r, worker_id, kind) or {}) for kind in slot_types(r, worker_id)]
+
+
+# --- launch windows and the registry of the nodes this service launched ---------------------------
+# The provider lets no client label a workload (PROTOCOLS.md 1): our nodes are known by the ids we
+# stored (nodes:owned) and, for a launch whose answer never arrived, by its recorded window
+# (nodes:launching: who launched which type when, and which workloads were running before).
+
+def begin_launch(r: redis.Redis, worker_id: str, node_type: str, before: list[str], now: float) -> str:
+    """Record a launch intent before calling the provider's launch; return its id."""
+    intent_id = uuid.uuid4().hex
+    r.hset(config.LAUNCH_INTENTS_KEY, intent_id, json.dumps(
+        {"worker": worker_id, "type": node_type, "before": sorted(before), "started_at": now}))
+    return intent_id
+
+
+def orphan_launch(r: redis.Redis, intent_id: str, ended_at: float) -> None:
+    """The launcher could not tell what its launch created: leave the window to the sweep."""
+    raw = r.hget(config.LAUNCH_INTENTS_KEY, intent_id)
+    if raw:
+        intent = json.loads(raw)
+        intent.update(orphan=True, ended_at=ended_at)
+        r.hset(config.LAUNCH_INTENTS_KEY, intent_id, json.dumps(intent))
+
+
+def close_launch(r: redis.Redis, intent_id: str) -> None:
+    r.hdel(config.LAUNCH_INTENTS_KEY, intent_id)
+
+
+def launch_intents(r: redis.Redis) -> dict[str, dict[str, Any]]:
+    return {k: json.loads(v) for k, v in r.hgetall(config.LAUNCH_INTENTS_KEY).items()}
+
+
+def own_node(r: redis.Redis, worker_id: str, node_type: str, workload: str, node: str, launched_at: float,
+             intent_id: str = "") -> bool:
+    """Make a launched (or adopted) workload this worker's node: registry entry, node record and the
+    end of the launch intent, in one step. False when someone else claimed that workload first."""
+    owned = json.dumps({"worker": worker_id, "type": node_type, "node": node, "launched_at": launched_at})
+    record = {"state": "booting", "workload": workload, "node": node, "launched_at": repr(launched_at),
+              "worker": worker_id, "type": node_type}
+    argv: list[Any] = [workload, owned, intent_id]
+    for key, value in record.items():
+        argv += [key, value]
+    return bool(r.eval(_OWN_NODE_LUA, 3, config.NODES_OWNED_KEY, node_key(worker_id, node_type),
+                       config.LAUNCH_INTENTS_KEY, *argv))
+
+
+def claim_workload(r: redis.Redis, workload: str, owner: dict[str, Any]) -> bool:
+    """Claim a workload in the registry (the sweep, before stopping one nobody holds)."""
+    return bool(r.hsetnx(config.NODES_OWNED_KEY, workload, json.dumps(owner)))
+
+
+def owned_nodes(r: redis.Redis) -> dict[str, dict[str, Any]]:
+    return {k: json.loads(v) for k, v in r.hgetall(config.NODES_OWNED_KEY).items()}
+
+
+def forget_owned(r: redis.Redis, workload: str) -> None:
+    r.hdel(config.NODES_OWNED_KEY, workload)
 
 
 def file_url_secret(r: redis.Redis, configured: str) -> bytes:

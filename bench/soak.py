@@ -345,7 +345,7 @@ def service_env(tmp: Path, redis_url: str, devnode_url: str, workers: int) -> di
     """The settings the API and the workers share (short timeouts so the chaos resolves quickly)."""
     return base_env(
         REDIS_URL=redis_url, C3_API_KEY=C3_KEY, C3_API_URL=f"{devnode_url}/api/v0",
-        C3_NODE_URL="http://{node}", C3_COMFYUI_URL="http://{node}/comfyui", C3_OLLAMA_URL="http://{node}/ollama",
+        C3_NODE_URL="http://{node}", C3_COMFYUI_URL="http://{node}/comfyui", C3_OLLAMA_URL="http://{node}",
         OUTPUT_DIR=str(tmp / "output"), WORK_DIR=str(tmp / "work"), URL_ALLOWLIST="127.0.0.0/8",
         FILE_URL_SECRET="soak-file-secret", WEBHOOK_SECRET=WEBHOOK_SECRET,
         HEARTBEAT_TTL="3", SWEEP_INTERVAL_S="1", WEBHOOK_INTERVAL_S="3", WEBHOOK_ATTEMPTS="5",

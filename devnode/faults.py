@@ -6,7 +6,14 @@ Set from the environment at start-up (DEVNODE_FAULTS, a JSON object) or at run t
 - launch_failures: int        the next N launches answer an error (then launches work again)
 - launch_failure_mode: str    "500" (JSON 500), "html" (an HTML 502 page as a CDN sends),
                               "timeout" (hangs 30 s)
+- launch_answer_delay_s: float  every launch creates its node at once and holds its answer this long
+                              (a slow provider; longer than the client's read timeout = a lost answer;
+                              a worker killed meanwhile leaves a node it never recorded)
+- launch_answer_lost: int     the next N launches create their node, then answer a gateway's HTML 504
+                              page instead of the launch answer (the node exists, the client cannot know)
 - node_dies_after_s: float|None   every node launched from now on stops answering (404) T s after boot
+- comfyui_warmup_s: float     ComfyUI on a node answers a gateway's 502 page for this long after the node's
+                              root is up (a real cold start: minutes while models load)
 - engine_error: list[str]     engines that answer with an error: "csm", "whisper", "comfyui", "ollama"
 - engine_hang: list[str]      engines that never finish (until stopped/interrupted/cancelled)
 
@@ -31,7 +38,10 @@ LOG = logging.getLogger("devnode.faults")
 DEFAULTS: dict = {
     "launch_failures": 0,
     "launch_failure_mode": "500",
+    "launch_answer_delay_s": 0.0,
+    "launch_answer_lost": 0,
     "node_dies_after_s": None,
+    "comfyui_warmup_s": 0.0,
     "engine_error": [],
     "engine_hang": [],
 }
@@ -76,6 +86,15 @@ def take_launch_failure() -> str | None:
             FAULTS["launch_failures"] -= 1
             return str(FAULTS["launch_failure_mode"])
         return None
+
+
+def take_launch_answer_lost() -> bool:
+    """Consume one pending lost launch answer; True when this launch's answer must be lost."""
+    with _LOCK:
+        if FAULTS["launch_answer_lost"] > 0:
+            FAULTS["launch_answer_lost"] -= 1
+            return True
+        return False
 
 
 def engine_fault(engine: str) -> str | None:

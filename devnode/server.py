@@ -1,13 +1,14 @@
-"""The dev node's HTTP server: a local stand-in for Comput3.ai and its media:fast nodes.
+"""The dev node's HTTP server: a local stand-in for Comput3.ai and its media:fast and ollama_webui:fast nodes.
 
 This module owns
-- the Comput3 control API at `/api/v0` (launch, workloads, stop; PROTOCOLS.md section 1),
+- the Comput3 control API at `/api/v0` (launch, workloads, stop, types; PROTOCOLS.md section 1),
 - the node table (`NODES`) and each node's life: booting (503), running, then stopped / expired /
   dead (404, gone from the workloads list),
-- the node router, an ASGI wrapper that serves `/nodes/<workload>/...` from the node apps (CSM and
-  WhisperX Gradio apps, the ComfyUI and Ollama stand-ins) after checking the node state and the
-  `X-C3-API-KEY` header,
-- the admin routes for tests (`/admin/faults`, `/admin/reset`, `/admin/nodes`; no key needed).
+- the node router, an ASGI wrapper that serves `/nodes/<workload>/...` after checking the node state
+  and the `X-C3-API-KEY` header: a media:fast node from the CSM and WhisperX Gradio apps and the
+  ComfyUI stand-in, an ollama_webui:fast node from the Ollama stand-in at its root,
+- the admin routes for tests (`/admin/faults`, `/admin/reset`, `/admin/nodes`, `/admin/requests`:
+  requests counted per control route and per node service; no key needed).
 
 Node routing follows the ASGI convention Starlette and Gradio use: `scope["path"]` keeps the full
 path and `scope["root_path"]` gains `/nodes/<workload>`; routing inside then sees `/csm/...` etc.
@@ -38,8 +39,11 @@ from devnode import faults
 
 LOG = logging.getLogger("devnode")
 
-WORKLOAD_TYPES = ("media:fast",)
-NODE_SERVICES = ("/csm", "/whisper", "/comfyui", "/ollama")
+MEDIA_TYPE = "media:fast"  # CSM, WhisperX and ComfyUI under one host
+VISION_TYPE = "ollama_webui:fast"  # Ollama at the root of its host (PROTOCOLS.md 2)
+WORKLOAD_TYPES = (MEDIA_TYPE, VISION_TYPE)
+NODE_SERVICES = ("/csm", "/whisper", "/comfyui")
+REQUESTS: dict[str, int] = {}  # "POST /api/v0/launch", "node GET /", "node /csm" ... -> count
 _NODE_PATH = re.compile(r"^/nodes/([A-Za-z0-9_.-]+)(/.*)?$")
 _LOCK = threading.Lock()
 
@@ -175,7 +179,14 @@ def add_control_api(app: FastAPI, host: str, port: int) -> None:
         )
         with _LOCK:
             NODES[workload] = node
-        LOG.info("launched %s (expires in %.0f s)", workload, expires - now)
+        LOG.info("launched %s (%s, expires in %.0f s)", workload, kind, expires - now)
+        delay = float(faults.snapshot().get("launch_answer_delay_s") or 0)
+        if delay > 0:
+            await asyncio.sleep(delay)  # the node exists; the answer is late (or read by no one)
+        if faults.take_launch_answer_lost():
+            LOG.info("launch answer for %s lost (fault): answering a gateway 504", workload)
+            page = "<html><head><title>504 Gateway Time-out</title></head><body><h1>504 Gateway Time-out</h1></body>"
+            return HTMLResponse(page, status_code=504)
         return {
             "workload": workload,
             "node": node.node,
@@ -183,6 +194,12 @@ def add_control_api(app: FastAPI, host: str, port: int) -> None:
             "expires": int(expires),
             "created": int(now),
         }
+
+    @app.get("/api/v0/types")
+    async def types(request: Request) -> Any:
+        if (error := _check_key(request)) is not None:
+            return error
+        return list(WORKLOAD_TYPES)
 
     @app.post("/api/v0/workloads")
     async def workloads(request: Request) -> Any:
@@ -238,6 +255,11 @@ def add_admin_routes(app: FastAPI) -> None:
     async def reset_faults() -> dict:
         return faults.reset()
 
+    @app.get("/admin/requests")
+    async def request_counts() -> dict:
+        with _LOCK:
+            return dict(REQUESTS)
+
     @app.get("/admin/nodes")
     async def list_nodes() -> list[dict]:
         now = time.time()
@@ -249,7 +271,7 @@ def add_admin_routes(app: FastAPI) -> None:
 
 
 def add_node_apps(app: FastAPI, data_dir: Path) -> None:
-    """Mount what a node serves: health at `/`, CSM, WhisperX, ComfyUI and Ollama stand-ins."""
+    """Mount what a media:fast node serves: health at `/`, CSM, WhisperX and the ComfyUI stand-in."""
     import gradio as gr
 
     from devnode import stt, tts
@@ -260,10 +282,7 @@ def add_node_apps(app: FastAPI, data_dir: Path) -> None:
 
     gr.mount_gradio_app(app, tts.build_blocks(), path="/csm", footer_links=[], ssr_mode=False)
     gr.mount_gradio_app(app, stt.build_blocks(), path="/whisper", footer_links=[], ssr_mode=False)
-    for mount, module_name, args in (
-        ("/comfyui", "devnode.comfy", (data_dir / "comfyui",)),
-        ("/ollama", "devnode.vision", ()),
-    ):
+    for mount, module_name, args in (("/comfyui", "devnode.comfy", (data_dir / "comfyui",)),):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
@@ -303,8 +322,26 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
-def node_router(app: ASGIApp) -> ASGIApp:
-    """Wrap `app`: route `/nodes/<id>/...` to the node apps; keep node apps off the top level."""
+def vision_node_app() -> ASGIApp | None:
+    """What an ollama_webui node serves at the root of its host: the Ollama stand-in."""
+    try:
+        from devnode import vision
+    except ModuleNotFoundError as error:
+        if error.name != "devnode.vision":
+            raise
+        LOG.warning("devnode.vision is missing: ollama_webui nodes serve nothing")
+        return None
+    return vision.create_app()
+
+
+def _count(key: str) -> None:
+    with _LOCK:
+        REQUESTS[key] = REQUESTS.get(key, 0) + 1
+
+
+def node_router(app: ASGIApp, vision_app: ASGIApp | None = None) -> ASGIApp:
+    """Wrap `app`: route `/nodes/<id>/...` to the node apps of the node's type (media:fast: `app`;
+    ollama_webui: `vision_app` at the root); keep node apps off the top level."""
 
     async def router(
         scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
@@ -316,10 +353,14 @@ def node_router(app: ASGIApp) -> ASGIApp:
         route = path[len(root_path) :] if root_path and path.startswith(root_path) else path
         match = _NODE_PATH.match(route)
         if match is None:
+            if route.startswith("/api/v0/"):
+                _count(f"{scope.get('method', 'WS')} {route}")
             if route.startswith(("/api/v0/", "/admin/")):
                 return await app(scope, receive, send)
             return await _refuse(scope, send, 404, "not found")
         workload, rest = match.group(1), match.group(2) or ""
+        service = "/" + rest.strip("/").split("/", 1)[0] if rest.strip("/") else ""
+        _count(f"node {scope.get('method', 'WS')} /" if not service else f"node {service}")
         with _LOCK:
             node = NODES.get(workload)
         state = node_state(node) if node is not None else "unknown"
@@ -329,13 +370,24 @@ def node_router(app: ASGIApp) -> ASGIApp:
             return await _refuse(scope, send, 401, json.loads(error.body)["error"])
         if state == "booting":
             return await _refuse(scope, send, 503, "node is booting")
+        prefix = f"{root_path}/nodes/{workload}"
+        if node is not None and node.type != MEDIA_TYPE:
+            if vision_app is None:
+                return await _refuse(scope, send, 404, "not found on node")
+            child = dict(scope, root_path=prefix, devnode_workload=workload)
+            if rest == "":
+                child["path"] = prefix + "/"
+                child["raw_path"] = child["path"].encode()
+            return await vision_app(child, receive, send)
         if (
             rest not in ("", "/")
             and not rest.startswith(tuple(s + "/" for s in NODE_SERVICES))
             and rest not in NODE_SERVICES
         ):
             return await _refuse(scope, send, 404, "not found on node")
-        prefix = f"{root_path}/nodes/{workload}"
+        warmup = float(faults.snapshot().get("comfyui_warmup_s") or 0)
+        if service == "/comfyui" and node is not None and time.time() < node.up_at + warmup:
+            return await _refuse(scope, send, 502, "Bad Gateway: ComfyUI is still starting")
         child = dict(scope, root_path=prefix, devnode_workload=workload)
         if rest == "":
             child["path"] = prefix + "/"
@@ -364,4 +416,4 @@ def create_app(host: str = "127.0.0.1", port: int = 8700, data_dir: Path | None 
     add_control_api(app, host, port)
     add_admin_routes(app)
     add_node_apps(app, data_dir)
-    return node_router(app)
+    return node_router(app, vision_node_app())

@@ -42,7 +42,7 @@ export C3_API_KEY="${C3_API_KEY:-dev-node-key}"
 export C3_API_URL="http://127.0.0.1:${DEVNODE_PORT}/api/v0"
 export C3_NODE_URL="http://{node}"
 export C3_COMFYUI_URL="http://{node}/comfyui"
-export C3_OLLAMA_URL="http://{node}/ollama"
+export C3_OLLAMA_URL="http://{node}"  # Ollama at the root of the dev node's ollama_webui nodes
 export PUBLIC_BASE_URL="${PUBLIC_BASE_URL:-http://127.0.0.1:${API_PORT}}"
 # The worker may fetch inputs from this machine (the API's own /files links, a local file server).
 export URL_ALLOWLIST="${URL_ALLOWLIST:-127.0.0.0/8,::1/128,localhost}"

@@ -30,7 +30,7 @@ def service_env(redis_url: str, devnode_url: str, tmp_path: Path, **extra: str) 
         C3_API_URL=f"{devnode_url}/api/v0",
         C3_NODE_URL="http://{node}",
         C3_COMFYUI_URL="http://{node}/comfyui",
-        C3_OLLAMA_URL="http://{node}/ollama",
+        C3_OLLAMA_URL="http://{node}",
         OUTPUT_DIR=str(tmp_path / "output"),
         WORK_DIR=str(tmp_path / "work"),
         URL_ALLOWLIST="127.0.0.0/8",

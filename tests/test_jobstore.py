@@ -160,11 +160,38 @@ def test_node_slots_are_capped(r):
 
 
 def test_dead_worker_node_claimed_once(r):
-    jobstore.acquire_node_slot(r, "gone", 4)
-    jobstore.record_node(r, "gone", {"workload": "wl1", "node": "n1"})
+    jobstore.acquire_node_slot(r, "gone", 4, "media:fast")
+    jobstore.record_node(r, "gone", "media:fast", {"workload": "wl1", "node": "n1"})
+    jobstore.acquire_node_slot(r, "gone", 4, "ollama_webui:fast")
     assert jobstore.dead_workers(r) == ["gone"]
-    assert jobstore.claim_dead_node(r, "gone")["workload"] == "wl1"
-    assert jobstore.claim_dead_node(r, "gone") is None  # another sweeper is on it
+    claimed = dict(jobstore.claim_dead_nodes(r, "gone"))
+    assert claimed["media:fast"]["workload"] == "wl1" and claimed["ollama_webui:fast"] == {}
+    assert jobstore.claim_dead_nodes(r, "gone") is None  # another sweeper is on it
+
+
+def test_one_slot_per_node_type_and_conversion_keeps_the_slot(r):
+    assert jobstore.acquire_node_slot(r, "a", 2, "media:fast")
+    assert jobstore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")  # a second node of the same worker
+    assert not jobstore.acquire_node_slot(r, "b", 2)  # both slots are a's
+    assert jobstore.slot_types(r, "a") == ["media:fast", "ollama_webui:fast"]
+    # the slot of a's media node becomes the slot of its next node without ever being free
+    jobstore.release_node(r, "a", "ollama_webui:fast")
+    assert jobstore.acquire_node_slot(r, "b", 2, "media:fast")
+    assert not jobstore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")
+    assert jobstore.acquire_node_slot(r, "a", 2, "ollama_webui:fast", convert_from="media:fast")
+    assert jobstore.slot_types(r, "a") == ["ollama_webui:fast"]
+
+
+def test_a_launched_workload_is_owned_once(r):
+    intent = jobstore.begin_launch(r, "a", "media:fast", ["old"], 100.0)
+    assert jobstore.launch_intents(r)[intent] == {"worker": "a", "type": "media:fast", "before": ["old"],
+                                                  "started_at": 100.0}
+    assert jobstore.own_node(r, "a", "media:fast", "wl1", "n1", 101.0, intent)
+    assert not jobstore.launch_intents(r)  # the intent ends with the record, in one step
+    assert jobstore.get_node(r, "a", "media:fast")["workload"] == "wl1"
+    assert not jobstore.own_node(r, "b", "media:fast", "wl1", "n1", 101.0)  # claimed already
+    assert jobstore.get_node(r, "b", "media:fast") is None
+    assert set(jobstore.owned_nodes(r)) == {"wl1"}
 
 
 def test_file_url_secret_made_once(r):

@@ -84,9 +84,10 @@ def test_sigkill_mid_job_another_worker_finishes_one_webhook_node_stopped(stack)
     doomed = stack["worker"]("doomed")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    node = wait_for(lambda: (r.hgetall("node:doomed") or {}).get("workload") and r.hgetall("node:doomed"),
-                    30, what="the doomed worker's node record")
-    wait_for(lambda: r.hget("node:doomed", "state") == "running", 30, what="its node to boot")
+    key = "node:doomed:media:fast"
+    node = wait_for(lambda: (r.hgetall(key) or {}).get("workload") and r.hgetall(key), 30,
+                    what="the doomed worker's node record")
+    wait_for(lambda: r.hget("node:doomed:media:fast", "state") == "running", 30, what="its node to boot")
     time.sleep(1.0)  # the engine call is in flight on the node
     doomed.signal(signal.SIGKILL)
     doomed.proc.wait(10)
@@ -98,7 +99,7 @@ def test_sigkill_mid_job_another_worker_finishes_one_webhook_node_stopped(stack)
     # the dead worker's node was stopped by the recovery sweep, not left billing
     states = {n["workload"]: n["state"] for n in devnode_nodes(stack["devnode"])}
     assert states[node["workload"]] == "stopped"
-    assert not r.exists("node:doomed") and r.llen("processing:doomed") == 0
+    assert not r.exists("node:doomed:media:fast") and r.llen("processing:doomed") == 0
     wait_for(lambda: stack["receiver"].for_job(job_id), 20, what="the webhook")
     time.sleep(2)
     assert len(stack["receiver"].for_job(job_id)) == 1  # exactly one final webhook
@@ -132,7 +133,7 @@ def test_cancel_of_a_running_job(stack):
     stack["worker"]("w-cancel")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    wait_for(lambda: stack["r"].hget("node:w-cancel", "state") == "running", 30, what="node up")
+    wait_for(lambda: stack["r"].hget("node:w-cancel:media:fast", "state") == "running", 30, what="node up")
     time.sleep(1)
     status, body = http_json("POST", f"{stack['api']}/cancel/{job_id}")
     assert status == 200 and body["cancel_requested"] is True
@@ -200,7 +201,7 @@ def test_sigterm_puts_a_long_job_back(stack):
     worker = stack["worker"]("w-term2", WORKER_GRACE_S="2")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    wait_for(lambda: r.hget("node:w-term2", "state") == "running", 30, what="node up")
+    wait_for(lambda: r.hget("node:w-term2:media:fast", "state") == "running", 30, what="node up")
     worker.signal(signal.SIGTERM)
     assert worker.proc.wait(60) == 0
     record = r.hgetall(f"job:{job_id}")

@@ -1,0 +1,230 @@
+"""Unit tests of the worker's node handling: leak-proof launches, the sweep's launch-window rule,
+the node check cache, service readiness and the workload-type check (responses for HTTP, real redis)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import pytest
+import requests
+import responses
+
+import c3_render_worker as worker
+import config
+import jobstore
+
+API = "https://api.comput3.test/api/v0"
+
+
+@pytest.fixture
+def s():
+    return dataclasses.replace(
+        config.Settings(), c3_api_key="sekrit-key", c3_api_url=API, c3_node_url="https://{node}",
+        c3_ollama_url="https://{node}", launch_attempts=3, launch_backoff_s=0.01, node_boot_timeout_s=2,
+        launch_window_slack_s=2, c3_read_timeout_s=60,
+    )
+
+
+@pytest.fixture
+def state(s, r):
+    return worker.WorkerState(settings=s, r=r, worker_id="w1")
+
+
+def row(workload: str, created: float, node_type: str = "media:fast") -> dict:
+    return {"workload": workload, "node": f"{workload}.gpu", "type": node_type, "status": "running",
+            "running": True, "created": int(created), "expires": int(created) + 3600}
+
+
+@responses.activate
+def test_launch_answer_timed_out_after_the_node_was_created_is_adopted(state, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    now = time.time()
+    listing = responses.post(f"{API}/workloads", json=[row("foreign-old", now - 300)])
+    responses.post(f"{API}/launch", body=requests.ReadTimeout("no answer"))  # the answer is lost ...
+    responses.post(f"{API}/launch", json={"workload": "wl-2", "node": "wl-2.gpu"})  # (a retry would work)
+    responses.get("https://wl-1.gpu/", body="ok")
+    responses.get("https://wl-2.gpu/", body="ok")
+    original = requests.request
+
+    def provider(method, url, **kwargs):
+        try:
+            return original(method, url, **kwargs)
+        finally:
+            if url.endswith("/launch"):  # ... after the provider created the node
+                listing.body = json.dumps([row("foreign-old", now - 300), row("wl-1", time.time())])
+
+    monkeypatch.setattr(requests, "request", provider)
+    held = worker.ensure_node(state, lambda: None)
+    launches = [c for c in responses.calls if c.request.url.endswith("/launch")]
+    assert len(launches) == 1  # never launched again while the first node ran
+    assert held.workload == "wl-1" and held.node == "wl-1.gpu"
+    assert state.r.hget("node:w1:media:fast", "workload") == "wl-1"
+    assert set(jobstore.owned_nodes(state.r)) == {"wl-1"} and not jobstore.launch_intents(state.r)
+
+
+@responses.activate
+def test_launch_intent_is_recorded_before_the_launch_call(state):
+    responses.post(f"{API}/workloads", json=[row("foreign-old", time.time() - 300)])
+    seen = {}
+
+    def capture(request):
+        seen.update(jobstore.launch_intents(state.r))
+        return 200, {}, json.dumps({"workload": "wl-1", "node": "wl-1.gpu"})
+
+    responses.add_callback(responses.POST, f"{API}/launch", callback=capture)
+    answer = worker.launch_node(state.settings, state.r, "w1", "media:fast")
+    assert answer["workload"] == "wl-1"
+    (intent,) = seen.values()
+    assert intent["worker"] == "w1" and intent["type"] == "media:fast" and intent["before"] == ["foreign-old"]
+    assert abs(intent["started_at"] - time.time()) < 5
+    assert not jobstore.launch_intents(state.r)  # closed together with the node record
+
+
+@responses.activate
+def test_sweep_stops_only_what_a_dead_launch_created(s, r):
+    t = time.time() - 5
+    dead_intent = jobstore.begin_launch(r, "dead", "media:fast", ["foreign-before"], t)
+    jobstore.own_node(r, "alive", "media:fast", "ours-held", "ours-held.gpu", t + 1)
+    r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
+    listing = responses.post(f"{API}/workloads", json=[
+        row("foreign-before", t - 1),  # running before the launch (listed in its intent)
+        row("ours-lost", t + 1),  # created in the window, never recorded: the dead worker's
+        row("foreign-other-type", t + 1, "ollama_webui:fast"),  # in the window, but not the type launched
+        row("ours-held", t + 1),  # in the window, but a live worker holds it
+        row("foreign-later", t + 200),  # created after the window closed
+        row("foreign-earlier", t - 120),  # long before
+    ])
+    stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
+    assert worker.resolve_launch_intents(s, r) == 1
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["ours-lost"]
+    assert dead_intent in jobstore.launch_intents(r)  # kept until its window closes
+    listing.body = json.dumps([w for w in json.loads(listing.body) if w["workload"] != "ours-lost"])
+    assert worker.resolve_launch_intents(s, r, now=t + 1000) == 0
+    assert not jobstore.launch_intents(r)
+
+
+@responses.activate
+def test_sweep_leaves_a_workload_a_live_launch_may_own(s, r):
+    t = time.time() - 5
+    jobstore.begin_launch(r, "dead", "media:fast", [], t)
+    jobstore.begin_launch(r, "alive", "media:fast", [], t + 0.5)  # its answer has not come yet
+    r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
+    responses.post(f"{API}/workloads", json=[row("wl-x", t + 1)])
+    stop = responses.post(f"{API}/stop", json={"stopped": 1})
+    assert worker.resolve_launch_intents(s, r) == 0 and not stop.calls
+
+
+@responses.activate
+def test_sweep_stops_registered_nodes_of_dead_workers(s, r):
+    jobstore.own_node(r, "gone", "media:fast", "wl-g", "wl-g.gpu", time.time() - 60)
+    jobstore.own_node(r, "alive", "media:fast", "wl-a", "wl-a.gpu", time.time() - 60)
+    r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
+    stop = responses.post(f"{API}/stop", json={"stopped": 1})
+    assert worker.stop_nodes_of_dead_owners(s, r) == 1
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-g"]
+    assert set(jobstore.owned_nodes(r)) == {"wl-a"}
+
+
+@responses.activate
+def test_a_node_checked_recently_costs_no_provider_call(state):
+    state.settings = dataclasses.replace(state.settings, node_check_ttl_s=30)
+    listing = responses.post(f"{API}/workloads", json=[])
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
+    health = responses.get("https://wl-1.gpu/", body="ok")
+    held = worker.ensure_node(state, lambda: None)
+    listing.body = json.dumps([row("wl-1", time.time())])
+    calls = len(responses.calls)
+    for _ in range(5):
+        assert worker.ensure_node(state, lambda: None) is held
+    assert len(responses.calls) == calls  # checked at boot: no call for the next jobs
+    assert worker.node_usable(state, "media:fast", force=True) == ""  # after any error: asked again
+    assert len(responses.calls) == calls + 2
+    # a failed list invalidates the cache: the next job checks again
+    listing.status = 502
+    worker.node_usable(state, "media:fast", force=True)
+    assert state.nodes["media:fast"].checked_at == 0.0
+    listing.status = 200
+    health_calls = len(health.calls)
+    worker.ensure_node(state, lambda: None)
+    assert len(health.calls) == health_calls + 1
+
+
+@responses.activate
+def test_service_readiness_waited_for_once_per_node(state, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    responses.post(f"{API}/workloads", json=[])
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
+    responses.get("https://wl-1.gpu/", body="ok")
+    stats = responses.get("https://ui-wl-1.gpu/system_stats", status=502)
+    held = worker.ensure_node(state, lambda: None)
+    state.settings = dataclasses.replace(state.settings, service_ready_timeout_s=0)
+    with pytest.raises(worker.NodeFailed, match="comfyui on the GPU node was not ready.*SERVICE_READY_TIMEOUT.*502"):
+        worker.wait_service_ready(state, held, "portrait", lambda: None)
+    state.settings = dataclasses.replace(state.settings, service_ready_timeout_s=60)
+    responses.replace(responses.GET, "https://ui-wl-1.gpu/system_stats", status=404)
+    responses.add(responses.GET, "https://ui-wl-1.gpu/system_stats", json={"system": {}})
+
+    def stats_calls() -> int:
+        return len([c for c in responses.calls if c.request.url.endswith("/system_stats")])
+
+    before = stats_calls()
+    worker.wait_service_ready(state, held, "portrait", lambda: None)
+    assert stats_calls() - before == 2  # a 404 (the node itself still answers), then ready
+    worker.wait_service_ready(state, held, "portrait", lambda: None)
+    assert stats_calls() - before == 2  # not asked again on this node
+    assert stats.calls
+
+
+def test_default_comfyui_ready_timeout_fits_a_cold_start():
+    import comfyui
+
+    assert config.Settings().service_ready_timeout_s >= 420  # public clients wait up to 7 minutes
+    assert comfyui.DEFAULT_READY_TIMEOUT_S >= 420
+
+
+def test_node_type_is_a_property_of_the_job_type(s):
+    assert worker.node_type_for(s, "analyze") == "ollama_webui:fast"
+    assert {worker.node_type_for(s, kind) for kind in ("csm", "whisper", "portrait")} == {"media:fast"}
+    assert config.Settings().c3_ollama_url == "https://{node}"
+
+
+@responses.activate
+def test_workload_types_checked_at_start_up(s, caplog):
+    responses.get(f"{API}/types", json=["media:fast", "ollama_webui:large"])
+    with caplog.at_level(logging.INFO, logger="c3-render.worker"):
+        assert worker.check_workload_types(s) == ["ollama_webui:fast"]
+    assert "C3_ANALYZE_WORKLOAD_TYPE=ollama_webui:fast is not offered by Comput3" in caplog.text
+    assert responses.calls[0].request.headers["X-C3-API-KEY"] == "sekrit-key"
+    responses.replace(responses.GET, f"{API}/types", status=404, json={"error": "not found"})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="c3-render.worker"):
+        assert worker.check_workload_types(s) == []
+    assert "not checked" in caplog.text and "sekrit-key" not in caplog.text
+
+
+@responses.activate
+def test_a_workload_claimed_by_a_sweeper_that_died_is_taken_over(s, r):
+    jobstore.claim_workload(r, "wl-fresh", {"worker": "sweep", "node": "f.gpu", "since": time.time()})
+    jobstore.claim_workload(r, "wl-stale", {"worker": "sweep", "node": "s.gpu", "since": time.time() - 600})
+    stop = responses.post(f"{API}/stop", json={"stopped": 1})
+    assert worker.stop_nodes_of_dead_owners(s, r) == 1
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-stale"]
+    assert set(jobstore.owned_nodes(r)) == {"wl-fresh"}
+
+
+@responses.activate
+def test_a_node_that_dies_while_a_service_starts_is_not_waited_for(state, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    responses.post(f"{API}/workloads", json=[])
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
+    root = responses.get("https://wl-1.gpu/", body="ok")
+    responses.get("https://wl-1.gpu/whisper/config", status=404)
+    held = worker.ensure_node(state, lambda: None)
+    root.status = 404  # the provider stopped the node: everything on it answers 404 now
+    started = time.monotonic()
+    with pytest.raises(worker.NodeDown, match="stopped answering while whisper was starting"):
+        worker.wait_service_ready(state, held, "whisper", lambda: None)
+    assert time.monotonic() - started < 5  # not SERVICE_READY_TIMEOUT (480 s)
