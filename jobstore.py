@@ -4,7 +4,16 @@ Owns every Redis structure of c3-render (key names come from config.py):
 - `job:<id>` hashes, one per job; every status change goes through `transition()`, a Lua script
   that refuses to change a finished job and queues the job's one final webhook atomically.
 - `queue:jobs`, the one queue: submit LPUSHes, workers take from the right with BLMOVE into
-  their own `processing:<worker>` list and acknowledge by removing the entry.
+  their own `processing:<worker>` list and acknowledge by removing the entry. Entries leave the
+  queue only from the right: a cancel marks the job cancelled and leaves its entry (a tombstone)
+  for the worker that takes it to drop, so cancel and /status never scan the list.
+- queue slots, so that a queued job's position costs O(log N): every place in the queue has an
+  integer slot. The left end is always slot -P (P = `queue:jobs:pushes`, LPUSHes ever), so the
+  right end is -P + LLEN - 1; a submit lands on -P, a requeue (RPUSH) on right + 1. A job keeps its
+  slot in `queue_slot`. An RPUSH can land on a slot an earlier entry left (taken from the right),
+  so RPUSHes are noted in `queue:jobs:requeued` (id -> slot): a job is still in the queue iff its
+  slot <= right end and no other entry was RPUSHed onto that slot since. Position = slots from the
+  right end to the job's, minus the tombstones among them (`queue:jobs:cancelled`, id -> slot).
 - worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
   queue (or fails them after MAX_ATTEMPTS).
 - node records and the MAX_NODES slot cap shared by all workers.
@@ -12,6 +21,7 @@ Owns every Redis structure of c3-render (key names come from config.py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -29,10 +39,42 @@ ALLOWED = {
     "running": ("success", "failed", "cancelled", "queued"),
 }
 
-# KEYS: job, queue, outbox.  ARGV: id, new status, now, result ttl, required worker ('' = any),
-# entry to take off the queue ('' = none), webhook body ('' = none), then field/value pairs.
-# Returns {1, new status} when changed, {0, current status or 'missing'} when refused.
-_TRANSITION_LUA = """
+# Lua helpers for queue slots, put in front of the scripts that use them (see the module docstring).
+# Q = {queue, pushes, requeued, cancelled}: the queue list and its three slot keys.
+_SLOTS_LUA = """
+local function queue_right(Q)
+  return -tonumber(redis.call('GET', Q[2]) or '0') + redis.call('LLEN', Q[1]) - 1
+end
+-- whether the job whose latest entry went onto `slot` is still in the queue
+local function in_queue(Q, id, slot, right)
+  if slot == nil or slot > right then return false end
+  local score = redis.call('ZSCORE', Q[3], id)
+  if score then return tonumber(score) == slot end
+  return redis.call('ZCOUNT', Q[3], slot, slot) == 0
+end
+-- RPUSH a job's entry (it runs next) and give it the slot right + 1
+local function push_front(Q, job_key, id, entry)
+  local slot = queue_right(Q) + 1
+  redis.call('ZREMRANGEBYSCORE', Q[3], slot, slot)
+  redis.call('ZREMRANGEBYSCORE', Q[4], slot, slot)
+  redis.call('ZADD', Q[3], slot, id)
+  redis.call('HSET', job_key, 'queue_slot', slot)
+  redis.call('RPUSH', Q[1], entry)
+end
+-- forget slot notes of entries already taken from the right (they can only be stale now)
+local function trim_slots(Q)
+  local beyond = '(' .. string.format('%d', queue_right(Q))
+  redis.call('ZREMRANGEBYSCORE', Q[3], beyond, '+inf')
+  redis.call('ZREMRANGEBYSCORE', Q[4], beyond, '+inf')
+end
+"""
+
+# KEYS: job, queue, pushes, requeued, cancelled, outbox.  ARGV: id, new status, now, result ttl,
+# required worker ('' = any), (unused), webhook body ('' = none), then field/value pairs.
+# Returns {1, new status} when changed, {0, current status or 'missing'} when refused. A queued job
+# that finishes (a cancel) leaves its entry in the queue as a tombstone, noted in the cancelled set.
+_TRANSITION_LUA = _SLOTS_LUA + """
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, 'missing'} end
 local new = ARGV[2]
@@ -44,8 +86,16 @@ if not allowed[cur] or not allowed[cur][new] then return {0, cur} end
 if ARGV[5] ~= '' and cur == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
   return {0, cur}
 end
-if ARGV[6] ~= '' then
-  if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {0, cur} end
+local finishing = new == 'success' or new == 'failed' or new == 'cancelled'
+if cur == 'queued' and finishing then
+  local slot = tonumber(redis.call('HGET', KEYS[1], 'queue_slot') or '')
+  if slot == nil then
+    -- a record from before queue slots: take its entry off the queue the old (O(N)) way
+    local legacy = redis.call('HGET', KEYS[1], 'queue_entry')
+    if legacy then redis.call('LREM', KEYS[2], 1, legacy) end
+  elseif in_queue(Q, ARGV[1], slot, queue_right(Q)) then
+    redis.call('ZADD', KEYS[5], slot, ARGV[1])
+  end
 end
 for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -54,25 +104,27 @@ redis.call('HSET', KEYS[1], 'status', new)
 if new == 'running' then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  trim_slots(Q)
 end
-if new == 'success' or new == 'failed' or new == 'cancelled' then
+if finishing then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress')
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   local url = redis.call('HGET', KEYS[1], 'notify_url')
   if url and url ~= '' and ARGV[7] ~= '' then
     redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
-    redis.call('LPUSH', KEYS[3], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
+    redis.call('LPUSH', KEYS[6], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
   end
 end
 return {1, new}
 """
 
-# KEYS: processing list, queue.  ARGV: max attempts, job key prefix.
+# KEYS: processing list, queue, pushes, requeued, cancelled.  ARGV: max attempts, job key prefix.
 # Gives every entry of a dead worker's processing list back to the queue (as the next to run),
 # except finished jobs (dropped) and jobs that used up their attempts (returned to the caller,
 # which fails them through transition()).
-_REQUEUE_LUA = """
+_REQUEUE_LUA = _SLOTS_LUA + """
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local entries = redis.call('LRANGE', KEYS[1], 0, -1)
 local over = {}
 local requeued = 0
@@ -88,7 +140,7 @@ for i = #entries, 1, -1 do
     else
       redis.call('HSET', key, 'status', 'queued')
       redis.call('HDEL', key, 'worker', 'progress')
-      redis.call('RPUSH', KEYS[2], entry)
+      push_front(Q, key, id, entry)
       redis.call('LREM', KEYS[1], 1, entry)
       requeued = requeued + 1
     end
@@ -109,7 +161,74 @@ end
 return 0
 """
 
+# KEYS: job, queue, pushes, idempotency key.  ARGV: idempotency record ('' = no key), its ttl,
+# queue entry, then the record's field/value pairs. Returns '' when queued, else the idempotency
+# record already stored (nothing is written then).
+_SUBMIT_LUA = """
+if ARGV[1] ~= '' then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return seen end
+end
+local slot = -redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'queue_slot', slot, unpack(ARGV, 4))
+redis.call('LPUSH', KEYS[2], ARGV[3])
+if ARGV[1] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+return ''
+"""
+
+# KEYS: job, queue, pushes, requeued, cancelled.  ARGV: id.
+# 1 for the job that runs next; nil when the job is not queued or its entry is no longer in the queue.
+_POSITION_LUA = _SLOTS_LUA + """
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
+local record = redis.call('HMGET', KEYS[1], 'status', 'queue_slot', 'queue_entry')
+if record[1] ~= 'queued' then return nil end
+local slot = tonumber(record[2] or '')
+if slot == nil then
+  -- a record from before queue slots: find it the old (O(N)) way
+  local index = redis.call('LPOS', KEYS[2], record[3] or '', 'RANK', -1)
+  if not index then return nil end
+  return redis.call('LLEN', KEYS[2]) - index
+end
+local right = queue_right(Q)
+if not in_queue(Q, ARGV[1], slot, right) then return nil end
+return right - slot + 1 - redis.call('ZCOUNT', KEYS[5], slot + 1, right)
+"""
+
+# KEYS: job, processing list, queue, pushes, requeued, cancelled.  ARGV: entry, worker ('' = any).
+# Moves an entry from a worker's processing list back to the front of the queue if its job is queued
+# (taken, not started) or running on that worker (put back: the attempt is not counted); otherwise
+# (cancelled meanwhile, or finished) the entry is only dropped. 1 when the entry went back.
+_PUT_BACK_LUA = _SLOTS_LUA + """
+local Q = {KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local status = redis.call('HGET', KEYS[1], 'status')
+local back = 0
+if status == 'queued' and ARGV[2] == '' then
+  back = 1
+elseif status == 'running' and ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('HDEL', KEYS[1], 'worker', 'progress')
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  back = 1
+end
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+if back == 1 then push_front(Q, KEYS[1], cjson.decode(ARGV[1])['id'], ARGV[1]) end
+return back
+"""
+
 FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
+QUEUE_KEYS = (config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, config.QUEUE_REQUEUED_KEY, config.QUEUE_CANCELLED_KEY)
+_SHA1: dict[str, str] = {}
+
+
+def run_script(r: redis.Redis, script: str, keys: list[str] | tuple[str, ...], *args: Any) -> Any:
+    """EVALSHA a script (one round trip), loading it on the first NOSCRIPT."""
+    sha = _SHA1.get(script)
+    if sha is None:
+        sha = _SHA1[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 (Redis' script id)
+    try:
+        return r.evalsha(sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return r.eval(script, len(keys), *keys, *args)
 
 
 def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
@@ -165,7 +284,7 @@ def submit(
     body_hash: str = "",
     idempotency_ttl_s: int = 24 * 3600,
 ) -> tuple[str, bool]:
-    """Write the job record and its queue entry in one MULTI/EXEC; return (job id, created).
+    """Write the job record and its queue entry in one script (one round trip); return (job id, created).
 
     With idempotency_key (already scoped to the client), a repeat of the same body returns the first
     job's id and queues nothing (created False); a different body raises IdempotencyConflict.
@@ -186,27 +305,17 @@ def submit(
         "webhook_status": "waiting" if params.get("notify_url") else "none",
         "queue_entry": queue_entry(job_id, job_type),
     }
-    with r.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                if idempotency_key:
-                    pipe.watch(idempotency_key)
-                    seen = pipe.get(idempotency_key)
-                    if seen:
-                        first = json.loads(seen)
-                        if first["body_hash"] != body_hash:
-                            raise IdempotencyConflict(first["job_id"])
-                        return first["job_id"], False
-                pipe.multi()
-                pipe.hset(job_key(job_id), mapping=record)
-                pipe.lpush(config.QUEUE_KEY, record["queue_entry"])
-                if idempotency_key:
-                    pipe.set(idempotency_key, json.dumps({"job_id": job_id, "body_hash": body_hash}),
-                             ex=idempotency_ttl_s)
-                pipe.execute()
-                return job_id, True
-            except redis.WatchError:
-                continue
+    fields = [item for pair in record.items() for item in pair]
+    seen = json.dumps({"job_id": job_id, "body_hash": body_hash}) if idempotency_key else ""
+    first = run_script(r, _SUBMIT_LUA, (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
+                                        idempotency_key or config.QUEUE_PUSHES_KEY),
+                       seen, idempotency_ttl_s, record["queue_entry"], *fields)
+    if not first:
+        return job_id, True
+    first = json.loads(first)
+    if first["body_hash"] != body_hash:
+        raise IdempotencyConflict(first["job_id"])
+    return first["job_id"], False
 
 
 def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
@@ -215,12 +324,12 @@ def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
 
 
 def queue_position(r: redis.Redis, record: dict[str, str]) -> int | None:
-    """1 for the job that runs next; None when the entry is not (or no longer) in the queue."""
-    pipe = r.pipeline(transaction=True)
-    pipe.lpos(config.QUEUE_KEY, record["queue_entry"], rank=-1)
-    pipe.llen(config.QUEUE_KEY)
-    index, length = pipe.execute()
-    return None if index is None else length - index
+    """1 for the job that runs next; None when the entry is not (or no longer) in the queue.
+
+    O(log N): counts slots and the cancelled entries among them, never scans the list. Cancelled
+    entries still in the queue (dropped by the worker that takes them) do not count.
+    """
+    return run_script(r, _POSITION_LUA, (job_key(record["id"]), *QUEUE_KEYS), record["id"])
 
 
 def job_params(record: dict[str, str]) -> dict[str, Any]:
@@ -253,32 +362,34 @@ def transition(
     fields: dict[str, Any] | None = None,
     *,
     worker_id: str = "",
-    dequeue_entry: str = "",
     now: float | None = None,
 ) -> tuple[bool, str]:
     """Move a job to new_status if that is allowed; return (changed, status now).
 
     A finished job never changes again, so a late result after a cancel is dropped. With worker_id,
-    a running job only changes if that worker holds it. With dequeue_entry, the change happens only
-    if that entry could be taken off the queue (a cancel racing a worker's take). Moving to a finished
-    status queues the job's final webhook in the same script.
+    a running job only changes if that worker holds it. A queued job that finishes (a cancel) leaves
+    its entry in the queue for the worker that takes it to drop. Moving to a finished status queues
+    the job's final webhook in the same script.
     """
     fields = dict(fields or {})
     now = time.time() if now is None else now
     body = webhook_body(job_id, new_status, fields) if new_status in FINISHED_STATUSES else ""
-    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, dequeue_entry, body]
+    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, "", body]
     for key, value in fields.items():
         argv += [key, "" if value is None else str(value)]
-    changed, status = r.eval(
-        _TRANSITION_LUA, 3, job_key(job_id), config.QUEUE_KEY, config.WEBHOOK_OUTBOX_KEY, *argv
-    )
+    changed, status = run_script(r, _TRANSITION_LUA, (job_key(job_id), *QUEUE_KEYS, config.WEBHOOK_OUTBOX_KEY),
+                                 *argv)
     return bool(changed), status
 
 
 def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
     """Cancel a job. Returns 'cancelled' (it was queued and is now cancelled), 'cancelling' (it is
-    running; the worker stops it within seconds), 'finished:<status>' or 'missing'."""
-    for _ in range(5):  # a worker may take the job between our read and our write; look again
+    running; the worker stops it within seconds), 'finished:<status>' or 'missing'.
+
+    O(log N) at any queue length: a queued job's entry stays in the queue as a tombstone that the
+    worker taking it drops (its transition to running is refused), and stops counting in positions.
+    """
+    for _ in range(5):  # the job may start (or finish) between our read and our write; look again
         record = get_job(r, job_id)
         if record is None:
             return "missing"
@@ -286,17 +397,17 @@ def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
         if status in FINISHED_STATUSES:
             return f"finished:{status}"
         if status == "queued":
-            changed, _now = transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"},
-                                       dequeue_entry=record["queue_entry"])
+            changed, _now = transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"})
             if changed:
                 return "cancelled"
-        # running, or taken by a worker that has not started it yet: ask the worker to stop
+            continue
+        # running: ask the worker to stop
         flagged = r.eval(
             "if redis.call('HGET', KEYS[1], 'status') == ARGV[1] then "
             "redis.call('HSET', KEYS[1], 'cancel_requested', '1') return 1 end return 0",
             1, job_key(job_id), status,
         )
-        if flagged and (status == "running" or queue_position(r, record) is None):
+        if flagged:
             return "cancelling"
     record = get_job(r, job_id)
     return f"finished:{record['status']}" if record else "missing"
@@ -330,27 +441,16 @@ def ack(r: redis.Redis, worker_id: str, entry: str) -> None:
 
 
 def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
-    """Give back an entry taken but not started: from the processing list to the head of the queue."""
-    pipe = r.pipeline(transaction=True)
-    pipe.lrem(processing_key(worker_id), 1, entry)
-    pipe.rpush(config.QUEUE_KEY, entry)
-    pipe.execute()
+    """Give back an entry taken but not started: from the processing list to the head of the queue
+    (dropped instead if its job was cancelled meanwhile)."""
+    job_id = json.loads(entry)["id"]
+    run_script(r, _PUT_BACK_LUA, (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS), entry, "")
 
 
 def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
     """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted."""
-    script = """
-    if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2]
-    then redis.call('LREM', KEYS[2], 1, ARGV[1]) return 0 end
-    redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'worker', 'progress')
-    redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-    redis.call('LREM', KEYS[2], 1, ARGV[1])
-    redis.call('RPUSH', KEYS[3], ARGV[1])
-    return 1
-    """
-    return bool(r.eval(script, 3, job_key(job_id), processing_key(worker_id), config.QUEUE_KEY,
-                       entry, worker_id))
+    return bool(run_script(r, _PUT_BACK_LUA, (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS),
+                           entry, worker_id))
 
 
 def dead_workers(r: redis.Redis) -> list[str]:
@@ -393,8 +493,8 @@ def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -
     cut a job short, its entry is left in the processing list and nobody else would ever give it back.
     Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
     """
-    requeued, over = r.eval(_REQUEUE_LUA, 2, processing_key(worker), config.QUEUE_KEY,
-                            settings.max_attempts, config.JOB_KEY.format(id=""))
+    requeued, over = run_script(r, _REQUEUE_LUA, (processing_key(worker), *QUEUE_KEYS),
+                                settings.max_attempts, config.JOB_KEY.format(id=""))
     failed = []
     for entry in over:
         job_id = json.loads(entry)["id"]
