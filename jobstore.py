@@ -161,17 +161,22 @@ end
 return 0
 """
 
-# KEYS: job, queue, pushes, idempotency key.  ARGV: idempotency record ('' = no key), its ttl,
-# queue entry, then the record's field/value pairs. Returns '' when queued, else the idempotency
-# record already stored (nothing is written then).
+# KEYS: job, queue, pushes, idempotency key.  ARGV: idempotency record ('' = no key), its ttl, then
+# id, type, params, created_at, complete_by, max_time, notify_url. The script writes the record (so
+# the request sends 9 values instead of 22 field/value pairs) and the entry. Returns '' when queued,
+# else the idempotency record already stored (nothing is written then).
 _SUBMIT_LUA = """
 if ARGV[1] ~= '' then
   local seen = redis.call('GET', KEYS[4])
   if seen then return seen end
 end
-local slot = -redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[1], 'queue_slot', slot, unpack(ARGV, 4))
-redis.call('LPUSH', KEYS[2], ARGV[3])
+local id, job_type, notify_url = ARGV[3], ARGV[4], ARGV[9]
+local entry = '{"id":"' .. id .. '","type":"' .. job_type .. '"}'
+redis.call('HSET', KEYS[1], 'id', id, 'type', job_type, 'status', 'queued', 'params', ARGV[5],
+  'created_at', ARGV[6], 'complete_by', ARGV[7], 'max_time', ARGV[8], 'attempts', '0',
+  'notify_url', notify_url, 'webhook_status', notify_url ~= '' and 'waiting' or 'none',
+  'queue_entry', entry, 'queue_slot', -redis.call('INCR', KEYS[3]))
+redis.call('LPUSH', KEYS[2], entry)
 if ARGV[1] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
 return ''
 """
@@ -292,24 +297,12 @@ def submit(
     now = time.time() if now is None else now
     job_id = str(uuid.uuid4())
     stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
-    record = {
-        "id": job_id,
-        "type": job_type,
-        "status": "queued",
-        "params": json.dumps(stored),
-        "created_at": repr(now),
-        "complete_by": repr(now + params["complete_in"]),
-        "max_time": str(params["max_time"]),
-        "attempts": "0",
-        "notify_url": params.get("notify_url") or "",
-        "webhook_status": "waiting" if params.get("notify_url") else "none",
-        "queue_entry": queue_entry(job_id, job_type),
-    }
-    fields = [item for pair in record.items() for item in pair]
     seen = json.dumps({"job_id": job_id, "body_hash": body_hash}) if idempotency_key else ""
+    # the record's fields are set by the script (see _SUBMIT_LUA); queue_entry() gives the same entry
     first = run_script(r, _SUBMIT_LUA, (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
                                         idempotency_key or config.QUEUE_PUSHES_KEY),
-                       seen, idempotency_ttl_s, record["queue_entry"], *fields)
+                       seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now),
+                       repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "")
     if not first:
         return job_id, True
     first = json.loads(first)

@@ -50,7 +50,7 @@ class Procs:
         self.children: list[subprocess.Popen] = []
 
     def start(self, args: list[str], **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(args, start_new_session=True, stdout=kwargs.pop("stdout", subprocess.DEVNULL),
                                 stderr=kwargs.pop("stderr", subprocess.DEVNULL), **kwargs)
         self.children.append(proc)
         return proc
@@ -85,8 +85,10 @@ def start_gunicorn(procs: Procs, app: str, code_dir: Path, redis_url: str, tmp: 
     """Serve `app` (a gunicorn app spec) from code_dir; return the process and its port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("C3_", "MINIO_", "REDIS_"))}
-    env.update({"REDIS_URL": redis_url, "OUTPUT_DIR": str(tmp / "output"), "PYTHONPATH": str(code_dir),
-                **(extra_env or {})})
+    extra_env = dict(extra_env or {})
+    path = [str(code_dir)] + ([extra_env.pop("EXTRA_PATH")] if "EXTRA_PATH" in extra_env else [])
+    env.update({"REDIS_URL": redis_url, "OUTPUT_DIR": str(tmp / "output"), "PYTHONPATH": os.pathsep.join(path),
+                **extra_env})
     proc = procs.start([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", *GUNICORN, app],
                        cwd=code_dir, env=env)
     wait_until(lambda: Client(port).get("/healthz")[0] == 200, 30, f"gunicorn {app} in {code_dir}")
@@ -102,8 +104,13 @@ class Client:
     def request(self, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        self.conn.request(method, path, body=data, headers=headers)
-        response = self.conn.getresponse()
+        try:
+            self.conn.request(method, path, body=data, headers=headers)
+            response = self.conn.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected):  # gunicorn closed an idle connection
+            self.conn.close()
+            self.conn.request(method, path, body=data, headers=headers)
+            response = self.conn.getresponse()
         raw = response.read()
         return response.status, (json.loads(raw) if raw else {})
 

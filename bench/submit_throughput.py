@@ -5,9 +5,13 @@ in one run: wrk (16 connections, 2 threads) POSTs a CSM job to each in turn, --r
 database flushed between runs. Prints requests/s of each run, the medians and their ratio (issue 9's
 target: ours / bare >= 0.9).
 
-    python bench/submit_throughput.py [--seconds 10] [--rounds 3] [--code DIR] [--code DIR2 ...]
+    python bench/submit_throughput.py [--seconds 5] [--rounds 5] [--code DIR ...] [--with-path DIR]
 
-Several --code checkouts (e.g. the commit before the change) are measured in the same run.
+Several --code checkouts (e.g. the commit before the change) are measured in the same run. --with-path
+also runs every app with DIR on PYTHONPATH (e.g. `pip install --target DIR hiredis`), to measure a
+library before adding it. The ratio printed per app is the median of the per-round ratios (each run
+against the bare app's run of the same round), which is steadier than a ratio of medians on a busy
+machine.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ BODY = '{"text": "Hello there. General Kenobi."}'
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--with-path", type=Path, help="also run every app with this directory on PYTHONPATH")
     parser.add_argument("--code", type=Path, action="append", help="checkout(s) to serve (default: this one)")
     args = parser.parse_args()
     codes = [c.resolve() for c in (args.code or [ROOT])]
@@ -38,9 +43,16 @@ def main() -> int:
             tmp = Path(tmp_name)
             redis_url = start_redis(procs, tmp)
             r = redis.Redis.from_url(redis_url)
-            apps = {"bare Flask + LPUSH": start_gunicorn(procs, "bare_app:app", ROOT / "bench", redis_url, tmp)[1]}
-            for code in codes:
-                apps[f"c3-render ({code.name})"] = start_gunicorn(procs, "app:create_app()", code, redis_url, tmp)[1]
+            variants = {"": {}}
+            if args.with_path:
+                variants[f" + {args.with_path.name}"] = {"EXTRA_PATH": str(args.with_path.resolve())}
+            apps: dict[str, int] = {}
+            for suffix, extra in variants.items():
+                apps["bare Flask + LPUSH" + suffix] = start_gunicorn(procs, "bare_app:app", ROOT / "bench", redis_url,
+                                                                     tmp, extra)[1]
+                for code in codes:
+                    apps[f"c3-render ({code.name}){suffix}"] = start_gunicorn(procs, "app:create_app()", code,
+                                                                              redis_url, tmp, extra)[1]
             for port in apps.values():  # warm-up
                 wrk(procs, f"http://127.0.0.1:{port}/csm", tmp, seconds=2, post_json=BODY)
             for round_no in range(args.rounds):
@@ -52,10 +64,12 @@ def main() -> int:
     finally:
         procs.stop_all()
     print(f"machine: {machine()}")
-    bare = statistics.median(rates["bare Flask + LPUSH"])
     for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"median  {name:<60} {median:8.0f} req/s   ratio to bare {median / bare:.2f}")
+        bare_name = "bare Flask + LPUSH" + (name.split(")", 1)[1] if name.startswith("c3-render") else "")
+        bare_name = name if name.startswith("bare") else bare_name
+        ratios = [v / b for v, b in zip(values, rates[bare_name], strict=True)]
+        print(f"median  {name:<60} {statistics.median(values):8.0f} req/s   "
+              f"ratio to {bare_name}: {statistics.median(ratios):.2f}")
     return 0
 
 
