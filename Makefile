@@ -26,5 +26,12 @@ lint:
 soak:
 	$(PYTHON) bench/soak.py --jobs 300 --workers 3 --seed 42
 
+## bench: every benchmark under bench/ (about 10 minutes); bench/README.md has their last figures
+bench:
+	$(PYTHON) bench/queue_scale.py
+	$(PYTHON) bench/submit_throughput.py
+	$(PYTHON) bench/worker_memory.py
+	$(PYTHON) bench/soak.py --jobs 300 --workers 3 --seed 42
+
 clean:
 	rm -rf var/work var/output var/redis var/devnode-data

@@ -143,8 +143,9 @@ def wrk_path() -> str:
 
 
 def wrk(procs: Procs, url: str, tmp: Path, *, seconds: float, connections: int = 16, threads: int = 2,
-        post_json: str | None = None, delay_ms: int = 0, background: bool = False):
-    """Run wrk against url; return requests/s (or the running process when background)."""
+        post_json: str | None = None, delay_ms: int = 0, background: bool = False, full_output: bool = False):
+    """Run wrk against url; return requests/s (wrk's whole output with full_output; the running
+    process when background)."""
     lua = []
     if post_json is not None:
         lua += ['wrk.method = "POST"', f"wrk.body = {json.dumps(post_json)}",
@@ -157,7 +158,31 @@ def wrk(procs: Procs, url: str, tmp: Path, *, seconds: float, connections: int =
     if background:
         return procs.start(args, stdout=subprocess.PIPE)
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return parse_wrk(out)
+    return parse_wrk(out) if not full_output else out
+
+
+def session_cpu_s(session_id: int) -> float:
+    """CPU seconds (user + system) used so far by every live process of a session (gunicorn master
+    and workers). Per request, this stays meaningful on a busy machine where requests/s do not."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id:  # fields after the name: state, ppid, pgrp, session, ...
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def wrk_requests(out: str) -> int:
+    match = re.search(r"(\d+) requests in", out)
+    return int(match.group(1)) if match else 0
 
 
 def parse_wrk(out: str) -> float:
