@@ -88,12 +88,9 @@ if ARGV[5] ~= '' and cur == 'running' and redis.call('HGET', KEYS[1], 'worker') 
 end
 local finishing = new == 'success' or new == 'failed' or new == 'cancelled'
 if cur == 'queued' and finishing then
+  -- (a record from before queue slots has none: its entry stays too, counted by positions until taken)
   local slot = tonumber(redis.call('HGET', KEYS[1], 'queue_slot') or '')
-  if slot == nil then
-    -- a record from before queue slots: take its entry off the queue the old (O(N)) way
-    local legacy = redis.call('HGET', KEYS[1], 'queue_entry')
-    if legacy then redis.call('LREM', KEYS[2], 1, legacy) end
-  elseif in_queue(Q, ARGV[1], slot, queue_right(Q)) then
+  if slot ~= nil and in_queue(Q, ARGV[1], slot, queue_right(Q)) then
     redis.call('ZADD', KEYS[5], slot, ARGV[1])
   end
 end

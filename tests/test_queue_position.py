@@ -166,3 +166,21 @@ def test_submit_is_one_round_trip(client, r):
     stats = r.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1
     assert "cmdstat_multi" not in stats and "cmdstat_watch" not in stats
+
+
+def test_jobs_queued_before_queue_slots_keep_working(r, settings):
+    """A record written by the previous version (no queue_slot) is found the old way and cancels."""
+    legacy = "0b0e4a6e-3f4c-4d8e-9a51-6f1f2b7d9c10"
+    entry = jobstore.queue_entry(legacy, "csm")
+    r.hset(jobstore.job_key(legacy), mapping={"id": legacy, "type": "csm", "status": "queued", "params": "{}",
+                                              "attempts": "0", "queue_entry": entry})
+    r.lpush(config.QUEUE_KEY, entry)
+    newer = new_job(r)
+    assert jobstore.queue_position(r, jobstore.get_job(r, legacy)) == 1
+    assert jobstore.queue_position(r, jobstore.get_job(r, newer)) == 2
+    assert jobstore.cancel(r, settings, legacy) == "cancelled"
+    taken = jobstore.take(r, "w1", 1)
+    assert json.loads(taken)["id"] == legacy  # the worker drops it: it cannot start a cancelled job
+    assert jobstore.transition(r, settings, legacy, "running", {"worker": "w1"}) == (False, "cancelled")
+    jobstore.ack(r, "w1", taken)
+    assert jobstore.queue_position(r, jobstore.get_job(r, newer)) == 1
