@@ -7,10 +7,13 @@ truth read from the list itself (the job's place among the entries of jobs still
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 
 import hypothesis.strategies as st
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 
 import config
@@ -88,11 +91,9 @@ def step(r, cfg, op: str, worker: str, pick: int, jobs: list[str], held: dict[st
 @given(st.lists(st.tuples(st.sampled_from(OPS), st.sampled_from(WORKERS), st.integers(0, 1000)),
                 min_size=1, max_size=80))
 def test_queue_position_is_exact_under_random_protocol_sequences(redis_url, settings, actions):
-    import redis
-
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.flushall()
-    cfg = settings.__class__(**{**settings.__dict__, "max_attempts": 1000})
+    cfg = dataclasses.replace(settings, max_attempts=1000)
     jobs: list[str] = []
     held: dict[str, str] = {}
     for op, worker, pick in actions:
@@ -120,10 +121,8 @@ def test_queue_position_is_exact_under_random_protocol_sequences(redis_url, sett
 
 def test_long_seeded_sequence_with_deep_queue(r, settings):
     """A longer run (a few thousand steps, a queue hundreds deep) than Hypothesis' examples reach."""
-    import random
-
     rng = random.Random(9)
-    cfg = settings.__class__(**{**settings.__dict__, "max_attempts": 1000})
+    cfg = dataclasses.replace(settings, max_attempts=1000)
     jobs: list[str] = []
     held: dict[str, str] = {}
     ops = OPS + ("submit",) * 3
