@@ -46,6 +46,14 @@ lock:
 	@bash scripts/install-deps.sh dev
 	bash scripts/lock.sh $(ARGS)
 
+## bench: every benchmark under bench/ (about 10 minutes); bench/README.md has their last figures
+bench:
+	@bash scripts/install-deps.sh dev
+	$(PYTHON) bench/queue_scale.py
+	$(PYTHON) bench/submit_throughput.py
+	$(PYTHON) bench/worker_memory.py
+	$(PYTHON) bench/soak.py --jobs 300 --workers 3 --seed 42
+
 ## clean: remove what runs and tests created (var/, caches); keeps .venv (remove it with `rm -rf .venv`)
 clean:
 	rm -rf var .pytest_cache .ruff_cache .hypothesis c3_render.egg-info

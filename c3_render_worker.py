@@ -974,6 +974,7 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = config.load()
     check_startup(settings)
+    media_check.return_large_frees()  # memory of a big input goes back to the system after the job
     worker_id = os.environ.get("WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     state = WorkerState(settings=settings, r=jobstore.connect(settings.redis_url), worker_id=worker_id)
     webhook_stop = threading.Event()

@@ -38,6 +38,7 @@ import websocket
 from PIL import Image, ImageOps
 
 import config
+import media_check
 import mediaconv
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
@@ -226,17 +227,33 @@ def video_output(entry: dict) -> dict:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def prepare_image(src: Path, dest: Path, max_bytes: int | None = None) -> tuple[int, int]:
+def prepare_image(src: Path, dest: Path, max_bytes: int | None = None, isolate: bool = True) -> tuple[int, int]:
     """Write src as an RGB JPEG at dest, upright, at most MAX_INPUT_SIDE px a side, within max_bytes
-    (lower JPEG quality when needed); return its size."""
+    (lower JPEG quality when needed); return its size.
+
+    A large image in a format without reduced decoding (PNG, WebP...) is done in a child process
+    (isolate), so the worker's own memory never holds it at full size.
+    """
     try:
         with Image.open(src) as opened:
-            img = ImageOps.exif_transpose(opened)
+            # A JPEG decodes straight at the smallest 1/2, 1/4 or 1/8 scale still >= MAX_INPUT_SIDE
+            # (draft mode), not at full size: a 40 MP photo then needs ~30 MB instead of ~120 MB.
+            opened.draft("RGB", (MAX_INPUT_SIDE, MAX_INPUT_SIDE))
+            large = media_check.decoded_bytes(opened) > media_check.IN_PROCESS_DECODE_BYTES
+            if isolate and large and opened.format != "JPEG":
+                # no reduced decode for this format: the full-size decode happens in a child process
+                width, height = media_check.run_isolated("comfyui", "prepare_image", str(src), str(dest),
+                                                         max_bytes=max_bytes, error=EngineError, isolate=False)
+                return width, height
+            img = opened
+            ImageOps.exif_transpose(img, in_place=True)  # no full-size copies: every step below is in place
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 img = Image.new("RGB", rgba.size, (255, 255, 255))
                 img.paste(rgba, mask=rgba.getchannel("A"))  # transparency -> white, not black
-            img = img.convert("RGB")
+                del rgba
+            if img.mode != "RGB":
+                img = img.convert("RGB")
             if max(img.size) > MAX_INPUT_SIDE:
                 img.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE), Image.Resampling.LANCZOS)
             for quality in JPEG_QUALITIES:
@@ -264,7 +281,7 @@ def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None 
     """Keep MP3/WAV/FLAC as is, convert anything else (video containers, m4a, ogg, webm...) to MP3;
     then, when the file would not fit max_bytes (ComfyUI's upload limit), a mono FLAC or MP3 of it.
 
-    Returns the file to upload and its duration in seconds.
+    Returns the file to upload and its duration in seconds. ffmpeg converts file to file.
     """
     fmt, duration = probe(src)
     if fmt in KEEP_AUDIO_FORMATS:
@@ -272,20 +289,16 @@ def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None 
         if src.resolve() != dest.resolve():
             shutil.copyfile(src, dest)
     else:
-        from pydub import AudioSegment
-
         dest = work_dir / f"{job_id}_input.mp3"
         try:
-            AudioSegment.from_file(str(src)).export(str(dest), format="mp3", bitrate="192k")
-        except Exception as exc:  # noqa: BLE001 - pydub raises many kinds
+            media_check.transcode_audio(src, dest, codec="libmp3lame", bitrate="192k")
+        except media_check.MediaError as exc:
             raise EngineError(f"could not convert the audio to MP3: {exc}") from exc
         duration = probe(dest)[1]
     if duration is None:
-        from pydub import AudioSegment
-
         try:
-            duration = len(AudioSegment.from_file(str(dest))) / 1000.0
-        except Exception as exc:  # noqa: BLE001
+            duration = media_check.decoded_seconds(dest)
+        except media_check.MediaError as exc:
             raise EngineError(f"could not read the audio: {exc}") from exc
     if max_bytes is not None and not mediaconv.fits(dest, max_bytes):
         try:

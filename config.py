@@ -15,6 +15,9 @@ VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyp
 
 # --- Redis key names (the queue protocol; see jobstore.py) ---------------------------------
 QUEUE_KEY = "queue:jobs"  # the one job queue: LPUSH to submit, BLMOVE from the right to take
+QUEUE_PUSHES_KEY = "queue:jobs:pushes"  # counter: LPUSHes ever made to the queue (places its left end)
+QUEUE_REQUEUED_KEY = "queue:jobs:requeued"  # sorted set: job id -> queue slot it was RPUSHed to
+QUEUE_CANCELLED_KEY = "queue:jobs:cancelled"  # sorted set: job id -> slot of a cancelled entry still queued
 JOB_KEY = "job:{id}"  # hash: one record per job
 PROCESSING_KEY = "processing:{worker}"  # list: entries a worker has taken and not acknowledged
 HEARTBEAT_KEY = "worker:{worker}:alive"  # string with a TTL: the worker is alive while it exists

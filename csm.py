@@ -5,7 +5,8 @@ This module owns:
 - the CSM Gradio call (`/generate_monologue_audio`, input names in `CSM_INPUTS`);
 - `gradio_call`: submit to a Gradio app, poll, honour should_stop, report the phase from the Gradio job's
   status, map app errors, retry one HTTP 5xx when the node is healthy (whisper.py uses it);
-- `probe_audio` / `is_mp3` / `to_mp3`: ffprobe and pydub helpers (whisper.py uses them).
+- `probe_audio` / `is_mp3` / `to_mp3`: ffprobe and ffmpeg helpers (whisper.py uses them); conversions run
+  ffmpeg file to file (media_check.transcode_audio), never decoding a whole input in the worker.
 
 Result: work_dir/{job_id}.mp3. Raises JobStopped when should_stop() gives a reason, EngineError when the
 app answers with an error. Transport failures (node unreachable, connection dropped) propagate unchanged
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jobspec
+import media_check
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
@@ -154,31 +156,22 @@ def is_mp3(path: Path) -> bool:
 
 def to_mp3(src: Path, dest: Path, mono: bool = False) -> Path:
     """Write src as MP3 at dest (copy when it already is MP3 and no change is asked)."""
-    from pydub import AudioSegment  # imported here: pydub warns at import when ffmpeg is missing
-
     if not mono and is_mp3(src):
         if src.resolve() != dest.resolve():
             shutil.copyfile(src, dest)
         return dest
     try:
-        audio = AudioSegment.from_file(str(src))
-        if mono:
-            audio = audio.set_channels(1)
-        audio.export(str(dest), format="mp3", bitrate=MP3_BITRATE)
-    except Exception as exc:  # noqa: BLE001 - pydub raises many kinds (CouldntDecodeError, OSError, ...)
+        return media_check.transcode_audio(src, dest, codec="libmp3lame", bitrate=MP3_BITRATE, mono=mono)
+    except media_check.MediaError as exc:
         raise EngineError(f"could not convert {src.name} to MP3: {exc}") from exc
-    return dest
 
 
 def to_mono_wav(src: Path, dest: Path) -> Path:
     """Mono WAV copy of src: voice cloning works best with one channel (PROTOCOLS.md 3)."""
-    from pydub import AudioSegment
-
     try:
-        AudioSegment.from_file(str(src)).set_channels(1).export(str(dest), format="wav")
-    except Exception as exc:  # noqa: BLE001
+        return media_check.transcode_audio(src, dest, codec="pcm_s16le", mono=True)
+    except media_check.MediaError as exc:
         raise EngineError(f"could not read the reference audio: {exc}") from exc
-    return dest
 
 
 # --- Gradio -------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ def today() -> str:
 def counters(r: redis.Redis) -> dict[str, Any]:
     """Queue depth, job counters, duration histograms, node and webhook totals, in one round trip."""
     pipe = r.pipeline(transaction=False)
-    pipe.llen(config.QUEUE_KEY)
+    # queued jobs from the status index: LLEN of the queue would count cancelled entries (tombstones)
+    # that wait there for a worker to drop them
+    pipe.zcard(config.JOBS_BY_STATUS_KEY.format(status="queued"))
     pipe.hgetall(config.JOBS_TOTAL_KEY)
     for job_type in jobspec.JOB_TYPES:
         pipe.hgetall(config.JOB_DURATION_KEY.format(type=job_type))
@@ -65,24 +67,34 @@ def histogram_buckets(duration: dict[str, float]) -> list[tuple[str, float]]:
 
 
 def workers(r: redis.Redis) -> list[dict[str, Any]]:
-    """Every registered worker (or node holder): last heartbeat, its node and the job it has taken."""
-    ids = sorted(r.smembers(config.WORKERS_KEY) | r.smembers(config.NODE_SLOTS_KEY))
+    """Every registered worker (or node holder): last heartbeat, its nodes (one per workload type it
+    holds) and the job it has taken."""
+    slots = [jobstore.split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY)]
+    ids = sorted(set(r.smembers(config.WORKERS_KEY)) | {worker for worker, _ in slots})
+    node_types = {worker: sorted(t for w, t in slots if w == worker and t and t != jobstore.RESERVED)
+                  for worker in ids}
     pipe = r.pipeline(transaction=False)
     for worker in ids:
         pipe.get(jobstore.heartbeat_key(worker))
-        pipe.hgetall(jobstore.node_key(worker))
         pipe.lrange(jobstore.processing_key(worker), 0, -1)
-    answers = pipe.execute()
+        for node_type in node_types[worker]:
+            pipe.hgetall(jobstore.node_key(worker, node_type))
+    answers = iter(pipe.execute())
     now = time.time()
     found = []
-    for index, worker in enumerate(ids):
-        beat, node, taken = answers[3 * index: 3 * index + 3]
+    for worker in ids:
+        beat, taken = next(answers), next(answers)
+        nodes = []
+        for node_type in node_types[worker]:
+            node = next(answers)
+            if node:
+                nodes.append({"type": node_type, **{k: node[k] for k in ("state", "node", "workload", "launched_at",
+                                                                          "since") if k in node}})
         found.append({
             "id": worker,
             "alive": beat is not None,
             "heartbeat_age_s": round(now - float(beat), 1) if beat else None,
-            "node": {k: node[k] for k in ("state", "node", "workload", "launched_at", "since") if k in node}
-            or None,
+            "nodes": nodes,
             "jobs": [json.loads(entry)["id"] for entry in taken],
         })
     return found
@@ -90,7 +102,7 @@ def workers(r: redis.Redis) -> list[dict[str, Any]]:
 
 def nodes_running(found_workers: list[dict[str, Any]]) -> int:
     """Nodes launched and not yet stopped (booting or running): the ones being paid for."""
-    return sum(1 for w in found_workers if w["node"] and w["node"].get("state") in ("booting", "running"))
+    return sum(1 for w in found_workers for node in w["nodes"] if node.get("state") in ("booting", "running"))
 
 
 def live_node_seconds(found_workers: list[dict[str, Any]], since: float = 0.0) -> float:
@@ -98,9 +110,9 @@ def live_node_seconds(found_workers: list[dict[str, Any]], since: float = 0.0) -
     now = time.time()
     live = 0.0
     for worker in found_workers:
-        launched = (worker["node"] or {}).get("launched_at")
-        if launched:
-            live += max(0.0, now - max(float(launched), since))
+        for node in worker["nodes"]:
+            if node.get("launched_at"):
+                live += max(0.0, now - max(float(node["launched_at"]), since))
     return live
 
 

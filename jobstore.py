@@ -4,7 +4,16 @@ Owns every Redis structure of c3-render (key names come from config.py):
 - `job:<id>` hashes, one per job; every status change goes through `transition()`, a Lua script
   that refuses to change a finished job and queues the job's one final webhook atomically.
 - `queue:jobs`, the one queue: submit LPUSHes, workers take from the right with BLMOVE into
-  their own `processing:<worker>` list and acknowledge by removing the entry.
+  their own `processing:<worker>` list and acknowledge by removing the entry. Entries leave the
+  queue only from the right: a cancel marks the job cancelled and leaves its entry (a tombstone)
+  for the worker that takes it to drop, so cancel and /status never scan the list.
+- queue slots, so that a queued job's position costs O(log N): every place in the queue has an
+  integer slot. The left end is always slot -P (P = `queue:jobs:pushes`, LPUSHes ever), so the
+  right end is -P + LLEN - 1; a submit lands on -P, a requeue (RPUSH) on right + 1. A job keeps its
+  slot in `queue_slot`. An RPUSH can land on a slot an earlier entry left (taken from the right),
+  so RPUSHes are noted in `queue:jobs:requeued` (id -> slot): a job is still in the queue iff its
+  slot <= right end and no other entry was RPUSHed onto that slot since. Position = slots from the
+  right end to the job's, minus the tombstones among them (`queue:jobs:cancelled`, id -> slot).
 - worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
   queue (or fails them after MAX_ATTEMPTS).
 - node records (one per worker and workload type), the MAX_NODES slot cap shared by all workers,
@@ -15,6 +24,7 @@ Owns every Redis structure of c3-render (key names come from config.py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -103,10 +113,42 @@ end
     "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
 })
 
-# KEYS: job, queue, outbox.  ARGV: id, new status, now, result ttl, required worker ('' = any),
-# entry to take off the queue ('' = none), webhook body ('' = none), then field/value pairs.
-# Returns {1, new status} when changed, {0, current status or 'missing'} when refused.
-_TRANSITION_LUA = _CHANGED_LUA + _FINISHED_LUA + """
+# Lua helpers for queue slots, put in front of the scripts that use them (see the module docstring).
+# Q = {queue, pushes, requeued, cancelled}: the queue list and its three slot keys.
+_SLOTS_LUA = """
+local function queue_right(Q)
+  return -tonumber(redis.call('GET', Q[2]) or '0') + redis.call('LLEN', Q[1]) - 1
+end
+-- whether the job whose latest entry went onto `slot` is still in the queue
+local function in_queue(Q, id, slot, right)
+  if slot == nil or slot > right then return false end
+  local score = redis.call('ZSCORE', Q[3], id)
+  if score then return tonumber(score) == slot end
+  return redis.call('ZCOUNT', Q[3], slot, slot) == 0
+end
+-- RPUSH a job's entry (it runs next) and give it the slot right + 1
+local function push_front(Q, job_key, id, entry)
+  local slot = queue_right(Q) + 1
+  redis.call('ZREMRANGEBYSCORE', Q[3], slot, slot)
+  redis.call('ZREMRANGEBYSCORE', Q[4], slot, slot)
+  redis.call('ZADD', Q[3], slot, id)
+  redis.call('HSET', job_key, 'queue_slot', slot)
+  redis.call('RPUSH', Q[1], entry)
+end
+-- forget slot notes of entries already taken from the right (they can only be stale now)
+local function trim_slots(Q)
+  local beyond = '(' .. string.format('%d', queue_right(Q))
+  redis.call('ZREMRANGEBYSCORE', Q[3], beyond, '+inf')
+  redis.call('ZREMRANGEBYSCORE', Q[4], beyond, '+inf')
+end
+"""
+
+# KEYS: job, queue, pushes, requeued, cancelled, outbox.  ARGV: id, new status, now, result ttl,
+# required worker ('' = any), (unused), webhook body ('' = none), then field/value pairs.
+# Returns {1, new status} when changed, {0, current status or 'missing'} when refused. A queued job
+# that finishes (a cancel) leaves its entry in the queue as a tombstone, noted in the cancelled set.
+_TRANSITION_LUA = _CHANGED_LUA + _FINISHED_LUA + _SLOTS_LUA + """
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, 'missing'} end
 local new = ARGV[2]
@@ -118,8 +160,13 @@ if not allowed[cur] or not allowed[cur][new] then return {0, cur} end
 if ARGV[5] ~= '' and cur == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
   return {0, cur}
 end
-if ARGV[6] ~= '' then
-  if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {0, cur} end
+local finishing = new == 'success' or new == 'failed' or new == 'cancelled'
+if cur == 'queued' and finishing then
+  -- (a record from before queue slots has none: its entry stays too, counted by positions until taken)
+  local slot = tonumber(redis.call('HGET', KEYS[1], 'queue_slot') or '')
+  if slot ~= nil and in_queue(Q, ARGV[1], slot, queue_right(Q)) then
+    redis.call('ZADD', KEYS[5], slot, ARGV[1])
+  end
 end
 for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -129,26 +176,28 @@ job_changed(KEYS[1], ARGV[1], cur, new, ARGV[3])
 if new == 'running' then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  trim_slots(Q)
 end
-if new == 'success' or new == 'failed' or new == 'cancelled' then
+if finishing then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress', 'phase', 'phase_since')
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   local url = redis.call('HGET', KEYS[1], 'notify_url')
   if url and url ~= '' and ARGV[7] ~= '' then
     redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
-    redis.call('LPUSH', KEYS[3], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
+    redis.call('LPUSH', KEYS[6], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
   end
   job_finished(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4])
 end
 return {1, new}
 """
 
-# KEYS: processing list, queue.  ARGV: max attempts, job key prefix, now.
+# KEYS: processing list, queue, pushes, requeued, cancelled.  ARGV: max attempts, job key prefix, now.
 # Gives every entry of a dead worker's processing list back to the queue (as the next to run),
 # except finished jobs (dropped) and jobs that used up their attempts (returned to the caller,
 # which fails them through transition()).
-_REQUEUE_LUA = _CHANGED_LUA + """
+_REQUEUE_LUA = _CHANGED_LUA + _SLOTS_LUA + """
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local entries = redis.call('LRANGE', KEYS[1], 0, -1)
 local over = {}
 local requeued = 0
@@ -164,7 +213,7 @@ for i = #entries, 1, -1 do
     else
       redis.call('HSET', key, 'status', 'queued')
       redis.call('HDEL', key, 'worker', 'progress', 'phase', 'phase_since')
-      redis.call('RPUSH', KEYS[2], entry)
+      push_front(Q, key, id, entry)
       redis.call('LREM', KEYS[1], 1, entry)
       job_changed(key, id, status, 'queued', ARGV[3])
       requeued = requeued + 1
@@ -202,7 +251,99 @@ if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
 return 1
 """
 
+# KEYS: job, queue, pushes, idempotency key.  ARGV: idempotency record ('' = no key), its ttl, then
+# id, type, params, created_at, complete_by, max_time, notify_url. The script writes the record (so
+# the request sends 9 values instead of 22 field/value pairs) and the entry. Returns '' when queued,
+# else the idempotency record already stored (nothing is written then).
+_SUBMIT_LUA = Template("""
+if ARGV[1] ~= '' then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return seen end
+end
+local id, job_type, notify_url = ARGV[3], ARGV[4], ARGV[9]
+local entry = '{"id":"' .. id .. '","type":"' .. job_type .. '"}'
+redis.call('HSET', KEYS[1], 'id', id, 'type', job_type, 'status', 'queued', 'params', ARGV[5],
+  'created_at', ARGV[6], 'complete_by', ARGV[7], 'max_time', ARGV[8], 'attempts', '0',
+  'notify_url', notify_url, 'webhook_status', notify_url ~= '' and 'waiting' or 'none',
+  'queue_entry', entry, 'queue_slot', -redis.call('INCR', KEYS[3]))
+redis.call('LPUSH', KEYS[2], entry)
+if ARGV[1] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+-- the GET /jobs indexes, the job's history and the submission counter of /metrics
+local now = tonumber(ARGV[6])
+redis.call('ZADD', '${index}', now, id)
+redis.call('ZADD', '${by_type}' .. job_type, now, id)
+redis.call('ZADD', '${by_status}queued', now, id)
+redis.call('RPUSH', '${history_prefix}' .. id .. '${history_suffix}', cjson.encode({status = 'queued', at = now}))
+redis.call('HINCRBY', '${jobs_total}', job_type .. '|queued', 1)
+return ''
+""").substitute({
+    "index": config.JOBS_INDEX_KEY,
+    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "jobs_total": config.JOBS_TOTAL_KEY,
+})
+
+# KEYS: job, queue, pushes, requeued, cancelled.  ARGV: id.
+# 1 for the job that runs next; nil when the job is not queued or its entry is no longer in the queue.
+_POSITION_LUA = _SLOTS_LUA + """
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
+local record = redis.call('HMGET', KEYS[1], 'status', 'queue_slot', 'queue_entry')
+if record[1] ~= 'queued' then return nil end
+local slot = tonumber(record[2] or '')
+if slot == nil then
+  -- a record from before queue slots: find it the old (O(N)) way
+  local index = redis.call('LPOS', KEYS[2], record[3] or '', 'RANK', -1)
+  if not index then return nil end
+  return redis.call('LLEN', KEYS[2]) - index
+end
+local right = queue_right(Q)
+if not in_queue(Q, ARGV[1], slot, right) then return nil end
+return right - slot + 1 - redis.call('ZCOUNT', KEYS[5], slot + 1, right)
+"""
+
+# KEYS: job, processing list, queue, pushes, requeued, cancelled.  ARGV: entry, worker ('' = any), now.
+# Moves an entry from a worker's processing list back to the front of the queue if its job is queued
+# (taken, not started) or running on that worker (put back: the attempt is not counted); otherwise
+# (cancelled meanwhile, or finished) the entry is only dropped. 1 when the entry went back.
+_PUT_BACK_LUA = _CHANGED_LUA + _SLOTS_LUA + Template("""
+local Q = {KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local status = redis.call('HGET', KEYS[1], 'status')
+local back = 0
+if status == 'queued' and ARGV[2] == '' then
+  back = 1
+elseif status == 'running' and ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('HDEL', KEYS[1], 'worker', 'progress', 'phase', 'phase_since')
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  back = 2
+end
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+if back > 0 then
+  local id = cjson.decode(ARGV[1])['id']
+  push_front(Q, KEYS[1], id, ARGV[1])
+  job_changed(KEYS[1], id, back == 2 and 'running' or 'queued', 'queued', ARGV[3])
+  redis.call('PUBLISH', '${queue_channel}', id)
+  back = 1
+end
+return back
+""").substitute({"queue_channel": config.QUEUE_EVENTS_CHANNEL})
+
 FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
+QUEUE_KEYS = (config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, config.QUEUE_REQUEUED_KEY, config.QUEUE_CANCELLED_KEY)
+_SHA1: dict[str, str] = {}
+
+
+def run_script(r: redis.Redis, script: str, keys: list[str] | tuple[str, ...], *args: Any) -> Any:
+    """EVALSHA a script (one round trip), loading it on the first NOSCRIPT."""
+    sha = _SHA1.get(script)
+    if sha is None:
+        sha = _SHA1[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 (Redis' script id)
+    try:
+        return r.evalsha(sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return r.eval(script, len(keys), *keys, *args)
 
 
 def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
@@ -274,7 +415,7 @@ def submit(
     body_hash: str = "",
     idempotency_ttl_s: int = 24 * 3600,
 ) -> tuple[str, bool]:
-    """Write the job record and its queue entry in one MULTI/EXEC; return (job id, created).
+    """Write the job record and its queue entry in one script (one round trip); return (job id, created).
 
     With idempotency_key (already scoped to the client), a repeat of the same body returns the first
     job's id and queues nothing (created False); a different body raises IdempotencyConflict.
@@ -282,50 +423,18 @@ def submit(
     now = time.time() if now is None else now
     job_id = str(uuid.uuid4())
     stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
-    record = {
-        "id": job_id,
-        "type": job_type,
-        "status": "queued",
-        "params": json.dumps(stored),
-        "created_at": repr(now),
-        "complete_by": repr(now + params["complete_in"]),
-        "max_time": str(params["max_time"]),
-        "attempts": "0",
-        "notify_url": params.get("notify_url") or "",
-        "webhook_status": "waiting" if params.get("notify_url") else "none",
-        "queue_entry": queue_entry(job_id, job_type),
-    }
-    with r.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                if idempotency_key:
-                    pipe.watch(idempotency_key)
-                    seen = pipe.get(idempotency_key)
-                    if seen:
-                        first = json.loads(seen)
-                        if first["body_hash"] != body_hash:
-                            raise IdempotencyConflict(first["job_id"])
-                        return first["job_id"], False
-                pipe.multi()
-                pipe.hset(job_key(job_id), mapping=record)
-                pipe.lpush(config.QUEUE_KEY, record["queue_entry"])
-                index_job(pipe, job_id, job_type, now)
-                if idempotency_key:
-                    pipe.set(idempotency_key, json.dumps({"job_id": job_id, "body_hash": body_hash}),
-                             ex=idempotency_ttl_s)
-                pipe.execute()
-                return job_id, True
-            except redis.WatchError:
-                continue
-
-
-def index_job(pipe: redis.client.Pipeline, job_id: str, job_type: str, now: float) -> None:
-    """Add a new job to the GET /jobs indexes, its history and the submission counter (in submit's MULTI)."""
-    pipe.zadd(config.JOBS_INDEX_KEY, {job_id: now})
-    pipe.zadd(config.JOBS_BY_TYPE_KEY.format(type=job_type), {job_id: now})
-    pipe.zadd(config.JOBS_BY_STATUS_KEY.format(status="queued"), {job_id: now})
-    pipe.rpush(config.JOB_HISTORY_KEY.format(id=job_id), json.dumps({"status": "queued", "at": now}))
-    pipe.hincrby(config.JOBS_TOTAL_KEY, f"{job_type}|queued", 1)
+    seen = json.dumps({"job_id": job_id, "body_hash": body_hash}) if idempotency_key else ""
+    # the record's fields are set by the script (see _SUBMIT_LUA); queue_entry() gives the same entry
+    first = run_script(r, _SUBMIT_LUA, (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
+                                        idempotency_key or config.QUEUE_PUSHES_KEY),
+                       seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now),
+                       repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "")
+    if not first:
+        return job_id, True
+    first = json.loads(first)
+    if first["body_hash"] != body_hash:
+        raise IdempotencyConflict(first["job_id"])
+    return first["job_id"], False
 
 
 def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
@@ -402,12 +511,12 @@ def job_history(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
 
 
 def queue_position(r: redis.Redis, record: dict[str, str]) -> int | None:
-    """1 for the job that runs next; None when the entry is not (or no longer) in the queue."""
-    pipe = r.pipeline(transaction=True)
-    pipe.lpos(config.QUEUE_KEY, record["queue_entry"], rank=-1)
-    pipe.llen(config.QUEUE_KEY)
-    index, length = pipe.execute()
-    return None if index is None else length - index
+    """1 for the job that runs next; None when the entry is not (or no longer) in the queue.
+
+    O(log N): counts slots and the cancelled entries among them, never scans the list. Cancelled
+    entries still in the queue (dropped by the worker that takes them) do not count.
+    """
+    return run_script(r, _POSITION_LUA, (job_key(record["id"]), *QUEUE_KEYS), record["id"])
 
 
 def job_params(record: dict[str, str]) -> dict[str, Any]:
@@ -440,32 +549,34 @@ def transition(
     fields: dict[str, Any] | None = None,
     *,
     worker_id: str = "",
-    dequeue_entry: str = "",
     now: float | None = None,
 ) -> tuple[bool, str]:
     """Move a job to new_status if that is allowed; return (changed, status now).
 
     A finished job never changes again, so a late result after a cancel is dropped. With worker_id,
-    a running job only changes if that worker holds it. With dequeue_entry, the change happens only
-    if that entry could be taken off the queue (a cancel racing a worker's take). Moving to a finished
-    status queues the job's final webhook in the same script.
+    a running job only changes if that worker holds it. A queued job that finishes (a cancel) leaves
+    its entry in the queue for the worker that takes it to drop. Moving to a finished status queues
+    the job's final webhook in the same script.
     """
     fields = dict(fields or {})
     now = time.time() if now is None else now
     body = webhook_body(job_id, new_status, fields) if new_status in FINISHED_STATUSES else ""
-    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, dequeue_entry, body]
+    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, "", body]
     for key, value in fields.items():
         argv += [key, "" if value is None else str(value)]
-    changed, status = r.eval(
-        _TRANSITION_LUA, 3, job_key(job_id), config.QUEUE_KEY, config.WEBHOOK_OUTBOX_KEY, *argv
-    )
+    changed, status = run_script(r, _TRANSITION_LUA, (job_key(job_id), *QUEUE_KEYS, config.WEBHOOK_OUTBOX_KEY),
+                                 *argv)
     return bool(changed), status
 
 
 def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
     """Cancel a job. Returns 'cancelled' (it was queued and is now cancelled), 'cancelling' (it is
-    running; the worker stops it within seconds), 'finished:<status>' or 'missing'."""
-    for _ in range(5):  # a worker may take the job between our read and our write; look again
+    running; the worker stops it within seconds), 'finished:<status>' or 'missing'.
+
+    O(log N) at any queue length: a queued job's entry stays in the queue as a tombstone that the
+    worker taking it drops (its transition to running is refused), and stops counting in positions.
+    """
+    for _ in range(5):  # the job may start (or finish) between our read and our write; look again
         record = get_job(r, job_id)
         if record is None:
             return "missing"
@@ -473,17 +584,17 @@ def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
         if status in FINISHED_STATUSES:
             return f"finished:{status}"
         if status == "queued":
-            changed, _now = transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"},
-                                       dequeue_entry=record["queue_entry"])
+            changed, _now = transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"})
             if changed:
                 return "cancelled"
-        # running, or taken by a worker that has not started it yet: ask the worker to stop
+            continue
+        # running: ask the worker to stop
         flagged = r.eval(
             "if redis.call('HGET', KEYS[1], 'status') == ARGV[1] then "
             "redis.call('HSET', KEYS[1], 'cancel_requested', '1') return 1 end return 0",
             1, job_key(job_id), status,
         )
-        if flagged and (status == "running" or queue_position(r, record) is None):
+        if flagged:
             return "cancelling"
     record = get_job(r, job_id)
     return f"finished:{record['status']}" if record else "missing"
@@ -517,28 +628,17 @@ def ack(r: redis.Redis, worker_id: str, entry: str) -> None:
 
 
 def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
-    """Give back an entry taken but not started: from the processing list to the head of the queue."""
-    pipe = r.pipeline(transaction=True)
-    pipe.lrem(processing_key(worker_id), 1, entry)
-    pipe.rpush(config.QUEUE_KEY, entry)
-    pipe.execute()
+    """Give back an entry taken but not started: from the processing list to the head of the queue
+    (dropped instead if its job was cancelled meanwhile)."""
+    job_id = json.loads(entry)["id"]
+    run_script(r, _PUT_BACK_LUA, (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS), entry, "",
+               repr(time.time()))
 
 
 def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
     """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted."""
-    script = _CHANGED_LUA + """
-    if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2]
-    then redis.call('LREM', KEYS[2], 1, ARGV[1]) return 0 end
-    redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'worker', 'progress', 'phase', 'phase_since')
-    redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-    redis.call('LREM', KEYS[2], 1, ARGV[1])
-    redis.call('RPUSH', KEYS[3], ARGV[1])
-    job_changed(KEYS[1], ARGV[3], 'running', 'queued', ARGV[4])
-    return 1
-    """
-    return bool(r.eval(script, 3, job_key(job_id), processing_key(worker_id), config.QUEUE_KEY,
-                       entry, worker_id, job_id, repr(time.time())))
+    return bool(run_script(r, _PUT_BACK_LUA, (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS),
+                           entry, worker_id, repr(time.time())))
 
 
 def dead_workers(r: redis.Redis) -> list[str]:
@@ -582,8 +682,8 @@ def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -
     cut a job short, its entry is left in the processing list and nobody else would ever give it back.
     Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
     """
-    requeued, over = r.eval(_REQUEUE_LUA, 2, processing_key(worker), config.QUEUE_KEY,
-                            settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()))
+    requeued, over = run_script(r, _REQUEUE_LUA, (processing_key(worker), *QUEUE_KEYS),
+                                settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()))
     failed = []
     for entry in over:
         job_id = json.loads(entry)["id"]

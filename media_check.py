@@ -4,21 +4,32 @@ It owns the answer to "is this file really an image / an audio file we accept, a
 limits?": `check_image` decodes with Pillow (a fixed set of formats, pixel limit, decompression
 bombs refused), `check_audio` probes with ffprobe (an audio stream, a container from a fixed set,
 duration limit, no playlists that would make ffmpeg fetch other URLs). `ffprobe_json` is the one
-place that runs ffprobe. Errors (`MediaError`) name the field and say what the file looked like
-("got text/html"), so they can be shown to the client as they are.
+place that runs ffprobe; `transcode_audio` and `decoded_seconds` run ffmpeg file to file, so no
+input is ever decoded inside the worker's own memory. Errors (`MediaError`) name the field and say
+what the file looked like ("got text/html"), so they can be shown to the client as they are.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 FFPROBE_TIMEOUT_S = 30.0
+FFMPEG_TIMEOUT_S = 900.0  # a 600 s input at 96 kHz converts in well under a minute on one core
+DRAFT_SCALE = 8  # JPEG check: decode at 1/8 scale (DCT scaling); every byte is still decoded
+# Decoded images larger than this (width x height x bands) are decoded in a child process when their
+# format has no reduced decode: the worker's peak RSS stays bounded (issue 9: <= 150 MB over idle).
+IN_PROCESS_DECODE_BYTES = 32 * 1024 * 1024
+ISOLATED_TIMEOUT_S = 300.0
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number (malloc.h)
 SNIFF_BYTES = 4096
 # Pillow decoders we accept (no EPS/PostScript: Pillow runs Ghostscript for those).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also yields "MPO"
@@ -189,14 +200,86 @@ def check_image(path: Path | str, *, field: str, max_pixels: int) -> ImageInfo:
                     )
                 im.verify()
             with Image.open(path, formats=IMAGE_FORMATS) as im:  # verify() leaves it unusable
-                im.load()
+                # JPEG: decode every scan, but at 1/8 scale (draft mode), so a 40 MP photo costs about
+                # 2 MB here instead of 120 MB. Other formats have no reduced decode: a large one is
+                # decoded in a child process, whose memory goes back to the system when it exits.
+                im.draft(im.mode, (-(-width // DRAFT_SCALE), -(-height // DRAFT_SCALE)))
+                if im.format == "JPEG" or decoded_bytes(im) <= IN_PROCESS_DECODE_BYTES:
+                    im.load()
+                else:
+                    run_isolated("media_check", "decode_image", str(path))
     except Image.DecompressionBombError:
         raise MediaError(too_big) from None
+    except IsolatedError as exc:
+        raise MediaError(f"{field}: image could not be decoded ({_sniff_file(path)}: {exc})") from None
     except UnidentifiedImageError:
         raise MediaError(f"{field}: not an image (got {_describe_non_image(path)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise MediaError(f"{field}: image could not be decoded ({_sniff_file(path)}: {exc})") from None
     return ImageInfo(width=width, height=height, format=fmt)
+
+
+def return_large_frees() -> None:
+    """Make glibc give large freed blocks (>= 1 MiB: decoded images, big buffers) back to the system.
+
+    By default glibc raises its mmap threshold after such a free, so the next large blocks come from
+    the heap and stay resident after the job (about 16 MB after a 40 MP JPEG). Called once by the
+    worker at start; a no-op where glibc is not the C library.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """Bytes of an opened image once decoded at its current (possibly draft) size."""
+    return im.width * im.height * len(im.getbands())
+
+
+def decode_image(path: str) -> list[int]:
+    """Decode an image fully (run in a child process by check_image for large non-JPEG images)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            im.load()
+            return list(im.size)
+
+
+class IsolatedError(Exception):
+    """A function run by run_isolated failed; str() is its message."""
+
+
+def run_isolated(module: str, function: str, *args: Any, error: type[Exception] = IsolatedError,
+                 **kwargs: Any) -> Any:
+    """Run module.function(*args, **kwargs) in a fresh Python process; return its result (JSON).
+
+    For work whose memory must not stay in the worker (a full-size image decode): the child's memory
+    goes back to the system when it exits. A failure is raised here as `error` with the child's message.
+    """
+    code = (
+        "import importlib, json, sys\n"
+        "call = json.loads(sys.argv[1])\n"
+        "f = getattr(importlib.import_module(call['module']), call['function'])\n"
+        "try:\n"
+        "    result = f(*call['args'], **call['kwargs'])\n"
+        "except Exception as exc:\n"
+        "    print(json.dumps({'error': str(exc) or type(exc).__name__})); sys.exit(1)\n"
+        "print(json.dumps({'result': result}))\n"
+    )
+    call = json.dumps({"module": module, "function": function, "args": list(args), "kwargs": kwargs})
+    here = str(Path(__file__).resolve().parent)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, call], capture_output=True, text=True, cwd=here,
+                              timeout=ISOLATED_TIMEOUT_S, check=False)
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        raise error(f"took longer than {ISOLATED_TIMEOUT_S:g} s") from None
+    except (OSError, ValueError, IndexError):
+        raise error("the child process gave no answer") from None
+    if "error" in answer:
+        raise error(answer["error"])
+    return answer["result"]
 
 
 def _describe_non_image(path: Path) -> str:
@@ -262,3 +345,44 @@ def check_audio(path: Path | str, *, field: str, max_seconds: float) -> AudioInf
         format_name=format_name,
         has_video=has_video,
     )
+
+
+# --- conversions (ffmpeg, file to file) ---------------------------------------------------------
+
+
+def _run_ffmpeg(args: list[str], timeout: float) -> str:
+    """Run ffmpeg (local files only); return its stdout. Raises MediaError with ffmpeg's last line."""
+    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-protocol_whitelist", "file,pipe", *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise MediaError(f"ffmpeg took longer than {timeout:g} s") from None
+    except OSError:
+        raise MediaError("ffmpeg is not installed") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise MediaError(lines[-1] if lines else f"ffmpeg exited with status {done.returncode}")
+    return done.stdout
+
+
+def transcode_audio(src: Path | str, dest: Path | str, *, codec: str, bitrate: str = "",
+                    mono: bool = False, timeout: float = FFMPEG_TIMEOUT_S) -> Path:
+    """Write the first audio stream of src to dest with `codec` ("libmp3lame", "pcm_s16le", ...), the
+    sample rate kept, down-mixed to one channel when mono. ffmpeg streams file to file. Raises MediaError."""
+    args = ["-y", "-i", str(src), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1", "-c:a", codec]
+    if bitrate:
+        args += ["-b:a", bitrate]
+    if mono:
+        args += ["-ac", "1"]
+    _run_ffmpeg([*args, str(dest)], timeout)
+    return Path(dest)
+
+
+def decoded_seconds(path: Path | str, *, timeout: float = FFMPEG_TIMEOUT_S) -> float:
+    """How long the first audio stream plays, found by decoding it (for files whose headers do not say)."""
+    out = _run_ffmpeg(["-i", str(path), "-map", "0:a:0", "-f", "null", "-progress", "pipe:1", "-"], timeout)
+    micros = [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("out_time_us=")]
+    try:
+        return max(0, int(micros[-1])) / 1e6
+    except (IndexError, ValueError):
+        raise MediaError("could not tell how long the audio is") from None

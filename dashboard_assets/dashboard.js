@@ -133,7 +133,7 @@ async function refresh() {
     $("workers").tBodies[0].replaceChildren(...overview.workers.map((w) => el("tr", { "data-worker": w.id },
       el("td", {}, w.id),
       el("td", {}, w.alive ? `${w.heartbeat_age_s}s ago` : "no heartbeat"),
-      el("td", {}, w.node ? `${w.node.state || ""} ${w.node.node || ""}` : "none"),
+      el("td", {}, w.nodes.length ? w.nodes.map((n) => `${n.type}: ${n.state || ""} ${n.node || ""}`).join("; ") : "none"),
       el("td", {}, (w.jobs || []).map((id) => id.slice(0, 8)).join(", ")))));
     $("failures").replaceChildren(...failures.jobs.map((job) => el("li", {},
       el("a", { href: "#", onclick: (e) => { e.preventDefault(); select(job.id); } }, job.id.slice(0, 8)),

@@ -98,12 +98,14 @@ def test_running_status_shows_progress(client, r, settings):
     assert client.get(f"/result/{job_id}").status_code == 409
 
 
-def test_cancel_queued_job_takes_it_off_the_queue(client, r):
+def test_cancel_queued_job_stops_counting_in_the_queue(client, r):
     job_id = submit(client).get_json()["id"]
     other = submit(client).get_json()["id"]
+    assert client.get(f"/status/{other}").get_json()["queue_position"] == 2
     answer = client.post(f"/cancel/{job_id}")
     assert answer.status_code == 200 and answer.get_json() == {"id": job_id, "status": "cancelled"}
-    assert [json.loads(e)["id"] for e in r.lrange(config.QUEUE_KEY, 0, -1)] == [other]
+    # the cancelled entry stays queued as a tombstone (no O(N) LREM) and no longer counts
+    assert client.get(f"/status/{other}").get_json()["queue_position"] == 1
     assert client.get(f"/result/{job_id}").get_json() == {"id": job_id, "status": "cancelled",
                                                            "error": "cancelled by request"}
     assert client.post(f"/cancel/{job_id}").status_code == 409
@@ -132,9 +134,13 @@ def test_cancel_running_job_flags_it(client, r, settings):
 
 def test_cancel_of_taken_but_not_started_job(client, r, settings):
     job_id = submit(client).get_json()["id"]
-    jobstore.take(r, "w1", 1)  # taken, status still queued
-    assert client.post(f"/cancel/{job_id}").get_json()["cancel_requested"] is True
-    assert jobstore.stop_requested(r, job_id)
+    entry = jobstore.take(r, "w1", 1)  # taken, status still queued
+    assert client.get(f"/status/{job_id}").get_json()["queue_position"] is None
+    assert client.post(f"/cancel/{job_id}").get_json() == {"id": job_id, "status": "cancelled"}
+    # the worker that took it finds it cancelled: it cannot start it, and giving it back drops it
+    assert jobstore.transition(r, settings, job_id, "running", {"worker": "w1"}) == (False, "cancelled")
+    jobstore.return_entry(r, "w1", entry)
+    assert r.llen(config.QUEUE_KEY) == 0 and r.llen(jobstore.processing_key("w1")) == 0
 
 
 def test_cancel_finished_job_409(client, r, settings):

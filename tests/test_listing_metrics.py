@@ -76,16 +76,11 @@ def test_filters_by_status_and_type(client, r, settings):
 def test_a_page_reads_limit_records_not_all(client, r, settings):
     """O(limit): with 3,000 jobs in the index, one page of 10 reads a few dozen records at most."""
     now = time.time()
-    pipe = r.pipeline(transaction=False)
-    for n in range(3000):
-        job_id = f"00000000-0000-4000-8000-{n:012d}"
-        pipe.hset(f"job:{job_id}", mapping={"id": job_id, "type": "csm", "status": "success",
-                                            "created_at": repr(now - 3000 + n), "attempts": "1"})
-        jobstore.index_job(pipe, job_id, "csm", now - 3000 + n)
-    pipe.execute()
+    ids = [jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600}, now=now - 3000 + n)[0]
+           for n in range(3000)]
     r.config_resetstat()
     page = client.get("/jobs?limit=10").json
-    assert [j["id"] for j in page["jobs"]][0] == "00000000-0000-4000-8000-000000002999"
+    assert [j["id"] for j in page["jobs"]][0] == ids[-1]
     reads = int(r.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
     assert 10 <= reads <= 40, reads
 
@@ -99,11 +94,8 @@ def test_expired_records_leave_the_index(client, r, settings):
 
 def test_finishing_trims_index_entries_past_retention(r, settings):
     settings = dataclasses.replace(settings, result_ttl_s=60)
-    old = "00000000-0000-4000-8000-000000000001"
     ancient = time.time() - 60 - jobstore.INDEX_HORIZON_S - 10
-    pipe = r.pipeline()
-    jobstore.index_job(pipe, old, "csm", ancient)
-    pipe.execute()
+    old, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600}, now=ancient)
     job_id, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600})
     run(r, settings, job_id)
     assert r.zscore(config.JOBS_INDEX_KEY, old) is None
@@ -150,7 +142,8 @@ def test_metrics_count_from_redis_the_same_in_every_process(settings, r):
     jobstore.record_webhook(r, ids[0], "retrying", 1, "HTTP 500")
     jobstore.record_webhook(r, ids[0], "delivered", 2)
     r.incrbyfloat(config.NODE_SECONDS_KEY, 125.5)
-    jobstore.record_node(r, "w1", {"state": "running", "node": "n-1", "launched_at": now - 10})
+    jobstore.acquire_node_slot(r, "w1", 4, "media:fast")
+    jobstore.record_node(r, "w1", "media:fast", {"state": "running", "node": "n-1", "launched_at": now - 10})
     r.sadd(config.NODE_SLOTS_KEY, "w1")
     texts = [c.get("/metrics") for c in (first, second)]
     assert texts[0].status_code == 200 and texts[0].content_type.startswith("text/plain")
@@ -201,8 +194,9 @@ def test_overview_shows_workers_nodes_and_throughput(client, r, settings):
     run(r, settings, ids[0])
     jobstore.heartbeat(r, "worker-a", 30)
     r.lpush(jobstore.processing_key("worker-a"), jobstore.queue_entry(ids[1], "csm"))
-    jobstore.record_node(r, "worker-a", {"state": "running", "node": "node-7", "workload": "wl-7",
-                                         "launched_at": time.time() - 100})
+    jobstore.acquire_node_slot(r, "worker-a", 4, "media:fast")
+    jobstore.record_node(r, "worker-a", "media:fast", {"state": "running", "node": "node-7", "workload": "wl-7",
+                                                       "launched_at": time.time() - 100})
     r.incrbyfloat(config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime())), 50)
     view = client.get("/overview").json
     assert view["queue_depth"] == 2 and view["finished_last_hour"] == 1 and view["nodes_running"] == 1
@@ -211,7 +205,9 @@ def test_overview_shows_workers_nodes_and_throughput(client, r, settings):
     assert 99 <= view["node_seconds_total"] <= 110
     [worker] = view["workers"]
     assert worker["id"] == "worker-a" and worker["alive"] and worker["heartbeat_age_s"] < 5
-    assert worker["node"]["node"] == "node-7" and worker["jobs"] == [ids[1]]
+    assert worker["nodes"] == [{"type": "media:fast", "state": "running", "node": "node-7", "workload": "wl-7",
+                                "launched_at": worker["nodes"][0]["launched_at"]}]
+    assert worker["jobs"] == [ids[1]]
 
 
 def test_docs_are_served_locally(client):
@@ -245,3 +241,10 @@ def test_events_are_published_on_every_change(r, settings):
                         (config.JOB_EVENTS_CHANNEL.format(id=job_id), "3"),
                         (config.JOB_EVENTS_CHANNEL.format(id=job_id), "4")]
     assert json.loads(r.lrange(config.JOB_HISTORY_KEY.format(id=job_id), -1, -1)[0])["status"] == "success"
+
+
+def test_queue_depth_leaves_out_cancelled_jobs_still_in_the_list(client, r, settings):
+    ids = [submit(client) for _ in range(4)]
+    assert client.post(f"/cancel/{ids[1]}").json["status"] == "cancelled"
+    assert r.llen(config.QUEUE_KEY) == 4  # the cancelled entry stays until a worker drops it
+    assert client.get("/overview").json["queue_depth"] == 3

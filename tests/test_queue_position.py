@@ -1,0 +1,185 @@
+"""Queue positions and cancels without scanning the queue, against a real redis-server.
+
+Random sequences of submit / take / start / finish / cancel / put back / give back / requeue of a
+dead worker's jobs, over several workers, compare `jobstore.queue_position` after every step with the
+truth read from the list itself (the job's place among the entries of jobs still queued).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import hypothesis.strategies as st
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+
+import config
+import jobspec
+import jobstore
+
+WORKERS = ("w1", "w2", "w3")
+OPS = ("submit", "submit", "submit", "take", "start", "finish", "cancel", "put_back", "give_back", "crash")
+
+
+def new_job(r) -> str:
+    job_id, created = jobstore.submit(r, "csm", jobspec.validate("csm", {"text": "Hi."}))
+    assert created
+    return job_id
+
+
+def true_positions(r) -> dict[str, int]:
+    """Every queued job's place in the list, counted from the right end over queued jobs only."""
+    entries = r.lrange(config.QUEUE_KEY, 0, -1)
+    statuses = [r.hget(jobstore.job_key(json.loads(e)["id"]), "status") for e in entries]
+    positions: dict[str, int] = {}
+    for entry, status in zip(reversed(entries), reversed(statuses), strict=True):
+        if status == "queued":
+            positions[json.loads(entry)["id"]] = len(positions) + 1
+    return positions
+
+
+def check_positions(r, jobs: list[str]) -> None:
+    truth = true_positions(r)
+    for job_id in jobs:
+        record = jobstore.get_job(r, job_id)
+        if record["status"] != "queued":
+            continue
+        assert jobstore.queue_position(r, record) == truth.get(job_id), (job_id, truth)
+
+
+def step(r, cfg, op: str, worker: str, pick: int, jobs: list[str], held: dict[str, str]) -> None:
+    """One action of the protocol, done the way the API and the worker do it."""
+    if op == "submit":
+        jobs.append(new_job(r))
+    elif op == "take" and worker not in held:
+        entry = r.lmove(config.QUEUE_KEY, jobstore.processing_key(worker), "RIGHT", "LEFT")  # BLMOVE, no wait
+        if entry:
+            held[worker] = entry
+    elif op == "start" and worker in held:
+        job_id = json.loads(held[worker])["id"]
+        if r.hget(jobstore.job_key(job_id), "status") == "queued":
+            changed, _ = jobstore.transition(r, cfg, job_id, "running", {"worker": worker})
+            if not changed:  # cancelled while held: the worker drops the entry
+                jobstore.ack(r, worker, held.pop(worker))
+        elif r.hget(jobstore.job_key(job_id), "status") != "running":
+            jobstore.ack(r, worker, held.pop(worker))
+    elif op == "finish" and worker in held:
+        job_id = json.loads(held[worker])["id"]
+        if r.hget(jobstore.job_key(job_id), "status") != "running":
+            return  # the worker finishes only what it started
+        jobstore.transition(r, cfg, job_id, "success", {"text": "ok"}, worker_id=worker)
+        jobstore.ack(r, worker, held.pop(worker))
+    elif op == "cancel" and jobs:
+        jobstore.cancel(r, cfg, jobs[pick % len(jobs)])
+    elif op == "put_back" and worker in held:
+        job_id = json.loads(held[worker])["id"]
+        if r.hget(jobstore.job_key(job_id), "status") == "running":
+            jobstore.put_back(r, worker, job_id, held.pop(worker))
+    elif op == "give_back" and worker in held:
+        job_id = json.loads(held[worker])["id"]
+        if r.hget(jobstore.job_key(job_id), "status") == "queued":  # taken, not started
+            jobstore.return_entry(r, worker, held.pop(worker))
+    elif op == "crash" and worker in held:  # the worker died: the sweep gives its entries back
+        held.pop(worker)
+        jobstore.requeue_processing(r, cfg, worker)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(st.lists(st.tuples(st.sampled_from(OPS), st.sampled_from(WORKERS), st.integers(0, 1000)),
+                min_size=1, max_size=80))
+def test_queue_position_is_exact_under_random_protocol_sequences(redis_url, settings, actions):
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.flushall()
+    cfg = dataclasses.replace(settings, max_attempts=1000)
+    jobs: list[str] = []
+    held: dict[str, str] = {}
+    for op, worker, pick in actions:
+        step(r, cfg, op, worker, pick, jobs, held)
+        check_positions(r, jobs)
+    # drain: every queued job still runs exactly once, tombstones are dropped, nothing is lost
+    for worker in list(held):
+        step(r, cfg, "crash", worker, 0, jobs, held)
+    ran = []
+    while (entry := r.lmove(config.QUEUE_KEY, jobstore.processing_key("w1"), "RIGHT", "LEFT")) is not None:
+        job_id = json.loads(entry)["id"]
+        if jobstore.transition(r, cfg, job_id, "running", {"worker": "w1"})[0]:
+            ran.append(job_id)
+            jobstore.transition(r, cfg, job_id, "success", {"text": "ok"}, worker_id="w1")
+        jobstore.ack(r, "w1", entry)
+        check_positions(r, jobs)
+    assert len(ran) == len(set(ran))
+    left = {j: r.hgetall(jobstore.job_key(j)) for j in jobs}
+    assert all(rec["status"] in jobspec.FINISHED_STATUSES for rec in left.values()), (left, actions)
+    # slot notes left behind are all beyond the (empty) queue's right end: stale, never counted
+    right = -int(r.get(config.QUEUE_PUSHES_KEY) or 0) - 1
+    assert r.zcount(config.QUEUE_CANCELLED_KEY, "-inf", right) == 0
+    assert r.zcount(config.QUEUE_REQUEUED_KEY, "-inf", right) == 0
+
+
+def test_long_seeded_sequence_with_deep_queue(r, settings):
+    """A longer run (a few thousand steps, a queue hundreds deep) than Hypothesis' examples reach."""
+    rng = random.Random(9)
+    cfg = dataclasses.replace(settings, max_attempts=1000)
+    jobs: list[str] = []
+    held: dict[str, str] = {}
+    ops = OPS + ("submit",) * 3
+    for index in range(3000):
+        step(r, cfg, rng.choice(ops), rng.choice(WORKERS), rng.randrange(1000), jobs, held)
+        if index % 50 == 0:
+            check_positions(r, jobs)
+    check_positions(r, jobs)
+    assert r.llen(config.QUEUE_KEY) > 200
+
+
+def list_scans(r) -> dict[str, int]:
+    """Calls of commands that walk the queue list (O(N)) since the last CONFIG RESETSTAT."""
+    stats = r.info("commandstats")
+    return {name: stats[f"cmdstat_{name}"]["calls"] for name in ("lpos", "lrem", "lrange", "lindex")
+            if f"cmdstat_{name}" in stats}
+
+
+@pytest.fixture
+def client(settings):
+    import app as api
+
+    return api.create_app(settings).test_client()
+
+
+def test_status_and_cancel_of_a_queued_job_do_not_scan_the_queue(client, r):
+    ids = [new_job(r) for _ in range(50)]
+    r.config_resetstat()
+    assert client.get(f"/status/{ids[0]}").get_json()["queue_position"] == 1
+    assert client.get(f"/status/{ids[-1]}").get_json()["queue_position"] == 50
+    assert client.post(f"/cancel/{ids[10]}").get_json()["status"] == "cancelled"
+    assert client.get(f"/status/{ids[-1]}").get_json()["queue_position"] == 49
+    assert list_scans(r) == {}
+
+
+def test_submit_is_one_round_trip(client, r):
+    new_job(r)
+    r.config_resetstat()
+    assert client.post("/csm", json={"text": "Hi."}).status_code == 200
+    stats = r.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert "cmdstat_multi" not in stats and "cmdstat_watch" not in stats
+
+
+def test_jobs_queued_before_queue_slots_keep_working(r, settings):
+    """A record written by the previous version (no queue_slot) is found the old way and cancels."""
+    legacy = "0b0e4a6e-3f4c-4d8e-9a51-6f1f2b7d9c10"
+    entry = jobstore.queue_entry(legacy, "csm")
+    r.hset(jobstore.job_key(legacy), mapping={"id": legacy, "type": "csm", "status": "queued", "params": "{}",
+                                              "attempts": "0", "queue_entry": entry})
+    r.lpush(config.QUEUE_KEY, entry)
+    newer = new_job(r)
+    assert jobstore.queue_position(r, jobstore.get_job(r, legacy)) == 1
+    assert jobstore.queue_position(r, jobstore.get_job(r, newer)) == 2
+    assert jobstore.cancel(r, settings, legacy) == "cancelled"
+    taken = jobstore.take(r, "w1", 1)
+    assert json.loads(taken)["id"] == legacy  # the worker drops it: it cannot start a cancelled job
+    assert jobstore.transition(r, settings, legacy, "running", {"worker": "w1"}) == (False, "cancelled")
+    jobstore.ack(r, "w1", taken)
+    assert jobstore.queue_position(r, jobstore.get_job(r, newer)) == 1
