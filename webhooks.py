@@ -1,10 +1,20 @@
 """Webhook delivery off the job path: the Redis outbox, retries, and Standard Webhooks signatures.
 
 A job's final webhook is queued in `webhooks:outbox` by jobstore.transition() in the same atomic
-step that finishes the job, so there is exactly one per job. Delivery threads in every worker take
-entries with BLMOVE into their own in-flight list (a crash puts them back in the outbox through the
-recovery sweep), make one attempt, and park failed ones in a sorted set until their next attempt is
-due, so a dead receiver never holds up jobs or other webhooks. Any 2xx counts as delivered.
+step that finishes the job, so there is exactly one per job (and `POST /jobs/<id>/webhook` can queue
+it again, jobstore.resend_webhook()). Each worker runs WEBHOOK_CONCURRENCY delivery threads; each
+takes an entry with BLMOVE into the worker's in-flight list, makes one attempt with a total deadline
+(WEBHOOK_TIMEOUT_S for connect, headers and all: netfetch.post_json), and settles it in one atomic
+step (jobstore.settle_webhook): delivered, failed for good, or parked in the `webhooks:retry` sorted
+set until its next attempt is due (WEBHOOK_SCHEDULE). Due retries rejoin the outbox at the back, so
+they never go ahead of deliveries queued before them. Any 2xx counts as delivered.
+
+One receiver cannot hold up the others (`HostSlots`): a receiver host gets at most WEBHOOK_PER_HOST
+of a worker's threads, a host that is slow (an attempt ran past SLOW_ATTEMPT_S) gets one, and slow or
+not-yet-seen hosts together never get the last quarter of the threads, which stays free for hosts
+known to answer quickly. An entry whose host is at its cap waits DEFER_S in the retry set without
+counting as an attempt. On SIGTERM a worker gives its in-flight entries back to the outbox unchanged
+(`stop_delivery`); the sweep does the same for workers that vanished (`recover_inflight`).
 
 Signatures follow the Standard Webhooks scheme: headers webhook-id (the job id, the same on every
 attempt so receivers can drop copies), webhook-timestamp and webhook-signature
@@ -22,7 +32,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -32,12 +44,16 @@ import netfetch
 
 log = logging.getLogger("c3-render.webhooks")
 
-# Moves deliveries whose next attempt is due from the retry set back to the outbox.
+DEFER_S = 0.5  # how long an entry whose receiver host is at its cap waits before it is looked at again
+SLOW_ATTEMPT_S = 2.0  # an attempt running longer marks its host slow (one thread for it from then on)
+
+# Moves deliveries whose next attempt is due from the retry set to the back of the outbox (LPUSH:
+# BLMOVE takes from the right), so a retry never overtakes a delivery queued before it was due.
 _DUE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
 for _, entry in ipairs(due) do
   redis.call('ZREM', KEYS[1], entry)
-  redis.call('RPUSH', KEYS[2], entry)
+  redis.call('LPUSH', KEYS[2], entry)
 end
 return #due
 """
@@ -96,6 +112,61 @@ def attempt(settings: config.Settings, entry: dict[str, Any]) -> str:
     return f"receiver answered HTTP {status}"
 
 
+def retry_delays(settings: config.Settings) -> tuple[float, ...]:
+    """Seconds to wait before each retry: WEBHOOK_SCHEDULE, or WEBHOOK_ATTEMPTS - 1 times
+    WEBHOOK_INTERVAL_S (the older pair of settings, used when WEBHOOK_SCHEDULE is unset)."""
+    if settings.webhook_schedule:
+        return settings.webhook_schedule
+    return (settings.webhook_interval_s,) * max(0, settings.webhook_attempts - 1)
+
+
+def receiver_host(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+@dataclass
+class HostSlots:
+    """How many of one worker's delivery threads each receiver host may use (see the module doc)."""
+
+    per_host: int
+    threads: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: dict[str, list[float]] = field(default_factory=dict)  # host -> start times of attempts
+    fast: set[str] = field(default_factory=set)  # hosts whose last attempt ended within SLOW_ATTEMPT_S
+    untrusted_busy: int = 0  # attempts under way to hosts not in `fast`
+
+    def take(self, host: str) -> tuple[str, float, bool] | None:
+        """A slot for one attempt to host, or None when host has its share already."""
+        now = time.monotonic()
+        with self.lock:
+            running = self.started.setdefault(host, [])
+            slow = any(now - t > SLOW_ATTEMPT_S for t in running)
+            trusted = host in self.fast and not slow
+            if len(running) >= (self.per_host if not slow else 1):
+                return None
+            if not trusted and self.untrusted_busy >= max(1, self.threads - self.threads // 4):
+                return None
+            running.append(now)
+            self.untrusted_busy += 0 if trusted else 1
+            return host, now, trusted
+
+    def give_back(self, slot: tuple[str, float, bool]) -> None:
+        host, started, trusted = slot
+        now = time.monotonic()
+        with self.lock:
+            self.started[host].remove(started)
+            if not self.started[host]:
+                del self.started[host]
+            self.untrusted_busy -= 0 if trusted else 1
+            if now - started <= SLOW_ATTEMPT_S:
+                self.fast.add(host)
+            else:
+                self.fast.discard(host)
+
+
 class Unsettled(Exception):
     """A delivery was attempted but Redis failed before its outcome was written; call settle() again."""
 
@@ -104,44 +175,63 @@ class Unsettled(Exception):
         self.settle = settle
 
 
-def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait_s: float = 1.0) -> bool:
+def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait_s: float = 1.0,
+                 slots: HostSlots | None = None) -> bool:
     """Move due retries to the outbox, then make one attempt for the next delivery, if any.
 
     Raises Unsettled when Redis fails after the attempt: the entry is still in our in-flight list,
     where no one else would look while we live, so the caller must retry settle() once Redis answers.
     """
     r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(time.time()))
-    inflight = config.WEBHOOK_INFLIGHT_KEY.format(worker=worker_id)
+    inflight = jobstore.webhook_inflight_key(worker_id)
     raw = r.blmove(config.WEBHOOK_OUTBOX_KEY, inflight, wait_s, "RIGHT", "LEFT")
     if raw is None:
         return False
     entry = json.loads(raw)
-    number = int(entry.get("attempt", 0)) + 1
-    error = attempt(settings, entry)
     job_id = entry["job_id"]
-
-    def settle() -> None:  # every step is idempotent, so it may run again after a Redis error
-        if not error:
-            jobstore.record_webhook(r, job_id, "delivered", number)
-            r.lrem(inflight, 1, raw)
-        elif number >= settings.webhook_attempts:
-            jobstore.record_webhook(r, job_id, "failed", number, error)
-            r.lrem(inflight, 1, raw)
-        else:
-            jobstore.record_webhook(r, job_id, "retrying", number, error)
+    slot = slots.take(receiver_host(entry["url"])) if slots is not None else None
+    if slots is not None and slot is None:
+        def defer() -> None:  # not an attempt: back in DEFER_S, behind what was queued meanwhile
             pipe = r.pipeline(transaction=True)
-            pipe.zadd(config.WEBHOOK_RETRY_KEY, {json.dumps({**entry, "attempt": number}):
-                                                 time.time() + settings.webhook_interval_s})
+            pipe.zadd(config.WEBHOOK_RETRY_KEY, {raw: time.time() + DEFER_S})
             pipe.lrem(inflight, 1, raw)
             pipe.execute()
 
+        try:
+            defer()
+        except redis.RedisError as exc:
+            raise Unsettled(defer) from exc
+        return True
+    number = int(entry.get("attempt", 0)) + 1
+    delays = retry_delays(settings)
+    attempts = len(delays) + 1
+    try:
+        error = attempt(settings, entry)
+    finally:
+        if slot is not None and slots is not None:
+            slots.give_back(slot)
+
     if not error:
-        log.info("webhook for job %s delivered (attempt %d/%d)", job_id, number, settings.webhook_attempts)
-    elif number >= settings.webhook_attempts:
+        outcome, retry_entry, retry_at = "delivered", "", 0.0
+    elif number >= attempts:
+        outcome, retry_entry, retry_at = "failed", "", 0.0
+    else:
+        outcome, retry_entry = "retrying", json.dumps({**entry, "attempt": number})
+        retry_at = time.time() + delays[number - 1]
+
+    def settle() -> None:  # one atomic step; a second run after a lost reply changes nothing
+        if not jobstore.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
+                                       retry_at):
+            log.info("webhook for job %s: outcome of attempt %d not recorded, the delivery was given back "
+                     "to the outbox meanwhile (it will be sent again with the same webhook-id)", job_id, number)
+
+    if outcome == "delivered":
+        log.info("webhook for job %s delivered (attempt %d/%d)", job_id, number, attempts)
+    elif outcome == "failed":
         log.warning("webhook for job %s failed for good after %d attempts: %s", job_id, number, error)
     else:
-        log.info("webhook for job %s attempt %d/%d failed: %s; next in %.0f s", job_id, number,
-                 settings.webhook_attempts, error, settings.webhook_interval_s)
+        log.info("webhook for job %s attempt %d/%d failed: %s; next in %.0f s", job_id, number, attempts,
+                 error, delays[number - 1])
     try:
         settle()
     except redis.RedisError as exc:
@@ -149,17 +239,21 @@ def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait
     return True
 
 
-def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Event) -> None:
+def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Event,
+                  slots: HostSlots | None = None) -> None:
     """Deliver webhooks until stop is set; survives Redis outages by backing off."""
     r = jobstore.connect(settings.redis_url)
     backoff = 0.5
     unsettled: Callable[[], None] | None = None
     while not stop.is_set():
         try:
+            # before every take (the sweep may have dropped us while our heartbeat lapsed): the sweep
+            # checks the in-flight lists of every sender
+            r.sadd(config.WEBHOOK_SENDERS_KEY, worker_id)
             if unsettled is not None:
                 unsettled()
                 unsettled = None
-            deliver_next(r, settings, worker_id)
+            deliver_next(r, settings, worker_id, slots=slots)
             backoff = 0.5
         except (redis.RedisError, Unsettled) as exc:
             if isinstance(exc, Unsettled):
@@ -171,11 +265,55 @@ def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Eve
 
 
 def start_delivery_threads(settings: config.Settings, worker_id: str, stop: threading.Event,
-                           count: int = 2) -> list[threading.Thread]:
+                           count: int | None = None) -> list[threading.Thread]:
+    """WEBHOOK_CONCURRENCY (or count) delivery threads sharing one HostSlots."""
+    count = count or settings.webhook_concurrency
+    slots = HostSlots(per_host=settings.webhook_per_host, threads=count)
     threads = []
     for number in range(count):
-        thread = threading.Thread(target=delivery_loop, args=(settings, f"{worker_id}", stop),
+        thread = threading.Thread(target=delivery_loop, args=(settings, worker_id, stop, slots),
                                   name=f"webhooks-{number}", daemon=True)
         thread.start()
         threads.append(thread)
     return threads
+
+
+def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, threads: list[threading.Thread],
+                  wait_s: float = 2.0) -> int:
+    """Graceful stop: let attempts under way finish for up to wait_s, then give every delivery still in
+    this worker's in-flight list back to the outbox unchanged (same webhook-id, attempt count kept).
+    An attempt that ends later finds its entry gone and records nothing. Returns how many went back."""
+    stop.set()
+    deadline = time.monotonic() + wait_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    returned = 0
+    for wait in (0.5, 1.0, 2.0, 0.0):
+        try:
+            returned = jobstore.return_inflight(r, worker_id)
+            r.srem(config.WEBHOOK_SENDERS_KEY, worker_id)
+            break
+        except redis.RedisError:
+            if not wait:
+                log.warning("could not give in-flight webhooks back (Redis unavailable); the sweep will")
+                return 0
+            time.sleep(wait)
+    if returned:
+        log.info("gave %d in-flight webhook deliveries back to the outbox", returned)
+    return returned
+
+
+def recover_inflight(r: redis.Redis) -> int:
+    """For the sweep: give the in-flight deliveries of every sender whose heartbeat is gone (killed,
+    or stopped without handing them back) back to the outbox. Returns how many."""
+    returned = 0
+    for worker in r.smembers(config.WEBHOOK_SENDERS_KEY):
+        if r.exists(jobstore.heartbeat_key(worker)):
+            continue
+        moved = jobstore.return_inflight(r, worker)
+        if moved:
+            log.info("gave %d in-flight webhook deliveries of vanished worker %s back to the outbox", moved,
+                     worker)
+        returned += moved
+        r.srem(config.WEBHOOK_SENDERS_KEY, worker)
+    return returned

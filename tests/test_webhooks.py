@@ -124,7 +124,7 @@ def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch
     import redis as redis_lib
 
     job_id = finished_job(r, settings, receiver.url)
-    real = jobstore.record_webhook
+    real = jobstore.settle_webhook
     failures = [1]
 
     def flaky(*args, **kwargs):
@@ -133,7 +133,7 @@ def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch
             raise redis_lib.ConnectionError("Redis went away")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jobstore, "record_webhook", flaky)
+    monkeypatch.setattr(jobstore, "settle_webhook", flaky)
     run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "delivered")
     assert len(receiver.calls) == 1
     assert r.llen(config.WEBHOOK_INFLIGHT_KEY.format(worker="wtest")) == 0
