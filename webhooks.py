@@ -9,10 +9,10 @@ step (jobstore.settle_webhook): delivered, failed for good, or parked in the `we
 set until its next attempt is due (WEBHOOK_SCHEDULE). Due retries rejoin the outbox at the back, so
 they never go ahead of deliveries queued before them. Any 2xx counts as delivered.
 
-One receiver cannot hold up the others (`HostSlots`): a receiver host gets at most WEBHOOK_PER_HOST
-of a worker's threads, a host that is slow (an attempt ran past SLOW_ATTEMPT_S) gets one, and slow or
-not-yet-seen hosts together never get the last quarter of the threads, which stays free for hosts
-known to answer quickly. An entry whose host is at its cap waits DEFER_S in the retry set without
+One receiver cannot hold up the others (`HostSlots`): a receiver host whose last attempt ended
+within SLOW_ATTEMPT_S gets up to WEBHOOK_PER_HOST of a worker's threads; a host not seen yet or slow
+gets one, and such hosts together never get the last quarter of the threads, which stays free for
+hosts known to answer quickly. An entry whose host is at its cap waits DEFER_S in the retry set without
 counting as an attempt. On SIGTERM a worker gives its in-flight entries back to the outbox unchanged
 (`stop_delivery`); the sweep does the same for workers that vanished (`recover_inflight`).
 
@@ -49,13 +49,16 @@ SLOW_ATTEMPT_S = 2.0  # an attempt running longer marks its host slow (one threa
 
 # Moves deliveries whose next attempt is due from the retry set to the back of the outbox (LPUSH:
 # BLMOVE takes from the right), so a retry never overtakes a delivery queued before it was due.
+# Returns when the next retry falls due ('' = none), so a taker waits no longer than that.
 _DUE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
 for _, entry in ipairs(due) do
   redis.call('ZREM', KEYS[1], entry)
   redis.call('LPUSH', KEYS[2], entry)
 end
-return #due
+local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if next[2] then return next[2] end
+return ''
 """
 
 
@@ -143,9 +146,8 @@ class HostSlots:
         now = time.monotonic()
         with self.lock:
             running = self.started.setdefault(host, [])
-            slow = any(now - t > SLOW_ATTEMPT_S for t in running)
-            trusted = host in self.fast and not slow
-            if len(running) >= (self.per_host if not slow else 1):
+            trusted = host in self.fast and not any(now - t > SLOW_ATTEMPT_S for t in running)
+            if len(running) >= (self.per_host if trusted else 1):
                 return None
             if not trusted and self.untrusted_busy >= max(1, self.threads - self.threads // 4):
                 return None
@@ -162,6 +164,8 @@ class HostSlots:
                 del self.started[host]
             self.untrusted_busy -= 0 if trusted else 1
             if now - started <= SLOW_ATTEMPT_S:
+                if len(self.fast) >= 100_000:  # bounded memory; hosts prove themselves again
+                    self.fast.clear()
                 self.fast.add(host)
             else:
                 self.fast.discard(host)
@@ -176,16 +180,22 @@ class Unsettled(Exception):
 
 
 def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait_s: float = 1.0,
-                 slots: HostSlots | None = None) -> bool:
+                 slots: HostSlots | None = None, stop: threading.Event | None = None) -> bool:
     """Move due retries to the outbox, then make one attempt for the next delivery, if any.
 
     Raises Unsettled when Redis fails after the attempt: the entry is still in our in-flight list,
     where no one else would look while we live, so the caller must retry settle() once Redis answers.
     """
-    r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(time.time()))
+    now = time.time()
+    next_due = r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(now))
+    if next_due:
+        wait_s = min(wait_s, max(0.05, float(next_due) - now))
     inflight = jobstore.webhook_inflight_key(worker_id)
     raw = r.blmove(config.WEBHOOK_OUTBOX_KEY, inflight, wait_s, "RIGHT", "LEFT")
     if raw is None:
+        return False
+    if stop is not None and stop.is_set():  # taken as we were told to stop: it goes back as it was
+        jobstore.return_inflight(r, worker_id)
         return False
     entry = json.loads(raw)
     job_id = entry["job_id"]
@@ -253,7 +263,7 @@ def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Eve
             if unsettled is not None:
                 unsettled()
                 unsettled = None
-            deliver_next(r, settings, worker_id, slots=slots)
+            deliver_next(r, settings, worker_id, slots=slots, stop=stop)
             backoff = 0.5
         except (redis.RedisError, Unsettled) as exc:
             if isinstance(exc, Unsettled):
