@@ -358,19 +358,19 @@ def upload_with_retry(settings: Settings, path: Path, object_name: str, file_sec
     """upload_result(), retried with back-off (1, 2, 4 ... 15 s) for STORAGE_RETRY_S: a full or
     unwritable disk or an unreachable S3 is often fixed in that time, and the output is kept in the
     work directory meanwhile. The final StorageError says what failed, without server paths."""
-    deadline = time.monotonic() + max(0.0, settings.storage_retry_s)
-    delay = 1.0
-    tries = 0
+    start = time.monotonic()
+    delay, waited, tries = 1.0, 0.0, 0
     while True:
         tries += 1
         try:
             return upload_result(settings, path, object_name, file_secret, ttl_s)
         except StorageError as exc:
-            if time.monotonic() + delay > deadline:
+            if max(time.monotonic() - start, waited) + delay > settings.storage_retry_s:
                 raise StorageError(f"could not store the result after {tries} tries: "
                                    f"{scrub_paths(settings, str(exc))}") from None
             log.warning("storing %s failed (%s); retrying in %.0f s", object_name, exc, delay)
         sleep(delay)
+        waited += delay
         delay = min(delay * 2, 15.0)
 
 
@@ -419,16 +419,18 @@ def wait_for_free_space(settings: Settings, should_stop: Callable[[], str | None
                         sleep: Callable[[float], None] = time.sleep) -> None:
     """Before a job writes inputs and outputs: wait up to STORAGE_RETRY_S for enough free disk, then
     StorageError (the job fails before any GPU time is spent)."""
-    deadline = time.monotonic() + max(0.0, settings.storage_retry_s)
-    delay = 1.0
+    start = time.monotonic()
+    delay, waited = 1.0, 0.0
     while True:
         problem = free_space_problem(settings)
         if not problem:
             return
-        if (should_stop and should_stop()) or time.monotonic() + delay > deadline:
+        if (should_stop and should_stop()) or max(time.monotonic() - start, waited) + delay > \
+                settings.storage_retry_s:
             raise StorageError(f"not enough free disk space to run the job: {problem}")
         log.warning("disk almost full (%s); waiting %.0f s before starting the job", problem, delay)
         sleep(delay)
+        waited += delay
         delay = min(delay * 2, 15.0)
 
 
