@@ -61,6 +61,8 @@ DEFAULT_REGION = "us-east-1"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
 _EXPIRES_RE = re.compile(r"[0-9]{1,12}")
+# An absolute path of two or more parts, not part of a URL (never after a word character, ':' or '/').
+_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 _CONTENT_TYPES = {
     ".mp3": "audio/mpeg",
@@ -386,7 +388,7 @@ def scrub_paths(settings: Settings, text: str) -> str:
                 forms.append((form.rstrip("/"), label))
     for form, label in sorted(forms, key=lambda item: -len(item[0])):
         text = text.replace(form, label)
-    return text
+    return _ABSOLUTE_PATH_RE.sub("<path>", text)  # any other server path (temp files of libraries ...)
 
 
 def _free_mb(directory: str) -> float:

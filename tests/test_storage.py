@@ -466,6 +466,11 @@ def test_scrub_paths_replaces_work_and_output_dirs(tmp_path: Path, monkeypatch: 
             f"cannot write {tmp_path}/out/a.mp3")
     assert storage.scrub_paths(settings, text) == ("ffmpeg failed on <work dir>/abc/in.wav and <work dir>/abc/x; "
                                                    "cannot write <output dir>/a.mp3")
+    engine = ("csm failed: OSError: [Errno 28] No space left on device: '/tmp/8575d3/monologue-e9.mp3' -> "
+              "'/srv/x/gradio/m.mp3'; fetched https://example.com/a/b.wav and http://h:80/c/d")
+    assert storage.scrub_paths(settings, engine) == (
+        "csm failed: OSError: [Errno 28] No space left on device: '<path>' -> '<path>'; "
+        "fetched https://example.com/a/b.wav and http://h:80/c/d")
 
 
 def test_cleanup_results_deletes_only_expired_files(tmp_path: Path) -> None:
