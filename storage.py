@@ -61,8 +61,8 @@ DEFAULT_REGION = "us-east-1"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
 _EXPIRES_RE = re.compile(r"[0-9]{1,12}")
-# An absolute path of two or more parts, not part of a URL (never after a word character, ':' or '/').
-_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+-]+/)+[\w.@+-]*")
+# An absolute path of two or more parts, not part of a URL or of a path already scrubbed.
+_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w:/.~>-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 _CONTENT_TYPES = {
     ".mp3": "audio/mpeg",
