@@ -613,10 +613,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     log.info("worker %s started; queue %s, Comput3 API %s", worker_id, config.QUEUE_KEY, settings.c3_api_url)
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
-    delivery_threads = webhooks.start_delivery_threads(settings, worker_id, webhook_stop)
+    senders = webhooks.start_delivery(settings, worker_id, webhook_stop)
     work(state)
     stop_node(state, "worker shutting down")
-    webhooks.stop_delivery(state.r, worker_id, webhook_stop, delivery_threads)
+    webhooks.stop_delivery(state.r, worker_id, webhook_stop, senders)
     try:
         if state.r.llen(jobstore.processing_key(worker_id)) == 0:
             jobstore.retire_worker(state.r, worker_id)

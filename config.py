@@ -122,7 +122,7 @@ class Settings:
     webhook_interval_s: float = 5.0
     webhook_timeout_s: float = 10.0
     webhook_schedule: tuple[float, ...] = ()  # () = WEBHOOK_ATTEMPTS attempts WEBHOOK_INTERVAL_S apart
-    webhook_concurrency: int = 16
+    webhook_concurrency: int = 128
     webhook_per_host: int = 4
     # Comput3 and its nodes
     c3_api_key: str = field(default="", repr=False)
@@ -179,7 +179,7 @@ def load() -> Settings:
         webhook_interval_s=_float("WEBHOOK_INTERVAL_S", 5.0),
         webhook_timeout_s=_float("WEBHOOK_TIMEOUT_S", 10.0),
         webhook_schedule=_schedule("WEBHOOK_SCHEDULE"),
-        webhook_concurrency=max(1, _int("WEBHOOK_CONCURRENCY", 16)),
+        webhook_concurrency=max(1, _int("WEBHOOK_CONCURRENCY", 128)),
         webhook_per_host=max(1, _int("WEBHOOK_PER_HOST", 4)),
         c3_api_key=_env("C3_API_KEY", ""),
         c3_api_url=_env("C3_API_URL", DEFAULT_C3_API_URL).rstrip("/"),

@@ -2,9 +2,10 @@
 
 A job's final webhook is queued in `webhooks:outbox` by jobstore.transition() in the same atomic
 step that finishes the job, so there is exactly one per job (and `POST /jobs/<id>/webhook` can queue
-it again, jobstore.resend_webhook()). Each worker runs WEBHOOK_CONCURRENCY delivery threads; each
-takes an entry with BLMOVE into the worker's in-flight list, makes one attempt with a total deadline
-(WEBHOOK_TIMEOUT_S for connect, headers and all: netfetch.post_json), and settles it in one atomic
+it again, jobstore.resend_webhook()). In each worker a taker thread moves entries with BLMOVE into
+the worker's in-flight list while fewer than WEBHOOK_CONCURRENCY attempts are under way, and hands
+each to an attempt thread (made on demand), which makes one attempt with a total deadline
+(WEBHOOK_TIMEOUT_S for connect, headers and all: netfetch.post_json) and settles it in one atomic
 step (jobstore.settle_webhook): delivered, failed for good, or parked in the `webhooks:retry` sorted
 set until its next attempt is due (WEBHOOK_SCHEDULE). Due retries rejoin the outbox at the back, so
 they never go ahead of deliveries queued before them. Any 2xx counts as delivered.
@@ -32,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +47,9 @@ import netfetch
 log = logging.getLogger("c3-render.webhooks")
 
 DEFER_S = 0.5  # how long an entry whose receiver host is at its cap waits before it is looked at again
+# The taker blocks on the outbox at most this long, so retries scheduled meanwhile by attempt threads
+# are moved to the outbox at most this late.
+TAKE_WAIT_S = 0.2
 SLOW_ATTEMPT_S = 2.0  # an attempt running longer marks its host slow (one thread for it from then on)
 
 # Moves deliveries whose next attempt is due from the retry set to the back of the outbox (LPUSH:
@@ -135,7 +140,7 @@ class HostSlots:
     """How many of one worker's delivery threads each receiver host may use (see the module doc)."""
 
     per_host: int
-    threads: int
+    concurrency: int  # attempts at once in this worker
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: dict[str, list[float]] = field(default_factory=dict)  # host -> start times of attempts
     fast: set[str] = field(default_factory=set)  # hosts whose last attempt ended within SLOW_ATTEMPT_S
@@ -149,11 +154,16 @@ class HostSlots:
             trusted = host in self.fast and not any(now - t > SLOW_ATTEMPT_S for t in running)
             if len(running) >= (self.per_host if trusted else 1):
                 return None
-            if not trusted and self.untrusted_busy >= max(1, self.threads - self.threads // 4):
+            if not trusted and self.untrusted_busy >= max(1, self.concurrency - self.concurrency // 4):
                 return None
             running.append(now)
             self.untrusted_busy += 0 if trusted else 1
             return host, now, trusted
+
+    def busy(self) -> int:
+        """Attempts under way."""
+        with self.lock:
+            return sum(len(times) for times in self.started.values())
 
     def give_back(self, slot: tuple[str, float, bool]) -> None:
         host, started, trusted = slot
@@ -179,13 +189,11 @@ class Unsettled(Exception):
         self.settle = settle
 
 
-def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait_s: float = 1.0,
-                 slots: HostSlots | None = None, stop: threading.Event | None = None) -> bool:
-    """Move due retries to the outbox, then make one attempt for the next delivery, if any.
-
-    Raises Unsettled when Redis fails after the attempt: the entry is still in our in-flight list,
-    where no one else would look while we live, so the caller must retry settle() once Redis answers.
-    """
+def take_next(r: redis.Redis, worker_id: str, wait_s: float = 1.0, slots: HostSlots | None = None,
+              stop: threading.Event | None = None) -> tuple[str, tuple[str, float, bool] | None] | None:
+    """Move due retries to the outbox, then take the next delivery into our in-flight list: (entry,
+    its HostSlots slot), or None when there was none, or its host had its share (then it waits
+    DEFER_S in the retry set, not counted as an attempt). Raises Unsettled if Redis fails mid-way."""
     now = time.time()
     next_due = r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(now))
     if next_due:
@@ -193,34 +201,41 @@ def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait
     inflight = jobstore.webhook_inflight_key(worker_id)
     raw = r.blmove(config.WEBHOOK_OUTBOX_KEY, inflight, wait_s, "RIGHT", "LEFT")
     if raw is None:
-        return False
+        return None
     if stop is not None and stop.is_set():  # taken as we were told to stop: it goes back as it was
         jobstore.return_inflight(r, worker_id)
-        return False
+        return None
+    if slots is None:
+        return raw, None
+    slot = slots.take(receiver_host(json.loads(raw)["url"]))
+    if slot is not None:
+        return raw, slot
+
+    def defer() -> None:
+        pipe = r.pipeline(transaction=True)
+        pipe.zadd(config.WEBHOOK_RETRY_KEY, {raw: time.time() + DEFER_S})
+        pipe.lrem(inflight, 1, raw)
+        pipe.execute()
+
+    try:
+        defer()
+    except redis.RedisError as exc:
+        raise Unsettled(defer) from exc
+    return None
+
+
+def attempt_and_settle(r: redis.Redis, settings: config.Settings, worker_id: str, raw: str) -> None:
+    """Make one attempt for a taken entry and record its outcome in one atomic step.
+
+    Raises Unsettled when Redis fails after the attempt: the entry is still in our in-flight list,
+    where no one else would look while we live, so the caller must retry settle() once Redis answers.
+    """
     entry = json.loads(raw)
     job_id = entry["job_id"]
-    slot = slots.take(receiver_host(entry["url"])) if slots is not None else None
-    if slots is not None and slot is None:
-        def defer() -> None:  # not an attempt: back in DEFER_S, behind what was queued meanwhile
-            pipe = r.pipeline(transaction=True)
-            pipe.zadd(config.WEBHOOK_RETRY_KEY, {raw: time.time() + DEFER_S})
-            pipe.lrem(inflight, 1, raw)
-            pipe.execute()
-
-        try:
-            defer()
-        except redis.RedisError as exc:
-            raise Unsettled(defer) from exc
-        return True
     number = int(entry.get("attempt", 0)) + 1
     delays = retry_delays(settings)
     attempts = len(delays) + 1
-    try:
-        error = attempt(settings, entry)
-    finally:
-        if slot is not None and slots is not None:
-            slots.give_back(slot)
-
+    error = attempt(settings, entry)
     if not error:
         outcome, retry_entry, retry_at = "delivered", "", 0.0
     elif number >= attempts:
@@ -246,16 +261,65 @@ def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait
         settle()
     except redis.RedisError as exc:
         raise Unsettled(settle) from exc
+
+
+def deliver_next(r: redis.Redis, settings: config.Settings, worker_id: str, wait_s: float = 1.0) -> bool:
+    """Take the next delivery and make one attempt, in this thread (no per-host limits)."""
+    taken = take_next(r, worker_id, wait_s)
+    if taken is None:
+        return False
+    attempt_and_settle(r, settings, worker_id, taken[0])
     return True
 
 
-def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Event,
-                  slots: HostSlots | None = None) -> None:
-    """Deliver webhooks until stop is set; survives Redis outages by backing off."""
+@dataclass
+class Senders:
+    """One worker's delivery: a taker thread that takes entries while an attempt slot is free, and
+    attempt threads (made on demand, up to WEBHOOK_CONCURRENCY) sharing one Redis client."""
+
+    taker: threading.Thread
+    slots: HostSlots
+    executor: ThreadPoolExecutor
+
+
+def _attempt_in_thread(r: redis.Redis, settings: config.Settings, worker_id: str, raw: str,
+                       slot: tuple[str, float, bool] | None, slots: HostSlots, free: threading.Semaphore,
+                       stop: threading.Event) -> None:
+    try:
+        try:
+            attempt_and_settle(r, settings, worker_id, raw)
+        except Unsettled as unsettled:
+            if slot is not None:
+                slots.give_back(slot)
+                slot = None
+            backoff = 0.5
+            while not stop.is_set():  # on stop, stop_delivery gives the entry back instead
+                stop.wait(backoff)
+                try:
+                    unsettled.settle()
+                    break
+                except redis.RedisError:
+                    backoff = min(backoff * 2, 10.0)
+        except Exception:  # noqa: BLE001 - one delivery must not kill its thread silently
+            log.exception("webhook delivery failed unexpectedly; the entry stays in flight until returned")
+    finally:
+        if slot is not None:
+            slots.give_back(slot)
+        free.release()
+
+
+def taker_loop(settings: config.Settings, worker_id: str, stop: threading.Event, slots: HostSlots,
+               executor: ThreadPoolExecutor, concurrency: int) -> None:
+    """Take deliveries while fewer than `concurrency` attempts are under way; survives Redis outages."""
     r = jobstore.connect(settings.redis_url)
+    shared = jobstore.connect(settings.redis_url)  # for the attempt threads (its pool is thread-safe)
+    free = threading.Semaphore(concurrency)
     backoff = 0.5
     unsettled: Callable[[], None] | None = None
     while not stop.is_set():
+        if not free.acquire(timeout=0.5):
+            continue
+        handed_over = False
         try:
             # before every take (the sweep may have dropped us while our heartbeat lapsed): the sweep
             # checks the in-flight lists of every sender
@@ -263,7 +327,11 @@ def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Eve
             if unsettled is not None:
                 unsettled()
                 unsettled = None
-            deliver_next(r, settings, worker_id, slots=slots, stop=stop)
+            taken = take_next(r, worker_id, TAKE_WAIT_S, slots, stop)
+            if taken is not None:
+                executor.submit(_attempt_in_thread, shared, settings, worker_id, taken[0], taken[1], slots, free,
+                                stop)
+                handed_over = True
             backoff = 0.5
         except (redis.RedisError, Unsettled) as exc:
             if isinstance(exc, Unsettled):
@@ -272,31 +340,34 @@ def delivery_loop(settings: config.Settings, worker_id: str, stop: threading.Eve
                         backoff)
             stop.wait(backoff)
             backoff = min(backoff * 2, 10.0)
+        finally:
+            if not handed_over:
+                free.release()
 
 
-def start_delivery_threads(settings: config.Settings, worker_id: str, stop: threading.Event,
-                           count: int | None = None) -> list[threading.Thread]:
-    """WEBHOOK_CONCURRENCY (or count) delivery threads sharing one HostSlots."""
-    count = count or settings.webhook_concurrency
-    slots = HostSlots(per_host=settings.webhook_per_host, threads=count)
-    threads = []
-    for number in range(count):
-        thread = threading.Thread(target=delivery_loop, args=(settings, worker_id, stop, slots),
-                                  name=f"webhooks-{number}", daemon=True)
-        thread.start()
-        threads.append(thread)
-    return threads
+def start_delivery(settings: config.Settings, worker_id: str, stop: threading.Event,
+                   concurrency: int | None = None) -> Senders:
+    """Start delivering: up to WEBHOOK_CONCURRENCY (or `concurrency`) attempts at once."""
+    concurrency = concurrency or settings.webhook_concurrency
+    slots = HostSlots(per_host=settings.webhook_per_host, concurrency=concurrency)
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
+    taker = threading.Thread(target=taker_loop, args=(settings, worker_id, stop, slots, executor, concurrency),
+                             name="webhook-taker", daemon=True)
+    taker.start()
+    return Senders(taker=taker, slots=slots, executor=executor)
 
 
-def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, threads: list[threading.Thread],
+def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, senders: Senders,
                   wait_s: float = 2.0) -> int:
     """Graceful stop: let attempts under way finish for up to wait_s, then give every delivery still in
     this worker's in-flight list back to the outbox unchanged (same webhook-id, attempt count kept).
     An attempt that ends later finds its entry gone and records nothing. Returns how many went back."""
     stop.set()
     deadline = time.monotonic() + wait_s
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    senders.taker.join(max(0.0, deadline - time.monotonic()))
+    while senders.slots.busy() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    senders.executor.shutdown(wait=False, cancel_futures=True)
     returned = 0
     for wait in (0.5, 1.0, 2.0, 0.0):
         try:

@@ -1,9 +1,9 @@
 """Webhook latency under hostile receivers: how late a healthy receiver's webhook arrives.
 
 Starts a real redis-server and N real worker processes (`c3_render_worker.py` of --tree, so the same
-benchmark runs against an older checkout), four hostile receiver hosts on loopback (127.0.0.2-5; by
-default two drip one header byte every 0.5 s, one hangs, one answers 500 after 8 s: --kinds; each
-holds a request for up to --hold seconds) and one healthy receiver (127.0.0.1, answers 200 at
+benchmark runs against an older checkout), --hosts hostile receiver hosts on loopback (4 by default,
+127.0.0.2 onwards; in turn they drip one header byte every 0.5 s, drip, hang, answer 500 after 8 s:
+--kinds; each holds a request for up to --hold seconds) and one healthy receiver (127.0.0.1, answers 200 at
 once). It finishes --hostile jobs whose notify_url is a hostile receiver (half at the start, half
 spread over the run) and --healthy jobs for the healthy receiver, one every --every seconds, the way a
 worker finishes a job (jobstore.transition queues the final webhook), and measures, per healthy job,
@@ -34,7 +34,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOSTILE_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 
 
 def free_port() -> int:
@@ -108,7 +107,10 @@ def main() -> int:
     parser.add_argument("--wait", type=float, default=30.0, help="how long to wait for the last healthy webhook")
     parser.add_argument("--target", type=float, default=2.0, help="p99 target in seconds")
     parser.add_argument("--kinds", default="drip,drip,hang,slow500",
-                        help="what each of the 4 hostile hosts does: drip, hang or slow500")
+                        help="what the hostile hosts do, in turn: drip, hang or slow500")
+    parser.add_argument("--hosts", type=int, default=4, help="hostile receiver hosts (127.0.0.2 onwards)")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="WEBHOOK_CONCURRENCY for the workers (default: the tree's default)")
     args = parser.parse_args()
     tree = Path(args.tree).resolve()
     sys.path.insert(0, str(tree))
@@ -141,9 +143,10 @@ def main() -> int:
         servers.append(healthy_server)
         hostile_urls = []
         kinds = args.kinds.split(",")
-        if len(kinds) != len(HOSTILE_HOSTS) or not set(kinds) <= {"drip", "hang", "slow500"}:
-            raise SystemExit("--kinds: four of drip, hang, slow500")
-        for host, mode in zip(HOSTILE_HOSTS, kinds, strict=True):
+        if not set(kinds) <= {"drip", "hang", "slow500"} or not 1 <= args.hosts <= 250:
+            raise SystemExit("--kinds: drip, hang or slow500, comma-separated; --hosts: 1 to 250")
+        for n in range(args.hosts):
+            host, mode = f"127.0.0.{n + 2}", kinds[n % len(kinds)]
             server, url = start_receiver(host, mode, args.hold, {})
             servers.append(server)
             hostile_urls.append(url)
@@ -152,6 +155,8 @@ def main() -> int:
         env.update(REDIS_URL=redis_url, C3_API_KEY="bench", C3_API_URL="http://127.0.0.1:9/api/v0",
                    URL_ALLOWLIST="127.0.0.0/8", OUTPUT_DIR=str(tmp / "output"), WORK_DIR=str(tmp / "work"),
                    FILE_URL_SECRET="bench", PYTHONUNBUFFERED="1", LOG_LEVEL="WARNING")
+        if args.concurrency:
+            env["WEBHOOK_CONCURRENCY"] = str(args.concurrency)
         for n in range(args.workers):
             log = open(tmp / f"worker-{n}.log", "wb")  # noqa: SIM115 - the child keeps it
             procs.append(subprocess.Popen([sys.executable, "c3_render_worker.py"], cwd=str(tree),
@@ -193,7 +198,8 @@ def main() -> int:
         commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         print(f"tree {tree} ({commit or 'unknown commit'}), {args.workers} workers, {args.hostile} hostile jobs "
-              f"({', '.join(kinds)} on 4 hosts), {args.healthy} healthy jobs every {args.every} s")
+              f"({', '.join(kinds)} on {args.hosts} hosts), {args.healthy} healthy jobs every {args.every} s"
+              + (f", WEBHOOK_CONCURRENCY={args.concurrency}" if args.concurrency else ""))
         print(f"| healthy delivered | missing (> {args.wait:.0f} s) | p50 s | p90 s | p99 s | max s |")
         print("|---|---|---|---|---|---|")
         if latencies:
