@@ -137,7 +137,7 @@ def receiver_host(url: str) -> str:
 
 @dataclass
 class HostSlots:
-    """How many of one worker's delivery threads each receiver host may use (see the module doc)."""
+    """How many of one worker's concurrent attempts each receiver host may have (see the module doc)."""
 
     per_host: int
     concurrency: int  # attempts at once in this worker
