@@ -8,6 +8,10 @@ Owns every Redis structure of c3-render (key names come from config.py):
 - worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
   queue (or fails them after MAX_ATTEMPTS).
 - node records and the MAX_NODES slot cap shared by all workers.
+- webhook delivery state: `settle_webhook()` records an attempt (status fields and the bounded
+  `webhook_history` JSON list on the job hash) and takes the entry off the worker's
+  `webhooks:inflight:<worker>` list in one step; `resend_webhook()` queues a final webhook again;
+  `return_inflight()` gives a worker's in-flight deliveries back to the outbox.
 """
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ set until its next attempt is due (WEBHOOK_SCHEDULE). Due retries rejoin the out
 they never go ahead of deliveries queued before them. Any 2xx counts as delivered.
 
 One receiver cannot hold up the others (`HostSlots`): a receiver host whose last attempt ended
-within SLOW_ATTEMPT_S gets up to WEBHOOK_PER_HOST of a worker's threads; a host not seen yet or slow
-gets one, and such hosts together never get the last quarter of the threads, which stays free for
-hosts known to answer quickly. An entry whose host is at its cap waits DEFER_S in the retry set without
-counting as an attempt. On SIGTERM a worker gives its in-flight entries back to the outbox unchanged
-(`stop_delivery`); the sweep does the same for workers that vanished (`recover_inflight`).
+within SLOW_ATTEMPT_S may have up to WEBHOOK_PER_HOST of a worker's attempts under way; a host not
+seen yet or slow gets one, and such hosts together never get the last quarter of WEBHOOK_CONCURRENCY,
+which stays free for hosts known to answer quickly. An entry whose host is at its cap waits DEFER_S
+in the retry set without counting as an attempt. On SIGTERM a worker gives its in-flight entries
+back to the outbox unchanged (`stop_delivery`); the sweep does the same for workers that vanished
+(`recover_inflight`).
 
 Signatures follow the Standard Webhooks scheme: headers webhook-id (the job id, the same on every
 attempt so receivers can drop copies), webhook-timestamp and webhook-signature
