@@ -184,9 +184,17 @@ def json_body() -> Any:
         raise ApiError(415, "send the job as JSON with Content-Type: application/json")
     raw = request.get_data(cache=True)
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "malformed JSON in request body") from None
+    except RecursionError:
+        raise ApiError(400, f"JSON nested too deeply (more than {jobspec.MAX_JSON_DEPTH} levels of arrays "
+                            "and objects)") from None
+    try:
+        jobspec.check_json_shape(body)
+    except jobspec.ValidationError as exc:
+        raise ApiError(400, str(exc)) from None
+    return body
 
 
 def record_or_error(job_id: str) -> dict[str, str]:
@@ -270,6 +278,8 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
             "status": record["webhook_status"],
             "attempts": int(record.get("webhook_attempts") or 0),
             "last_error": record.get("webhook_error") or None,
+            "history": [{**event, "at": iso(str(event.get("at") or 0))}
+                        for event in jobstore.webhook_history(record)],
         }
     return answer
 
@@ -364,6 +374,24 @@ def cancel(job_id: str) -> Response:
     return do_cancel(job_id)
 
 
+@api.post("/jobs/<job_id>/webhook")
+def resend_webhook(job_id: str) -> Response:
+    record_or_error(job_id)
+    outcome = jobstore.resend_webhook(store(), job_id)
+    problems = {
+        "missing": (404, f"no job with id {job_id}"),
+        "unfinished": (409, "the job has not finished; its webhook is sent when it does"),
+        "no_url": (409, "the job has no notify_url, so there is no webhook to send"),
+        "busy": (409, "the webhook is being delivered (pending or retrying); see /status for its history"),
+    }
+    if outcome in problems:
+        raise ApiError(*problems[outcome])
+    log.info("job %s: webhook queued again on request", job_id)
+    response = jsonify({"id": job_id, "webhook": {"status": "pending"}})
+    response.status_code = 202
+    return response
+
+
 @api.post("/job/<job_id>")
 def update_job(job_id: str) -> Response:
     body = json_body()
@@ -413,6 +441,9 @@ def readyz() -> Response:
         store().ping()
     except redis.RedisError:
         return error_response(503, "not ready: Redis cannot be reached")
+    disk = storage.free_space_problem(settings(), include_work_dir=False)
+    if disk:
+        return error_response(503, f"not ready: disk full: {disk}")
     return jsonify({"status": "ready"})
 
 

@@ -36,6 +36,7 @@ import analyze
 import comfyui
 import config
 import csm
+import housekeeping
 import jobstore
 import media_check
 import netfetch
@@ -584,6 +585,7 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
         # Redis has just come back: every heartbeat may have expired while it was down. Wait until
         # live workers have had a full TTL to announce themselves before calling anyone dead.
         return {"workers": [], "requeued": 0, "failed": []}
+    housekeeping.sweep(settings, r)  # webhooks of vanished workers, expired results, leftover work dirs
     summary = jobstore.requeue_abandoned(r, settings)
     for worker in summary["workers"]:
         claimed = jobstore.claim_dead_nodes(r, worker)
@@ -778,10 +780,10 @@ def store_result(state: WorkerState, job_type: str, job_id: str, output: Path | 
         text_path = work_dir / f"{job_id}.txt"
         if not text_path.exists():
             text_path.write_text(output, encoding="utf-8")
-        storage.upload_result(settings, text_path, f"{job_id}.txt", secret, settings.result_ttl_s)
+        storage.upload_with_retry(settings, text_path, f"{job_id}.txt", secret, settings.result_ttl_s)
         return {"text": output}
     name = RESULT_NAMES[job_type].format(id=job_id)
-    url = storage.upload_result(settings, Path(output), name, secret, settings.result_ttl_s)
+    url = storage.upload_with_retry(settings, Path(output), name, secret, settings.result_ttl_s)
     return {"result_url": url}
 
 
@@ -801,6 +803,8 @@ def run_job(state: WorkerState, entry: str) -> None:
     complete_by = float(record.get("complete_by") or started + 3600)
 
     def finish(new_status: str, fields: dict[str, Any]) -> None:
+        if fields.get("error"):  # no server paths in what the client sees
+            fields = {**fields, "error": storage.scrub_paths(settings, str(fields["error"]))}
         # Ride out a short Redis outage here rather than throw the finished work away: the transition is
         # idempotent (a retry after a lost reply finds the job finished and changes nothing).
         for wait_s in (0.5, 1, 2, 4, 8, 0):
@@ -831,6 +835,7 @@ def run_job(state: WorkerState, entry: str) -> None:
     should_stop = make_should_stop(state, job_id, started, int(params["max_time"]), complete_by)
     try:
         job_phase(state, job_id)("downloading")
+        storage.wait_for_free_space(settings, should_stop)  # before inputs and outputs are written
         inputs = fetch_inputs(settings, job_type, params, job_id, work_dir)
         reason = should_stop()
         if reason:
@@ -857,7 +862,7 @@ def run_job(state: WorkerState, entry: str) -> None:
         finish("failed", {"error": str(exc)})
         log.info("job %s failed: %s", job_id, exc)
     except storage.StorageError as exc:
-        finish("failed", {"error": f"could not store the result: {exc}"})
+        finish("failed", {"error": str(exc)})
         log.warning("job %s: storage failed: %s", job_id, exc)
     except redis.RedisError:
         raise  # the entry stays in our processing list; the main loop requeues it once Redis answers
@@ -991,10 +996,10 @@ def main() -> int:
     log.info("worker %s started; queue %s, Comput3 API %s", worker_id, config.QUEUE_KEY, settings.c3_api_url)
     check_workload_types(settings)
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
-    webhooks.start_delivery_threads(settings, worker_id, webhook_stop)
+    senders = webhooks.start_delivery(settings, worker_id, webhook_stop)
     work(state)
     stop_all_nodes(state, "worker shutting down")
-    webhook_stop.set()
+    webhooks.stop_delivery(state.r, worker_id, webhook_stop, senders)
     try:
         if state.r.llen(jobstore.processing_key(worker_id)) == 0:
             jobstore.retire_worker(state.r, worker_id)

@@ -30,6 +30,8 @@ LAUNCH_INTENTS_KEY = "nodes:launching"  # hash: intent id -> JSON launch window 
 WEBHOOK_OUTBOX_KEY = "webhooks:outbox"  # list: webhook deliveries waiting for a sender
 WEBHOOK_INFLIGHT_KEY = "webhooks:inflight:{worker}"  # list: deliveries a worker is sending
 WEBHOOK_RETRY_KEY = "webhooks:retry"  # sorted set: deliveries waiting for their next attempt
+WEBHOOK_SENDERS_KEY = "webhooks:senders"  # set: workers that may hold an in-flight list (the sweep checks)
+WEBHOOK_HISTORY_MAX = 20  # events kept in a job's webhook_history field (JSON list, oldest dropped)
 RATE_KEY = "rate:{client}:{window}"  # counter: requests of one client in one time window
 IDEMPOTENCY_KEY = "idem:{client}:{key}"  # string: job id and body hash of an Idempotency-Key
 NODE_SECONDS_KEY = "stats:node_seconds"  # float: node-seconds used by all workers (launch to stop)
@@ -107,6 +109,21 @@ def _list(name: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
+def _schedule(name: str) -> tuple[float, ...]:
+    """"5,30,120": seconds to wait before each retry (so 4 attempts); unset or empty = ()."""
+    raw = _env(name, "")
+    if not raw:
+        return ()
+    try:
+        delays = tuple(float(item) for item in raw.split(","))
+    except ValueError:
+        delays = (-1.0,)
+    if any(not 0 <= d <= 7 * 24 * 3600 for d in delays):
+        raise SystemExit(f"configuration error: {name} must be comma-separated seconds between webhook "
+                         f"attempts, each 0 to 604800, e.g. 5,30,120,600,3600; got {raw!r}")
+    return delays
+
+
 def redis_url_from_env() -> str:
     """REDIS_URL, or the older REDIS_HOST / REDIS_PORT pair, or the local default."""
     if os.environ.get("REDIS_URL", "").strip():
@@ -150,6 +167,9 @@ class Settings:
     webhook_attempts: int = 5
     webhook_interval_s: float = 5.0
     webhook_timeout_s: float = 10.0
+    webhook_schedule: tuple[float, ...] = ()  # () = WEBHOOK_ATTEMPTS attempts WEBHOOK_INTERVAL_S apart
+    webhook_concurrency: int = 128
+    webhook_per_host: int = 4
     # Comput3 and its nodes
     c3_api_key: str = field(default="", repr=False)
     c3_api_url: str = DEFAULT_C3_API_URL
@@ -182,6 +202,8 @@ class Settings:
     comfyui_max_upload_mb: float = 100.0  # ComfyUI's --max-upload-size: larger audio is compressed first
     node_drain_timeout_s: float = 600.0  # wait this long for a node still busy with a stopped job
     url_allowlist: tuple[str, ...] = field(default_factory=tuple)
+    storage_retry_s: float = 60.0
+    min_free_disk_mb: int = 512
 
 
 def load() -> Settings:
@@ -213,6 +235,9 @@ def load() -> Settings:
         webhook_attempts=_int("WEBHOOK_ATTEMPTS", 5),
         webhook_interval_s=_float("WEBHOOK_INTERVAL_S", 5.0),
         webhook_timeout_s=_float("WEBHOOK_TIMEOUT_S", 10.0),
+        webhook_schedule=_schedule("WEBHOOK_SCHEDULE"),
+        webhook_concurrency=max(1, _int("WEBHOOK_CONCURRENCY", 128)),
+        webhook_per_host=max(1, _int("WEBHOOK_PER_HOST", 4)),
         c3_api_key=_env("C3_API_KEY", ""),
         c3_api_url=_env("C3_API_URL", DEFAULT_C3_API_URL).rstrip("/"),
         c3_node_url=_env("C3_NODE_URL", DEFAULT_C3_NODE_URL).rstrip("/"),
@@ -243,4 +268,6 @@ def load() -> Settings:
         comfyui_max_upload_mb=_float("COMFYUI_MAX_UPLOAD_MB", 100.0),
         node_drain_timeout_s=_float("NODE_DRAIN_TIMEOUT", 600.0),
         url_allowlist=tuple(_list("URL_ALLOWLIST")),
+        storage_retry_s=_float("STORAGE_RETRY_S", 60.0),
+        min_free_disk_mb=_int("MIN_FREE_DISK_MB", 512),
     )

@@ -17,6 +17,7 @@ MAX_MONOLOGUE_CHARS = 10_000  # all sentences together
 MAX_SENTENCES = 200
 MAX_REFERENCE_TEXT_CHARS = 2_000
 MAX_PROMPT_CHARS = 2_000
+MAX_JSON_DEPTH = 16  # arrays and objects inside each other in a request body
 # RFC 3986 characters only, with well-formed percent escapes
 _URI_CHARS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
 # The language codes faster-whisper knows (what the WhisperX app accepts, PROTOCOLS.md 4). Users may
@@ -133,6 +134,41 @@ JOB_FIELDS: dict[str, tuple[Field, ...]] = {
 
 class ValidationError(Exception):
     """A request body that cannot become a job; str() is the message for the client."""
+
+
+def check_json_shape(body: Any) -> None:
+    """Refuse (ValidationError) a parsed JSON body nested deeper than MAX_JSON_DEPTH, or holding a
+    string that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800", which JSON allows but
+    UTF-8 cannot carry): the message names the field."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ValidationError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays "
+                                      "and objects)")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_unicode(key, f"{path}.{key}".lstrip(".") if path else "a field name")
+                    where = f"{path}.{key}" if path else key
+                else:
+                    where = f"{path}[{key}]"
+                stack.append((item, _printable(where), depth + 1))
+        elif isinstance(value, str):
+            _check_unicode(value, path or "the body")
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:100]
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"{_printable(where)}: contains a lone UTF-16 surrogate "
+                              f"(\\u{ord(text[exc.start]):04x}), which is not valid Unicode") from None
 
 
 def fields_for(job_type: str) -> tuple[Field, ...]:

@@ -20,6 +20,10 @@ Owns every Redis structure of c3-render (key names come from config.py):
   the launch intents and the registry of the nodes this service launched (leak-proof launches).
 - the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters
   and the pub/sub wake-ups of /events: all kept by the same scripts that change a job.
+- webhook delivery state: `settle_webhook()` records an attempt (status fields and the bounded
+  `webhook_history` JSON list on the job hash) and takes the entry off the worker's
+  `webhooks:inflight:<worker>` list in one step; `resend_webhook()` queues a final webhook again;
+  `return_inflight()` gives a worker's in-flight deliveries back to the outbox.
 """
 
 from __future__ import annotations
@@ -667,9 +671,7 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
         summary["requeued"] += requeued
         summary["failed"] += failed
         # webhook deliveries the dead worker was sending go back to the outbox (same webhook-id)
-        inflight = config.WEBHOOK_INFLIGHT_KEY.format(worker=worker)
-        while r.lmove(inflight, config.WEBHOOK_OUTBOX_KEY, "RIGHT", "LEFT"):
-            pass
+        return_inflight(r, worker)
         if r.llen(processing_key(worker)) == 0 and not slot_types(r, worker):
             r.srem(config.WORKERS_KEY, worker)
     return summary
@@ -732,15 +734,103 @@ def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None)
     )
 
 
-def record_webhook(r: redis.Redis, job_id: str, status: str, attempts: int, error: str = "") -> None:
-    """Keep a webhook's delivery state on the job record, if the record still exists."""
-    r.eval(
-        _CHANGED_LUA + "redis.call('HINCRBY', KEYS[2], ARGV[1], 1) "
-        "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook_status', ARGV[1], "
-        "'webhook_attempts', ARGV[2], 'webhook_error', ARGV[3], 'webhook_updated_at', ARGV[4]) "
-        "job_changed(KEYS[1], ARGV[5], 'same', 'same', ARGV[4]) end return 0",
-        2, job_key(job_id), config.WEBHOOK_OUTCOMES_KEY, status, str(attempts), error, repr(time.time()), job_id,
-    )
+# Appends one event to the job's webhook_history (a JSON list, oldest dropped past the cap).
+# Expects: key = the job key, event = a Lua table, cap = the number kept.
+_HISTORY_LUA = """
+local function add_history(key, event, cap)
+  local raw = redis.call('HGET', key, 'webhook_history')
+  local history = {}
+  if raw and raw ~= '' then history = cjson.decode(raw) end
+  table.insert(history, event)
+  while #history > cap do table.remove(history, 1) end
+  redis.call('HSET', key, 'webhook_history', cjson.encode(history))
+end
+"""
+
+# KEYS: in-flight list, job, retry set, outcome counters.  ARGV: in-flight entry, outcome, attempt number,
+# error, now, retry entry ('' = none), retry time, history cap, job id. Counts the outcome for /metrics
+# and wakes /events listeners. Does nothing (returns 0) when the entry is no
+# longer in the in-flight list: it was given back to the outbox (shutdown, sweep) or settled already.
+_SETTLE_WEBHOOK_LUA = _CHANGED_LUA + _HISTORY_LUA + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'webhook_status', ARGV[2], 'webhook_attempts', ARGV[3], 'webhook_error', ARGV[4],
+             'webhook_updated_at', ARGV[5])
+  local event = {at = tonumber(ARGV[5]), attempt = tonumber(ARGV[3]), outcome = ARGV[2]}
+  if ARGV[4] ~= '' then event['error'] = ARGV[4] end
+  add_history(KEYS[2], event, tonumber(ARGV[8]))
+  job_changed(KEYS[2], ARGV[9], 'same', 'same', ARGV[5])
+end
+redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[6]) end
+return 1
+"""
+
+# KEYS: job, outbox.  ARGV: job id, webhook body, now, history cap.
+_RESEND_WEBHOOK_LUA = _CHANGED_LUA + _HISTORY_LUA + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'success' and status ~= 'failed' and status ~= 'cancelled' then return 'unfinished' end
+local url = redis.call('HGET', KEYS[1], 'notify_url')
+if not url or url == '' then return 'no_url' end
+local hook = redis.call('HGET', KEYS[1], 'webhook_status')
+if hook ~= 'failed' and hook ~= 'delivered' then return 'busy' end
+redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0, 'webhook_error', '',
+           'webhook_updated_at', ARGV[3])
+add_history(KEYS[1], {at = tonumber(ARGV[3]), attempt = 0, outcome = 'resend requested'}, tonumber(ARGV[4]))
+redis.call('LPUSH', KEYS[2], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[2], attempt = 0}))
+job_changed(KEYS[1], ARGV[1], 'same', 'same', ARGV[3])
+return 'queued'
+"""
+
+# KEYS: in-flight list, outbox. Moves every entry back (to the end taken next), as they were.
+_RETURN_INFLIGHT_LUA = """
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
+return n
+"""
+
+
+def webhook_inflight_key(worker_id: str) -> str:
+    return config.WEBHOOK_INFLIGHT_KEY.format(worker=worker_id)
+
+
+def settle_webhook(r: redis.Redis, worker_id: str, raw_entry: str, job_id: str, outcome: str, attempt: int,
+                   error: str = "", retry_entry: str = "", retry_at: float = 0.0) -> bool:
+    """Record one attempt's outcome (status fields and a webhook_history event) and take the entry off
+    the worker's in-flight list, scheduling retry_entry at retry_at if given; all in one step. False
+    (nothing changed) when the entry was given back to the outbox meanwhile, or settled already."""
+    return bool(r.eval(_SETTLE_WEBHOOK_LUA, 4, webhook_inflight_key(worker_id), job_key(job_id),
+                       config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTCOMES_KEY, raw_entry, outcome, str(attempt),
+                       error[:500], repr(time.time()), retry_entry, repr(retry_at), config.WEBHOOK_HISTORY_MAX,
+                       job_id))
+
+
+def resend_webhook(r: redis.Redis, job_id: str) -> str:
+    """Queue a finished job's final webhook again (same body and webhook-id) after it was delivered
+    or failed for good. Returns 'queued', 'missing', 'unfinished', 'no_url' or 'busy' (being sent)."""
+    record = get_job(r, job_id)
+    if record is None:
+        return "missing"
+    body = webhook_body(job_id, record["status"], record) if record["status"] in FINISHED_STATUSES else ""
+    return str(r.eval(_RESEND_WEBHOOK_LUA, 2, job_key(job_id), config.WEBHOOK_OUTBOX_KEY, job_id, body,
+                      repr(time.time()), config.WEBHOOK_HISTORY_MAX))
+
+
+def return_inflight(r: redis.Redis, worker_id: str) -> int:
+    """Give a worker's in-flight webhook deliveries back to the outbox unchanged (same webhook-id and
+    attempt count), to be taken next. Returns how many."""
+    return int(r.eval(_RETURN_INFLIGHT_LUA, 2, webhook_inflight_key(worker_id), config.WEBHOOK_OUTBOX_KEY))
+
+
+def webhook_history(record: dict[str, str]) -> list[dict[str, Any]]:
+    """The job's delivery events, oldest first: {"at": unix seconds, "attempt": n, "outcome": ...,
+    "error": ... (when there was one)}; outcome is delivered, retrying, failed or resend requested."""
+    try:
+        history = json.loads(record.get("webhook_history") or "[]")
+    except ValueError:
+        return []
+    return history if isinstance(history, list) else []
 
 
 # --- GPU nodes held by workers, and the MAX_NODES cap --------------------------------------------

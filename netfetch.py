@@ -11,7 +11,11 @@ reference_audio_url, notify_url):
   and verifies the certificate against it (urllib3's ``server_hostname`` pool argument), so a
   second DNS answer can never change where the bytes go;
 * downloads follow redirects here, one hop at a time, each hop checked the same way, with a
-  size cap, per-read timeouts and a total deadline; webhooks never follow redirects.
+  size cap, per-read timeouts and a total deadline; webhooks never follow redirects;
+* the total deadline covers connect, TLS, headers and body together: every socket a request opens
+  is watched by one reaper thread (`_watch_sockets`) that shuts it down when the deadline passes,
+  so a server that drips one header byte at a time cannot outlast it (per-read timeouts alone
+  restart on every byte).
 
 Error messages (`FetchError`) name the field, the host and the HTTP status, never the resolved
 address, credentials or query strings, so they can be shown to the client as they are.
@@ -19,11 +23,15 @@ address, credentials or query strings, so they can be shown to the client as the
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import re
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -31,6 +39,8 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 USER_AGENT = "c3-render/0.1"
 CHUNK_BYTES = 64 * 1024
@@ -80,6 +90,7 @@ _V6_RULES: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple(
         ("fec0::/10", _PRIVATE),  # deprecated site-local
         ("ff00::/8", _MULTICAST),
         ("::/96", _RESERVED),  # deprecated IPv4-compatible
+        ("::ffff:0:0:0/96", _RESERVED),  # IPv4-translated (RFC 2765 SIIT); Python calls it global
         ("64:ff9b:1::/48", _PRIVATE),  # local-use NAT64
         ("2001::/32", _RESERVED),  # Teredo
         ("2001:db8::/32", _RESERVED),  # documentation
@@ -317,6 +328,86 @@ def check_url(url: str, allowlist: Sequence[str], *, field: str = "url") -> None
     _check(url, parse_allowlist(allowlist), field)
 
 
+# --- the total deadline: a reaper shuts down sockets whose request ran out of time ----------------
+
+_reaper = threading.Condition()
+_reap_heap: list[tuple[float, int, list]] = []  # (deadline, tie-breaker, [socket or None])
+_reap_order = itertools.count()
+_reaper_started = False
+_local = threading.local()  # .deadline and .watched of the request this thread is making
+
+
+def _reap_loop() -> None:
+    while True:
+        with _reaper:
+            while not _reap_heap:
+                _reaper.wait()
+            deadline, _n, holder = _reap_heap[0]
+            wait_s = deadline - time.monotonic()
+            if wait_s > 0:
+                _reaper.wait(wait_s)
+                continue
+            heapq.heappop(_reap_heap)
+            sock = holder[0]
+            holder[0] = None
+        if sock is not None:
+            try:  # the base class's shutdown, so a TLS socket's state is left for its own thread
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _watch(sock: socket.socket) -> None:
+    """Called for every socket a pinned request opens: shut it down at the request's deadline."""
+    global _reaper_started
+    deadline = getattr(_local, "deadline", None)
+    if deadline is None:
+        return
+    holder: list = [sock]
+    _local.watched.append(holder)
+    with _reaper:
+        if not _reaper_started:
+            threading.Thread(target=_reap_loop, name="netfetch-deadlines", daemon=True).start()
+            _reaper_started = True
+        heapq.heappush(_reap_heap, (deadline, next(_reap_order), holder))
+        _reaper.notify()
+
+
+@contextmanager
+def _watch_sockets(deadline: float) -> Iterator[None]:
+    """Every socket opened by this thread inside the block is shut down once `deadline` passes."""
+    _local.deadline, _local.watched = deadline, []
+    try:
+        yield
+    finally:
+        with _reaper:
+            for holder in _local.watched:
+                holder[0] = None  # finished in time: the reaper drops the entry when it comes up
+        _local.deadline, _local.watched = None, []
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
 # --- pinned requests --------------------------------------------------------------------------
 
 
@@ -328,6 +419,8 @@ def pinned_adapter(target_scheme: str, hostname: str | None) -> HTTPAdapter:
         adapter.init_poolmanager(
             DEFAULT_POOLSIZE, DEFAULT_POOLSIZE, DEFAULT_POOLBLOCK, server_hostname=hostname
         )
+    # connections whose sockets the deadline reaper watches (see _watch_sockets)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
     return adapter
 
 
@@ -428,18 +521,19 @@ def download(
     deadline = time.monotonic() + total_timeout
     dest = Path(dest)
     try:
-        return _download(
-            url,
-            dest,
-            entries,
-            field,
-            max_bytes,
-            deadline,
-            total_timeout,
-            connect_timeout,
-            read_timeout,
-            max_redirects,
-        )
+        with _watch_sockets(deadline):
+            return _download(
+                url,
+                dest,
+                entries,
+                field,
+                max_bytes,
+                deadline,
+                total_timeout,
+                connect_timeout,
+                read_timeout,
+                max_redirects,
+            )
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
@@ -473,6 +567,8 @@ def _download(
                 raise timed_out from exc
             raise _request_error(exc, f"{field}: download failed", target.host, timeout) from exc
         try:
+            if time.monotonic() >= deadline:  # the reaper cut the headers short: not an answer
+                raise timed_out
             status = response.status_code
             if status in REDIRECT_STATUSES:
                 location = response.headers.get("Location", "").strip()
@@ -538,18 +634,27 @@ def post_json(
     allowlist: Sequence[str],
     timeout: float = 10,
 ) -> int:
-    """POST `body` (JSON) to a webhook URL; return the HTTP status. Redirects are not followed
-    (a 3xx comes back as a status the caller treats as failure). FetchError when the URL is
-    refused or no answer arrives."""
+    """POST `body` (JSON) to a webhook URL; return the HTTP status. `timeout` is the total deadline
+    for connecting, sending, and reading the status line and headers (the answer's body is not
+    read). Redirects are not followed (a 3xx comes back as a status the caller treats as failure).
+    FetchError when the URL is refused or no answer arrives in time."""
     target = _check(url, parse_allowlist(allowlist), field)
     send_headers = {"Content-Type": "application/json", **headers}
     timeouts = (timeout, timeout)
-    try:
-        response, adapter = _send(target, "POST", send_headers, body, timeouts)
-    except requests.RequestException as exc:
-        raise _request_error(exc, f"{field}: delivery failed", target.host, timeouts) from exc
-    try:
-        return response.status_code
-    finally:
-        response.close()
-        adapter.close()
+    deadline = time.monotonic() + timeout
+    with _watch_sockets(deadline):
+        try:
+            response, adapter = _send(target, "POST", send_headers, body, timeouts)
+        except requests.RequestException as exc:
+            if time.monotonic() >= deadline - 0.01:
+                raise FetchError(f"{field}: delivery failed: {target.host} timed out (no complete "
+                                 f"answer within {_fmt_seconds(timeout)} s)") from exc
+            raise _request_error(exc, f"{field}: delivery failed", target.host, timeouts) from exc
+        try:
+            if time.monotonic() >= deadline:  # the reaper cut the headers short: not an answer
+                raise FetchError(f"{field}: delivery failed: {target.host} timed out (no complete "
+                                 f"answer within {_fmt_seconds(timeout)} s)")
+            return response.status_code
+        finally:
+            response.close()
+            adapter.close()

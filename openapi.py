@@ -49,12 +49,25 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                                             "it (portrait: while encoding)."},
                 "cancel_requested": {"type": "boolean"},
                 "webhook": {
-                    "type": "object", "required": ["status", "attempts", "last_error"],
+                    "type": "object", "required": ["status", "attempts", "last_error", "history"],
                     "properties": {
                         "status": {"type": "string",
                                    "enum": ["waiting", "pending", "retrying", "delivered", "failed"]},
                         "attempts": {"type": "integer", "minimum": 0},
                         "last_error": {"type": ["string", "null"]},
+                        "history": {
+                            "type": "array", "maxItems": config.WEBHOOK_HISTORY_MAX,
+                            "description": "Delivery events, oldest first (the last "
+                                           f"{config.WEBHOOK_HISTORY_MAX} are kept).",
+                            "items": {"type": "object", "required": ["at", "attempt", "outcome"],
+                                      "properties": {
+                                          "at": {"type": "string", "format": "date-time"},
+                                          "attempt": {"type": "integer", "minimum": 0},
+                                          "outcome": {"type": "string",
+                                                      "enum": ["delivered", "retrying", "failed",
+                                                               "resend requested"]},
+                                          "error": {"type": "string"}}},
+                        },
                     },
                 },
             },
@@ -68,6 +81,12 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                 "text": {"type": "string", "description": "whisper and analyze: the text"},
                 "error": {"type": "string"},
             },
+        },
+        "WebhookQueued": {
+            "type": "object", "required": ["id", "webhook"],
+            "properties": {"id": {"type": "string", "format": "uuid"},
+                           "webhook": {"type": "object", "required": ["status"],
+                                       "properties": {"status": {"type": "string", "enum": ["pending"]}}}},
         },
         "CancelAnswer": {
             "type": "object", "required": ["id", "status"],
@@ -99,8 +118,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "responses": {
                 "200": {"description": "Queued.", "content": {ok: {"schema": {
                     "$ref": "#/components/schemas/JobAccepted"}}}},
-                "400": _error_response("Invalid field, unknown field, malformed JSON or a bad "
-                                       "Idempotency-Key; the message names the field and allowed range."),
+                "400": _error_response("Invalid field, unknown field, malformed JSON, JSON nested too "
+                                       "deeply, a lone UTF-16 surrogate, or a bad Idempotency-Key; the "
+                                       "message names the field and allowed range."),
                 "413": _error_response("Body larger than MAX_CONTENT_LENGTH."),
                 "415": _error_response("Body is not JSON."),
                 "422": _error_response("Idempotency-Key reused with a different body."),
@@ -133,6 +153,16 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "type": "object", "additionalProperties": False, "required": ["status"],
             "properties": {"status": {"type": "string", "enum": ["cancelled"]}}}}}},
         "responses": {**cancel_responses, "415": _error_response("Body is not JSON.")},
+    }}
+    paths["/jobs/{job_id}/webhook"] = {"post": {
+        "summary": "Send a finished job's final webhook again (same body and webhook-id), after it was "
+                   "delivered or failed for good",
+        "operationId": "resend_webhook", "parameters": [job_id_param],
+        "responses": {"202": {"description": "Queued for delivery; follow it in /status.",
+                              "content": {ok: {"schema": {"$ref": "#/components/schemas/WebhookQueued"}}}},
+                      "409": _error_response("Not finished, no notify_url, or the webhook is being "
+                                             "delivered."),
+                      **by_id},
     }}
     paths["/files/{name}"] = {"get": {
         "summary": "A result file (local storage mode), on a signed, expiring link",
@@ -246,8 +276,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
 
     paths["/"] = simple_route("Service information", "index")
     paths["/healthz"] = simple_route("The process is alive", "healthz")
-    paths["/readyz"] = simple_route("Redis answers", "readyz",
-                                    {"503": _error_response("Redis cannot be reached.")})
+    paths["/readyz"] = simple_route("Redis answers and the output directory has room", "readyz",
+                                    {"503": _error_response("Redis cannot be reached, or the disk is full "
+                                                            "(less than MIN_FREE_DISK_MB free).")})
     paths["/openapi.json"] = simple_route("This OpenAPI 3.1 document", "openapi")
     return {
         "openapi": "3.1.0",

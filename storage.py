@@ -11,39 +11,58 @@ This module owns the result files and their URLs, and nothing else (no Redis, no
   {PUBLIC_BASE_URL}/files/{name}?expires=..&sig=.., an HMAC-SHA256 signature the API checks
   with verify_file_signature() before serving local_file_path(). Never a file:// URL.
 
-Secrets (S3 keys, the file URL secret) never appear in exceptions or logs.
+Secrets (S3 keys, the file URL secret) never appear in exceptions or logs, and errors meant for
+clients name no server path (`scrub_paths`). `upload_with_retry` keeps trying a transient failure
+(full or unwritable disk, S3 unreachable) with back-off for STORAGE_RETRY_S while the output stays
+in the work directory.
+
+The disk does not fill up by design: `cleanup_results` deletes local result files once their links
+have expired (RESULT_TTL), `set_expiry_rule` gives the bucket a lifecycle rule that expires objects
+after RESULT_TTL (rounded up to whole days, the S3 unit), `cleanup_work_dirs` removes the work
+directories that killed workers left, and `free_space_problem` / `wait_for_free_space` check free
+disk against MIN_FREE_DISK_MB before a job writes anything (the API's /readyz reports it too).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import ENABLED, Filter
 from minio.error import MinioException, S3Error
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
 from config import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # S3 SigV4 presigned URLs are valid 7 days at most
+EXPIRY_RULE_ID = "c3-render-result-expiry"  # the bucket lifecycle rule this service owns
+UPLOAD_TMP_MAX_AGE_S = 3600  # a partial upload (.upload-*.tmp) older than this was cut short
+WORK_DIR_MIN_AGE_S = 300  # a finished job's work directory is left alone this long (its worker cleans it)
 DEFAULT_REGION = "us-east-1"
 
 # A stored file's name: one path component, no leading dot, only these characters.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
 _EXPIRES_RE = re.compile(r"[0-9]{1,12}")
+# An absolute path of two or more parts, not part of a URL or of a path already scrubbed.
+_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w:/.~>-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 _CONTENT_TYPES = {
     ".mp3": "audio/mpeg",
@@ -171,6 +190,37 @@ def ensure_bucket(settings: Settings) -> None:
         raise StorageError(
             f"cannot use bucket {bucket!r} on S3 endpoint {endpoint}: {_describe(exc, settings)}"
         ) from None
+    set_expiry_rule(settings, client)
+
+
+def expiry_days(settings: Settings) -> int:
+    """RESULT_TTL in whole days, rounded up (S3 lifecycle rules count days; at least 1)."""
+    return max(1, math.ceil(settings.result_ttl_s / 86400))
+
+
+def set_expiry_rule(settings: Settings, client: Minio | None = None) -> bool:
+    """Give the bucket a lifecycle rule (id EXPIRY_RULE_ID) expiring objects expiry_days() after they
+    were written, keeping the bucket's other rules. A server that refuses (no permission, no lifecycle
+    support) is logged, not fatal: results then stay until removed by hand. True when the rule is set."""
+    bucket = settings.minio_bucket
+    client = client or _client(settings, settings.minio_endpoint.strip(), settings.minio_secure)
+    rule = Rule(ENABLED, rule_filter=Filter(prefix=""), rule_id=EXPIRY_RULE_ID,
+                expiration=Expiration(days=expiry_days(settings)))
+    try:
+        try:
+            current = client.get_bucket_lifecycle(bucket)
+        except S3Error as exc:
+            if exc.code != "NoSuchLifecycleConfiguration":
+                raise
+            current = None
+        rules = [r for r in (current.rules if current else []) if r.rule_id != EXPIRY_RULE_ID]
+        client.set_bucket_lifecycle(bucket, LifecycleConfig(rules + [rule]))
+    except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        log.warning("could not set the expiry rule on bucket %s (%s); results there are kept until "
+                    "deleted by hand", bucket, _describe(exc, settings))
+        return False
+    log.info("bucket %s: objects expire after %d day(s) (RESULT_TTL)", bucket, expiry_days(settings))
+    return True
 
 
 def _presigned_url(settings: Settings, object_name: str, ttl_s: int) -> str:
@@ -230,7 +280,9 @@ def _upload_local(settings: Settings, path: Path, object_name: str) -> None:
         os.replace(tmp_name, out_dir / object_name)
         tmp_name = ""
     except OSError as exc:
-        raise StorageError(f"cannot store {object_name} in {out_dir}: {exc.strerror or exc}") from None
+        reason = "no space left" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or "error")
+        raise StorageError(f"cannot store {object_name} in the output directory (OUTPUT_DIR): "
+                           f"{reason}") from None
     finally:
         if tmp_name:
             try:
@@ -301,3 +353,138 @@ def upload_result(
         raise ValueError("the file URL secret is empty")
     _upload_local(settings, Path(path), object_name)
     return signed_file_url(settings, object_name, file_secret, ttl_s)
+
+
+def upload_with_retry(settings: Settings, path: Path, object_name: str, file_secret: bytes,
+                      ttl_s: int = 7 * 24 * 3600, sleep: Callable[[float], None] = time.sleep) -> str:
+    """upload_result(), retried with back-off (1, 2, 4 ... 15 s) for STORAGE_RETRY_S: a full or
+    unwritable disk or an unreachable S3 is often fixed in that time, and the output is kept in the
+    work directory meanwhile. The final StorageError says what failed, without server paths."""
+    start = time.monotonic()
+    delay, waited, tries = 1.0, 0.0, 0
+    while True:
+        tries += 1
+        try:
+            return upload_result(settings, path, object_name, file_secret, ttl_s)
+        except StorageError as exc:
+            if max(time.monotonic() - start, waited) + delay > settings.storage_retry_s:
+                raise StorageError(f"could not store the result after {tries} tries: "
+                                   f"{scrub_paths(settings, str(exc))}") from None
+            log.warning("storing %s failed (%s); retrying in %.0f s", object_name, exc, delay)
+        sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 15.0)
+
+
+# --- keeping paths out of errors, and the disk from filling up ---------------------------------------
+
+
+def scrub_paths(settings: Settings, text: str) -> str:
+    """text with the server's work and output directory paths replaced by names a client understands."""
+    forms: list[tuple[str, str]] = []
+    for base, label in ((settings.work_dir, "<work dir>"), (settings.output_dir, "<output dir>")):
+        for form in {base, os.path.abspath(base), str(Path(base).resolve())}:
+            if form and form not in (".", "/"):
+                forms.append((form.rstrip("/"), label))
+    for form, label in sorted(forms, key=lambda item: -len(item[0])):
+        text = text.replace(form, label)
+    return _ABSOLUTE_PATH_RE.sub("<path>", text)  # any other server path (temp files of libraries ...)
+
+
+def _free_mb(directory: str) -> float:
+    path = Path(directory).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free / (1024 * 1024)
+
+
+def free_space_problem(settings: Settings, include_work_dir: bool = True) -> str:
+    """'' when the work directory (and OUTPUT_DIR in local mode) have MIN_FREE_DISK_MB free, else what
+    is short (no paths). MIN_FREE_DISK_MB=0 turns the check off."""
+    if settings.min_free_disk_mb <= 0:
+        return ""
+    places = [("work directory", settings.work_dir)] if include_work_dir else []
+    if not uses_minio(settings):
+        places.append(("output directory", settings.output_dir))
+    for name, directory in places:
+        try:
+            free = _free_mb(directory)
+        except OSError as exc:
+            return f"the {name} cannot be checked ({exc.strerror or 'error'})"
+        if free < settings.min_free_disk_mb:
+            return (f"the {name} has {free:.0f} MB free, less than MIN_FREE_DISK_MB="
+                    f"{settings.min_free_disk_mb}")
+    return ""
+
+
+def wait_for_free_space(settings: Settings, should_stop: Callable[[], str | None] | None = None,
+                        sleep: Callable[[float], None] = time.sleep) -> None:
+    """Before a job writes inputs and outputs: wait up to STORAGE_RETRY_S for enough free disk, then
+    StorageError (the job fails before any GPU time is spent)."""
+    start = time.monotonic()
+    delay, waited = 1.0, 0.0
+    while True:
+        problem = free_space_problem(settings)
+        if not problem:
+            return
+        if (should_stop and should_stop()) or max(time.monotonic() - start, waited) + delay > \
+                settings.storage_retry_s:
+            raise StorageError(f"not enough free disk space to run the job: {problem}")
+        log.warning("disk almost full (%s); waiting %.0f s before starting the job", problem, delay)
+        sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 15.0)
+
+
+def cleanup_results(settings: Settings, now: float | None = None) -> int:
+    """Local mode: delete result files in OUTPUT_DIR whose links expired (written more than RESULT_TTL
+    ago) and partial uploads older than an hour. Returns how many files were deleted."""
+    if uses_minio(settings):
+        return 0
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(settings.output_dir))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            partial = entry.name.startswith(".upload-")
+            if (partial and age > UPLOAD_TMP_MAX_AGE_S) or (not partial and age > settings.result_ttl_s):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("deleted %d expired result file(s) from the output directory", removed)
+    return removed
+
+
+def cleanup_work_dirs(settings: Settings, job_is_active: Callable[[str], bool], now: float | None = None) -> int:
+    """Remove the work directories (WORK_DIR/<job id>) of jobs that are no longer active (finished,
+    expired or unknown) and untouched for WORK_DIR_MIN_AGE_S: what killed workers left behind.
+    A queued or running job's directory is kept (it is reused when the job runs again)."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(settings.work_dir))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime < WORK_DIR_MIN_AGE_S:
+                continue
+            if job_is_active(entry.name):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d leftover work director%s", removed, "y" if removed == 1 else "ies")
+    return removed

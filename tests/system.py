@@ -150,8 +150,14 @@ class Receiver:
         self.server.server_close()
 
 
-def start_receiver(answers: list[int] | None = None) -> Receiver:
-    """A webhook receiver on loopback that records every POST and answers with `answers` (default 200)."""
+def start_receiver(answers: list[int] | None = None, *, mode: str = "answer", host: str = "127.0.0.1",
+                   hold_s: float = 60.0) -> Receiver:
+    """A webhook receiver on loopback that records every POST and answers with `answers` (default 200).
+
+    `mode` makes it hostile: "hang" reads the request and says nothing for hold_s; "drip" sends the
+    status line and then one header byte every 0.5 s for hold_s (never tripping a per-read timeout);
+    "slow" waits hold_s, then answers. `host` is the loopback address to bind (127.0.0.2 ... give
+    distinct receiver hosts)."""
     calls: list = []
     answers = list(answers or [200])
 
@@ -160,17 +166,33 @@ def start_receiver(answers: list[int] | None = None) -> Receiver:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
             status = answers[min(len(calls), len(answers) - 1)]
             calls.append({"at": time.time(), "headers": dict(self.headers), "body": body, "status": status})
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            try:
+                if mode == "hang":
+                    time.sleep(hold_s)
+                elif mode == "drip":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    end = time.time() + hold_s
+                    while time.time() < end:
+                        self.wfile.write(b"X")
+                        self.wfile.flush()
+                        time.sleep(0.5)
+                    return
+                elif mode == "slow":
+                    time.sleep(hold_s)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            except OSError:
+                pass  # the sender gave up on us
 
         def log_message(self, *args):
             pass
 
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    server.block_on_close = False  # close() must not wait for hostile handlers to finish holding
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return Receiver(f"http://127.0.0.1:{port}/hook", calls, answers, server)
+    return Receiver(f"http://{host}:{server.server_address[1]}/hook", calls, answers, server)
 
 
 def start_file_server(directory: Path) -> tuple[ThreadingHTTPServer, str]:

@@ -272,3 +272,93 @@ def test_local_files_signed_urls(client, settings, r, tmp_path):
     expired = storage.signed_file_url(settings, "abc.mp3", secret, 1, now=time.time() - 100)
     assert client.get(expired[len("http://127.0.0.1:8000"):]).status_code == 403
     assert client.get("/files/..%2Fsecret?expires=1&sig=0").status_code in (403, 404)
+
+
+# --- issue 12: bad input, delivery history, re-sending a webhook, a full disk ---------------------------
+
+@pytest.mark.parametrize("depth", [17, 5000])
+def test_deeply_nested_json_is_a_400_naming_the_problem(client, r, depth, caplog):
+    body = '{"text": "hi", "extra": ' + "[" * depth + "]" * depth + "}"
+    answer = client.post("/csm", data=body, content_type="application/json")
+    assert answer.status_code == 400
+    assert answer.get_json() == {"error": "JSON nested too deeply (more than 16 levels of arrays and objects)"}
+    assert r.llen(config.QUEUE_KEY) == 0
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ('{"text": "bad \\ud800 text"}', "text"),
+    ('{"monologue": ["fine", "\\udfff"]}', "monologue[1]"),
+    ('{"text": "ok", "notify_url": "https://example.com/\\ud83d"}', "notify_url"),
+])
+def test_lone_surrogate_is_a_400_naming_the_field(client, r, body, field):
+    answer = client.post("/csm", data=body, content_type="application/json")
+    assert answer.status_code == 400
+    error = answer.get_json()["error"]
+    assert error.startswith(f"{field}: contains a lone UTF-16 surrogate"), error
+    assert r.llen(config.QUEUE_KEY) == 0
+
+
+def test_a_valid_surrogate_pair_is_accepted(client):
+    answer = client.post("/csm", data='{"text": "emoji \\ud83d\\ude00 ok"}', content_type="application/json")
+    assert answer.status_code == 200, answer.get_json()
+
+
+def finished_with_webhook(client, r, settings, webhook_status):
+    job_id = submit(client, body={**CSM, "notify_url": "https://example.com/hook"}).get_json()["id"]
+    jobstore.transition(r, settings, job_id, "running", {"worker": "w"})
+    jobstore.transition(r, settings, job_id, "success", {"result_url": "https://example.com/r.mp3"})
+    raw = r.rpop(config.WEBHOOK_OUTBOX_KEY)
+    if webhook_status != "pending":
+        r.lpush(jobstore.webhook_inflight_key("w"), raw)
+        jobstore.settle_webhook(r, "w", raw, job_id, webhook_status, 5, "receiver answered HTTP 500")
+    return job_id, json.loads(raw)
+
+
+def test_status_shows_the_delivery_history(client, r, settings):
+    job_id, _entry = finished_with_webhook(client, r, settings, "failed")
+    webhook = client.get(f"/status/{job_id}").get_json()["webhook"]
+    assert webhook["status"] == "failed" and webhook["attempts"] == 5
+    assert webhook["history"] == [{"at": webhook["history"][0]["at"], "attempt": 5, "outcome": "failed",
+                                   "error": "receiver answered HTTP 500"}]
+    assert webhook["history"][0]["at"].endswith("Z")
+
+
+def test_resend_a_failed_webhook_with_the_same_id_and_body(client, r, settings):
+    job_id, first = finished_with_webhook(client, r, settings, "failed")
+    answer = client.post(f"/jobs/{job_id}/webhook")
+    assert answer.status_code == 202
+    assert answer.get_json() == {"id": job_id, "webhook": {"status": "pending"}}
+    queued = [json.loads(e) for e in r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1)]
+    assert queued == [{**first, "attempt": 0}]  # same job id (webhook-id) and the same body
+    status = client.get(f"/status/{job_id}").get_json()["webhook"]
+    assert status["status"] == "pending" and status["attempts"] == 0
+    assert [e["outcome"] for e in status["history"]] == ["failed", "resend requested"]
+    # while it is being delivered, a second request changes nothing
+    again = client.post(f"/jobs/{job_id}/webhook")
+    assert again.status_code == 409 and "being delivered" in again.get_json()["error"]
+    assert r.llen(config.WEBHOOK_OUTBOX_KEY) == 1
+
+
+def test_resend_refusals(client, r, settings):
+    queued = submit(client, body={**CSM, "notify_url": "https://example.com/hook"}).get_json()["id"]
+    assert client.post(f"/jobs/{queued}/webhook").status_code == 409
+    no_url = submit(client).get_json()["id"]
+    jobstore.transition(r, settings, no_url, "running", {"worker": "w"})
+    jobstore.transition(r, settings, no_url, "failed", {"error": "x"})
+    answer = client.post(f"/jobs/{no_url}/webhook")
+    assert answer.status_code == 409 and "notify_url" in answer.get_json()["error"]
+    assert client.post(f"/jobs/{uuid.uuid4()}/webhook").status_code == 404
+    assert client.post("/jobs/nope/webhook").status_code == 400
+    delivered, _ = finished_with_webhook(client, r, settings, "delivered")
+    assert client.post(f"/jobs/{delivered}/webhook").status_code == 202  # a receiver that lost it
+
+
+def test_readyz_reports_a_full_disk(settings, r):
+    full = api.create_app(dataclasses.replace(settings, min_free_disk_mb=10**12)).test_client()
+    answer = full.get("/readyz")
+    assert answer.status_code == 503
+    error = answer.get_json()["error"]
+    assert error.startswith("not ready: disk full: the output directory has") and "MIN_FREE_DISK_MB" in error
+    assert settings.output_dir not in error
+    assert api.create_app(settings).test_client().get("/readyz").status_code == 200

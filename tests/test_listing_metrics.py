@@ -139,12 +139,13 @@ def test_metrics_count_from_redis_the_same_in_every_process(settings, r):
     run(r, settings, ids[0], now=now)  # 42 s
     run(r, settings, ids[3], "failed", {"error": "boom"}, now=now)
     jobstore.cancel(r, settings, ids[1])
-    jobstore.record_webhook(r, ids[0], "retrying", 1, "HTTP 500")
-    jobstore.record_webhook(r, ids[0], "delivered", 2)
+    for attempt, outcome in ((1, "retrying"), (2, "delivered")):  # as a delivery thread settles attempts
+        raw = json.dumps({"job_id": ids[0], "url": "https://example.com/hook", "body": "{}", "attempt": attempt})
+        r.lpush(jobstore.webhook_inflight_key("w1"), raw)
+        assert jobstore.settle_webhook(r, "w1", raw, ids[0], outcome, attempt, "HTTP 500" if attempt == 1 else "")
     r.incrbyfloat(config.NODE_SECONDS_KEY, 125.5)
     jobstore.acquire_node_slot(r, "w1", 4, "media:fast")
     jobstore.record_node(r, "w1", "media:fast", {"state": "running", "node": "n-1", "launched_at": now - 10})
-    r.sadd(config.NODE_SLOTS_KEY, "w1")
     texts = [c.get("/metrics") for c in (first, second)]
     assert texts[0].status_code == 200 and texts[0].content_type.startswith("text/plain")
     samples = metric_samples(texts[0].data.decode())

@@ -165,6 +165,8 @@ def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
             elif path == "/slow":
                 time.sleep(float(query.get("delay", ["3"])[0]))
                 self._send(200, b"late")
+            elif path == "/drip-headers":
+                self._drip_headers()
             elif path == "/drip":
                 self.send_response(200)
                 self.send_header("Content-Length", "100000")
@@ -175,6 +177,15 @@ def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
                     time.sleep(0.05)
             else:
                 self._send(404, b"not here")
+
+        def _drip_headers(self) -> None:
+            # one header byte every 0.1 s, for 6 s: each read gets data long before a read timeout
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(60):
+                self.wfile.write(b"X")
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(b": y\r\nContent-Length: 0\r\n\r\n")
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -192,6 +203,8 @@ def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
             elif path == "/slow":
                 time.sleep(3)
                 self._send(200)
+            elif path == "/drip-headers":
+                self._drip_headers()
             else:
                 self._send(500, b"oops")
 
@@ -276,6 +289,8 @@ REFUSED = [
     ("::ffff:169.254.169.254", "link-local"),
     ("::ffff:0.0.0.0", "unspecified"),
     ("::127.0.0.1", "reserved"),  # deprecated IPv4-compatible
+    ("::ffff:0:808:808", "reserved"),  # IPv4-translated (RFC 2765) of a public address
+    ("::ffff:0:7f00:1", "reserved"),  # IPv4-translated of 127.0.0.1
     ("2002:7f00:1::1", PRIVATE),  # 6to4 of 127.0.0.1
     ("2002:a00:1::1", PRIVATE),  # 6to4 of 10.0.0.1
     ("2002:a9fe:a9fe::", "link-local"),  # 6to4 of 169.254.169.254
@@ -420,7 +435,7 @@ def test_prop_public_v4_passes(ip: ipaddress.IPv4Address) -> None:
 _EMBEDDING_V6 = [ipaddress.ip_network(n) for n in ("::ffff:0:0/96", "2002::/16", "64:ff9b::/96")]
 # Refused by netfetch although some Python versions call them global: local-use NAT64,
 # deprecated site-local and deprecated IPv4-compatible addresses.
-_STRICTER_V6 = [ipaddress.ip_network(n) for n in ("64:ff9b:1::/48", "fec0::/10", "::/96")]
+_STRICTER_V6 = [ipaddress.ip_network(n) for n in ("64:ff9b:1::/48", "fec0::/10", "::/96", "::ffff:0:0:0/96")]
 
 
 @given(
@@ -764,6 +779,29 @@ def test_post_json_timeout(media: str) -> None:
         post_json(f"{media}/slow", b"{}", {}, allowlist=ALLOW, timeout=0.3)
 
 
+def test_post_json_total_deadline_with_header_dripping_receiver(media: str) -> None:
+    """A receiver that sends a header byte every 0.1 s never trips a per-read timeout; the total
+    deadline still ends the attempt (the old code waited the full 6 s of dripping)."""
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=f"^notify_url: delivery failed: {HOST} timed out"):
+        post_json(f"{media}/drip-headers", b"{}", {}, allowlist=ALLOW, timeout=0.5)
+    assert time.monotonic() - start < 1.5
+
+
+def test_download_total_deadline_with_header_dripping_server(media: str, tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=r"^audio_url: timed out after 0.5 s$"):
+        download(f"{media}/drip-headers", tmp_path / "a", field="audio_url", max_bytes=100,
+                 allowlist=ALLOW, read_timeout=5, total_timeout=0.5)
+    assert time.monotonic() - start < 1.5
+
+
+def test_post_json_refuses_name_resolving_to_ipv4_translated(dns: dict, no_connect: None) -> None:
+    dns["hooks.example"] = ["::ffff:0:808:808"]  # stub resolver: nothing is ever sent there
+    with pytest.raises(FetchError, match="notify_url: host resolves to a reserved address"):
+        post_json("https://hooks.example/hook", b"{}", {}, allowlist=[])
+
+
 def test_post_json_connection_refused(dns: dict) -> None:
     dns[HOST] = ["127.0.0.1"]
     with pytest.raises(FetchError, match=f"^notify_url: delivery failed: could not connect to {HOST}$"):
@@ -790,7 +828,7 @@ def test_http_pool_has_no_tls_arguments() -> None:
     adapter = netfetch.pinned_adapter("http", HOST)
     request = requests.Request("GET", "http://203.0.113.7:80/a.png").prepare()
     pool = adapter.get_connection_with_tls_context(request, verify=True)
-    assert type(pool) is urllib3.HTTPConnectionPool
+    assert isinstance(pool, urllib3.HTTPConnectionPool) and not isinstance(pool, urllib3.HTTPSConnectionPool)
     assert "server_hostname" not in pool.conn_kw
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import os
 import re
 import socket
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import fill_disk
 from minio import Minio
 from moto.server import ThreadedMotoServer
 
@@ -418,3 +420,121 @@ def test_local_file_path_found_missing_and_symlink(tmp_path: Path) -> None:
     assert storage.local_file_path(settings, "missing.txt") is None
     assert storage.local_file_path(settings, "link.txt") is None  # points outside output_dir
     assert storage.local_file_path(settings, "dir.txt") is None  # not a file
+
+
+# --- issue 12: transient failures retried, no server paths, the disk does not fill up ------------------
+
+
+def test_full_output_dir_is_retried_until_there_is_room(small_disk: Path, tmp_path: Path) -> None:
+    """A real full disk (ENOSPC): the upload is retried with back-off and succeeds once room is made;
+    the result file is whole."""
+    settings = local_settings(tmp_path, output_dir=str(small_disk / "out"), storage_retry_s=30)
+    src = tmp_path / "result.mp3"
+    src.write_bytes(b"r" * 300_000)
+    filler = fill_disk(small_disk)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            filler.unlink()  # the operator frees space while we retry
+
+    url = storage.upload_with_retry(settings, src, "job-9.mp3", FILE_SECRET, 3600, sleep=sleep)
+    assert waits == [1.0, 2.0, 4.0]
+    assert URL_RE.fullmatch(url)
+    assert (small_disk / "out" / "job-9.mp3").read_bytes() == src.read_bytes()
+    assert [p.name for p in (small_disk / "out").iterdir()] == ["job-9.mp3"]  # no partial upload left
+
+
+def test_full_output_dir_final_error_names_no_path(small_disk: Path, tmp_path: Path) -> None:
+    settings = local_settings(tmp_path, output_dir=str(small_disk / "out"), storage_retry_s=5)
+    src = tmp_path / "result.mp3"
+    src.write_bytes(b"r" * 300_000)
+    fill_disk(small_disk)
+    with pytest.raises(storage.StorageError) as err:
+        storage.upload_with_retry(settings, src, "job-9.mp3", FILE_SECRET, 3600, sleep=lambda s: None)
+    message = str(err.value)
+    assert message.startswith("could not store the result after 3 tries: cannot store job-9.mp3 in the "
+                              "output directory (OUTPUT_DIR): no space left"), message
+    assert str(small_disk) not in message and "/" not in message.replace("(OUTPUT_DIR)", "")
+
+
+def test_scrub_paths_replaces_work_and_output_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = local_settings(tmp_path, work_dir="var/work", output_dir=str(tmp_path / "out"))
+    text = (f"ffmpeg failed on {tmp_path}/var/work/abc/in.wav and var/work/abc/x; "
+            f"cannot write {tmp_path}/out/a.mp3")
+    assert storage.scrub_paths(settings, text) == ("ffmpeg failed on <work dir>/abc/in.wav and <work dir>/abc/x; "
+                                                   "cannot write <output dir>/a.mp3")
+    engine = ("csm failed: OSError: [Errno 28] No space left on device: '/tmp/8575d3/monologue-e9.mp3' -> "
+              "'/srv/x/gradio/m.mp3'; fetched https://example.com/a/b.wav and http://h:80/c/d")
+    assert storage.scrub_paths(settings, engine) == (
+        "csm failed: OSError: [Errno 28] No space left on device: '<path>' -> '<path>'; "
+        "fetched https://example.com/a/b.wav and http://h:80/c/d")
+
+
+def test_cleanup_results_deletes_only_expired_files(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path, result_ttl_s=3600)
+    out = Path(settings.output_dir)
+    out.mkdir()
+    now = time.time()
+    for name, age in (("old.mp3", 3700), ("fresh.mp3", 100), (".upload-x.tmp", 4000), (".upload-y.tmp", 60)):
+        (out / name).write_bytes(b"x")
+        os.utime(out / name, (now - age, now - age))
+    (out / "subdir").mkdir()
+    os.utime(out / "subdir", (now - 10**6, now - 10**6))
+    assert storage.cleanup_results(settings, now) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".upload-y.tmp", "fresh.mp3", "subdir"]
+    assert storage.cleanup_results(dataclasses.replace(settings, minio_endpoint="s3:9000"), now + 10**6) == 0
+
+
+def test_cleanup_work_dirs_keeps_active_and_recent(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path, work_dir=str(tmp_path / "work"))
+    work = Path(settings.work_dir)
+    now = time.time()
+    for name, age in (("finished", 600), ("running", 600), ("recent", 10)):
+        (work / name).mkdir(parents=True)
+        (work / name / "in.wav").write_bytes(b"x")
+        os.utime(work / name, (now - age, now - age))
+    removed = storage.cleanup_work_dirs(settings, lambda name: name == "running", now)
+    assert removed == 1
+    assert sorted(p.name for p in work.iterdir()) == ["recent", "running"]
+
+
+def test_free_space_check(tmp_path: Path, small_disk: Path) -> None:
+    settings = local_settings(tmp_path, work_dir=str(small_disk / "work"), output_dir=str(tmp_path / "out"),
+                              min_free_disk_mb=1)
+    assert storage.free_space_problem(settings) == ""
+    fill_disk(small_disk)
+    problem = storage.free_space_problem(settings)
+    assert problem.startswith("the work directory has 0 MB free, less than MIN_FREE_DISK_MB=1"), problem
+    with pytest.raises(storage.StorageError, match="not enough free disk space to run the job"):
+        storage.wait_for_free_space(dataclasses.replace(settings, storage_retry_s=0))
+    assert storage.free_space_problem(dataclasses.replace(settings, min_free_disk_mb=0)) == ""
+
+
+def test_bucket_gets_an_expiry_rule_and_keeps_other_rules(s3_endpoint: str) -> None:
+    """moto's S3 server stores lifecycle configurations; the rule is read back from it."""
+    from minio.commonconfig import ENABLED, Filter
+    from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+
+    settings = minio_settings(s3_endpoint, result_ttl_s=3 * 86400 + 1)
+    client = Minio(s3_endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False, region="us-east-1")
+    client.make_bucket(settings.minio_bucket)
+    theirs = Rule(ENABLED, rule_filter=Filter(prefix="logs/"), rule_id="theirs", expiration=Expiration(days=30))
+    client.set_bucket_lifecycle(settings.minio_bucket, LifecycleConfig([theirs]))
+
+    storage.ensure_bucket(settings)
+    storage.ensure_bucket(settings)  # twice: still one rule of ours
+
+    rules = {rule.rule_id: rule for rule in client.get_bucket_lifecycle(settings.minio_bucket).rules}
+    assert sorted(rules) == ["c3-render-result-expiry", "theirs"]
+    ours = rules["c3-render-result-expiry"]
+    assert ours.expiration.days == 4 and ours.status == ENABLED  # RESULT_TTL rounded up to whole days
+    assert rules["theirs"].expiration.days == 30
+
+
+def test_expiry_rule_refused_is_not_fatal(s3_endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    settings = minio_settings(s3_endpoint)
+    assert storage.set_expiry_rule(settings) is False  # the bucket does not exist: NoSuchBucket
+    assert "could not set the expiry rule" in caplog.text and SECRET_KEY not in caplog.text

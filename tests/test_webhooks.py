@@ -37,13 +37,13 @@ def finished_job(r, settings, url, status="success", fields=None):
 
 def run_deliveries(settings, stop_after):
     stop = threading.Event()
-    threads = webhooks.start_delivery_threads(settings, "wtest", stop, count=2)
+    senders = webhooks.start_delivery(settings, "wtest", stop)
     try:
         wait_for(stop_after, 20, what="webhook deliveries")
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(5)
+        senders.taker.join(5)
+        senders.executor.shutdown(wait=True)
 
 
 def test_one_delivery_when_it_works_signed(r, settings, receiver):
@@ -124,7 +124,7 @@ def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch
     import redis as redis_lib
 
     job_id = finished_job(r, settings, receiver.url)
-    real = jobstore.record_webhook
+    real = jobstore.settle_webhook
     failures = [1]
 
     def flaky(*args, **kwargs):
@@ -133,7 +133,154 @@ def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch
             raise redis_lib.ConnectionError("Redis went away")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jobstore, "record_webhook", flaky)
+    monkeypatch.setattr(jobstore, "settle_webhook", flaky)
     run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "delivered")
     assert len(receiver.calls) == 1
     assert r.llen(config.WEBHOOK_INFLIGHT_KEY.format(worker="wtest")) == 0
+
+
+# --- issue 12: one receiver cannot hold up the others; nothing lost for good --------------------------
+
+def test_dripping_and_hanging_receivers_do_not_starve_a_healthy_one(r, settings, receiver):
+    """Four hostile receiver hosts with 10 finished jobs each (two drip header bytes, two hang, for 60 s):
+    a healthy receiver's webhook still arrives at once. The old code's two threads sat on the first
+    hostile deliveries (dripping ones forever)."""
+    settings = dataclasses.replace(settings, webhook_timeout_s=5.0, webhook_schedule=(30.0,))
+    hostile = [start_receiver(mode=mode, host=f"127.0.0.{n}", hold_s=60)
+               for n, mode in ((2, "drip"), (3, "drip"), (4, "hang"), (5, "hang"))]
+    stop = threading.Event()
+    webhooks.start_delivery(settings, "wtest", stop)
+    try:
+        for _ in range(10):
+            for bad in hostile:
+                finished_job(r, settings, bad.url)
+        wait_for(lambda: sum(len(bad.calls) for bad in hostile) >= 4, 10, what="hostile deliveries under way")
+        healthy = finished_job(r, settings, receiver.url)
+        finished_at = time.time()
+        wait_for(lambda: receiver.for_job(healthy), 8, what="the healthy webhook")
+        latency = receiver.calls[0]["at"] - finished_at
+        assert latency < 2.0, latency
+        # a host not yet known to answer quickly gets one attempt at a time
+        assert max(len(bad.calls) for bad in hostile) == 1
+    finally:
+        stop.set()
+        for bad in hostile:
+            bad.close()
+
+
+def test_header_dripping_receiver_is_cut_off_at_the_total_deadline(r, settings):
+    settings = dataclasses.replace(settings, webhook_timeout_s=1.0, webhook_schedule=(30.0,))
+    drip = start_receiver(mode="drip", host="127.0.0.2", hold_s=30)
+    try:
+        job_id = finished_job(r, settings, drip.url)
+        started = time.time()
+        run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "retrying")
+        assert time.time() - started < 4  # one 1 s attempt, not 30 s of dripping
+        assert "timed out" in r.hget(f"job:{job_id}", "webhook_error")
+    finally:
+        drip.close()
+
+
+def test_due_retries_do_not_jump_ahead_of_new_deliveries(r, settings, receiver):
+    """A retry that falls due joins the back of the outbox: deliveries already waiting go first."""
+    settings = dataclasses.replace(settings, webhook_interval_s=0.0)
+    old = finished_job(r, settings, receiver.url)
+    entry = json.loads(r.rpop(config.WEBHOOK_OUTBOX_KEY))
+    r.zadd(config.WEBHOOK_RETRY_KEY, {json.dumps({**entry, "attempt": 1}): time.time() - 1})  # due now
+    new = finished_job(r, settings, receiver.url)
+    for _ in range(2):
+        assert webhooks.deliver_next(r, settings, "wtest", wait_s=1)
+    assert [json.loads(c["body"])["id"] for c in receiver.calls] == [new, old]
+
+
+def test_schedule_sets_attempts_and_gaps_and_history_is_kept(r, settings, receiver):
+    receiver.answers[:] = [500, 503, 500]
+    settings = dataclasses.replace(settings, webhook_schedule=(0.3, 1.2))
+    job_id = finished_job(r, settings, receiver.url)
+    run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "failed")
+    assert len(receiver.calls) == 3
+    gaps = [b["at"] - a["at"] for a, b in zip(receiver.calls, receiver.calls[1:], strict=False)]
+    assert 0.3 * 0.9 <= gaps[0] < 1.0 and gaps[1] >= 1.2 * 0.9, gaps
+    history = jobstore.webhook_history(r.hgetall(f"job:{job_id}"))
+    assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retrying"), (2, "retrying"), (3, "failed")]
+    assert "HTTP 503" in history[1]["error"] and history[0]["at"] < history[2]["at"]
+
+
+def test_history_is_bounded(r, settings, receiver):
+    receiver.answers[:] = [500]
+    settings = dataclasses.replace(settings, webhook_schedule=(0.0,) * (config.WEBHOOK_HISTORY_MAX + 4))
+    job_id = finished_job(r, settings, receiver.url)
+    run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "failed")
+    history = jobstore.webhook_history(r.hgetall(f"job:{job_id}"))
+    assert len(history) == config.WEBHOOK_HISTORY_MAX
+    assert history[-1] == {**history[-1], "attempt": config.WEBHOOK_HISTORY_MAX + 5, "outcome": "failed"}
+
+
+def test_schedule_setting_format(monkeypatch):
+    monkeypatch.setenv("WEBHOOK_SCHEDULE", "5, 30,120,600,3600")
+    loaded = config.load()
+    assert loaded.webhook_schedule == (5, 30, 120, 600, 3600)
+    assert webhooks.retry_delays(loaded) == (5, 30, 120, 600, 3600)
+    monkeypatch.delenv("WEBHOOK_SCHEDULE")
+    monkeypatch.setenv("WEBHOOK_ATTEMPTS", "3")
+    monkeypatch.setenv("WEBHOOK_INTERVAL_S", "7")
+    assert webhooks.retry_delays(config.load()) == (7, 7)  # the older pair still works
+    monkeypatch.setenv("WEBHOOK_SCHEDULE", "5,soon")
+    with pytest.raises(SystemExit, match="WEBHOOK_SCHEDULE must be comma-separated seconds"):
+        config.load()
+
+
+def test_stop_gives_inflight_deliveries_back_unchanged(r, settings):
+    """Graceful stop while an attempt hangs: the delivery goes back to the outbox as it was (same
+    webhook-id, attempt count kept), and the attempt ending later records nothing."""
+    hang = start_receiver(mode="hang", host="127.0.0.2", hold_s=3)
+    try:
+        settings = dataclasses.replace(settings, webhook_timeout_s=5.0)
+        job_id = finished_job(r, settings, hang.url)
+        raw = r.lindex(config.WEBHOOK_OUTBOX_KEY, 0)
+        entry = json.loads(raw)
+        r.delete(config.WEBHOOK_OUTBOX_KEY)
+        r.lpush(config.WEBHOOK_OUTBOX_KEY, json.dumps({**entry, "attempt": 2}))  # a retry under way
+        stop = threading.Event()
+        senders = webhooks.start_delivery(settings, "wstop", stop)
+        wait_for(lambda: hang.calls, 5, what="the attempt to start")
+        returned = webhooks.stop_delivery(r, "wstop", stop, senders, wait_s=1.5)
+        assert returned == 1
+        wait_for(lambda: r.llen(config.WEBHOOK_OUTBOX_KEY) == 1, 2, what="the delivery back in the outbox")
+        assert [json.loads(e) for e in r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1)] == [{**entry, "attempt": 2}]
+        assert r.llen(jobstore.webhook_inflight_key("wstop")) == 0
+        time.sleep(3.5)  # the hanging attempt ends now; its outcome must not be recorded
+        assert r.hget(f"job:{job_id}", "webhook_status") == "pending"
+        assert r.zcard(config.WEBHOOK_RETRY_KEY) == 0
+    finally:
+        hang.close()
+
+
+def test_sweep_recovers_inflight_of_a_worker_that_vanished_without_deregistering_as_dead(r, settings):
+    """A worker that left the workers set (a clean retire) with a delivery in flight: the sweep still
+    finds its in-flight list (through the senders set) once its heartbeat is gone."""
+    import c3_render_worker
+
+    hang = start_receiver(mode="hang", host="127.0.0.2", hold_s=3)
+    try:
+        finished_job(r, settings, hang.url)
+        entry = r.lindex(config.WEBHOOK_OUTBOX_KEY, 0)
+        stop = threading.Event()
+        webhooks.start_delivery(settings, "w-vanished", stop)
+        wait_for(lambda: hang.calls, 5, what="the attempt to start")
+        stop.set()  # the process is gone: nobody hands the delivery back
+        r.delete(config.WORKERS_KEY)
+        settings = dataclasses.replace(settings, heartbeat_ttl_s=0)
+        c3_render_worker.sweep_dead_workers(settings, r)
+        assert r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1) == [entry]
+        assert r.llen(jobstore.webhook_inflight_key("w-vanished")) == 0
+    finally:
+        hang.close()
+
+
+def test_sweep_leaves_a_live_worker_alone(r, settings):
+    r.lpush(jobstore.webhook_inflight_key("w-live"), '{"job_id": "x", "url": "http://127.0.0.1:9/", "body": "{}"}')
+    r.sadd(config.WEBHOOK_SENDERS_KEY, "w-live")
+    jobstore.heartbeat(r, "w-live", 30)
+    assert webhooks.recover_inflight(r) == 0
+    assert r.llen(jobstore.webhook_inflight_key("w-live")) == 1
