@@ -185,6 +185,8 @@ def test_the_image_gets_every_module_and_package_of_the_project():
     copied = [source for word, args in dockerfile_instructions() if word == "COPY"
               for source in shlex.split(args)[:-1]]
     copied_paths = {str(Path(m).relative_to(ROOT)) for source in copied for m in glob.glob(str(ROOT / source))}
+    top_level = {path.stem for path in ROOT.glob("*.py")} - {"gunicorn.conf"}  # gunicorn reads that by path
+    assert top_level == set(setuptools_conf["py-modules"]), "pyproject.toml's py-modules must list every module"
     for module in setuptools_conf["py-modules"]:
         assert f"{module}.py" in copied_paths, f"{module}.py is not copied into the image"
     for package in setuptools_conf["packages"]:
