@@ -36,21 +36,83 @@ import time
 from pathlib import Path
 from typing import Any
 
-from soak_chaos import Chaos
+import redis
+from soak_chaos import CHAOS_KINDS, Chaos
 from soak_common import Timeout, http, log
-from soak_jobs import drain, make_images, make_speech, submit_all
-from soak_report import count, print_details, table, verdict
+from soak_jobs import Submissions, drain, make_images, make_speech, submit_all
+from soak_receivers import HOSTILE, all_deliveries
+from soak_report import Redelivery, chaos_table, count, print_details, table, verdict
 from soak_stack import Stack, devnode_nodes, start_stack, stop_all_started, webhooks_pending
 
 
-def settle_webhooks(stack: Stack, ids: list[str], deadline: float) -> None:
-    """Wait until every finished job's webhook arrived and nothing is left to send (or the deadline)."""
+def webhook_statuses(stack: Stack, ids: list[str]) -> dict[str, str]:
+    assert stack.r is not None
+    try:
+        pipe = stack.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(f"job:{job_id}", "webhook_status")
+        return dict(zip(ids, (status or "" for status in pipe.execute()), strict=True))
+    except redis.RedisError:
+        return {}
+
+
+def settle_webhooks(stack: Stack, subs: Submissions, deadline: float) -> None:
+    """Wait until every webhook for a healthy or the flaky receiver arrived or failed for good (or the
+    deadline); the hostile receivers' webhooks are still being refused meanwhile."""
     while time.monotonic() < deadline:
-        got = stack.receiver.snapshot()
-        if all(job_id in got for job_id in ids) and webhooks_pending(stack) == 0:
-            break
+        got = all_deliveries(stack.receivers)
+        waiting = [job_id for job_id in subs.accepted if subs.receiver_of.get(job_id) not in HOSTILE
+                   and job_id not in got]
+        statuses = webhook_statuses(stack, waiting)
+        if not waiting or (statuses and all(status == "failed" for status in statuses.values())):
+            return
+        time.sleep(0.5)
+    log("deadline: webhooks still on their way to healthy receivers")
+
+
+def fix_receivers(stack: Stack, deadline: float) -> None:
+    """The hostile receivers answer 200 from now on; wait until nothing is left to send (or the deadline)."""
+    for receiver in stack.receivers.values():
+        receiver.fixed.set()
+        receiver.come_up()
+    while time.monotonic() < deadline and webhooks_pending(stack) != 0:
         time.sleep(0.5)
     time.sleep(2.0)  # a copy being sent right now still arrives
+
+
+def redeliver(stack: Stack, subs: Submissions, deadline: float) -> Redelivery:
+    """Ask the API to send again every finished job's webhook that never arrived (`POST /jobs/<id>/webhook`),
+    then wait for the copies. A 404/405 means the API has no such route: those webhooks stay missing."""
+    redelivery = Redelivery()
+    todo = [job_id for job_id in subs.accepted if job_id not in all_deliveries(stack.receivers)]
+    while todo and time.monotonic() < deadline:
+        got = all_deliveries(stack.receivers)
+        for job_id in [job_id for job_id in todo if job_id in got]:
+            todo.remove(job_id)  # arrived by itself meanwhile (it was still being retried)
+        for job_id in list(todo):
+            try:
+                status, answer = http("POST", f"{stack.api_url}/jobs/{job_id}/webhook", {})
+            except OSError as exc:
+                redelivery.refused[job_id] = f"no answer: {exc}"
+                continue
+            if status in (200, 202):
+                redelivery.asked_at[job_id] = time.time()
+                redelivery.route = "answered"
+                todo.remove(job_id)
+            elif status != 409:  # 409: not finished or still being sent; ask again in a moment
+                redelivery.refused[job_id] = f"HTTP {status}: {answer}"
+                if status in (404, 405):
+                    redelivery.route = f"HTTP {status} (no POST /jobs/<id>/webhook in this API)"
+                todo.remove(job_id)
+            else:
+                redelivery.refused[job_id] = f"HTTP 409 until the deadline: {answer}"
+        time.sleep(1.0)
+    while time.monotonic() < deadline:
+        got = all_deliveries(stack.receivers)
+        if all(job_id in got for job_id in redelivery.asked_at):
+            break
+        time.sleep(0.5)
+    return redelivery
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,8 +130,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spread", type=float, default=0.0,
                         help="spread the submissions over at least this many seconds, so that a small run "
                              "still meets enough chaos (default 0: as fast as the backlog allows)")
+    parser.add_argument("--hostile-share", type=float, default=0.3,
+                        help="share of the jobs whose webhook goes to a hostile receiver (default 0.3)")
+    parser.add_argument("--skip", default="", help="chaos kinds not to inject, comma-separated (default none; "
+                        "kinds: " + ", ".join(CHAOS_KINDS) + ")")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, AOF)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.skip = {kind.strip() for kind in args.skip.split(",") if kind.strip()}
+    if args.skip - set(CHAOS_KINDS):
+        parser.error(f"unknown chaos kinds: {', '.join(sorted(args.skip - set(CHAOS_KINDS)))}")
+    return args
 
 
 def on_sigterm(signum: int, _frame: Any) -> None:
@@ -84,28 +154,44 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started_at + args.duration_limit
     signal.signal(signal.SIGTERM, on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="c3-soak-"))
-    command = f"python bench/soak.py --jobs {args.jobs} --workers {args.workers} --seed {seed}"
-    log(f"{command}  (deadline {args.duration_limit:.0f} s, logs in {tmp})")
+    command = (f"python bench/soak.py --jobs {args.jobs} --workers {args.workers} --seed {seed} "
+               f"--duration-limit {args.duration_limit:g} --chaos-interval {args.chaos_interval:g}"
+               + (f" --spread {args.spread:g}" if args.spread else "")
+               + (f" --hostile-share {args.hostile_share:g}" if args.hostile_share != 0.3 else "")
+               + (f" --skip {','.join(sorted(args.skip))}" if args.skip else ""))
+    log(f"{command}  (logs in {tmp})")
     stack: Stack | None = None
     chaos: Chaos | None = None
     passed = False
     try:
         stack = start_stack(tmp, args.workers)
         log(f"redis {stack.redis.url}, dev node {stack.devnode_url}, API {stack.api_url}, "
-            f"{args.workers} workers")
+            f"{args.workers} workers, receivers " + ", ".join(f"{n} {r.url}" for n, r in stack.receivers.items()))
         make_images(tmp / "inputs")
         log(f"inputs ready: {make_speech(stack, tmp / 'inputs')}, a 256 px face, a plain image")
         interval = float(stack.env["WEBHOOK_INTERVAL_S"])
-        attempts = int(stack.env["WEBHOOK_ATTEMPTS"])
-        chaos = Chaos(stack, rng, args.chaos_interval, webhook_down_max_s=min(8.0, interval * (attempts - 1) - 4))
+        retry_window = interval * (int(stack.env["WEBHOOK_ATTEMPTS"]) - 1)
+        subs = Submissions()
+        chaos = Chaos(stack, subs, rng, args.chaos_interval, webhook_down_max_s=min(8.0, retry_window - 4),
+                      retry_window_s=retry_window, skip=args.skip)
+        if chaos.unsupported:
+            log(f"the dev node lacks the switches for: {', '.join(sorted(chaos.unsupported))} (skipped)")
         chaos.thread.start()
-        subs = submit_all(stack, args.jobs, args.backlog or 4 * args.workers, args.spread, rng, deadline - 90)
+        submit_all(stack, subs, args.jobs, args.backlog or 4 * args.workers, args.spread, rng, args.hostile_share,
+                   deadline - 150)
         log(f"all {args.jobs} submitted ({len(subs.accepted)} accepted, {subs.retries} retried, "
-            f"{subs.replayed} answered from the Idempotency-Key); chaos stops")
+            f"{subs.replayed} answered from the Idempotency-Key)")
+        chaos.wait_first_round(min(60.0, deadline - 150 - time.monotonic()))
+        log("chaos stops" + (f" before these kinds happened: {chaos.pending_kinds}" if chaos.pending_kinds else ""))
         chaos.finish()
         http("POST", stack.devnode_url + "/admin/reset", {})
-        drain(stack, subs.accepted, deadline - 60)
-        settle_webhooks(stack, subs.accepted, min(deadline - 40, time.monotonic() + interval * attempts + 30))
+        drain(stack, subs.accepted, deadline - 120)
+        log("all jobs finished; waiting for the webhooks to healthy and flaky receivers")
+        settle_webhooks(stack, subs, min(deadline - 100, time.monotonic() + retry_window + 30))
+        log("the hostile receivers answer 200 now; waiting for the outbox to empty")
+        fix_receivers(stack, min(deadline - 70, time.monotonic() + retry_window + 20))
+        redelivery = redeliver(stack, subs, min(deadline - 40, time.monotonic() + retry_window + 20))
+        log(f"redelivery: {redelivery.route}; {len(redelivery.asked_at)} webhook(s) sent again")
         log("stopping the workers (SIGTERM; each stops its node)")
         for child in stack.workers.values():
             child.killed_by_us = True
@@ -114,19 +200,21 @@ def main(argv: list[str] | None = None) -> int:
             child.stop(30)
         time.sleep(1.0)
         nodes = devnode_nodes(stack.devnode_url)
-        report = count(stack, subs, nodes)
+        report = count(stack, subs, nodes, chaos, redelivery)
         wall = time.monotonic() - started_at
         print()
         print(table(report))
         print()
-        print_details(report, chaos, subs, wall, command, args)
+        print(chaos_table(chaos))
+        print()
+        print_details(report, chaos, subs, redelivery, wall, command)
         wrong = verdict(report, chaos, stack.api, stack.devnode)
         if wrong:
             print("\nFAILED:")
             for line in wrong:
                 print(f"- {line}")
             return 1
-        print("\nPASSED: nothing lost, every webhook arrived, no node left running")
+        print("\nPASSED: nothing lost, every webhook arrived, none starved, no node left running")
         passed = True
         return 0
     except Timeout as exc:
@@ -138,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if chaos is not None:
             chaos.stop_event.set()
+        if stack is not None:
+            for receiver in stack.receivers.values():
+                receiver.fixed.set()  # hanging handlers let go, so the processes can stop
         stop_all_started()
         if stack is not None:
-            stack.receiver.close()
+            for receiver in stack.receivers.values():
+                receiver.close()
             stack.files.shutdown()
         if args.keep or not passed:
             log(f"logs kept in {tmp}")

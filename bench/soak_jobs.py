@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from soak_common import FINISHED, Timeout, http, log, wait_until
+from soak_receivers import HOSTILE
 from soak_stack import Stack
 
 SENTENCES = ("Hello there.", "The soak test is running.", "One more short line.", "Good morning to you.",
@@ -79,12 +80,21 @@ def job_request(rng: random.Random, files_url: str, notify_url: str) -> tuple[st
     return route, {**body, "notify_url": notify_url}
 
 
+def pick_receiver(rng: random.Random, hostile_share: float) -> str:
+    """The receiver a job's notify_url points at: a hostile one for about hostile_share of the jobs."""
+    if rng.random() < hostile_share:
+        return rng.choices(HOSTILE, weights=(1, 3, 1))[0]  # drip the most: it holds a sender the longest
+    return rng.choices(("healthy-1", "healthy-2", "flaky"), weights=(40, 40, 20))[0]
+
+
 @dataclasses.dataclass
 class Submissions:
     accepted: list[str] = dataclasses.field(default_factory=list)
+    receiver_of: dict[str, str] = dataclasses.field(default_factory=dict)  # job id -> receiver name
     retries: int = 0  # answers of 503 / 5xx or no answer, each followed by a retry with the same key
     replayed: int = 0  # retries answered from the Idempotency-Key (the first try had been accepted)
     rejected: list[str] = dataclasses.field(default_factory=list)
+    extra: int = 0  # jobs the chaos submitted (to cancel them, or to have a webhook for an outage)
 
 
 def submit_one(stack: Stack, route: str, body: dict[str, Any], subs: Submissions, deadline: float) -> None:
@@ -125,11 +135,10 @@ def unfinished(stack: Stack, ids: list[str]) -> list[str] | None:
     return [job_id for job_id, status in zip(ids, statuses, strict=True) if status not in FINISHED]
 
 
-def submit_all(stack: Stack, jobs: int, backlog: int, spread_s: float, rng: random.Random,
-               deadline: float) -> Submissions:
+def submit_all(stack: Stack, subs: Submissions, jobs: int, backlog: int, spread_s: float, rng: random.Random,
+               hostile_share: float, deadline: float) -> Submissions:
     """Submit the jobs, keeping at most `backlog` unfinished so that chaos meets running jobs all along,
-    and spread over at least spread_s seconds."""
-    subs = Submissions()
+    and spread over at least spread_s seconds; each job's webhook goes to one of the receivers."""
     open_ids: list[str] = []
     start = time.monotonic()
     for number in range(jobs):
@@ -143,11 +152,13 @@ def submit_all(stack: Stack, jobs: int, backlog: int, spread_s: float, rng: rand
             open_ids = still
             if len(open_ids) >= backlog:
                 time.sleep(0.3)
-        route, body = job_request(rng, stack.files_url, stack.receiver.url)
+        receiver = pick_receiver(rng, hostile_share)
+        route, body = job_request(rng, stack.files_url, stack.receivers[receiver].url)
         before = len(subs.accepted)
         submit_one(stack, route, body, subs, deadline)
         if len(subs.accepted) > before:
             open_ids.append(subs.accepted[-1])
+            subs.receiver_of[subs.accepted[-1]] = receiver
         if (number + 1) % 25 == 0:
             log(f"submitted {number + 1}/{jobs}")
     return subs

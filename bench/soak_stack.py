@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 from soak_common import C3_KEY, OFFLINE_ENV, ROOT, WEBHOOK_SECRET, answers, free_port, http, wait_until
-from soak_receivers import Receiver
+from soak_receivers import Receiver, start_receivers
 
 import config
 
@@ -66,6 +66,23 @@ class Child:
         except subprocess.TimeoutExpired:
             self.send(signal.SIGKILL)
             self.proc.wait(10)
+        return self.proc.returncode
+
+    def terminate(self, timeout_s: float) -> int | None:
+        """SIGTERM to the child alone (as Docker or Kubernetes stop a container's main process), SIGKILL to
+        its group after timeout_s; return the exit code."""
+        if self.proc is None:
+            return None
+        self.killed_by_us = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.send(signal.SIGKILL)
+            self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything it left behind in its group
         return self.proc.returncode
 
     def log_text(self) -> str:
@@ -113,6 +130,14 @@ class RedisProc:
         if self.child is not None:
             self.child.stop(20)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: what Redis wrote to the AOF is in the kernel's page cache and survives
+        (appendfsync everysec loses up to 1 s only when the host itself goes down)."""
+        if self.child is not None and self.child.proc is not None:
+            self.child.killed_by_us = True
+            self.child.send(signal.SIGKILL)
+            self.child.proc.wait(10)
+
 
 def _pings(client: redis.Redis) -> bool:
     try:
@@ -144,8 +169,9 @@ class Stack:
     devnode_url: str
     api: Child
     api_url: str
+    api_port: int
     env: dict[str, str]
-    receiver: Receiver
+    receivers: dict[str, Receiver]
     files: ThreadingHTTPServer
     files_url: str
     workers: dict[int, Child] = dataclasses.field(default_factory=dict)
@@ -177,11 +203,12 @@ def service_env(tmp: Path, redis_url: str, devnode_url: str, workers: int) -> di
         HEARTBEAT_TTL="3", SWEEP_INTERVAL_S="1", WEBHOOK_INTERVAL_S="3", WEBHOOK_ATTEMPTS="5",
         WEBHOOK_TIMEOUT_S="5", NODE_BOOT_TIMEOUT="30", LAUNCH_BACKOFF_S="0.2", GPU_IDLE_TIMEOUT="5",
         MAX_NODES=str(workers), WORKER_GRACE_S="10",
+        WEBHOOK_SCHEDULE="3,3,3,3",  # the same 5 attempts 3 s apart, for a sender that reads the schedule
     )
 
 
-def start_api(tmp: Path, env: dict[str, str]) -> tuple[Child, str]:
-    port = free_port()
+def start_api(tmp: Path, env: dict[str, str], port: int = 0) -> tuple[Child, str]:
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env["PUBLIC_BASE_URL"] = url
     args = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "8",
@@ -214,12 +241,40 @@ def start_stack(tmp: Path, workers: int) -> Stack:
     inputs.mkdir()
     files, files_url = serve_files(inputs)
     stack = Stack(tmp=tmp, redis=redis_proc, devnode=devnode, devnode_url=devnode_url, api=api,
-                  api_url=api_url, env=env, receiver=Receiver(), files=files, files_url=files_url,
+                  api_url=api_url, api_port=int(api_url.rsplit(":", 1)[1]), env=env,
+                  receivers=start_receivers(), files=files, files_url=files_url,
                   r=redis.Redis.from_url(redis_proc.url, decode_responses=True, socket_timeout=5,
                                          socket_connect_timeout=2))
     for slot in range(workers):
         start_worker(stack, slot)
     return stack
+
+
+def kill_api(stack: Stack) -> None:
+    """SIGKILL the API (gunicorn and its worker), as a crash."""
+    stack.api.killed_by_us = True
+    stack.api.send(signal.SIGKILL)
+    if stack.api.proc is not None:
+        stack.api.proc.wait(10)
+
+
+def restart_api(stack: Stack) -> None:
+    """Start the API again on the same port (clients keep its URL)."""
+    stack.api, _url = start_api(stack.tmp, stack.env, stack.api_port)
+
+
+def devnode_faults(devnode_url: str) -> dict[str, Any]:
+    """The dev node's fault switches and their values (which switches exist depends on its version)."""
+    status, answer = http("GET", devnode_url + "/admin/faults")
+    if status != 200 or not isinstance(answer, dict):
+        raise RuntimeError(f"/admin/faults answered HTTP {status}")
+    return answer
+
+
+def set_faults(devnode_url: str, changes: dict[str, Any]) -> None:
+    status, answer = http("POST", devnode_url + "/admin/faults", changes)
+    if status != 200:
+        raise RuntimeError(f"/admin/faults {changes} answered HTTP {status}: {answer}")
 
 
 def devnode_nodes(devnode_url: str) -> list[dict[str, Any]]:
