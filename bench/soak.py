@@ -1,26 +1,31 @@
-"""Soak test: the whole service under crashes and outages, then a count of what went wrong.
+"""Soak test: the whole service under crashes, outages and hostile receivers, then a count of what went wrong.
 
-Starts a real redis-server (AOF, everysec), the dev node, the API (gunicorn), N workers, a webhook
-receiver and a file server for the inputs, all on 127.0.0.1 in a temporary directory. Submits M jobs
-of mixed types (csm, whisper, portrait, analyze) with webhooks, keeping a small backlog queued, while
-a seeded chaos thread SIGKILLs workers (restarted a few seconds later under a new WORKER_ID),
-restarts Redis, makes the dev node fail launches, stops running nodes through the control API and
-takes the webhook receiver down for a while. Then it waits for every job to finish, lets webhooks
-settle, stops the workers with SIGTERM (they stop their nodes) and prints
+Starts a real redis-server (AOF, everysec), the dev node, the API (gunicorn), N workers, six webhook
+receivers (soak_receivers.py: healthy, flaky, hanging, dripping, slow 500) and a file server for the
+inputs, all on loopback in a temporary directory. Submits M jobs of mixed types (csm, whisper,
+portrait, analyze) with webhooks, keeping a small backlog queued, while a seeded chaos thread
+(soak_chaos.py: the kinds are listed there) kills and restarts workers, Redis and the API, makes
+launches, engines and nodes fail, takes the flaky receiver down and cancels jobs. Then it waits for
+every job to finish and the webhooks to settle, lets the hostile receivers recover, asks again with
+`POST /jobs/<id>/webhook` for every webhook that never arrived, stops the workers with SIGTERM (they
+stop their nodes) and prints
 
-| accepted | succeeded | failed (by reason) | lost | ran twice to success | webhooks missing |
-| webhooks duplicated | nodes left running | node-seconds billed |
+| accepted | succeeded | failed (by reason) | lost | ran twice to success | webhooks delivered |
+| webhooks redelivered | webhooks missing | webhooks duplicated | starved healthy webhooks |
+| nodes left running | node-seconds billed |
 
-plus the chaos events. Exit status 1 when lost, webhooks missing or nodes left running is not 0, or a
-webhook copy differs from the first (webhook-id or body), or a process died that chaos did not kill.
+a table of how often each kind of chaos happened, the healthy receivers' webhook latency (p50, p99)
+and the chaos log. Exit status 1 when lost, webhooks missing, starved healthy webhooks or nodes left
+running is not 0, a webhook copy differs from the first (webhook-id or body), a cancelled queued job
+ran, or a process died that chaos did not kill.
 
-    python bench/soak.py --jobs 300 --workers 3 [--seed S] [--duration-limit SECONDS]
+    python bench/soak.py --jobs 300 --workers 4 [--seed S] [--duration-limit SECONDS] [--skip KINDS]
 
 Everything started is stopped at the end, on failure, on Ctrl-C and on SIGTERM; --keep keeps the
 temporary directory (logs, Redis AOF) for a look afterwards.
 
-The pieces: soak_stack.py (the processes), soak_receivers.py (the webhook receiver), soak_jobs.py
-(inputs, the job mix, submissions), soak_chaos.py (the chaos thread), soak_report.py (count, table,
+The pieces: soak_stack.py (the processes), soak_receivers.py (the webhook receivers), soak_jobs.py
+(inputs, the job mix, submissions), soak_chaos.py (the chaos thread), soak_report.py (count, tables,
 verdict); this file is the command line and the order of events.
 """
 

@@ -420,6 +420,7 @@ class Chaos:
     def kill_api(self) -> None:
         down = round(self.rng.uniform(1, 3), 1)
         self.busy.add("api")
+        self.subs.sending.wait(3.0)  # kill while a submission is under way, if one comes soon
         kill_api(self.stack)
         self.note("kill_api", f"SIGKILL the API (gunicorn) during submissions; back in {down} s")
 

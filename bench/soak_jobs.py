@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -94,6 +95,7 @@ class Submissions:
     retries: int = 0  # answers of 503 / 5xx or no answer, each followed by a retry with the same key
     replayed: int = 0  # retries answered from the Idempotency-Key (the first try had been accepted)
     rejected: list[str] = dataclasses.field(default_factory=list)
+    sending: threading.Event = dataclasses.field(default_factory=threading.Event)  # a submission under way
     extra: int = 0  # jobs the chaos submitted (to cancel them, or to have a webhook for an outage)
 
 
@@ -101,10 +103,13 @@ def submit_one(stack: Stack, route: str, body: dict[str, Any], subs: Submissions
     """Submit until the API answers; the same Idempotency-Key on every retry, so it is queued once."""
     key = str(uuid.uuid4())
     while time.monotonic() < deadline:
+        subs.sending.set()
         try:
             status, answer = http("POST", stack.api_url + route, body, {"Idempotency-Key": key}, timeout_s=10)
         except OSError:
             status, answer = 0, None
+        finally:
+            subs.sending.clear()
         if status == 200 and isinstance(answer, dict) and answer.get("id"):
             if answer["id"] not in subs.accepted:
                 subs.accepted.append(answer["id"])

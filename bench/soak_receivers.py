@@ -110,7 +110,8 @@ class Receiver:
             handler.end_headers()
             return True
         end = time.monotonic() + HOSTILE_HOLD_S
-        drip = b"HTTP/1.1 200 OK\r\nX-Drip: "
+        # a 503 status line: when the sender gives up, or we cut the answer short, it must not count as 2xx
+        drip = b"HTTP/1.1 503 Service Unavailable\r\nX-Drip: "
         sent = 0
         while time.monotonic() < end and not self.fixed.is_set():
             if self.kind == "drip":
