@@ -243,8 +243,11 @@ def print_details(report: Report, chaos: Chaos, subs: Submissions, redelivery: R
     print("webhook receivers (jobs): " + ", ".join(f"{name} {jobs_by_receiver[name]}" for name in receivers)
           + f"; deliveries refused by the flaky one while down: {receivers['flaky'].refused_while_down}; "
           f"hostile answers: " + ", ".join(f"{name} {receivers[name].hostile_answers}" for name in HOSTILE))
+    early = len(redelivery.asked_at) - len(report.webhooks_redelivered) - sum(
+        "asked again, never arrived" in line for line in report.webhooks_missing)
     print(f"redelivery (POST /jobs/<id>/webhook): {redelivery.route}; {len(redelivery.asked_at)} asked, "
-          f"{len(report.webhooks_redelivered)} arrived")
+          f"{len(report.webhooks_redelivered)} arrived after the ask"
+          + (f", {early} had arrived by themselves just before it (then twice)" if early else ""))
     print(latency_line(report))
     print("Redis runs with appendonly yes, appendfsync everysec: SIGKILL of redis-server loses nothing it "
           "wrote (the kernel keeps it); only a crash of the host could lose up to 1 s of writes.")
