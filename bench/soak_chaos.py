@@ -470,7 +470,7 @@ class Chaos:
                         ("503", "refused"), until=failed_for_good)
         if not [job_id for job_id in self.records(("queued", "running"))
                 if self.subs.receiver_of.get(job_id) == "flaky"]:
-            self.extra_job("queued", receiver="flaky")
+            self.extra_job("flaky")
 
     # --- cancels ------------------------------------------------------------------------------------
 
@@ -502,38 +502,38 @@ class Chaos:
 
     def cancel_one(self, kind: str, was: str) -> None:
         candidates = sorted(self.records((was,)))
-        if candidates:
-            job_id = self.rng.choice(candidates)
-        else:
-            job_id = self.extra_job(was)  # nothing to cancel right now: submit one to cancel
-            if not job_id:
-                self.note(f"{kind}_skipped", f"no {was} job to cancel")
-                self.try_again(kind)
-                return
+        submitted = not candidates
+        if submitted:  # nothing to cancel right now: submit jobs for it (one more than the workers take)
+            ids = [self.extra_job("healthy-1") for _ in range(len(self.stack.workers) + 1 if was == "queued" else 1)]
+            end = time.monotonic() + (15 if was == "running" else 1)
+            while time.monotonic() < end and not candidates:
+                candidates = sorted(set(self.records((was,))) & set(ids))
+                time.sleep(0.1)
+        if not candidates:
+            self.note(f"{kind}_skipped", f"no {was} job to cancel")
+            self.try_again(kind)
+            return
+        job_id = self.rng.choice(candidates)
         answer = self.cancel(job_id, was)
         if answer is None:
             self.try_again(kind)
             return
         # a queued job may have been taken meanwhile: what the API answered says which cancel it was
-        kind = "cancel_queued" if answer.get("status") == "cancelled" else "cancel_running"
-        self.cancelled[job_id] = "queued" if kind == "cancel_queued" else "running"
-        self.note(kind, f"cancel job {job_id} ({'submitted for it, ' if not candidates else ''}"
-                  f"{was} when chosen): {answer}")
+        done = "cancel_queued" if answer.get("status") == "cancelled" else "cancel_running"
+        self.cancelled[job_id] = "queued" if done == "cancel_queued" else "running"
+        self.note(done, f"cancel job {job_id} ({'submitted for it, ' if submitted else ''}{was} when chosen): "
+                  f"{answer}")
+        if done != kind:
+            self.try_again(kind)
 
-    def extra_job(self, was: str, receiver: str = "healthy-1") -> str:
-        """Submit one more job (to cancel it, or to have a webhook for the flaky receiver); for `was`
-        "running", wait until a worker took it. Returns its id, or "" when that did not work out."""
-        before = len(self.subs.accepted)
+    def extra_job(self, receiver: str) -> str:
+        """Submit one more job (to cancel it, or to have a webhook for the flaky receiver); its id, or ""."""
         route, body = job_request(self.rng, self.stack.files_url, self.stack.receivers[receiver].url)
-        submit_one(self.stack, route, body, self.subs, time.monotonic() + 15)
-        if len(self.subs.accepted) == before:
+        job_id = submit_one(self.stack, route, body, self.subs, time.monotonic() + 15)
+        if not job_id:
             return ""
-        job_id = self.subs.accepted[-1]
         self.subs.receiver_of[job_id] = receiver
         self.subs.extra += 1
-        end = time.monotonic() + (15 if was == "running" else 0)
-        while time.monotonic() < end and job_id not in self.records(("running",)):
-            time.sleep(0.1)
         return job_id
 
     def cancel_queued(self) -> None:

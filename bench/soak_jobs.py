@@ -99,8 +99,9 @@ class Submissions:
     extra: int = 0  # jobs the chaos submitted (to cancel them, or to have a webhook for an outage)
 
 
-def submit_one(stack: Stack, route: str, body: dict[str, Any], subs: Submissions, deadline: float) -> None:
-    """Submit until the API answers; the same Idempotency-Key on every retry, so it is queued once."""
+def submit_one(stack: Stack, route: str, body: dict[str, Any], subs: Submissions, deadline: float) -> str | None:
+    """Submit until the API answers; the same Idempotency-Key on every retry, so it is queued once.
+    Returns the job id (None when the API refused the job)."""
     key = str(uuid.uuid4())
     while time.monotonic() < deadline:
         subs.sending.set()
@@ -115,13 +116,13 @@ def submit_one(stack: Stack, route: str, body: dict[str, Any], subs: Submissions
                 subs.accepted.append(answer["id"])
             else:
                 subs.replayed += 1
-            return
+            return str(answer["id"])
         if status == 0 or status >= 500 or status == 429:
             subs.retries += 1
             time.sleep(0.5)
             continue
         subs.rejected.append(f"HTTP {status}: {answer}")
-        return
+        return None
     raise Timeout("deadline passed while submitting")
 
 
@@ -159,11 +160,10 @@ def submit_all(stack: Stack, subs: Submissions, jobs: int, backlog: int, spread_
                 time.sleep(0.3)
         receiver = pick_receiver(rng, hostile_share)
         route, body = job_request(rng, stack.files_url, stack.receivers[receiver].url)
-        before = len(subs.accepted)
-        submit_one(stack, route, body, subs, deadline)
-        if len(subs.accepted) > before:
-            open_ids.append(subs.accepted[-1])
-            subs.receiver_of[subs.accepted[-1]] = receiver
+        job_id = submit_one(stack, route, body, subs, deadline)
+        if job_id:
+            open_ids.append(job_id)
+            subs.receiver_of[job_id] = receiver
         if (number + 1) % 25 == 0:
             log(f"submitted {number + 1}/{jobs}")
     return subs
