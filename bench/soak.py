@@ -112,9 +112,9 @@ def redeliver(stack: Stack, subs: Submissions, deadline: float) -> Redelivery:
             else:
                 redelivery.refused[job_id] = f"HTTP 409 until the deadline: {answer}"
         time.sleep(1.0)
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # until a copy sent after each request arrived
         got = all_deliveries(stack.receivers)
-        if all(job_id in got for job_id in redelivery.asked_at):
+        if all(any(copy.at >= asked for copy in got.get(job_id, ())) for job_id, asked in redelivery.asked_at.items()):
             break
         time.sleep(0.5)
     return redelivery

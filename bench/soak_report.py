@@ -39,6 +39,7 @@ def short_reason(error: str) -> str:
         ("did not become healthy", "node boot timeout"), ("MAX_ATTEMPTS", "worker died MAX_ATTEMPTS times"),
         ("404", "input 404"), ("max_time", "max_time"), ("complete_by", "complete_by"),
         ("cancelled", "cancelled"), ("engine hung", "engine hang"), ("dev node fault", "engine error"),
+        ("vision model failed: HTTP 500", "engine error"),
         ("could not store", "storage"), ("internal error", "internal error"),
     )
     for needle, name in patterns:
@@ -247,7 +248,7 @@ def print_details(report: Report, chaos: Chaos, subs: Submissions, redelivery: R
         "asked again, never arrived" in line for line in report.webhooks_missing)
     print(f"redelivery (POST /jobs/<id>/webhook): {redelivery.route}; {len(redelivery.asked_at)} asked, "
           f"{len(report.webhooks_redelivered)} arrived after the ask"
-          + (f", {early} had arrived by themselves just before it (then twice)" if early else ""))
+          + (f", {early} had arrived by themselves just before it" if early else ""))
     print(latency_line(report))
     print("Redis runs with appendonly yes, appendfsync everysec: SIGKILL of redis-server loses nothing it "
           "wrote (the kernel keeps it); only a crash of the host could lose up to 1 s of writes.")
