@@ -95,13 +95,14 @@ def redeliver(stack: Stack, subs: Submissions, deadline: float) -> Redelivery:
         for job_id in [job_id for job_id in todo if job_id in got]:
             todo.remove(job_id)  # arrived by itself meanwhile (it was still being retried)
         for job_id in list(todo):
+            asked = time.time()  # before the request: the copy may arrive before its answer does
             try:
                 status, answer = http("POST", f"{stack.api_url}/jobs/{job_id}/webhook", {})
             except OSError as exc:
                 redelivery.refused[job_id] = f"no answer: {exc}"
                 continue
             if status in (200, 202):
-                redelivery.asked_at[job_id] = time.time()
+                redelivery.asked_at[job_id] = asked
                 redelivery.route = "answered"
                 todo.remove(job_id)
             elif status != 409:  # 409: not finished or still being sent; ask again in a moment
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         settle_webhooks(stack, subs, min(deadline - 100, time.monotonic() + retry_window + 30))
         log("the hostile receivers answer 200 now; waiting for the outbox to empty")
         fix_receivers(stack, min(deadline - 70, time.monotonic() + retry_window + 20))
+        log(f"outbox empty: {webhooks_pending(stack) == 0}; asking again for the webhooks that never arrived")
         redelivery = redeliver(stack, subs, min(deadline - 40, time.monotonic() + retry_window + 20))
         log(f"redelivery: {redelivery.route}; {len(redelivery.asked_at)} webhook(s) sent again")
         log("stopping the workers (SIGTERM; each stops its node)")
