@@ -134,8 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, default=0,
                         help="unfinished jobs kept submitted at a time (default 4 per worker)")
     parser.add_argument("--spread", type=float, default=0.0,
-                        help="spread the submissions over at least this many seconds, so that a small run "
-                             "still meets enough chaos (default 0: as fast as the backlog allows)")
+                        help="spread the submissions over at least this many seconds (default, and at least: "
+                             "1.5 x the chaos kinds x --chaos-interval, so that every kind meets running jobs)")
     parser.add_argument("--hostile-share", type=float, default=0.3,
                         help="share of the jobs whose webhook goes to a hostile receiver (default 0.3)")
     parser.add_argument("--skip", default="", help="chaos kinds not to inject, comma-separated (default none; "
@@ -182,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                       retry_window_s=retry_window, skip=args.skip)
         if chaos.unsupported:
             log(f"the dev node lacks the switches for: {', '.join(sorted(chaos.unsupported))} (skipped)")
+        # submissions last long enough for the chaos to go through every kind once while jobs run
+        spread = max(args.spread, len(chaos.kinds) * args.chaos_interval * 1.5)
+        log(f"{len(chaos.kinds)} kinds of chaos, one every {args.chaos_interval:g} s on average; submissions "
+            f"spread over at least {spread:.0f} s")
         chaos.thread.start()
-        submit_all(stack, subs, args.jobs, args.backlog or 4 * args.workers, args.spread, rng, args.hostile_share,
+        submit_all(stack, subs, args.jobs, args.backlog or 4 * args.workers, spread, rng, args.hostile_share,
                    deadline - 150)
         log(f"all {args.jobs} submitted ({len(subs.accepted)} accepted, {subs.retries} retried, "
             f"{subs.replayed} answered from the Idempotency-Key)")

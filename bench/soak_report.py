@@ -6,8 +6,9 @@ neither happened (the API has no such route, refused it, or the copy never came)
 
 A healthy receiver's webhook is *starved* when it arrived more than STARVED_AFTER_S after its job
 finished, unless a fault that delays deliveries on purpose explains it (Redis down, or a worker
-SIGKILLed with a delivery in flight, until the sweep gives it back): the job finished before the fault
-ended and the webhook arrived at most EXCUSED_AFTER_S after it. Those are listed as "late, excused".
+SIGKILLed with a delivery in flight, until the sweep gives it back): the job finished during the fault
+or at most STARVED_AFTER_S before it began, and the webhook arrived at most EXCUSED_AFTER_S after the
+fault ended. Those are listed as "late, excused".
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from soak_stack import Child, Stack
 
 SUCCEEDED_LINE = re.compile(r"job ([0-9a-f-]{36}) succeeded in")
 STARVED_AFTER_S = 5.0
-# A fault excuses a late webhook whose job finished before the fault ended and that arrived within this
-# long after it: the delivery threads back off up to 10 s while Redis is down, and a SIGKILLed worker's
-# in-flight delivery comes back with the sweep once its heartbeat expired (HEARTBEAT_TTL 3 s + sweep 1 s).
+# A fault excuses a late webhook whose job finished while it was under way (or at most STARVED_AFTER_S
+# before it began: the webhook was not late yet) and that arrived within this long after it ended: the
+# delivery threads back off up to 10 s while Redis is down, and a SIGKILLed worker's in-flight delivery
+# comes back with the sweep once its heartbeat expired (HEARTBEAT_TTL 3 s + sweep 1 s).
 EXCUSED_AFTER_S = 8.0
 
 
@@ -164,7 +166,7 @@ def count_webhook(report: Report, job_id: str, record: dict[str, str], copies: l
     if latency <= STARVED_AFTER_S:
         return
     excuses = sorted({why for start, end, why in chaos.excused
-                      if finished <= end and start <= arrived <= end + EXCUSED_AFTER_S})
+                      if start - STARVED_AFTER_S <= finished <= end and start <= arrived <= end + EXCUSED_AFTER_S})
     line = f"{job_id} ({receiver}) {latency:.1f} s after its job finished" + (" (never arrived)" if not copies else "")
     if excuses and copies:
         report.late_excused.append(f"{line}: {', '.join(excuses)}")
