@@ -39,7 +39,7 @@ venv:
 ## soak: the full soak test (a few hundred jobs with crashes and outages); prints the table
 soak:
 	@bash scripts/install-deps.sh dev
-	$(PYTHON) bench/soak.py --jobs 300 --workers 3 --seed 42
+	$(PYTHON) bench/soak.py --jobs 300 --workers 4 --seed 42
 
 ## lock: re-resolve the lock files from pyproject.toml (after editing its dependencies); `make lock ARGS=--upgrade` takes the newest allowed versions
 lock:
