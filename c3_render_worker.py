@@ -858,6 +858,15 @@ def run_job(state: WorkerState, entry: str) -> None:
             log.info("job %s stopped: %s", job_id, reason)
         if reason != SHUTDOWN_REASON:
             drain_node(state, job_type, job_id)
+    except media_check.ToolKilled as exc:
+        # A stop of the whole process group (systemd, docker) kills ffprobe/ffmpeg with the worker: the job
+        # goes back. Otherwise (the OOM killer, say) it fails, saying so, rather than blaming the input.
+        if state.stopping.wait(1.0):
+            jobstore.put_back(r, worker_id, job_id, entry)
+            log.info("job %s put back on the queue (%s; worker shutting down)", job_id, exc)
+        else:
+            finish("failed", {"error": f"{exc}; the worker may be short of memory, try again later"})
+            log.warning("job %s failed: %s", job_id, exc)
     except (netfetch.FetchError, media_check.MediaError, EngineError, NodeFailed) as exc:
         finish("failed", {"error": str(exc)})
         log.info("job %s failed: %s", job_id, exc)

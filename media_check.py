@@ -44,6 +44,11 @@ class MediaError(Exception):
     """A downloaded file is not what it should be; str() is a message fit for the client."""
 
 
+class ToolKilled(Exception):
+    """ffprobe or ffmpeg was ended by a signal (a stop of the worker's process group, the OOM killer):
+    nothing is known about the file, so this is never reported as a bad input."""
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     width: int
@@ -160,6 +165,8 @@ def ffprobe_json(path: Path | str, *, timeout: float = FFPROBE_TIMEOUT_S) -> dic
         raise MediaError(f"ffprobe took longer than {timeout:g} s") from None
     except FileNotFoundError:
         raise MediaError("ffprobe is not installed") from None
+    if done.returncode < 0:
+        raise ToolKilled(f"ffprobe was stopped by signal {-done.returncode} while reading the input")
     if done.returncode != 0:
         lines = done.stderr.decode("utf-8", errors="replace").strip().splitlines()
         raise MediaError(f"ffprobe could not read the file: {lines[-1] if lines else 'no details'}")
@@ -359,6 +366,8 @@ def _run_ffmpeg(args: list[str], timeout: float) -> str:
         raise MediaError(f"ffmpeg took longer than {timeout:g} s") from None
     except OSError:
         raise MediaError("ffmpeg is not installed") from None
+    if done.returncode < 0:
+        raise ToolKilled(f"ffmpeg was stopped by signal {-done.returncode}")
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise MediaError(lines[-1] if lines else f"ffmpeg exited with status {done.returncode}")

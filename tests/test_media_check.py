@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import subprocess
@@ -302,3 +303,15 @@ def test_sniff(head: bytes, label: str) -> None:
 @given(st.binary(max_size=64))
 def test_prop_sniff_always_answers(head: bytes) -> None:
     assert isinstance(sniff(head), str) and sniff(head)
+
+
+def test_an_ffprobe_killed_by_a_signal_is_not_blamed_on_the_input(files, tmp_path, monkeypatch):
+    """A stop of the worker's process group kills ffprobe too; the job must not fail as 'not an audio
+    file' (the worker puts it back when it is stopping, else fails it saying what happened)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ffprobe").write_text("#!/bin/sh\nkill -TERM $$\n")
+    (fake_bin / "ffprobe").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    with pytest.raises(media_check.ToolKilled, match="signal 15"):
+        check_audio(files["long.wav"], field="audio_url", max_seconds=600)

@@ -4,6 +4,8 @@ launches that keep failing and nodes that vanish end in clear errors with no nod
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from system import (
     service_env,
     set_faults,
     start_api,
+    start_file_server,
     start_receiver,
     start_worker,
     wait_finished,
@@ -168,3 +171,38 @@ def test_node_vanishing_mid_job_is_replaced(redis_url, devnode, tmp_path, env):
         worker.stop()
         api.stop()
     wait_for(lambda: not running_nodes(devnode), 20, what="nodes stopped")
+
+
+@pytest.mark.parametrize("stopping", [False, True], ids=["oom-like", "process-group-stop"])
+def test_an_ffprobe_killed_by_a_signal_is_not_blamed_on_the_input(redis_url, devnode, tmp_path, env, stopping):
+    """ffprobe killed by a signal: when the worker is being stopped with its process group (systemd,
+    docker), the job goes back to the queue; otherwise it fails saying what happened, never 'not an
+    audio file'."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
+                    str(inputs / "talk.wav")], check=True, timeout=60)
+    server, files_url = start_file_server(inputs)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    # a group stop: the worker gets SIGTERM at the same moment as its ffprobe
+    (fake_bin / "ffprobe").write_text("#!/bin/sh\n" + ("kill -TERM $PPID\n" if stopping else "") + "kill -TERM $$\n")
+    (fake_bin / "ffprobe").chmod(0o755)
+    api, api_url = start_api(env, tmp_path)
+    worker = start_worker(env, tmp_path, f"w-ffprobe-{stopping}", PATH=f"{fake_bin}:{os.environ['PATH']}")
+    try:
+        status, answer = http_json("POST", api_url + "/whisper", {"audio_url": f"{files_url}/talk.wav"})
+        assert status == 200
+        if stopping:
+            assert worker.proc.wait(timeout=60) == 0
+            record = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(f"job:{answer['id']}")
+            assert record["status"] == "queued" and record["attempts"] == "0"
+            assert "put back on the queue (ffprobe was stopped by signal 15" in worker.log()
+        else:
+            final = wait_finished(api_url, answer["id"], 60)
+            assert final["status"] == "failed"
+            assert "ffprobe was stopped by signal 15" in final["error"] and "not an audio" not in final["error"]
+    finally:
+        worker.stop()
+        api.stop()
+        server.shutdown()
