@@ -169,3 +169,14 @@ def fill_disk(path: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+@pytest.fixture(scope="module")
+def devnode(tmp_path_factory: pytest.TempPathFactory):
+    """A dev node (local Comput3 with CPU engines) for one test module: its nodes and fault switches are
+    that module's. Modules that need other dev node settings define their own."""
+    from devnode_helpers import start_devnode, stop_devnode
+
+    proc, url = start_devnode(tmp_path_factory.mktemp("devnode"))
+    yield url
+    stop_devnode(proc)

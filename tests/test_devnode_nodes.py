@@ -7,15 +7,8 @@ import io
 import time
 
 import pytest
-from devnode_helpers import call, start_devnode, stop_devnode, wait_node_up
+from devnode_helpers import call, wait_node_up
 from PIL import Image
-
-
-@pytest.fixture(scope="module")
-def devnode(tmp_path_factory: pytest.TempPathFactory):
-    proc, url = start_devnode(tmp_path_factory.mktemp("devnode-nodes"))
-    yield url
-    stop_devnode(proc)
 
 
 @pytest.fixture(autouse=True)

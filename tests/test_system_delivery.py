@@ -10,7 +10,6 @@ import signal
 import pytest
 import redis
 from conftest import fill_disk, wait_for
-from devnode_helpers import start_devnode, stop_devnode
 from system import (
     http_json,
     reset_faults,
@@ -27,13 +26,6 @@ import jobspec
 import jobstore
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def devnode(tmp_path_factory):
-    proc, url = start_devnode(tmp_path_factory.mktemp("devnode-delivery"))
-    yield url
-    stop_devnode(proc)
 
 
 def finished_job(r: redis.Redis, notify_url: str) -> str:

@@ -11,7 +11,6 @@ import time
 import pytest
 import redis
 from conftest import free_port, wait_for
-from devnode_helpers import start_devnode, stop_devnode
 from moto.server import ThreadedMotoServer
 from system import (
     C3_KEY,
@@ -33,13 +32,6 @@ pytestmark = pytest.mark.e2e
 S3_SECRET = "s3-secret-4c1d0e9f7a2b"
 WEBHOOK_SECRET = "webhook-secret-8e7d6c5b4a39"
 FILE_SECRET = "file-secret-0f1e2d3c4b5a"
-
-
-@pytest.fixture(scope="module")
-def devnode(tmp_path_factory):
-    proc, url = start_devnode(tmp_path_factory.mktemp("devnode-hard"))
-    yield url
-    stop_devnode(proc)
 
 
 @pytest.fixture

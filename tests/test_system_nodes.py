@@ -16,7 +16,6 @@ import urllib.request
 import pytest
 import redis
 from conftest import wait_for
-from devnode_helpers import start_devnode, stop_devnode
 from system import (
     C3_KEY,
     devnode_nodes,
@@ -37,13 +36,6 @@ pytestmark = pytest.mark.e2e
 
 HEARTBEAT_TTL_S = 3  # service_env's HEARTBEAT_TTL
 SWEEP_INTERVAL_S = 1  # service_env's SWEEP_INTERVAL_S
-
-
-@pytest.fixture(scope="module")
-def devnode(tmp_path_factory):
-    proc, url = start_devnode(tmp_path_factory.mktemp("devnode-nodes"))
-    yield url
-    stop_devnode(proc)
 
 
 @pytest.fixture

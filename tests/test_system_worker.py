@@ -13,7 +13,6 @@ import time
 import pytest
 import redis
 from conftest import wait_for
-from devnode_helpers import start_devnode, stop_devnode
 from system import (
     devnode_nodes,
     http_json,
@@ -31,13 +30,6 @@ import jobspec
 import jobstore
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def devnode(tmp_path_factory):
-    proc, url = start_devnode(tmp_path_factory.mktemp("devnode"))
-    yield url
-    stop_devnode(proc)
 
 
 @pytest.fixture
