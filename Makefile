@@ -52,6 +52,8 @@ bench:
 	$(PYTHON) bench/queue_scale.py
 	$(PYTHON) bench/submit_throughput.py
 	$(PYTHON) bench/worker_memory.py
+	$(PYTHON) bench/webhook_latency.py
+	$(PYTHON) bench/sse_streams.py --streams 400 --threads 440
 	$(PYTHON) bench/soak.py --jobs 300 --workers 4 --seed 42
 
 ## clean: remove what runs and tests created (var/, caches); keeps .venv (remove it with `rm -rf .venv`)
