@@ -73,7 +73,9 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="c3-breakdown-") as tmp_name:
             redis_url = start_redis(procs, Path(tmp_name))
-            os.environ["REDIS_URL"] = redis_url
+            for name in [n for n in os.environ if n.startswith(("C3_", "MINIO_", "REDIS_"))]:
+                del os.environ[name]  # the settings of the gunicorn run (harness.start_gunicorn): no API keys
+            os.environ.update({"REDIS_URL": redis_url, "OUTPUT_DIR": str(Path(tmp_name) / "output")})
             sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
             # imported once REDIS_URL is set and the project is on the path (bare_app connects at import)
             import bare_app  # noqa: PLC0415
@@ -83,7 +85,7 @@ def main() -> int:
             import jobstore  # noqa: PLC0415
 
             real = {"submit": jobstore.submit, "json_body": api.json_body, "validate": jobspec.validate}
-            params = jobspec.validate("csm", json.loads(BODY))  # the same job record either way
+            validated = jobspec.validate("csm", json.loads(BODY))  # the same job record either way
 
             def lpush_submit(r: redis.Redis, job_type: str, params: dict, **_: object) -> tuple[str, bool]:
                 job_id = str(uuid.uuid4())
@@ -100,7 +102,7 @@ def main() -> int:
                 def wsgi(env: dict, start: object) -> object:
                     jobstore.submit = real["submit"] if script else lpush_submit
                     api.json_body = real["json_body"] if checks else lambda: json.loads(api.request.get_data())
-                    jobspec.validate = real["validate"] if checks else lambda _type, _body: dict(params)
+                    jobspec.validate = real["validate"] if checks else lambda _type, _body: dict(validated)
                     return app(env, start)
                 return wsgi
 
