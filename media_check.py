@@ -149,6 +149,22 @@ def _sniff_file(path: Path) -> str:
 # --- ffprobe --------------------------------------------------------------------------------------
 
 
+def _run_tool(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ffprobe or ffmpeg (command[0]) and return how it ended. Raises MediaError when it took longer
+    than timeout or is not installed, ToolKilled when a signal ended it; a non-zero exit is the caller's."""
+    name = command[0]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise MediaError(f"{name} took longer than {timeout:g} s") from None
+    except OSError:
+        raise MediaError(f"{name} is not installed") from None
+    if done.returncode < 0:
+        raise ToolKilled(f"{name} was stopped by signal {-done.returncode}")
+    return done
+
+
 def ffprobe_json(path: Path | str, *, timeout: float = FFPROBE_TIMEOUT_S) -> dict:
     """ffprobe's JSON (format and streams) for a local file. Only the file protocol is allowed,
     so a playlist inside the file cannot make ffprobe fetch anything. Raises MediaError."""
@@ -159,19 +175,12 @@ def ffprobe_json(path: Path | str, *, timeout: float = FFPROBE_TIMEOUT_S) -> dic
         "-print_format", "json", "-show_format", "-show_streams",
         f"file:{target}",
     ]  # fmt: skip
-    try:
-        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise MediaError(f"ffprobe took longer than {timeout:g} s") from None
-    except FileNotFoundError:
-        raise MediaError("ffprobe is not installed") from None
-    if done.returncode < 0:
-        raise ToolKilled(f"ffprobe was stopped by signal {-done.returncode} while reading the input")
+    done = _run_tool(command, timeout)
     if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        lines = done.stderr.strip().splitlines()
         raise MediaError(f"ffprobe could not read the file: {lines[-1] if lines else 'no details'}")
     try:
-        data = json.loads(done.stdout or b"{}")
+        data = json.loads(done.stdout or "{}")
     except ValueError:
         raise MediaError("ffprobe gave unreadable output") from None
     if not isinstance(data, dict):
@@ -360,14 +369,7 @@ def check_audio(path: Path | str, *, field: str, max_seconds: float) -> AudioInf
 def _run_ffmpeg(args: list[str], timeout: float) -> str:
     """Run ffmpeg (local files only); return its stdout. Raises MediaError with ffmpeg's last line."""
     cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-protocol_whitelist", "file,pipe", *args]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise MediaError(f"ffmpeg took longer than {timeout:g} s") from None
-    except OSError:
-        raise MediaError("ffmpeg is not installed") from None
-    if done.returncode < 0:
-        raise ToolKilled(f"ffmpeg was stopped by signal {-done.returncode}")
+    done = _run_tool(cmd, timeout)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise MediaError(lines[-1] if lines else f"ffmpeg exited with status {done.returncode}")
