@@ -906,10 +906,8 @@ def check_startup(settings: config.Settings) -> None:
     if not settings.c3_api_key:
         raise SystemExit("configuration error: C3_API_KEY is not set; the worker needs a Comput3 API key "
                          "(for the local dev node any value works, e.g. C3_API_KEY=dev)")
-    for name, template in zip(config.NODE_URL_SETTINGS, (settings.c3_node_url, settings.c3_comfyui_url,
-                                                          settings.c3_ollama_url), strict=True):
-        if problem := config.node_url_problem(name, template):
-            raise SystemExit(f"configuration error: {problem}")
+    if problems := config.node_url_problems(settings):
+        raise SystemExit(f"configuration error: {problems[0]}")
     try:
         netfetch.parse_allowlist(settings.url_allowlist)
     except ValueError as exc:

@@ -62,9 +62,6 @@ DEFAULT_ANALYZE_WORKLOAD_TYPE = "ollama_webui:fast"  # Ollama with llama3.2-visi
 DEFAULT_SERVICE_READY_TIMEOUT_S = 480.0
 
 
-NODE_URL_SETTINGS = ("C3_NODE_URL", "C3_COMFYUI_URL", "C3_OLLAMA_URL")  # templates with a {node} field
-
-
 def node_url_problem(name: str, template: str) -> str | None:
     """Why a node URL template (e.g. `https://ui-{node}`) is unusable, or None when it is fine."""
     try:
@@ -271,3 +268,10 @@ def load() -> Settings:
         storage_retry_s=_float("STORAGE_RETRY_S", 60.0),
         min_free_disk_mb=_int("MIN_FREE_DISK_MB", 512),
     )
+
+
+def node_url_problems(settings: Settings) -> list[str]:
+    """Why each unusable node URL template of settings is unusable (empty when all are fine)."""
+    templates = {"C3_NODE_URL": settings.c3_node_url, "C3_COMFYUI_URL": settings.c3_comfyui_url,
+                 "C3_OLLAMA_URL": settings.c3_ollama_url}
+    return [problem for name, template in templates.items() if (problem := node_url_problem(name, template))]

@@ -70,12 +70,6 @@ def worker_settings(service: dict, monkeypatch: pytest.MonkeyPatch) -> config.Se
     return config.load()
 
 
-def node_url_problems(settings: config.Settings) -> list[str]:
-    templates = (settings.c3_node_url, settings.c3_comfyui_url, settings.c3_ollama_url)
-    return [p for name, t in zip(config.NODE_URL_SETTINGS, templates, strict=True)
-            if (p := config.node_url_problem(name, t))]
-
-
 def test_default_compose_runs_the_dev_node_worker_with_intact_node_urls(compose, tmp_path, monkeypatch):
     resolved = resolve(compose, tmp_path)
     services = resolved["services"]
@@ -83,7 +77,7 @@ def test_default_compose_runs_the_dev_node_worker_with_intact_node_urls(compose,
     # in the comput3 profile only (v2 leaves it out of the resolved file, v1 shows it with its profile)
     assert services.get("worker-comput3", {"profiles": ["comput3"]})["profiles"] == ["comput3"]
     settings = worker_settings(services["worker"], monkeypatch)
-    assert node_url_problems(settings) == []
+    assert config.node_url_problems(settings) == []
     assert settings.c3_node_url.format(node="n1") == "http://n1"
     assert settings.c3_comfyui_url.format(node="n1") == "http://n1/comfyui"
     assert settings.c3_api_url == "http://devnode:8700/api/v0"
@@ -101,7 +95,7 @@ def test_comput3_worker_gets_the_real_node_urls_and_no_dev_node(compose, tmp_pat
     service = resolved["services"]["worker-comput3"]
     assert "devnode" not in (service.get("depends_on") or {})
     settings = worker_settings(service, monkeypatch)
-    assert node_url_problems(settings) == []
+    assert config.node_url_problems(settings) == []
     assert settings.c3_api_key == "k-123"
     assert settings.c3_api_url == config.DEFAULT_C3_API_URL
     assert settings.c3_node_url.format(node="n1") == "https://n1"
@@ -117,7 +111,7 @@ def test_a_node_url_default_inside_an_interpolation_is_caught(compose, tmp_path,
                       "      C3_COMFYUI_URL: ${C3_COMFYUI_URL:-http://{node}/comfyui}\n")
     service = resolve(compose, tmp_path, compose_file=broken)["services"]["worker"]
     resolved_url = service["environment"]["C3_COMFYUI_URL"]
-    problems = node_url_problems(worker_settings(service, monkeypatch))
+    problems = config.node_url_problems(worker_settings(service, monkeypatch))
     if resolved_url == "http://{node}/comfyui":  # compose v2
         assert problems == []
     else:  # compose v1
