@@ -55,6 +55,22 @@ DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 # lives RESULT_TTL after that.
 INDEX_HORIZON_S = int(sum(f.maximum or 0 for f in COMMON_FIELDS if f.name in ("complete_in", "max_time")))
 
+# Key and channel names the Lua scripts below use, from config.py (one substitution map for all of them).
+_LUA_NAMES = {
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
+    "index": config.JOBS_INDEX_KEY,
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "jobs_total": config.JOBS_TOTAL_KEY,
+    "duration": config.JOB_DURATION_KEY.format(type=""),
+    "recent": config.FINISHED_RECENT_KEY,
+    "queue_channel": config.QUEUE_EVENTS_CHANNEL,
+    "job_channel": config.JOB_EVENTS_CHANNEL.format(id=""),
+    "buckets": ", ".join(str(b) for b in DURATION_BUCKETS),
+    "horizon": INDEX_HORIZON_S,
+}
+
 # Lua functions shared by the scripts that change a job record: every change bumps the record's
 # `events` number and is published for /events listeners; a status change also moves the job between
 # the status indexes of GET /jobs and lands in its history. Key names come from config.py.
@@ -70,13 +86,7 @@ local function job_changed(job_key, job_id, old, new, now)
   end
   redis.call('PUBLISH', '${job_channel}' .. job_id, redis.call('HINCRBY', job_key, 'events', 1))
 end
-""").substitute({
-    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
-    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
-    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
-    "queue_channel": config.QUEUE_EVENTS_CHANNEL,
-    "job_channel": config.JOB_EVENTS_CHANNEL.format(id=""),
-})
+""").substitute(_LUA_NAMES)
 
 # On a finished job: count it for /metrics, keep it among the recent finishes, expire its history with
 # it and trim the indexes of GET /jobs past their retention.
@@ -104,18 +114,7 @@ local function job_finished(job_key, job_id, new, now, ttl)
     redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
   end
 end
-""").substitute({
-    "jobs_total": config.JOBS_TOTAL_KEY,
-    "buckets": ", ".join(str(b) for b in DURATION_BUCKETS),
-    "duration": config.JOB_DURATION_KEY.format(type=""),
-    "recent": config.FINISHED_RECENT_KEY,
-    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
-    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
-    "horizon": INDEX_HORIZON_S,
-    "index": config.JOBS_INDEX_KEY,
-    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
-    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
-})
+""").substitute(_LUA_NAMES)
 
 # Lua helpers for queue slots, put in front of the scripts that use them (see the module docstring).
 # Q = {queue, pushes, requeued, cancelled}: the queue list and its three slot keys.
@@ -280,14 +279,7 @@ redis.call('ZADD', '${by_status}queued', now, id)
 redis.call('RPUSH', '${history_prefix}' .. id .. '${history_suffix}', cjson.encode({status = 'queued', at = now}))
 redis.call('HINCRBY', '${jobs_total}', job_type .. '|queued', 1)
 return ''
-""").substitute({
-    "index": config.JOBS_INDEX_KEY,
-    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
-    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
-    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
-    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
-    "jobs_total": config.JOBS_TOTAL_KEY,
-})
+""").substitute(_LUA_NAMES)
 
 # KEYS: job, queue, pushes, requeued, cancelled.  ARGV: id.
 # 1 for the job that runs next; nil when the job is not queued or its entry is no longer in the queue.
@@ -328,11 +320,12 @@ if back > 0 then
   local id = cjson.decode(ARGV[1])['id']
   push_front(Q, KEYS[1], id, ARGV[1])
   job_changed(KEYS[1], id, back == 2 and 'running' or 'queued', 'queued', ARGV[3])
-  redis.call('PUBLISH', '${queue_channel}', id)
+  -- running -> queued published the queue move already; a job that stayed queued only changed place
+  if back == 1 then redis.call('PUBLISH', '${queue_channel}', id) end
   back = 1
 end
 return back
-""").substitute({"queue_channel": config.QUEUE_EVENTS_CHANNEL})
+""").substitute(_LUA_NAMES)
 
 FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
 QUEUE_KEYS = (config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, config.QUEUE_REQUEUED_KEY, config.QUEUE_CANCELLED_KEY)
