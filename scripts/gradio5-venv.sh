@@ -12,7 +12,8 @@ if [ -f "$VENV5/.installed" ] && [ "$(cat "$VENV5/.installed")" = "$want" ]; the
 fi
 echo "[setup] making $VENV5 (gradio 5, as on the nodes, for tests/test_gradio5_client.py)"
 [ -x "$VENV5/bin/python" ] || "$SYSTEM_PYTHON" -m venv "$VENV5"
+# (pipefail: a failed pip fails this script; the filter itself may find nothing to print)
 "$VENV5/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps \
-  -r requirements-gradio5.txt 2>&1 | grep -v "WARNING: Location" || true
+  -r requirements-gradio5.txt 2>&1 | { grep -v "WARNING: Location" || true; }
 "$VENV5/bin/python" -c "import gradio; print('    gradio', gradio.__version__, 'in $VENV5')"
 echo "$want" > "$VENV5/.installed"
