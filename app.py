@@ -197,10 +197,13 @@ def json_body() -> Any:
     return body
 
 
-def record_or_error(job_id: str) -> dict[str, str]:
+def record_or_error(job_id: str, with_position: bool = False) -> dict[str, str]:
+    """The job's record, or the 400/404 answer; with_position adds a queued job's queue position in the
+    same round trip (see jobstore.get_job_with_position)."""
     if not jobstore.is_job_id(job_id):
         raise ApiError(400, f"malformed job id {job_id[:64]!r}: expected a UUID4")
-    record = jobstore.get_job(store(), job_id)
+    read = jobstore.get_job_with_position if with_position else jobstore.get_job
+    record = read(store(), job_id)
     if record is None:
         raise ApiError(404, f"no job with id {job_id} (unknown, or expired after its retention)")
     return record
@@ -264,7 +267,9 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
     if record["status"] in ("failed", "cancelled"):
         answer["error"] = record.get("error") or record["status"]
     if record["status"] == "queued":
-        answer["queue_position"] = jobstore.queue_position(store(), record)
+        position = record.get("queue_position")  # read with the record, or not yet
+        answer["queue_position"] = (jobstore.queue_position(store(), record) if position is None
+                                    else int(position) if position else None)
     if record["status"] == "running":
         if record.get("phase"):
             answer["phase"] = record["phase"]
@@ -306,7 +311,7 @@ def list_jobs() -> Response:
 @api.get("/jobs/<job_id>")
 def job_detail(job_id: str) -> Response:
     """The status object plus what the dashboard's detail view shows: status history and the result."""
-    record = record_or_error(job_id)
+    record = record_or_error(job_id, with_position=True)
     answer = status_answer(record)
     answer["history"] = [{"status": item["status"], "at": iso(str(item["at"]))}
                          for item in jobstore.job_history(store(), job_id)]
@@ -337,7 +342,7 @@ def overview() -> Response:
 
 @api.get("/status/<job_id>")
 def status(job_id: str) -> Response:
-    return jsonify(status_answer(record_or_error(job_id)))
+    return jsonify(status_answer(record_or_error(job_id, with_position=True)))
 
 
 @api.get("/result/<job_id>")

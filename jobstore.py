@@ -281,22 +281,44 @@ redis.call('HINCRBY', '${jobs_total}', job_type .. '|queued', 1)
 return ''
 """).substitute(_LUA_NAMES)
 
+# The queue position of a queued job from its status, slot and entry (see queue_position()).
+_POSITION_FN_LUA = _SLOTS_LUA + """
+local function position_of(Q, id, status, slot, entry)
+  if status ~= 'queued' then return nil end
+  slot = tonumber(slot or '')
+  if slot == nil then
+    -- a record from before queue slots: find it the old (O(N)) way
+    local index = redis.call('LPOS', Q[1], entry or '', 'RANK', -1)
+    if not index then return nil end
+    return redis.call('LLEN', Q[1]) - index
+  end
+  local right = queue_right(Q)
+  if not in_queue(Q, id, slot, right) then return nil end
+  return right - slot + 1 - redis.call('ZCOUNT', Q[4], slot + 1, right)
+end
+"""
+
 # KEYS: job, queue, pushes, requeued, cancelled.  ARGV: id.
 # 1 for the job that runs next; nil when the job is not queued or its entry is no longer in the queue.
-_POSITION_LUA = _SLOTS_LUA + """
-local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
+_POSITION_LUA = _POSITION_FN_LUA + """
 local record = redis.call('HMGET', KEYS[1], 'status', 'queue_slot', 'queue_entry')
-if record[1] ~= 'queued' then return nil end
-local slot = tonumber(record[2] or '')
-if slot == nil then
-  -- a record from before queue slots: find it the old (O(N)) way
-  local index = redis.call('LPOS', KEYS[2], record[3] or '', 'RANK', -1)
-  if not index then return nil end
-  return redis.call('LLEN', KEYS[2]) - index
+return position_of({KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[1], record[1], record[2], record[3])
+"""
+
+# KEYS: job, queue, pushes, requeued, cancelled.  ARGV: id.
+# The record's field/value pairs (empty when there is none) and, for a queued job, the pair
+# 'queue_position', position ('' when its entry is no longer in the queue): /status in one round trip.
+_RECORD_WITH_POSITION_LUA = _POSITION_FN_LUA + """
+local flat = redis.call('HGETALL', KEYS[1])
+local record = {}
+for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+if record['status'] == 'queued' then
+  local position = position_of({KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, ARGV[1], 'queued', record['queue_slot'],
+    record['queue_entry'])
+  table.insert(flat, 'queue_position')
+  table.insert(flat, position and tostring(position) or '')
 end
-local right = queue_right(Q)
-if not in_queue(Q, ARGV[1], slot, right) then return nil end
-return right - slot + 1 - redis.call('ZCOUNT', KEYS[5], slot + 1, right)
+return flat
 """
 
 # KEYS: job, processing list, queue, pushes, requeued, cancelled.  ARGV: entry, worker ('' = any), now.
@@ -437,6 +459,14 @@ def submit(
 def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
     record = r.hgetall(job_key(job_id))
     return record or None
+
+
+def get_job_with_position(r: redis.Redis, job_id: str) -> dict[str, str] | None:
+    """The record, and for a queued job its queue position in the same round trip, under the key
+    "queue_position" (not a stored field: the number as text, '' when the entry is no longer in the
+    queue). What /status reads; queue_position() explains the count."""
+    pairs = run_script(r, _RECORD_WITH_POSITION_LUA, (job_key(job_id), *QUEUE_KEYS), job_id)
+    return dict(zip(pairs[::2], pairs[1::2], strict=True)) or None
 
 
 # --- GET /jobs: newest first from the time-ordered indexes -------------------------------------

@@ -3,14 +3,23 @@
 Serves the API (gunicorn 2 workers x 4 gthread) on a fresh redis-server and prints, for a job at the
 back of a 10-job queue and of a 200,000-job queue: the /status latency (one keep-alive client, p50 and
 p99, ms) and the Redis time per /status (INFO commandstats, µs); the latency of cancelling a queued job
-and of submitting; then submit p50 while 16 clients poll /status of the last job (wrk), both at full
-speed and at one poll per 20 ms per client. Ratios are printed against the targets of issue 9
-(status 200k/10 <= 1.5, submit with pollers / without <= 2).
+and of submitting; then submit p50 while 16 clients poll /status of the last job (wrk):
 
-    python bench/queue_scale.py [--jobs 200000] [--code DIR]
+- at full speed, on the same API processes as the submitter, three times, each with a new submitter
+  connection (gunicorn gives a connection to one worker process for its life, so the figure depends
+  on how many pollers share that process: min / median / max are printed);
+- at full speed, on a second API replica (its own gunicorn) sharing only Redis with the submitter: what
+  pollers cost submitters through the shared job store, the one part that does not scale out;
+- at one poll per 20 ms per client, on the same API processes.
+
+Ratios are printed against the targets of issue 9 (status 200k/10 <= 1.5, submit with pollers /
+without <= 2).
+
+    python bench/queue_scale.py [--jobs 200000] [--code DIR] [--threads 4]
 
 --code serves another checkout (e.g. `git archive <old commit> | tar -x -C /tmp/before`) to measure
-"before" in the same way.
+"before" in the same way. --threads sets gunicorn's threads per worker (the Dockerfile and
+scripts/run-local.sh use 64).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import redis
 from harness import ROOT, Client, Procs, machine, parse_wrk, pct, start_gunicorn, start_redis, timed, wrk
 
@@ -69,10 +79,11 @@ def fill(code_dir: Path, redis_url: str, count: int) -> None:
     subprocess.run([sys.executable, "-c", script, redis_url, str(count)], cwd=code_dir, check=True)
 
 
-def submit_under_pollers(procs: Procs, port: int, tmp: Path, client: Client, job_id: str,
+def submit_under_pollers(procs: Procs, poll_port: int, tmp: Path, client: Client, job_id: str,
                          delay_ms: int) -> tuple[float, float]:
-    """Submit p50 while 16 wrk connections poll /status of job_id (8 s); also the pollers' requests/s."""
-    pollers = wrk(procs, f"http://127.0.0.1:{port}/status/{job_id}", tmp, seconds=8, connections=16,
+    """Submit p50 while 16 wrk connections poll /status of job_id on poll_port (8 s); also the pollers'
+    requests/s."""
+    pollers = wrk(procs, f"http://127.0.0.1:{poll_port}/status/{job_id}", tmp, seconds=8, connections=16,
                   delay_ms=delay_ms, background=True)
     time.sleep(1.0)
     times = []
@@ -86,12 +97,20 @@ def submit_under_pollers(procs: Procs, port: int, tmp: Path, client: Client, job
     return pct(sorted(times), 50), parse_wrk(out.decode())
 
 
+def three_runs(runs: list[tuple[float, float]], alone_ms: float) -> str:
+    """Submit p50 of each run under pollers, lowest first, with its ratio to no pollers and the pollers'
+    rate in that run."""
+    return "  ".join(f"{p50:.3f} ms (x{p50 / alone_ms:.2f}, {rate:.0f}/s)" for p50, rate in sorted(runs))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200_000)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose app is served")
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker process")
     args = parser.parse_args()
+    harness.GUNICORN[harness.GUNICORN.index("--threads") + 1] = str(args.threads)
     code = args.code.resolve()
     procs = Procs()
     rows: list[tuple[str, str]] = []
@@ -120,21 +139,24 @@ def main() -> int:
             sbig = status_figures(client, r, last, args.samples)
             subbig = submit_p50(client, 500)
             canbig = cancel_p50(client, first_ids[:100])  # the oldest jobs: the far end for LREM
-            sub_full, rate_full = submit_under_pollers(procs, port, tmp, client, last, 0)
+            full = [submit_under_pollers(procs, port, tmp, Client(port), last, 0) for _ in range(3)]
+            _replica, replica_port = start_gunicorn(procs, "app:create_app()", code, redis_url, tmp)
+            replica = [submit_under_pollers(procs, replica_port, tmp, client, last, 0) for _ in range(3)]
             sub_paced, rate_paced = submit_under_pollers(procs, port, tmp, client, last, 20)
     finally:
         procs.stop_all()
     rows += [
         ("code", str(code)),
         ("machine", machine()),
+        ("gunicorn", " ".join(harness.GUNICORN)),
         ("queue filled", f"{big} jobs in {fill_s:.1f} s"),
         ("/status p50 / p99, 10 queued", f"{s10[0]:.3f} / {s10[1]:.3f} ms  (Redis {s10[2]:.1f} µs per call)"),
         (f"/status p50 / p99, {big} queued", f"{sbig[0]:.3f} / {sbig[1]:.3f} ms  (Redis {sbig[2]:.1f} µs per call)"),
         ("/status ratio big/10 (p50; target <= 1.5)", f"{sbig[0] / s10[0]:.2f}"),
         ("cancel p50, 10 / big queue", f"{can10:.3f} / {canbig:.3f} ms  (ratio {canbig / can10:.2f})"),
         ("submit p50, 10 / big queue", f"{sub10:.3f} / {subbig:.3f} ms  (ratio {subbig / sub10:.2f})"),
-        ("submit p50, 16 pollers at full speed", f"{sub_full:.3f} ms  (x{sub_full / subbig:.2f}; "
-                                                 f"pollers {rate_full:.0f} /status per s)"),
+        ("submit p50, 16 pollers at full speed, same API", three_runs(full, subbig)),
+        ("submit p50, 16 pollers at full speed, other replica", three_runs(replica, subbig)),
         ("submit p50, 16 pollers every 20 ms", f"{sub_paced:.3f} ms  (x{sub_paced / subbig:.2f}; "
                                                f"pollers {rate_paced:.0f} /status per s; target x <= 2)"),
     ]

@@ -7,18 +7,23 @@ target: ours / bare >= 0.9). Because requests/s swing widely when other work sha
 also prints the API's CPU time per request (gunicorn master + workers, from /proc) and Redis' (INFO
 cpu), and the CPU ratio bare / ours: the throughput ratio the two would have when CPU-bound alone.
 
-    python bench/submit_throughput.py [--seconds 5] [--rounds 5] [--code DIR ...] [--with-path DIR]
+    python bench/submit_throughput.py [--seconds 5] [--rounds 5] [--code DIR ...] [--with-path DIR] [--ceilings]
 
 Several --code checkouts (e.g. the commit before the change) are measured in the same run. --with-path
 also runs every app with DIR on PYTHONPATH (e.g. `pip install --target DIR hiredis`), to measure a
 library before adding it. The ratio printed per app is the median of the per-round ratios (each run
 against the bare app's run of the same round), which is steadier than a ratio of medians on a busy
 machine; "best" is the best run of each app (the one least disturbed by other work).
+
+--ceilings also serves this checkout's API with parts of the submit taken away (bench/ceiling_app.py):
+without the submit script (one LPUSH instead: no job record), and without the script, the JSON checks
+and the API-key hook; their ratios are the most that trimming those parts could give.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +44,7 @@ from harness import (
 )
 
 BODY = '{"text": "Hello there. General Kenobi."}'
+CEILINGS = ("script", "script,checks,key")  # what --ceilings takes away (see ceiling_app.py)
 
 
 def main() -> int:
@@ -47,6 +53,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--with-path", type=Path, help="also run every app with this directory on PYTHONPATH")
     parser.add_argument("--code", type=Path, action="append", help="checkout(s) to serve (default: this one)")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="also serve the API with parts of the submit taken away (bench/ceiling_app.py)")
     args = parser.parse_args()
     codes = [c.resolve() for c in (args.code or [ROOT])]
     procs = Procs()
@@ -67,6 +75,11 @@ def main() -> int:
                 for code in codes:
                     proc, port = start_gunicorn(procs, "app:create_app()", code, redis_url, tmp, extra)
                     apps[f"c3-render ({code.name}){suffix}"] = (proc.pid, port)
+                for removed in CEILINGS if args.ceilings else ():
+                    proc, port = start_gunicorn(procs, "ceiling_app:create()", ROOT, redis_url, tmp,
+                                                {**extra, "CEILING": removed,
+                                                 "EXTRA_PATH": os.pathsep.join([str(ROOT / "bench"), *extra.values()])})
+                    apps[f"c3-render (without {removed}){suffix}"] = (proc.pid, port)
             for _pid, port in apps.values():  # warm-up
                 wrk(procs, f"http://127.0.0.1:{port}/csm", tmp, seconds=2, post_json=BODY)
             for round_no in range(args.rounds):

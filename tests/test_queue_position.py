@@ -42,12 +42,18 @@ def true_positions(r) -> dict[str, int]:
 
 
 def check_positions(r, jobs: list[str]) -> None:
+    """Both ways of reading a position (queue_position, and the record read with its position that
+    /status uses) agree with the list itself; the latter adds nothing to a job that is not queued."""
     truth = true_positions(r)
     for job_id in jobs:
         record = jobstore.get_job(r, job_id)
+        with_position = jobstore.get_job_with_position(r, job_id)
         if record["status"] != "queued":
+            assert with_position == record
             continue
         assert jobstore.queue_position(r, record) == truth.get(job_id), (job_id, truth)
+        assert with_position.pop("queue_position") == str(truth.get(job_id, "")), (job_id, truth)
+        assert with_position == record
 
 
 def step(r, cfg, op: str, worker: str, pick: int, jobs: list[str], held: dict[str, str]) -> None:
@@ -158,6 +164,17 @@ def test_status_and_cancel_of_a_queued_job_do_not_scan_the_queue(client, r):
     assert list_scans(r) == {}
 
 
+def test_status_of_a_queued_job_is_one_round_trip(client, r):
+    ids = [new_job(r) for _ in range(5)]
+    r.config_resetstat()
+    answer = client.get(f"/status/{ids[1]}").get_json()
+    assert answer["status"] == "queued" and answer["queue_position"] == 2
+    stats = r.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert "cmdstat_hgetall" in stats  # inside the script: one call from the API, record and position
+    assert jobstore.get_job_with_position(r, "0b0e4a6e-3f4c-4d8e-9a51-6f1f2b7d9c11") is None
+
+
 def test_submit_is_one_round_trip(client, r):
     new_job(r)
     r.config_resetstat()
@@ -177,6 +194,7 @@ def test_jobs_queued_before_queue_slots_keep_working(r, settings):
     newer = new_job(r)
     assert jobstore.queue_position(r, jobstore.get_job(r, legacy)) == 1
     assert jobstore.queue_position(r, jobstore.get_job(r, newer)) == 2
+    assert jobstore.get_job_with_position(r, legacy)["queue_position"] == "1"
     assert jobstore.cancel(r, settings, legacy) == "cancelled"
     taken = jobstore.take(r, "w1", 1)
     assert json.loads(taken)["id"] == legacy  # the worker drops it: it cannot start a cancelled job
