@@ -50,8 +50,9 @@ lock:
 bench:
 	@bash scripts/install-deps.sh dev
 	$(PYTHON) bench/queue_scale.py
-	$(PYTHON) bench/submit_throughput.py
+	$(PYTHON) bench/submit_throughput.py --ceilings
 	$(PYTHON) bench/submit_breakdown.py
+	$(PYTHON) bench/status_cost.py
 	$(PYTHON) bench/worker_memory.py
 	$(PYTHON) bench/webhook_latency.py
 	$(PYTHON) bench/sse_streams.py --streams 400 --threads 440
