@@ -305,6 +305,7 @@ def list_jobs() -> Response:
                                                   limit=int(raw_limit), cursor=request.args.get("cursor") or None)
     except jobstore.BadCursor:
         raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None
+    jobstore.add_queue_positions(store(), records)
     return jsonify({"jobs": [status_answer(record) for record in records], "next_cursor": next_cursor})
 
 

@@ -85,6 +85,24 @@ def test_a_page_reads_limit_records_not_all(client, r, settings):
     assert 10 <= reads <= 40, reads
 
 
+def test_a_page_of_queued_jobs_gets_exact_positions_in_one_round_trip(client, r, settings, monkeypatch):
+    ids = [submit(client) for _ in range(12)]
+    jobstore.cancel(r, settings, ids[3])  # its entry stays in the list as a tombstone
+    expected = [i for i in ids if i != ids[3]]
+    sends = []  # what the API sends to Redis, one entry per round trip (a pipeline is one send)
+    real_send = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda conn, command, *a, **k: sends.append(1) or real_send(conn, command, *a, **k))
+    r.script_flush()  # as after a Redis restart: the page must load the position script again
+    page = client.get("/jobs?status=queued&limit=20").json["jobs"]
+    assert [(j["id"], j["queue_position"]) for j in page] == [
+        (job_id, n) for n, job_id in reversed(list(enumerate(expected, start=1)))]
+    sends.clear()
+    again = client.get("/jobs?status=queued&limit=20").json["jobs"]
+    assert again == page
+    assert len(sends) <= 4, len(sends)  # index and records as before, the positions: not one per job
+
+
 def test_expired_records_leave_the_index(client, r, settings):
     ids = [submit(client) for _ in range(5)]
     r.delete(f"job:{ids[1]}", f"job:{ids[3]}")  # as if their retention ran out
