@@ -168,7 +168,7 @@ def events(job_id: str) -> Response:
             yield f"retry: 3000\n: following job {job_id}\n\n"
             while True:
                 try:
-                    current = jobstore.get_job(api_app.store(), job_id)
+                    current = jobstore.get_job_with_position(api_app.store(), job_id)
                 except redis.RedisError:
                     yield ": the job store cannot be reached; reconnect shortly\n\n"
                     return
