@@ -18,19 +18,7 @@ import tempfile
 from pathlib import Path
 
 import redis
-from harness import (
-    ROOT,
-    Client,
-    Procs,
-    machine,
-    parse_wrk,
-    redis_cpu_s,
-    session_cpu_s,
-    start_gunicorn,
-    start_redis,
-    wrk,
-    wrk_requests,
-)
+from harness import ROOT, Client, Procs, cpu_per_request, machine, start_gunicorn, start_redis
 
 
 def main() -> int:
@@ -55,14 +43,10 @@ def main() -> int:
             ids = [client.post("/csm", {"text": "Hi."})[1]["id"] for _ in range(100)]
             for round_no in range(args.rounds):
                 for name, (pid, port) in apps.items():
-                    api0, redis0 = session_cpu_s(pid), redis_cpu_s(r)
-                    out = wrk(procs, f"http://127.0.0.1:{port}/status/{ids[50]}", tmp, seconds=args.seconds,
-                              full_output=True)
-                    count = max(1, wrk_requests(out))
-                    api_us = (session_cpu_s(pid) - api0) / count * 1e6
-                    redis_us = (redis_cpu_s(r) - redis0) / count * 1e6
+                    rate, api_us, redis_us = cpu_per_request(procs, f"http://127.0.0.1:{port}/status/{ids[50]}",
+                                                             tmp, pid, r, seconds=args.seconds)
                     cpu.setdefault(name, []).append(api_us + redis_us)
-                    print(f"round {round_no + 1}  {name:<50} {parse_wrk(out):6.0f} req/s   CPU per request: "
+                    print(f"round {round_no + 1}  {name:<50} {rate:6.0f} req/s   CPU per request: "
                           f"API {api_us:4.0f} µs + Redis {redis_us:3.0f} µs", flush=True)
     finally:
         procs.stop_all()

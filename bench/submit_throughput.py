@@ -30,18 +30,7 @@ import tempfile
 from pathlib import Path
 
 import redis
-from harness import (
-    ROOT,
-    Procs,
-    machine,
-    parse_wrk,
-    redis_cpu_s,
-    session_cpu_s,
-    start_gunicorn,
-    start_redis,
-    wrk,
-    wrk_requests,
-)
+from harness import ROOT, Procs, cpu_per_request, machine, start_gunicorn, start_redis, wrk
 
 BODY = '{"text": "Hello there. General Kenobi."}'
 CEILINGS = ("script", "script,checks,key")  # what --ceilings takes away (see ceiling_app.py)
@@ -85,13 +74,9 @@ def main() -> int:
             for round_no in range(args.rounds):
                 for name, (pid, port) in apps.items():
                     r.flushall()
-                    api0, redis0 = session_cpu_s(pid), redis_cpu_s(r)
-                    out = wrk(procs, f"http://127.0.0.1:{port}/csm", tmp, seconds=args.seconds, post_json=BODY,
-                              full_output=True)
-                    count = max(1, wrk_requests(out))
-                    api_us = (session_cpu_s(pid) - api0) / count * 1e6
-                    redis_us = (redis_cpu_s(r) - redis0) / count * 1e6
-                    rates.setdefault(name, []).append(parse_wrk(out))
+                    rate, api_us, redis_us = cpu_per_request(procs, f"http://127.0.0.1:{port}/csm", tmp, pid, r,
+                                                             seconds=args.seconds, post_json=BODY)
+                    rates.setdefault(name, []).append(rate)
                     cpu.setdefault(name, []).append(api_us + redis_us)
                     print(f"round {round_no + 1}  {name:<44} {rates[name][-1]:6.0f} req/s   CPU per request: "
                           f"API {api_us:5.0f} µs + Redis {redis_us:4.0f} µs", flush=True)
