@@ -4,18 +4,18 @@ This module owns the WhisperX Gradio call (`/transcribe_audio`, input names in `
 files of a whisper job: work_dir/{job_id}_input.mp3 (the audio sent) and work_dir/{job_id}.txt (the
 transcript). It returns the transcript text. Polling, stopping and error mapping are csm.gradio_call's.
 
-The audio input's name is unverified (deployed versions used `input_file`): it is AUDIO_INPUT_NAME,
-overridable by env WHISPER_AUDIO_INPUT_NAME; when the app declares its inputs and the configured name
-is not among them, the other known name is used.
+The audio input's name is unverified (deployed versions used `input_file`): it is the setting
+WHISPER_AUDIO_INPUT_NAME (config.py, default `audio_file`); when the app declares its inputs and the
+configured name is not among them, the other known name is used.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+import config
 import jobspec
 from csm import gradio_call, to_mp3
 from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_phase
@@ -23,7 +23,6 @@ from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_ph
 log = logging.getLogger(__name__)
 
 API_NAME = "/transcribe_audio"
-AUDIO_INPUT_NAME = "audio_file"
 KNOWN_AUDIO_INPUT_NAMES = ("audio_file", "input_file")
 # Keyword inputs other than the audio file, with the values the public client sends (PROTOCOLS.md 4).
 WHISPER_INPUTS = {
@@ -52,8 +51,8 @@ APP_ERROR_PREFIX = "Error:"
 
 
 def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
-    """The name to send the audio under: env, else the constant; adapted to what the app declares."""
-    name = os.environ.get("WHISPER_AUDIO_INPUT_NAME", "").strip() or AUDIO_INPUT_NAME
+    """The name to send the audio under: the WHISPER_AUDIO_INPUT_NAME setting, adapted to what the app declares."""
+    name = config.load().whisper_audio_input_name
     if declared and name not in declared:
         for other in KNOWN_AUDIO_INPUT_NAMES:
             if other in declared:
