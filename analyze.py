@@ -1,4 +1,4 @@
-"""Image analysis engine: a vision model behind an Ollama-compatible /api/generate (PROTOCOLS.md 6).
+"""Image analysis engine: a vision model behind an Ollama-compatible /api/generate (docs/node-protocols.md, Ollama).
 
 This module owns the analyze job's files (work_dir/{job_id}_input.jpg, the JPEG sent; work_dir/{job_id}.txt,
 the answer) and the /api/generate call. It returns the model's answer text.

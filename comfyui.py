@@ -1,4 +1,4 @@
-"""Portrait video engine: the SONIC talking-head workflow on ComfyUI (PROTOCOLS.md 5).
+"""Portrait video engine: the SONIC talking-head workflow on ComfyUI (docs/node-protocols.md, ComfyUI and SONIC).
 
 This module owns everything between a portrait image + audio on disk and work_dir/{job_id}.mp4:
 preparing the inputs (work_dir/{job_id}_input.jpg, and the audio as {job_id}_input.<mp3|wav|flac>),
@@ -12,10 +12,11 @@ ready within SERVICE_READY_TIMEOUT seconds (config.py; a real cold start takes m
 errors (requests, websocket) propagate unchanged: the node is in trouble. A 5xx answer from a node
 whose health check still passes is retried once (a transient app error) before the job fails.
 
-Real-node facts this follows (PROTOCOLS.md 5): uploads over COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused
-with 413, so larger audio is compressed first (mediaconv.shrink_audio); the SONIC sampler ignores
-/interrupt until it ends, so after a stop the node stays busy (`node_busy` tells the worker); only
-VHS_VideoCombine (node 13) reports progress, so the percentage is that of the encoding phase.
+Real-node facts this follows (docs/node-protocols.md, ComfyUI and SONIC): uploads over
+COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused with 413, so larger audio is compressed first
+(mediaconv.shrink_audio); the SONIC sampler ignores /interrupt until it ends, so after a stop the node
+stays busy (`node_busy` tells the worker); only VHS_VideoCombine (node 13) reports progress, so the
+percentage is that of the encoding phase.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def build_sonic_workflow(
     prefix: str,
     seed: int,
 ) -> dict:
-    """The SONIC workflow in ComfyUI's API format (PROTOCOLS.md 5). image_size is the uploaded image's."""
+    """The SONIC workflow in ComfyUI's API format (docs/node-protocols.md, ComfyUI and SONIC).
+    image_size is the uploaded image's."""
     width, height = fit_size(*image_size)
     return {
         "18": {"class_type": "LoadImage", "inputs": {"image": image_name}},

@@ -1,4 +1,4 @@
-"""WhisperX speech-to-text engine (PROTOCOLS.md 4).
+"""WhisperX speech-to-text engine (docs/node-protocols.md, WhisperX).
 
 This module owns the WhisperX Gradio call (`/transcribe_audio`, input names in `WHISPER_INPUTS`) and the
 files of a whisper job: work_dir/{job_id}_input.mp3 (the audio sent) and work_dir/{job_id}.txt (the
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 API_NAME = "/transcribe_audio"
 KNOWN_AUDIO_INPUT_NAMES = ("audio_file", "input_file")
-# Keyword inputs other than the audio file, with the values the public client sends (PROTOCOLS.md 4).
+# Keyword inputs other than the audio file, with the values the public client sends (docs/node-protocols.md, WhisperX).
 WHISPER_INPUTS = {
     "model": "model",
     "task": "task",
@@ -46,7 +46,8 @@ FIXED_VALUES = {
 }
 DEFAULT_MODEL = "medium"
 DEFAULT_TASK = "transcribe"
-# The app catches every exception and answers ("Error: <message>", []) instead of raising (PROTOCOLS.md 4).
+# The app catches every exception and answers ("Error: <message>", []) instead of raising
+# (docs/node-protocols.md, WhisperX).
 APP_ERROR_PREFIX = "Error:"
 
 
