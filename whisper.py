@@ -44,8 +44,7 @@ FIXED_VALUES = {
     "word_timestamps": True,
     "segment_resolution": "sentence",
 }
-DEFAULT_MODEL = "medium"
-DEFAULT_TASK = "transcribe"
+DEFAULTS = {f.name: f.default for f in jobspec.JOB_FIELDS["whisper"] if f.default is not None}  # the API's
 # The app catches every exception and answers ("Error: <message>", []) instead of raising
 # (docs/node-protocols.md, WhisperX).
 APP_ERROR_PREFIX = "Error:"
@@ -68,8 +67,8 @@ def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] =
     if language.lower() == "auto":
         language = ""
     values = {
-        "model": str(params.get("model") or DEFAULT_MODEL),
-        "task": str(params.get("task") or DEFAULT_TASK),
+        "model": str(params.get("model") or DEFAULTS["model"]),
+        "task": str(params.get("task") or DEFAULTS["task"]),
         # "" = detect; never a region subtag (jobs queued before the API mapped it still hold one)
         "language": jobspec.whisper_language(language) if language else "",
         **FIXED_VALUES,
@@ -114,7 +113,7 @@ def run(
     if audio is None:
         raise EngineError("Whisper failed: no audio input")
     sent = to_mp3(audio, work_dir / f"{job_id}_input.mp3")
-    log.info("job %s: whisper model %s", job_id, params.get("model") or DEFAULT_MODEL)
+    log.info("job %s: whisper model %s", job_id, params.get("model") or DEFAULTS["model"])
     result = gradio_call(
         node.whisper,
         node.headers(),
