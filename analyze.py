@@ -1,4 +1,4 @@
-"""Image analysis engine: a vision model behind an Ollama-compatible /api/generate (PROTOCOLS.md 6).
+"""Image analysis engine: a vision model behind an Ollama-compatible /api/generate (docs/node-protocols.md, Ollama).
 
 This module owns the analyze job's files (work_dir/{job_id}_input.jpg, the JPEG sent; work_dir/{job_id}.txt,
 the answer) and the /api/generate call. It returns the model's answer text.
@@ -9,7 +9,7 @@ the caller's thread checks should_stop() every 0.5 s and, on stop, shuts the soc
 the request on the node at once (with requests there is no socket to shut before headers arrive).
 The body asks for "stream": true; a single JSON object (a server that ignores "stream") is read too.
 
-Model: params["model"], else env OLLAMA_MODEL, else llama3.2-vision:11b. Raises JobStopped,
+Model: params["model"], else the OLLAMA_MODEL setting (config.py). Raises JobStopped,
 EngineError("vision model failed: ...") for error answers; OSError / http.client errors when the node
 cannot be reached.
 """
@@ -20,19 +20,18 @@ import base64
 import http.client
 import json
 import logging
-import os
 import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import config
 from comfyui import prepare_image
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "llama3.2-vision:11b"
 DEFAULT_PROMPT = (
     "Describe this image in detail: the main subjects and what they are doing, any people and their "
     "expressions, notable objects, the setting, any visible text, and the overall colours and mood."
@@ -167,7 +166,7 @@ def run(
         raise EngineError("analyze needs an image input")
     image_path = work_dir / f"{job_id}_input.jpg"
     prepare_image(inputs["image"], image_path)
-    model = str(params.get("model") or os.environ.get("OLLAMA_MODEL", "").strip() or DEFAULT_MODEL)
+    model = str(params.get("model") or config.load().ollama_model)
     body = {
         "model": model,
         "prompt": str(params.get("prompt") or DEFAULT_PROMPT),

@@ -180,7 +180,7 @@ class HeldNode:
     node: str
     launched_at: float
     urls: NodeUrls
-    type: str = config.DEFAULT_WORKLOAD_TYPE
+    type: str = config.Settings.workload_type
     last_used: float = field(default_factory=time.time)
     checked_at: float = 0.0  # last time the node was known good (a health check, or a job it ran)
     ready: set[str] = field(default_factory=set)  # services seen ready (csm, whisper, comfyui, ollama)
@@ -982,12 +982,11 @@ def work(state: WorkerState) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = config.load()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_startup(settings)
     media_check.return_large_frees()  # memory of a big input goes back to the system after the job
-    worker_id = os.environ.get("WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     state = WorkerState(settings=settings, r=jobstore.connect(settings.redis_url), worker_id=worker_id)
     webhook_stop = threading.Event()
 

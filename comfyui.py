@@ -1,4 +1,4 @@
-"""Portrait video engine: the SONIC talking-head workflow on ComfyUI (PROTOCOLS.md 5).
+"""Portrait video engine: the SONIC talking-head workflow on ComfyUI (docs/node-protocols.md, ComfyUI and SONIC).
 
 This module owns everything between a portrait image + audio on disk and work_dir/{job_id}.mp4:
 preparing the inputs (work_dir/{job_id}_input.jpg, and the audio as {job_id}_input.<mp3|wav|flac>),
@@ -8,14 +8,15 @@ downloading the video named in /history.
 
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
 EngineError when ComfyUI rejects or fails the workflow, TimeoutError when ComfyUI does not become
-ready within COMFYUI_READY_TIMEOUT seconds (env, default 480: a real cold start). Transport errors (requests, websocket)
-propagate unchanged: the node is in trouble. A 5xx answer from a node whose health check still passes
-is retried once (a transient app error) before the job fails.
+ready within SERVICE_READY_TIMEOUT seconds (config.py; a real cold start takes minutes). Transport
+errors (requests, websocket) propagate unchanged: the node is in trouble. A 5xx answer from a node
+whose health check still passes is retried once (a transient app error) before the job fails.
 
-Real-node facts this follows (PROTOCOLS.md 5): uploads over COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused
-with 413, so larger audio is compressed first (mediaconv.shrink_audio); the SONIC sampler ignores
-/interrupt until it ends, so after a stop the node stays busy (`node_busy` tells the worker); only
-VHS_VideoCombine (node 13) reports progress, so the percentage is that of the encoding phase.
+Real-node facts this follows (docs/node-protocols.md, ComfyUI and SONIC): uploads over
+COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused with 413, so larger audio is compressed first
+(mediaconv.shrink_audio); the SONIC sampler ignores /interrupt until it ends, so after a stop the node
+stays busy (`node_busy` tells the worker); only VHS_VideoCombine (node 13) reports progress, so the
+percentage is that of the encoding phase.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -44,7 +44,6 @@ from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, Shoul
 
 log = logging.getLogger(__name__)
 
-DEFAULT_READY_TIMEOUT_S = config.DEFAULT_SERVICE_READY_TIMEOUT_S
 MAX_INPUT_SIDE = 2048  # larger inputs are scaled down before upload
 FIT_W, FIT_H = 1280, 720  # the portrait is resized to fit this box inside the workflow
 DURATION_MARGIN_S = 2  # SONIC_PreData duration = ceil(audio seconds) + this
@@ -86,7 +85,8 @@ def build_sonic_workflow(
     prefix: str,
     seed: int,
 ) -> dict:
-    """The SONIC workflow in ComfyUI's API format (PROTOCOLS.md 5). image_size is the uploaded image's."""
+    """The SONIC workflow in ComfyUI's API format (docs/node-protocols.md, ComfyUI and SONIC).
+    image_size is the uploaded image's."""
     width, height = fit_size(*image_size)
     return {
         "18": {"class_type": "LoadImage", "inputs": {"image": image_name}},
@@ -588,13 +588,6 @@ def open_websocket(node: NodeUrls, client_id: str) -> Any:
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def ready_timeout_s() -> float:
-    try:
-        return float(os.environ.get("COMFYUI_READY_TIMEOUT", "") or DEFAULT_READY_TIMEOUT_S)
-    except ValueError:
-        return DEFAULT_READY_TIMEOUT_S
-
-
 def run(
     params: dict,
     job_id: str,
@@ -608,12 +601,13 @@ def run(
     """Render a talking-head video of inputs["image"] speaking inputs["audio"]; return the .mp4 path."""
     if "image" not in inputs or "audio" not in inputs:
         raise EngineError("portrait needs an image and an audio input")
-    max_bytes = int(config.load().comfyui_max_upload_mb * 1024 * 1024)
+    settings = config.load()
+    max_bytes = int(settings.comfyui_max_upload_mb * 1024 * 1024)
     image_path = work_dir / f"{job_id}_input.jpg"
     image_size = prepare_image(inputs["image"], image_path, max_bytes)
     audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id, max_bytes)
 
-    wait_ready(node, should_stop, ready_timeout_s())
+    wait_ready(node, should_stop, settings.service_ready_timeout_s)
     phase("uploading_inputs")
     image_name = upload(node, image_path, "image/jpeg")
     audio_name = upload(node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}")

@@ -3,12 +3,18 @@
 This is the one place where c3-render's settings and key names are defined; the API, the worker,
 the storage and webhook modules all read them from here. Settings are read from the environment
 when `load()` is called, so tests and tools can change the environment and load again.
+
+Each setting is one line of the `Settings` dataclass, `setting(default, "ENV_NAME", reader)`: its default,
+its variable and how the text is read (the reader of the default's type unless one is named) live there
+and nowhere else; `load()` walks the fields.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 from urllib.parse import urlsplit
 
 VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
@@ -51,16 +57,6 @@ WEBHOOK_OUTCOMES_KEY = "stats:webhook_deliveries"  # hash: outcome (delivered, r
 JOB_EVENTS_CHANNEL = "events:job:{id}"  # a job's record changed; the message is its change number
 QUEUE_EVENTS_CHANNEL = "events:queue"  # a job left or re-entered the queue: queue positions moved
 
-DEFAULT_C3_API_URL = "https://api.comput3.ai/api/v0"
-DEFAULT_C3_NODE_URL = "https://{node}"
-DEFAULT_C3_COMFYUI_URL = "https://ui-{node}"
-# Ollama answers at the root of an ollama_webui node (PROTOCOLS.md 2 and 6).
-DEFAULT_C3_OLLAMA_URL = "https://{node}"
-DEFAULT_WORKLOAD_TYPE = "media:fast"  # CSM, WhisperX, ComfyUI
-DEFAULT_ANALYZE_WORKLOAD_TYPE = "ollama_webui:fast"  # Ollama with llama3.2-vision:11b
-# ComfyUI answers 404/502 for minutes after a fresh node's root is up; public clients wait up to 7 min.
-DEFAULT_SERVICE_READY_TIMEOUT_S = 480.0
-
 
 def node_url_problem(name: str, template: str) -> str | None:
     """Why a node URL template (e.g. `https://ui-{node}`) is unusable, or None when it is fine."""
@@ -102,15 +98,26 @@ def _bool(name: str, default: bool) -> bool:
     return _env(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
 
 
-def _list(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+def _url(name: str, default: str) -> str:
+    return _env(name, default).rstrip("/")
 
 
-def _schedule(name: str) -> tuple[float, ...]:
-    """"5,30,120": seconds to wait before each retry (so 4 attempts); unset or empty = ()."""
+def _at_least_one(name: str, default: int) -> int:
+    return max(1, _int(name, default))
+
+
+def _names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list; set but empty means none, unset means the default."""
+    if name not in os.environ:
+        return default
+    return tuple(item.strip() for item in os.environ[name].split(",") if item.strip())
+
+
+def _schedule(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """"5,30,120": seconds to wait before each retry (so 4 attempts); unset or empty = the default."""
     raw = _env(name, "")
     if not raw:
-        return ()
+        return default
     try:
         delays = tuple(float(item) for item in raw.split(","))
     except ValueError:
@@ -121,153 +128,109 @@ def _schedule(name: str) -> tuple[float, ...]:
     return delays
 
 
-def redis_url_from_env() -> str:
-    """REDIS_URL, or the older REDIS_HOST / REDIS_PORT pair, or the local default."""
-    if os.environ.get("REDIS_URL", "").strip():
-        return os.environ["REDIS_URL"].strip()
+def _redis_url(name: str, default: str) -> str:
+    """REDIS_URL, or the older REDIS_HOST / REDIS_PORT pair, or the default."""
+    if os.environ.get(name, "").strip():
+        return os.environ[name].strip()
     if os.environ.get("REDIS_HOST", "").strip():
-        host = os.environ["REDIS_HOST"].strip()
-        port = _env("REDIS_PORT", "6379")
-        return f"redis://{host}:{port}/0"
-    return "redis://localhost:6379/0"
+        return f"redis://{os.environ['REDIS_HOST'].strip()}:{_env('REDIS_PORT', '6379')}/0"
+    return default
+
+
+_READERS = {str: _env, int: _int, float: _float, bool: _bool}  # a setting's reader when none is given
+
+
+def setting(default: Any, env: str, read: Callable[[str, Any], Any] | None = None, *, secret: bool = False) -> Any:
+    """A Settings field read from the environment variable `env`: `read(env, default)` gives its value
+    (by default the reader of the default's type); a secret is kept out of repr()."""
+    reader = read or _READERS[type(default)]
+    return field(default=default, repr=not secret, metadata={"env": env, "read": reader})
 
 
 @dataclass(frozen=True)
 class Settings:
     # Redis and job records
-    redis_url: str = "redis://localhost:6379/0"
-    result_ttl_s: int = 7 * 24 * 3600
-    max_attempts: int = 3
-    heartbeat_ttl_s: int = 30
-    sweep_interval_s: float = 15.0
+    redis_url: str = setting("redis://localhost:6379/0", "REDIS_URL", _redis_url)
+    result_ttl_s: int = setting(7 * 24 * 3600, "RESULT_TTL")
+    max_attempts: int = setting(3, "MAX_ATTEMPTS")
+    heartbeat_ttl_s: int = setting(30, "HEARTBEAT_TTL")
+    sweep_interval_s: float = setting(15.0, "SWEEP_INTERVAL_S")
     # API
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    max_content_length: int = 1024 * 1024
-    public_base_url: str = "http://127.0.0.1:8000"
-    rate_limit_per_minute: int = 0  # 0 = off
-    public_routes: tuple[str, ...] = ("/docs", "/metrics")  # open without an API key
-    metrics_token: str = field(default="", repr=False)
-    sse_keepalive_s: float = 15.0
-    sse_max_streams: int = 48  # per API process; each open stream holds one gunicorn thread
+    api_keys: tuple[str, ...] = setting((), "C3_RENDER_API_KEYS", _names, secret=True)
+    max_content_length: int = setting(1024 * 1024, "MAX_CONTENT_LENGTH")
+    public_base_url: str = setting("http://127.0.0.1:8000", "PUBLIC_BASE_URL", _url)
+    rate_limit_per_minute: int = setting(0, "RATE_LIMIT_PER_MINUTE")  # 0 = off
+    public_routes: tuple[str, ...] = setting(("/docs", "/metrics"), "PUBLIC_ROUTES", _names)  # open without a key
+    metrics_token: str = setting("", "METRICS_TOKEN", secret=True)
+    sse_keepalive_s: float = setting(15.0, "SSE_KEEPALIVE_S")
+    sse_max_streams: int = setting(48, "SSE_MAX_STREAMS")  # per API process; each stream holds a gunicorn thread
     # Result storage
-    output_dir: str = "var/output"
-    file_url_secret: str = field(default="", repr=False)
-    minio_endpoint: str = ""
-    minio_access_key: str = field(default="", repr=False)
-    minio_secret_key: str = field(default="", repr=False)
-    minio_bucket: str = "c3-render-output"
-    minio_secure: bool = False
-    minio_public_url: str = ""
-    minio_region: str = "us-east-1"
+    output_dir: str = setting("var/output", "OUTPUT_DIR")
+    file_url_secret: str = setting("", "FILE_URL_SECRET", secret=True)
+    minio_endpoint: str = setting("", "MINIO_ENDPOINT")
+    minio_access_key: str = setting("", "MINIO_ACCESS_KEY", secret=True)
+    minio_secret_key: str = setting("", "MINIO_SECRET_KEY", secret=True)
+    minio_bucket: str = setting("c3-render-output", "MINIO_BUCKET")
+    minio_secure: bool = setting(False, "MINIO_SECURE")
+    minio_public_url: str = setting("", "MINIO_PUBLIC_URL", _url)
+    minio_region: str = setting("us-east-1", "MINIO_REGION")
     # Webhooks
-    webhook_secret: str = field(default="", repr=False)
-    webhook_attempts: int = 5
-    webhook_interval_s: float = 5.0
-    webhook_timeout_s: float = 10.0
-    webhook_schedule: tuple[float, ...] = ()  # () = WEBHOOK_ATTEMPTS attempts WEBHOOK_INTERVAL_S apart
-    webhook_concurrency: int = 128
-    webhook_per_host: int = 4
+    webhook_secret: str = setting("", "WEBHOOK_SECRET", secret=True)
+    webhook_attempts: int = setting(5, "WEBHOOK_ATTEMPTS")
+    webhook_interval_s: float = setting(5.0, "WEBHOOK_INTERVAL_S")
+    webhook_timeout_s: float = setting(10.0, "WEBHOOK_TIMEOUT_S")
+    # () = WEBHOOK_ATTEMPTS attempts WEBHOOK_INTERVAL_S apart
+    webhook_schedule: tuple[float, ...] = setting((), "WEBHOOK_SCHEDULE", _schedule)
+    webhook_concurrency: int = setting(128, "WEBHOOK_CONCURRENCY", _at_least_one)
+    webhook_per_host: int = setting(4, "WEBHOOK_PER_HOST", _at_least_one)
     # Comput3 and its nodes
-    c3_api_key: str = field(default="", repr=False)
-    c3_api_url: str = DEFAULT_C3_API_URL
-    c3_node_url: str = DEFAULT_C3_NODE_URL
-    c3_comfyui_url: str = DEFAULT_C3_COMFYUI_URL
-    c3_ollama_url: str = DEFAULT_C3_OLLAMA_URL
-    c3_origin: str = "https://launch.comput3.ai"
-    workload_type: str = DEFAULT_WORKLOAD_TYPE
-    analyze_workload_type: str = DEFAULT_ANALYZE_WORKLOAD_TYPE
-    service_ready_timeout_s: float = DEFAULT_SERVICE_READY_TIMEOUT_S
-    c3_read_timeout_s: float = 60.0
-    launch_window_slack_s: float = 10.0
-    node_check_ttl_s: float = 30.0
-    ollama_model: str = "llama3.2-vision:11b"
-    max_nodes: int = 4
-    node_boot_timeout_s: float = 600.0
-    node_max_age_s: float = 3600.0
-    node_expires_margin_s: float = 900.0
-    gpu_idle_timeout_s: float = 300.0
-    launch_attempts: int = 5
-    launch_backoff_s: float = 2.0
+    c3_api_key: str = setting("", "C3_API_KEY", secret=True)
+    c3_api_url: str = setting("https://api.comput3.ai/api/v0", "C3_API_URL", _url)
+    c3_node_url: str = setting("https://{node}", "C3_NODE_URL", _url)
+    c3_comfyui_url: str = setting("https://ui-{node}", "C3_COMFYUI_URL", _url)
+    # Ollama answers at the root of an ollama_webui node (docs/node-protocols.md, Node URLs and Ollama)
+    c3_ollama_url: str = setting("https://{node}", "C3_OLLAMA_URL", _url)
+    c3_origin: str = setting("https://launch.comput3.ai", "C3_ORIGIN")
+    workload_type: str = setting("media:fast", "C3_WORKLOAD_TYPE")  # CSM, WhisperX, ComfyUI
+    # Ollama with llama3.2-vision:11b
+    analyze_workload_type: str = setting("ollama_webui:fast", "C3_ANALYZE_WORKLOAD_TYPE")
+    # ComfyUI answers 404/502 for minutes after a fresh node's root is up; public clients wait up to 7 min.
+    service_ready_timeout_s: float = setting(480.0, "SERVICE_READY_TIMEOUT")
+    c3_read_timeout_s: float = setting(60.0, "C3_READ_TIMEOUT")
+    launch_window_slack_s: float = setting(10.0, "LAUNCH_WINDOW_SLACK_S")
+    node_check_ttl_s: float = setting(30.0, "NODE_CHECK_TTL")
+    ollama_model: str = setting("llama3.2-vision:11b", "OLLAMA_MODEL")
+    max_nodes: int = setting(4, "MAX_NODES")
+    node_boot_timeout_s: float = setting(600.0, "NODE_BOOT_TIMEOUT")
+    node_max_age_s: float = setting(3600.0, "NODE_MAX_AGE")
+    node_expires_margin_s: float = setting(900.0, "NODE_EXPIRES_MARGIN")
+    gpu_idle_timeout_s: float = setting(300.0, "GPU_IDLE_TIMEOUT")
+    launch_attempts: int = setting(5, "LAUNCH_ATTEMPTS")
+    launch_backoff_s: float = setting(2.0, "LAUNCH_BACKOFF_S")
     # Worker
-    work_dir: str = "var/work"
-    worker_grace_s: float = 30.0
-    max_input_bytes: int = 200 * 1024 * 1024
-    max_audio_seconds: float = 600.0
-    max_image_pixels: int = 40_000_000
-    download_timeout_s: float = 120.0
-    node_failure_retries: int = 1
-    comfyui_max_upload_mb: float = 100.0  # ComfyUI's --max-upload-size: larger audio is compressed first
-    node_drain_timeout_s: float = 600.0  # wait this long for a node still busy with a stopped job
-    url_allowlist: tuple[str, ...] = field(default_factory=tuple)
-    storage_retry_s: float = 60.0
-    min_free_disk_mb: int = 512
+    work_dir: str = setting("var/work", "WORK_DIR")
+    worker_grace_s: float = setting(30.0, "WORKER_GRACE_S")
+    max_input_bytes: int = setting(200 * 1024 * 1024, "MAX_INPUT_BYTES")
+    max_audio_seconds: float = setting(600.0, "MAX_AUDIO_SECONDS")
+    max_image_pixels: int = setting(40_000_000, "MAX_IMAGE_PIXELS")
+    download_timeout_s: float = setting(120.0, "DOWNLOAD_TIMEOUT_S")
+    node_failure_retries: int = setting(1, "NODE_FAILURE_RETRIES")
+    # ComfyUI's --max-upload-size: larger audio is compressed first
+    comfyui_max_upload_mb: float = setting(100.0, "COMFYUI_MAX_UPLOAD_MB")
+    # wait this long for a node still busy with a stopped job
+    node_drain_timeout_s: float = setting(600.0, "NODE_DRAIN_TIMEOUT")
+    url_allowlist: tuple[str, ...] = setting((), "URL_ALLOWLIST", _names)
+    storage_retry_s: float = setting(60.0, "STORAGE_RETRY_S")
+    min_free_disk_mb: int = setting(512, "MIN_FREE_DISK_MB")
+    worker_id: str = setting("", "WORKER_ID")  # "" = <host>-<pid>-<random>, made at worker start
+    log_level: str = setting("INFO", "LOG_LEVEL")  # the worker's
+    # Engines: the WhisperX app's audio input (unverified; some deployments used input_file)
+    whisper_audio_input_name: str = setting("audio_file", "WHISPER_AUDIO_INPUT_NAME")
 
 
 def load() -> Settings:
     """Read every setting from the environment (see .env.example for the documented list)."""
-    return Settings(
-        redis_url=redis_url_from_env(),
-        result_ttl_s=_int("RESULT_TTL", 7 * 24 * 3600),
-        max_attempts=_int("MAX_ATTEMPTS", 3),
-        heartbeat_ttl_s=_int("HEARTBEAT_TTL", 30),
-        sweep_interval_s=_float("SWEEP_INTERVAL_S", 15.0),
-        api_keys=tuple(_list("C3_RENDER_API_KEYS")),
-        max_content_length=_int("MAX_CONTENT_LENGTH", 1024 * 1024),
-        public_base_url=_env("PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
-        rate_limit_per_minute=_int("RATE_LIMIT_PER_MINUTE", 0),
-        public_routes=tuple(_list("PUBLIC_ROUTES")) if "PUBLIC_ROUTES" in os.environ else ("/docs", "/metrics"),
-        metrics_token=_env("METRICS_TOKEN", ""),
-        sse_keepalive_s=_float("SSE_KEEPALIVE_S", 15.0),
-        sse_max_streams=_int("SSE_MAX_STREAMS", 48),
-        output_dir=_env("OUTPUT_DIR", "var/output"),
-        file_url_secret=_env("FILE_URL_SECRET", ""),
-        minio_endpoint=_env("MINIO_ENDPOINT", ""),
-        minio_access_key=_env("MINIO_ACCESS_KEY", ""),
-        minio_secret_key=_env("MINIO_SECRET_KEY", ""),
-        minio_bucket=_env("MINIO_BUCKET", "c3-render-output"),
-        minio_secure=_bool("MINIO_SECURE", False),
-        minio_public_url=_env("MINIO_PUBLIC_URL", "").rstrip("/"),
-        minio_region=_env("MINIO_REGION", "us-east-1"),
-        webhook_secret=_env("WEBHOOK_SECRET", ""),
-        webhook_attempts=_int("WEBHOOK_ATTEMPTS", 5),
-        webhook_interval_s=_float("WEBHOOK_INTERVAL_S", 5.0),
-        webhook_timeout_s=_float("WEBHOOK_TIMEOUT_S", 10.0),
-        webhook_schedule=_schedule("WEBHOOK_SCHEDULE"),
-        webhook_concurrency=max(1, _int("WEBHOOK_CONCURRENCY", 128)),
-        webhook_per_host=max(1, _int("WEBHOOK_PER_HOST", 4)),
-        c3_api_key=_env("C3_API_KEY", ""),
-        c3_api_url=_env("C3_API_URL", DEFAULT_C3_API_URL).rstrip("/"),
-        c3_node_url=_env("C3_NODE_URL", DEFAULT_C3_NODE_URL).rstrip("/"),
-        c3_comfyui_url=_env("C3_COMFYUI_URL", DEFAULT_C3_COMFYUI_URL).rstrip("/"),
-        c3_ollama_url=_env("C3_OLLAMA_URL", DEFAULT_C3_OLLAMA_URL).rstrip("/"),
-        c3_origin=_env("C3_ORIGIN", "https://launch.comput3.ai"),
-        workload_type=_env("C3_WORKLOAD_TYPE", DEFAULT_WORKLOAD_TYPE),
-        analyze_workload_type=_env("C3_ANALYZE_WORKLOAD_TYPE", DEFAULT_ANALYZE_WORKLOAD_TYPE),
-        service_ready_timeout_s=_float("SERVICE_READY_TIMEOUT", DEFAULT_SERVICE_READY_TIMEOUT_S),
-        c3_read_timeout_s=_float("C3_READ_TIMEOUT", 60.0),
-        launch_window_slack_s=_float("LAUNCH_WINDOW_SLACK_S", 10.0),
-        node_check_ttl_s=_float("NODE_CHECK_TTL", 30.0),
-        ollama_model=_env("OLLAMA_MODEL", "llama3.2-vision:11b"),
-        max_nodes=_int("MAX_NODES", 4),
-        node_boot_timeout_s=_float("NODE_BOOT_TIMEOUT", 600.0),
-        node_max_age_s=_float("NODE_MAX_AGE", 3600.0),
-        node_expires_margin_s=_float("NODE_EXPIRES_MARGIN", 900.0),
-        gpu_idle_timeout_s=_float("GPU_IDLE_TIMEOUT", 300.0),
-        launch_attempts=_int("LAUNCH_ATTEMPTS", 5),
-        launch_backoff_s=_float("LAUNCH_BACKOFF_S", 2.0),
-        work_dir=_env("WORK_DIR", "var/work"),
-        worker_grace_s=_float("WORKER_GRACE_S", 30.0),
-        max_input_bytes=_int("MAX_INPUT_BYTES", 200 * 1024 * 1024),
-        max_audio_seconds=_float("MAX_AUDIO_SECONDS", 600.0),
-        max_image_pixels=_int("MAX_IMAGE_PIXELS", 40_000_000),
-        download_timeout_s=_float("DOWNLOAD_TIMEOUT_S", 120.0),
-        node_failure_retries=_int("NODE_FAILURE_RETRIES", 1),
-        comfyui_max_upload_mb=_float("COMFYUI_MAX_UPLOAD_MB", 100.0),
-        node_drain_timeout_s=_float("NODE_DRAIN_TIMEOUT", 600.0),
-        url_allowlist=tuple(_list("URL_ALLOWLIST")),
-        storage_retry_s=_float("STORAGE_RETRY_S", 60.0),
-        min_free_disk_mb=_int("MIN_FREE_DISK_MB", 512),
-    )
+    return Settings(**{f.name: f.metadata["read"](f.metadata["env"], f.default) for f in fields(Settings)})
 
 
 def node_url_problems(settings: Settings) -> list[str]:

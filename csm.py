@@ -1,4 +1,4 @@
-"""CSM text-to-speech engine (PROTOCOLS.md 3), plus the Gradio and audio helpers the audio engines share.
+"""CSM text-to-speech engine (docs/node-protocols.md, CSM), plus the Gradio and audio helpers the audio engines share.
 
 This module owns:
 - `split_sentences`: how a `text` parameter becomes the sentence list CSM speaks;
@@ -38,7 +38,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 API_NAME = "/generate_monologue_audio"
-# The app's keyword input names, in one place (PROTOCOLS.md 3).
+# The app's keyword input names, in one place (docs/node-protocols.md, CSM).
 CSM_INPUTS = {
     "voice": "speaker_voice",
     "speaker_text": "speaker_text",
@@ -167,7 +167,7 @@ def to_mp3(src: Path, dest: Path, mono: bool = False) -> Path:
 
 
 def to_mono_wav(src: Path, dest: Path) -> Path:
-    """Mono WAV copy of src: voice cloning works best with one channel (PROTOCOLS.md 3)."""
+    """Mono WAV copy of src: voice cloning works best with one channel (docs/node-protocols.md, CSM)."""
     try:
         return media_check.transcode_audio(src, dest, codec="pcm_s16le", mono=True)
     except media_check.MediaError as exc:

@@ -20,8 +20,9 @@ MAX_PROMPT_CHARS = 2_000
 MAX_JSON_DEPTH = 16  # arrays and objects inside each other in a request body
 # RFC 3986 characters only, with well-formed percent escapes
 _URI_CHARS = re.compile(r"^(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*$")
-# The language codes faster-whisper knows (what the WhisperX app accepts, PROTOCOLS.md 4). Users may
-# send a tag with a region or script subtag, in any case (pt-BR, en_US, EN): the API stores the bare code.
+# The language codes faster-whisper knows (what the WhisperX app accepts, docs/node-protocols.md,
+# WhisperX). Users may send a tag with a region or script subtag, in any case (pt-BR, en_US, EN): the API
+# stores the bare code.
 WHISPER_LANGUAGES = (
     "af", "am", "ar", "as", "az", "ba", "be", "bg", "bn", "bo", "br", "bs", "ca", "cs", "cy", "da", "de",
     "el", "en", "es", "et", "eu", "fa", "fi", "fo", "fr", "gl", "gu", "ha", "haw", "he", "hi", "hr", "ht",

@@ -939,9 +939,10 @@ def claim_dead_nodes(r: redis.Redis, worker_id: str) -> list[tuple[str, dict[str
 
 
 # --- launch windows and the registry of the nodes this service launched ---------------------------
-# The provider lets no client label a workload (PROTOCOLS.md 1): our nodes are known by the ids we
-# stored (nodes:owned) and, for a launch whose answer never arrived, by its recorded window
-# (nodes:launching: who launched which type when, and which workloads were running before).
+# The provider lets no client label a workload (docs/node-protocols.md, Comput3 control API): our nodes
+# are known by the ids we stored (nodes:owned) and, for a launch whose answer never arrived, by its
+# recorded window (nodes:launching: who launched which type when, and which workloads were running
+# before).
 
 def begin_launch(r: redis.Redis, worker_id: str, node_type: str, before: list[str], now: float) -> str:
     """Record a launch intent before calling the provider's launch; return its id."""

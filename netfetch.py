@@ -42,7 +42,9 @@ from requests.adapters import DEFAULT_POOLBLOCK, DEFAULT_POOLSIZE, HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-USER_AGENT = "c3-render/0.1"
+import config
+
+USER_AGENT = f"c3-render/{config.VERSION}"
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # What to verify https certificates against: None = requests' default bundle (certifi),

@@ -55,7 +55,6 @@ MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # S3 SigV4 presigned URLs are valid 7 days at
 EXPIRY_RULE_ID = "c3-render-result-expiry"  # the bucket lifecycle rule this service owns
 UPLOAD_TMP_MAX_AGE_S = 3600  # a partial upload (.upload-*.tmp) older than this was cut short
 WORK_DIR_MIN_AGE_S = 300  # a finished job's work directory is left alone this long (its worker cleans it)
-DEFAULT_REGION = "us-east-1"
 
 # A stored file's name: one path component, no leading dot, only these characters.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -120,7 +119,7 @@ def _split_endpoint(value: str, default_secure: bool) -> tuple[str, bool]:
 
 
 def _region(settings: Settings) -> str:
-    return settings.minio_region.strip() or DEFAULT_REGION
+    return settings.minio_region.strip() or Settings.minio_region  # blank: config.py's default
 
 
 def _http_client() -> urllib3.PoolManager:
@@ -339,10 +338,12 @@ def local_file_path(settings: Settings, name: str) -> Path | None:
 
 
 def upload_result(
-    settings: Settings, path: Path, object_name: str, file_secret: bytes, ttl_s: int = 7 * 24 * 3600
+    settings: Settings, path: Path, object_name: str, file_secret: bytes, ttl_s: int | None = None
 ) -> str:
-    """Store the result file at path under object_name and return the URL a client fetches it from."""
+    """Store the result file at path under object_name and return the URL a client fetches it from,
+    valid ttl_s seconds (default: RESULT_TTL, the life of the job record)."""
     _check_name(object_name)
+    ttl_s = settings.result_ttl_s if ttl_s is None else ttl_s
     if ttl_s < 1:
         raise ValueError("ttl_s must be at least 1 second")
     if uses_minio(settings):
@@ -356,7 +357,7 @@ def upload_result(
 
 
 def upload_with_retry(settings: Settings, path: Path, object_name: str, file_secret: bytes,
-                      ttl_s: int = 7 * 24 * 3600, sleep: Callable[[float], None] = time.sleep) -> str:
+                      ttl_s: int | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
     """upload_result(), retried with back-off (1, 2, 4 ... 15 s) for STORAGE_RETRY_S: a full or
     unwritable disk or an unreachable S3 is often fixed in that time, and the output is kept in the
     work directory meanwhile. The final StorageError says what failed, without server paths."""

@@ -1,21 +1,21 @@
-"""WhisperX speech-to-text engine (PROTOCOLS.md 4).
+"""WhisperX speech-to-text engine (docs/node-protocols.md, WhisperX).
 
 This module owns the WhisperX Gradio call (`/transcribe_audio`, input names in `WHISPER_INPUTS`) and the
 files of a whisper job: work_dir/{job_id}_input.mp3 (the audio sent) and work_dir/{job_id}.txt (the
 transcript). It returns the transcript text. Polling, stopping and error mapping are csm.gradio_call's.
 
-The audio input's name is unverified (deployed versions used `input_file`): it is AUDIO_INPUT_NAME,
-overridable by env WHISPER_AUDIO_INPUT_NAME; when the app declares its inputs and the configured name
-is not among them, the other known name is used.
+The audio input's name is unverified (deployed versions used `input_file`): it is the setting
+WHISPER_AUDIO_INPUT_NAME (config.py, default `audio_file`); when the app declares its inputs and the
+configured name is not among them, the other known name is used.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+import config
 import jobspec
 from csm import gradio_call, to_mp3
 from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_phase
@@ -23,9 +23,8 @@ from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_ph
 log = logging.getLogger(__name__)
 
 API_NAME = "/transcribe_audio"
-AUDIO_INPUT_NAME = "audio_file"
 KNOWN_AUDIO_INPUT_NAMES = ("audio_file", "input_file")
-# Keyword inputs other than the audio file, with the values the public client sends (PROTOCOLS.md 4).
+# Keyword inputs other than the audio file, with the values the public client sends (docs/node-protocols.md, WhisperX).
 WHISPER_INPUTS = {
     "model": "model",
     "task": "task",
@@ -45,15 +44,15 @@ FIXED_VALUES = {
     "word_timestamps": True,
     "segment_resolution": "sentence",
 }
-DEFAULT_MODEL = "medium"
-DEFAULT_TASK = "transcribe"
-# The app catches every exception and answers ("Error: <message>", []) instead of raising (PROTOCOLS.md 4).
+DEFAULTS = {f.name: f.default for f in jobspec.JOB_FIELDS["whisper"] if f.default is not None}  # the API's
+# The app catches every exception and answers ("Error: <message>", []) instead of raising
+# (docs/node-protocols.md, WhisperX).
 APP_ERROR_PREFIX = "Error:"
 
 
 def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
-    """The name to send the audio under: env, else the constant; adapted to what the app declares."""
-    name = os.environ.get("WHISPER_AUDIO_INPUT_NAME", "").strip() or AUDIO_INPUT_NAME
+    """The name to send the audio under: the WHISPER_AUDIO_INPUT_NAME setting, adapted to what the app declares."""
+    name = config.load().whisper_audio_input_name
     if declared and name not in declared:
         for other in KNOWN_AUDIO_INPUT_NAMES:
             if other in declared:
@@ -68,8 +67,8 @@ def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] =
     if language.lower() == "auto":
         language = ""
     values = {
-        "model": str(params.get("model") or DEFAULT_MODEL),
-        "task": str(params.get("task") or DEFAULT_TASK),
+        "model": str(params.get("model") or DEFAULTS["model"]),
+        "task": str(params.get("task") or DEFAULTS["task"]),
         # "" = detect; never a region subtag (jobs queued before the API mapped it still hold one)
         "language": jobspec.whisper_language(language) if language else "",
         **FIXED_VALUES,
@@ -114,7 +113,7 @@ def run(
     if audio is None:
         raise EngineError("Whisper failed: no audio input")
     sent = to_mp3(audio, work_dir / f"{job_id}_input.mp3")
-    log.info("job %s: whisper model %s", job_id, params.get("model") or DEFAULT_MODEL)
+    log.info("job %s: whisper model %s", job_id, params.get("model") or DEFAULTS["model"])
     result = gradio_call(
         node.whisper,
         node.headers(),

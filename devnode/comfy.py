@@ -1,13 +1,13 @@
 """Dev node ComfyUI stand-in: ComfyUI's HTTP and websocket API for the SONIC portrait workflow.
 
-This package of modules owns everything a media:fast node's ComfyUI does in the dev node (PROTOCOLS.md 5):
-this module the routes (uploads, /prompt, /queue, /interrupt, /history, /view, /object_info, the
-websocket); `comfy_state` the per-workload state; `comfy_nodes` the node signatures and validation;
-`comfy_render` running a prompt. State is kept per workload id (``scope["devnode_workload"]``, set by
-the dev node core when it mounts this app under ``/nodes/<workload>/comfyui``; "default" when absent):
-files live under ``data_dir/<workload>/{input,output,temp}/`` and each workload has its own queue,
-history, websocket clients and one worker thread, so one workload runs one prompt at a time, like a
-real node.
+This package of modules owns everything a media:fast node's ComfyUI does in the dev node
+(docs/node-protocols.md, ComfyUI and SONIC): this module the routes (uploads, /prompt, /queue,
+/interrupt, /history, /view, /object_info, the websocket); `comfy_state` the per-workload state;
+`comfy_nodes` the node signatures and validation; `comfy_render` running a prompt. State is kept per
+workload id (``scope["devnode_workload"]``, set by the dev node core when it mounts this app under
+``/nodes/<workload>/comfyui``; "default" when absent): files live under
+``data_dir/<workload>/{input,output,temp}/`` and each workload has its own queue, history, websocket
+clients and one worker thread, so one workload runs one prompt at a time, like a real node.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Dev node ComfyUI stand-in: the node classes the SONIC workflow names, and prompt validation.
 
-The signatures (input names, types, ranges, choices, required/optional, return types) follow the
-public sources of ComfyUI (nodes.py, comfy_extras), cubiq/ComfyUI_essentials (ImageResize+),
-smthemex/ComfyUI_Sonic and Kosinkadink/ComfyUI-VideoHelperSuite, as PROTOCOLS.md 5 lists them; the
-validation answers (error types, messages, node_errors) follow ComfyUI's execution.py.
+The signatures (input names, types, ranges, choices, required/optional, return types) follow the public
+sources of ComfyUI (nodes.py, comfy_extras), cubiq/ComfyUI_essentials (ImageResize+),
+smthemex/ComfyUI_Sonic and Kosinkadink/ComfyUI-VideoHelperSuite, as docs/node-protocols.md (ComfyUI and
+SONIC) lists them; the validation answers (error types, messages, node_errors) follow ComfyUI's
+execution.py.
 """
 
 from __future__ import annotations

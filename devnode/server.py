@@ -1,7 +1,7 @@
 """The dev node's HTTP server: a local stand-in for Comput3.ai and its media:fast and ollama_webui:fast nodes.
 
 This module owns
-- the Comput3 control API at `/api/v0` (launch, workloads, stop, types; PROTOCOLS.md section 1),
+- the Comput3 control API at `/api/v0` (launch, workloads, stop, types; docs/node-protocols.md, Comput3 control API),
 - the node table (`NODES`) and each node's life: booting (503), running, then stopped / expired /
   dead (404, gone from the workloads list),
 - the node router, an ASGI wrapper that serves `/nodes/<workload>/...` after checking the node state
@@ -40,7 +40,7 @@ from devnode import faults
 LOG = logging.getLogger("devnode")
 
 MEDIA_TYPE = "media:fast"  # CSM, WhisperX and ComfyUI under one host
-VISION_TYPE = "ollama_webui:fast"  # Ollama at the root of its host (PROTOCOLS.md 2)
+VISION_TYPE = "ollama_webui:fast"  # Ollama at the root of its host (docs/node-protocols.md, Node URLs)
 WORKLOAD_TYPES = (MEDIA_TYPE, VISION_TYPE)
 NODE_SERVICES = ("/csm", "/whisper", "/comfyui")
 REQUESTS: dict[str, int] = {}  # "POST /api/v0/launch", "node GET /", "node /csm" ... -> count

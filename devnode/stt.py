@@ -1,4 +1,4 @@
-"""The dev node's stand-in for the WhisperX Gradio app (PROTOCOLS.md section 4).
+"""The dev node's stand-in for the WhisperX Gradio app (docs/node-protocols.md, WhisperX).
 
 This module owns the Gradio Blocks served at `https://{node}/whisper/` with the endpoint
 `/transcribe_audio`, and the engine behind it: faster-whisper on CPU (int8) with the Whisper base
@@ -151,7 +151,8 @@ async def transcribe_audio(
 ) -> tuple[str, list[str]]:
     """The Gradio handler of `/transcribe_audio` (argument names are the API's keywords).
 
-    Failures come back as ("Error: <message>", []), the way the real app reports them (PROTOCOLS.md 4).
+    Failures come back as ("Error: <message>", []), the way the real app reports them
+    (docs/node-protocols.md, WhisperX).
     """
     fault = faults.engine_fault("whisper")
     if fault == "hang":

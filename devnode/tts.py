@@ -1,4 +1,4 @@
-"""The dev node's stand-in for the CSM text-to-speech Gradio app (PROTOCOLS.md section 3).
+"""The dev node's stand-in for the CSM text-to-speech Gradio app (docs/node-protocols.md, CSM).
 
 This module owns the Gradio Blocks served at `https://{node}/csm/` with the endpoint
 `/generate_monologue_audio`, and the CPU speech engine behind it: Piper with the `en_US-joe-medium`

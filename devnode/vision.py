@@ -1,6 +1,6 @@
 """Dev node vision stand-in: Ollama's generate API answering with a factual image report.
 
-This module owns the dev node's "vision model" (PROTOCOLS.md 6): ``POST /api/generate`` with
+This module owns the dev node's "vision model" (docs/node-protocols.md, Ollama): ``POST /api/generate`` with
 Ollama's request and answer shapes, plus ``GET /api/tags``, ``GET /api/version`` and ``GET /``.
 There is no language model here. The answer is a report computed on the CPU with OpenCV and NumPy:
 size and format, faces (OpenCV's Haar cascade; with an OpenCV build that lacks it, scikit-image's LBP

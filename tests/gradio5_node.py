@@ -3,8 +3,8 @@
 Run with the Python of a throwaway gradio-5 environment (scripts/gradio5-venv.sh), never the project's:
 `python tests/gradio5_node.py PORT`. It mounts two small Blocks under /csm and /whisper (path prefixes,
 like a media:fast node) with the real apps' endpoint names, inputs in their order, and failure styles:
-CSM raises gr.Error("Generation failed: ..."), WhisperX answers ("Error: <message>", []) (PROTOCOLS.md
-3-4). The engines are stand-ins: a tone for speech, a fixed sentence for a transcript.
+CSM raises gr.Error("Generation failed: ..."), WhisperX answers ("Error: <message>", []) (docs/node-protocols.md,
+CSM and WhisperX). The engines are stand-ins: a tone for speech, a fixed sentence for a transcript.
 """
 
 from __future__ import annotations

@@ -357,7 +357,7 @@ def test_shutdown_with_hung_engine(tmp_path: Path) -> None:
 
 
 def test_whisper_answers_failures_as_the_real_app_does(devnode: str, node: str, tmp_path: Path) -> None:
-    # The real app catches every exception and returns ("Error: <message>", []) (PROTOCOLS.md 4).
+    # The real app catches every exception and returns ("Error: <message>", []) (docs/node-protocols.md, WhisperX).
     audio = tmp_path / "tone.wav"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=duration=1", str(audio)], check=True)
     client = whisper_client(node)

@@ -110,7 +110,7 @@ def sonic_graph(
     steps: int = STEPS,
     preview: bool = True,
 ) -> dict:
-    """The SONIC talking-head workflow in API format (PROTOCOLS.md 5)."""
+    """The SONIC talking-head workflow in API format (docs/node-protocols.md, ComfyUI and SONIC)."""
     graph = {
         "18": {"class_type": "LoadImage", "inputs": {"image": image}},
         "26": {"class_type": "LoadAudio", "inputs": {"audio": audio}},
@@ -549,7 +549,7 @@ def test_workloads_are_isolated(server: dict, media: dict) -> None:
     assert prompt_id in api.json()
 
 
-# --- fidelity to the real nodes (issue 11; PROTOCOLS.md 5) ------------------------------------------
+# --- fidelity to the real nodes (issue 11; docs/node-protocols.md, ComfyUI and SONIC) -----------------
 
 
 def _first_error(server: dict, graph: dict, node_id: str) -> dict | None:

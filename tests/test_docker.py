@@ -88,7 +88,7 @@ def test_default_compose_runs_the_dev_node_worker_with_intact_node_urls(compose,
     {},  # config.py's defaults
     # the values the README gives for real GPUs, set in the shell
     {"C3_API_URL": "https://api.comput3.ai/api/v0", "C3_NODE_URL": "https://{node}",
-     "C3_COMFYUI_URL": "https://ui-{node}", "C3_OLLAMA_URL": config.DEFAULT_C3_OLLAMA_URL},
+     "C3_COMFYUI_URL": "https://ui-{node}", "C3_OLLAMA_URL": config.Settings.c3_ollama_url},
 ])
 def test_comput3_worker_gets_the_real_node_urls_and_no_dev_node(compose, tmp_path, monkeypatch, env):
     resolved = resolve(compose, tmp_path, "--profile", "comput3", env={"C3_API_KEY": "k-123", **env})
@@ -97,10 +97,10 @@ def test_comput3_worker_gets_the_real_node_urls_and_no_dev_node(compose, tmp_pat
     settings = worker_settings(service, monkeypatch)
     assert config.node_url_problems(settings) == []
     assert settings.c3_api_key == "k-123"
-    assert settings.c3_api_url == config.DEFAULT_C3_API_URL
+    assert settings.c3_api_url == config.Settings.c3_api_url
     assert settings.c3_node_url.format(node="n1") == "https://n1"
     assert settings.c3_comfyui_url.format(node="n1") == "https://ui-n1"
-    assert settings.c3_ollama_url == config.DEFAULT_C3_OLLAMA_URL
+    assert settings.c3_ollama_url == config.Settings.c3_ollama_url
 
 
 def test_a_node_url_default_inside_an_interpolation_is_caught(compose, tmp_path, monkeypatch):

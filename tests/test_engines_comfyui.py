@@ -465,7 +465,7 @@ def test_stop_drops_queued_prompt(node: NodeUrls, inputs: dict[str, Path], tmp_p
 def test_not_ready_times_out(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     _reset("success")
     SCRIPT["not_ready"] = 100
-    monkeypatch.setenv("COMFYUI_READY_TIMEOUT", "1.5")
+    monkeypatch.setenv("SERVICE_READY_TIMEOUT", "1.5")
     with pytest.raises(TimeoutError, match="ComfyUI not ready"):
         comfyui.run({}, "job7", inputs, node, tmp_path, lambda: None, lambda _p: None)
     assert not _names("upload")

@@ -1,7 +1,7 @@
 """comfyui.py (the worker's portrait engine) against the dev node's ComfyUI stand-in on 127.0.0.1, which
-behaves like a real node (PROTOCOLS.md 5): 100 MiB upload limit, an uninterruptible sampler, progress
-only from node 13, partly invalid graphs that still run their valid rest. Plus mediaconv.shrink_audio on
-the issue's own case, a 10-minute 48 kHz stereo WAV (106 MiB).
+behaves like a real node (docs/node-protocols.md, ComfyUI and SONIC): 100 MiB upload limit, an
+uninterruptible sampler, progress only from node 13, partly invalid graphs that still run their valid
+rest. Plus mediaconv.shrink_audio on the issue's own case, a 10-minute 48 kHz stereo WAV (106 MiB).
 
 The stand-in is wrapped in a small ASGI shim that answers the node's health check at "/" and can make
 the next requests to one path answer 502 (a transient app error on a healthy node).

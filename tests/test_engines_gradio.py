@@ -170,7 +170,8 @@ def _build_apps(tmp: Path):
             "language": language,
             **dict(zip(names, rest, strict=True)),
         }
-        if model == "fail":  # the real app never raises: it answers with the error text (PROTOCOLS.md 4)
+        # the real app never raises: it answers with the error text (docs/node-protocols.md, WhisperX)
+        if model == "fail":
             return "Error: model not found: fail", []
         srt = tmp / "out.srt"
         srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")

@@ -1,10 +1,11 @@
 """The worker's Gradio client (csm.py, whisper.py on gradio_client 2.x) against a real gradio 5 server.
 
-The media:fast node apps run gradio 5 (PROTOCOLS.md 3); the project's own environment has gradio 6 for
-the dev node, so tests/test_engines_gradio.py covers gradio 6 only. This test runs tests/gradio5_node.py
-(two apps mounted under /csm and /whisper, like a node) with the Python of a separate gradio-5
-environment, made once by scripts/gradio5-venv.sh (or named by GRADIO5_PYTHON); it is skipped, saying
-so, when that environment is missing. Tests never install packages themselves.
+The media:fast node apps run gradio 5 (docs/node-protocols.md, Gradio apps on the nodes); the project's
+own environment has gradio 6 for the dev node, so tests/test_engines_gradio.py covers gradio 6 only.
+This test runs tests/gradio5_node.py (two apps mounted under /csm and /whisper, like a node) with the
+Python of a separate gradio-5 environment, made once by scripts/gradio5-venv.sh (or named by
+GRADIO5_PYTHON); it is skipped, saying so, when that environment is missing. Tests never install
+packages themselves.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Issue 11 through the worker's real code path: the worker process, the API and the dev node, whose
-stand-ins behave like the real node services (PROTOCOLS.md 3-5).
+stand-ins behave like the real node services (docs/node-protocols.md: CSM, WhisperX, ComfyUI and SONIC).
 
 - a running job shows its phase (and since when) in /status; a percentage only while encoding;
 - WhisperX answers failures as ("Error: ...", []): the job fails with the app's message;

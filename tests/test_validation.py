@@ -159,7 +159,7 @@ def test_enums_and_language(name, value):
 
 
 def test_language_tags_become_the_bare_code_whisper_knows():
-    # The WhisperX app refuses region subtags (PROTOCOLS.md 4): the API stores the bare code.
+    # The WhisperX app refuses region subtags (docs/node-protocols.md, WhisperX): the API stores the bare code.
     for sent, stored in (("pt-BR", "pt"), ("en-US", "en"), ("EN", "en"), ("zh_Hans", "zh"), ("HAW", "haw")):
         assert validate("whisper", with_("whisper", language=sent))["language"] == stored
     for bad in ("zz", "xx-YY", "pt-", "english"):

@@ -179,10 +179,7 @@ def test_service_readiness_waited_for_once_per_node(state, monkeypatch):
 
 
 def test_default_comfyui_ready_timeout_fits_a_cold_start():
-    import comfyui
-
     assert config.Settings().service_ready_timeout_s >= 420  # public clients wait up to 7 minutes
-    assert comfyui.DEFAULT_READY_TIMEOUT_S >= 420
 
 
 def test_node_type_is_a_property_of_the_job_type(s):
