@@ -55,6 +55,7 @@ bench:
 	$(PYTHON) bench/status_cost.py
 	$(PYTHON) bench/worker_memory.py
 	$(PYTHON) bench/webhook_latency.py
+	$(PYTHON) bench/sigterm_redis_gone.py
 	$(PYTHON) bench/sse_streams.py --streams 400 --threads 440
 	$(PYTHON) bench/soak.py --jobs 300 --workers 4 --seed 42
 

@@ -7,8 +7,9 @@ grows old, stopped when idle or on SIGTERM, capped at MAX_NODES across all worke
 launches (a launch window recorded in Redis before each launch call; lost answers resolved from the
 workloads list), the job run (inputs downloaded and checked, the node's service waited for, the
 engine called with a should_stop() that enforces cancel, max_time and complete_by, the result
-uploaded and recorded), the heartbeat, and the recovery sweep that requeues the jobs of dead workers
-and stops every node of ours that no live worker holds.
+uploaded and recorded), the heartbeat, the recovery sweep that requeues the jobs of dead workers
+and stops every node of ours that no live worker holds, and the shutdown on SIGTERM (bounded in time
+even when Redis is gone: shut_down).
 
 Run: `python c3_render_worker.py` (configuration from the environment; see README).
 """
@@ -52,6 +53,9 @@ RESULT_NAMES = {"csm": "{id}.mp3", "portrait": "{id}.mp4", "whisper": "{id}.txt"
 CANCEL_REASON = "cancelled by request"
 SHUTDOWN_REASON = "worker shutting down"
 C3_CONNECT_TIMEOUT_S = 10  # the read timeout is C3_READ_TIMEOUT
+# On the way out, one Redis call may take this long: a Redis that is frozen or cut off by the network
+# accepts nothing and refuses nothing, and each call would otherwise wait out the usual 5 s timeout.
+EXIT_REDIS_TIMEOUT_S = 2.0
 
 
 class C3Error(Exception):
@@ -195,6 +199,9 @@ class WorkerState:
     stopping: threading.Event = field(default_factory=threading.Event)
     shutdown_deadline: float | None = None
     node_seconds: float = 0.0
+    entry: str | None = None  # the queue entry taken and not yet settled in Redis (acked, put back, requeued)
+    redis_lost: str = ""  # on the way out: why Redis did not answer ('' while it does); its steps are skipped
+    unrecorded_stops: int = 0  # nodes stopped on the way out whose records Redis could not take
 
 
 def node_type_for(settings: config.Settings, job_type: str) -> str:
@@ -221,12 +228,19 @@ def stop_node(state: WorkerState, node_type: str, reason: str, release_slot: boo
     state.node_seconds += seconds
     log.info("stopped node %s (workload %s, %s, %s) after %.1f node-seconds; this worker's total %.1f",
              held.node, held.workload, held.type, reason, seconds, state.node_seconds)
+    if state.redis_lost:  # on the way out without Redis: shut_down says so once, the sweep tidies up
+        state.unrecorded_stops += 1
+        return
     _record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
     try:
         jobstore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
                               workload=held.workload)
-    except redis.RedisError:
-        log.warning("could not update the node record in Redis; the recovery sweep will")
+    except redis.RedisError as exc:
+        if state.stopping.is_set():
+            state.redis_lost = type(exc).__name__
+            state.unrecorded_stops += 1
+        else:
+            log.warning("could not update the node record in Redis; the recovery sweep will")
 
 
 def stop_all_nodes(state: WorkerState, reason: str) -> None:
@@ -661,6 +675,8 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
 
     def should_stop() -> str | None:
         now = time.time()
+        if not cancelled[0] and state.shutdown_deadline is not None and now > state.shutdown_deadline:
+            return SHUTDOWN_REASON  # without one more poll: a Redis that does not answer would delay it
         if now - last_poll[0] >= 1.0:
             last_poll[0] = now
             try:
@@ -789,7 +805,8 @@ def store_result(state: WorkerState, job_type: str, job_id: str, output: Path | 
 
 def run_job(state: WorkerState, entry: str) -> None:
     """Run one taken queue entry to its end; the entry is acknowledged unless the job goes back."""
-    settings, r, worker_id = state.settings, state.r, state.worker_id
+    settings, worker_id = state.settings, state.worker_id
+    r = state.r  # calls made after a SIGTERM use state.r, by then the short-timeout client
     job_id = json.loads(entry)["id"]
     changed, status = jobstore.transition(r, settings, job_id, "running", {"worker": worker_id})
     if not changed:
@@ -806,21 +823,23 @@ def run_job(state: WorkerState, entry: str) -> None:
         if fields.get("error"):  # no server paths in what the client sees
             fields = {**fields, "error": storage.scrub_paths(settings, str(fields["error"]))}
         # Ride out a short Redis outage here rather than throw the finished work away: the transition is
-        # idempotent (a retry after a lost reply finds the job finished and changes nothing).
+        # idempotent (a retry after a lost reply finds the job finished and changes nothing). Not past
+        # WORKER_GRACE_S on SIGTERM: the entry stays in our processing list for the sweep to give back.
         for wait_s in (0.5, 1, 2, 4, 8, 0):
             try:
-                done, now_status = jobstore.transition(r, settings, job_id, new_status, fields,
+                done, now_status = jobstore.transition(state.r, settings, job_id, new_status, fields,
                                                        worker_id=worker_id)
                 break
             except redis.RedisError:
-                if not wait_s:
+                past_grace = state.shutdown_deadline is not None and time.time() + wait_s > state.shutdown_deadline
+                if not wait_s or past_grace:
                     raise  # the main loop gives the entry back to the queue once Redis answers
                 log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job_id,
                             new_status, wait_s)
                 time.sleep(wait_s)
         if not done:
             log.info("job %s: result dropped, the job is already %s", job_id, now_status)
-        jobstore.ack(r, worker_id, entry)
+        jobstore.ack(state.r, worker_id, entry)
 
     if record.get("cancel_requested") == "1":
         finish("cancelled", {"error": CANCEL_REASON})
@@ -848,7 +867,7 @@ def run_job(state: WorkerState, entry: str) -> None:
     except JobStopped as exc:
         reason = str(exc)
         if reason == SHUTDOWN_REASON:
-            jobstore.put_back(r, worker_id, job_id, entry)
+            jobstore.put_back(state.r, worker_id, job_id, entry)
             log.info("job %s put back on the queue (worker shutting down)", job_id)
         elif reason == CANCEL_REASON:
             finish("cancelled", {"error": CANCEL_REASON})
@@ -862,7 +881,7 @@ def run_job(state: WorkerState, entry: str) -> None:
         # A stop of the whole process group (systemd, docker) kills ffprobe/ffmpeg with the worker: the job
         # goes back. Otherwise (the OOM killer, say) it fails, saying so, rather than blaming the input.
         if state.stopping.wait(1.0):
-            jobstore.put_back(r, worker_id, job_id, entry)
+            jobstore.put_back(state.r, worker_id, job_id, entry)
             log.info("job %s put back on the queue (%s; worker shutting down)", job_id, exc)
         else:
             finish("failed", {"error": f"{exc}; the worker may be short of memory, try again later"})
@@ -953,6 +972,7 @@ def work(state: WorkerState) -> None:
                 jobstore.heartbeat(state.r, state.worker_id, settings.heartbeat_ttl_s)
                 requeued, failed = jobstore.requeue_processing(state.r, settings, state.worker_id)
                 recover = False
+                state.entry = None
                 if requeued or failed:
                     log.info("gave %d job(s) cut short by a Redis error back to the queue (%d failed after "
                              "MAX_ATTEMPTS)", requeued, len(failed))
@@ -964,21 +984,68 @@ def work(state: WorkerState) -> None:
             if not state.nodes and not jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes):
                 state.stopping.wait(1.0)
                 continue
-            entry = jobstore.take(state.r, state.worker_id, 1.0)
+            entry = state.entry = jobstore.take(state.r, state.worker_id, 1.0)
             if entry is None and not state.nodes:
                 jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)  # give the reservation back
             if entry is not None and state.stopping.is_set():
                 jobstore.return_entry(state.r, state.worker_id, entry)  # taken as we were told to stop
             elif entry is not None:
                 run_job(state, entry)
+                state.entry = None  # settled; a Redis error leaves it in our processing list (and set)
                 if state.nodes:  # a reservation the job did not turn into a node goes back
                     jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)
+            state.entry = None
             backoff = 0.5
         except redis.RedisError as exc:
+            if state.stopping.is_set():  # asked to stop: Redis is not retried, shut_down says what is left
+                state.redis_lost = type(exc).__name__
+                return
             log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff)
             recover = True
             state.stopping.wait(backoff)
             backoff = min(backoff * 2, 15.0)
+
+
+def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhooks.Senders) -> None:
+    """After work(): stop the held nodes, hand the in-flight webhooks back and retire the worker, in
+    bounded time even when Redis is gone. The Redis steps use a client with short timeouts and are
+    skipped once Redis does not answer (the Comput3 stop calls are not); one line then says what was left
+    undone: the recovery sweep of a live worker does it once Redis answers and our heartbeat expired."""
+    settings, worker_id = state.settings, state.worker_id
+    state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
+    if not state.redis_lost:  # work() ended on a Redis error after the SIGTERM: not asked again
+        try:
+            state.r.ping()
+        except redis.RedisError as exc:
+            state.redis_lost = type(exc).__name__
+    stop_all_nodes(state, "worker shutting down")
+    unreturned = 0
+    if not state.redis_lost:
+        returned = webhooks.stop_delivery(state.r, worker_id, webhook_stop, senders)
+        if returned is None:
+            state.redis_lost = "no answer"
+    if state.redis_lost:
+        unreturned = webhooks.abandon_delivery(webhook_stop, senders)
+    if not state.redis_lost:
+        try:
+            if state.entry is not None:  # cut short by a Redis error before: no job runs now, so it goes back
+                jobstore.requeue_processing(state.r, settings, worker_id)
+                state.entry = None
+            if state.r.llen(jobstore.processing_key(worker_id)) == 0:
+                jobstore.retire_worker(state.r, worker_id)
+            return
+        except redis.RedisError as exc:
+            state.redis_lost = type(exc).__name__
+    undone = []
+    if unreturned:
+        undone.append(f"hand back {unreturned} in-flight webhook deliveries")
+    if state.entry is not None:
+        undone.append(f"give job {json.loads(state.entry)['id']} back to the queue")
+    if state.unrecorded_stops:
+        undone.append(f"record the stop of {state.unrecorded_stops} node(s) (the nodes were stopped)")
+    log.warning("Redis unreachable on the way out (%s): could not %s; the recovery sweep of a live worker "
+                "does that once Redis answers and this worker's heartbeat (HEARTBEAT_TTL) has expired",
+                state.redis_lost, ", ".join(undone or ["retire this worker (nothing else was in flight)"]))
 
 
 def main() -> int:
@@ -995,6 +1062,8 @@ def main() -> int:
             log.info("signal %d: finishing the running job (up to WORKER_GRACE_S=%g s), then exiting",
                      signum, settings.worker_grace_s)
             state.shutdown_deadline = time.time() + settings.worker_grace_s
+            # From now on the job's Redis calls wait at most EXIT_REDIS_TIMEOUT_S each (a frozen Redis)
+            state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
         state.stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -1004,16 +1073,16 @@ def main() -> int:
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
     senders = webhooks.start_delivery(settings, worker_id, webhook_stop)
     work(state)
-    stop_all_nodes(state, "worker shutting down")
-    webhooks.stop_delivery(state.r, worker_id, webhook_stop, senders)
-    try:
-        if state.r.llen(jobstore.processing_key(worker_id)) == 0:
-            jobstore.retire_worker(state.r, worker_id)
-    except redis.RedisError:
-        pass
+    shut_down(state, webhook_stop, senders)
     log.info("worker %s stopped; %.1f node-seconds used", worker_id, state.node_seconds)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # End now: a webhook attempt thread still waiting on a slow receiver (its delivery was handed back,
+    # or is left for the sweep) must not hold the exit, as the interpreter's join of executor threads would.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

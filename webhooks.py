@@ -16,7 +16,8 @@ seen yet or slow gets one, and such hosts together never get the last quarter of
 which stays free for hosts known to answer quickly. An entry whose host is at its cap waits DEFER_S
 in the retry set without counting as an attempt. On SIGTERM a worker gives its in-flight entries
 back to the outbox unchanged (`stop_delivery`); the sweep does the same for workers that vanished
-(`recover_inflight`).
+(`recover_inflight`), and for a worker that stopped while Redis was unreachable (`abandon_delivery`
+says how many it left in flight).
 
 Signatures follow the Standard Webhooks scheme: headers webhook-id (the job id, the same on every
 attempt so receivers can drop copies), webhook-timestamp and webhook-signature
@@ -182,6 +183,19 @@ class HostSlots:
                 self.fast.discard(host)
 
 
+@dataclass
+class InFlight:
+    """How many deliveries this worker holds in its in-flight list unsettled (taken, not yet recorded):
+    what a stop without Redis leaves for the sweep."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    count: int = 0
+
+    def add(self, delta: int) -> None:
+        with self.lock:
+            self.count += delta
+
+
 class Unsettled(Exception):
     """A delivery was attempted but Redis failed before its outcome was written; call settle() again."""
 
@@ -281,14 +295,16 @@ class Senders:
     taker: threading.Thread
     slots: HostSlots
     executor: ThreadPoolExecutor
+    in_flight: InFlight
 
 
 def _attempt_in_thread(r: redis.Redis, settings: config.Settings, worker_id: str, raw: str,
                        slot: tuple[str, float, bool] | None, slots: HostSlots, free: threading.Semaphore,
-                       stop: threading.Event) -> None:
+                       stop: threading.Event, in_flight: InFlight) -> None:
     try:
         try:
             attempt_and_settle(r, settings, worker_id, raw)
+            in_flight.add(-1)
         except Unsettled as unsettled:
             if slot is not None:
                 slots.give_back(slot)
@@ -298,6 +314,7 @@ def _attempt_in_thread(r: redis.Redis, settings: config.Settings, worker_id: str
                 stop.wait(backoff)
                 try:
                     unsettled.settle()
+                    in_flight.add(-1)
                     break
                 except redis.RedisError:
                     backoff = min(backoff * 2, 10.0)
@@ -310,7 +327,7 @@ def _attempt_in_thread(r: redis.Redis, settings: config.Settings, worker_id: str
 
 
 def taker_loop(settings: config.Settings, worker_id: str, stop: threading.Event, slots: HostSlots,
-               executor: ThreadPoolExecutor, concurrency: int) -> None:
+               executor: ThreadPoolExecutor, concurrency: int, in_flight: InFlight) -> None:
     """Take deliveries while fewer than `concurrency` attempts are under way; survives Redis outages."""
     r = jobstore.connect(settings.redis_url)
     shared = jobstore.connect(settings.redis_url)  # for the attempt threads (its pool is thread-safe)
@@ -328,15 +345,18 @@ def taker_loop(settings: config.Settings, worker_id: str, stop: threading.Event,
             if unsettled is not None:
                 unsettled()
                 unsettled = None
+                in_flight.add(-1)
             taken = take_next(r, worker_id, TAKE_WAIT_S, slots, stop)
             if taken is not None:
+                in_flight.add(1)
                 executor.submit(_attempt_in_thread, shared, settings, worker_id, taken[0], taken[1], slots, free,
-                                stop)
+                                stop, in_flight)
                 handed_over = True
             backoff = 0.5
         except (redis.RedisError, Unsettled) as exc:
             if isinstance(exc, Unsettled):
                 unsettled = exc.settle
+                in_flight.add(1)  # a deferral not recorded: the entry is still in our in-flight list
             log.warning("webhook delivery: Redis unavailable (%s); retrying in %.1f s", type(exc).__name__,
                         backoff)
             stop.wait(backoff)
@@ -352,17 +372,20 @@ def start_delivery(settings: config.Settings, worker_id: str, stop: threading.Ev
     concurrency = concurrency or settings.webhook_concurrency
     slots = HostSlots(per_host=settings.webhook_per_host, concurrency=concurrency)
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
-    taker = threading.Thread(target=taker_loop, args=(settings, worker_id, stop, slots, executor, concurrency),
+    in_flight = InFlight()
+    taker = threading.Thread(target=taker_loop, args=(settings, worker_id, stop, slots, executor, concurrency,
+                                                      in_flight),
                              name="webhook-taker", daemon=True)
     taker.start()
-    return Senders(taker=taker, slots=slots, executor=executor)
+    return Senders(taker=taker, slots=slots, executor=executor, in_flight=in_flight)
 
 
 def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, senders: Senders,
-                  wait_s: float = 2.0) -> int:
+                  wait_s: float = 2.0) -> int | None:
     """Graceful stop: let attempts under way finish for up to wait_s, then give every delivery still in
     this worker's in-flight list back to the outbox unchanged (same webhook-id, attempt count kept).
-    An attempt that ends later finds its entry gone and records nothing. Returns how many went back."""
+    An attempt that ends later finds its entry gone and records nothing. Returns how many went back,
+    or None when Redis did not answer (the caller says so; see abandon_delivery)."""
     stop.set()
     deadline = time.monotonic() + wait_s
     senders.taker.join(max(0.0, deadline - time.monotonic()))
@@ -377,12 +400,20 @@ def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, senders
             break
         except redis.RedisError:
             if not wait:
-                log.warning("could not give in-flight webhooks back (Redis unavailable); the sweep will")
-                return 0
+                return None
             time.sleep(wait)
     if returned:
         log.info("gave %d in-flight webhook deliveries back to the outbox", returned)
     return returned
+
+
+def abandon_delivery(stop: threading.Event, senders: Senders) -> int:
+    """Stop without Redis (it does not answer): nothing can be handed back, so nothing waits for it.
+    Returns how many deliveries stay in this worker's in-flight list; the recovery sweep of a live worker
+    gives them back to the outbox once Redis answers and this worker's heartbeat has expired."""
+    stop.set()
+    senders.executor.shutdown(wait=False, cancel_futures=True)
+    return senders.in_flight.count
 
 
 def recover_inflight(r: redis.Redis) -> int:

@@ -256,6 +256,25 @@ def test_stop_gives_inflight_deliveries_back_unchanged(r, settings):
         hang.close()
 
 
+def test_abandon_without_redis_counts_only_the_unsettled_deliveries(r, settings):
+    """A stop while Redis does not answer hands nothing back; the worker's last line says how many
+    deliveries it left in flight for the sweep: one delivered meanwhile is not among them."""
+    ok = start_receiver()
+    hang = start_receiver(mode="hang", host="127.0.0.2", hold_s=3)
+    try:
+        delivered = finished_job(r, settings, ok.url)
+        stop = threading.Event()
+        senders = webhooks.start_delivery(settings, "w-abandon", stop)
+        wait_for(lambda: r.hget(f"job:{delivered}", "webhook_status") == "delivered", 5, what="the delivery")
+        finished_job(r, settings, hang.url)
+        wait_for(lambda: hang.calls, 5, what="the hanging attempt to start")
+        assert webhooks.abandon_delivery(stop, senders) == 1
+        assert r.llen(jobstore.webhook_inflight_key("w-abandon")) == 1  # left for the sweep, as said
+    finally:
+        ok.close()
+        hang.close()
+
+
 def test_sweep_recovers_inflight_of_a_worker_that_vanished_without_deregistering_as_dead(r, settings):
     """A worker that left the workers set (a clean retire) with a delivery in flight: the sweep still
     finds its in-flight list (through the senders set) once its heartbeat is gone."""
