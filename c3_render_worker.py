@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 import requests
@@ -1048,7 +1048,8 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
                 state.redis_lost, ", ".join(undone or ["retire this worker (nothing else was in flight)"]))
 
 
-def main() -> int:
+def run() -> int:
+    """The worker's life: start, take and run jobs until asked to stop, shut down; the exit code."""
     settings = config.load()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_startup(settings)
@@ -1078,11 +1079,16 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
+def main() -> NoReturn:
+    """`python c3_render_worker.py` and the `c3-render-worker` command."""
+    code = run()
     # End now: a webhook attempt thread still waiting on a slow receiver (its delivery was handed back,
     # or is left for the sweep) must not hold the exit, as the interpreter's join of executor threads would.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
