@@ -202,6 +202,7 @@ class WorkerState:
     entry: str | None = None  # the queue entry taken and not yet settled in Redis (acked, put back, requeued)
     redis_lost: str = ""  # on the way out: why Redis did not answer ('' while it does); its steps are skipped
     unrecorded_stops: int = 0  # nodes stopped on the way out whose records Redis could not take
+    unstopped_nodes: int = 0  # nodes whose Comput3 stop failed on the way out, with Redis gone
 
 
 def node_type_for(settings: config.Settings, job_type: str) -> str:
@@ -216,20 +217,27 @@ def stop_node(state: WorkerState, node_type: str, reason: str, release_slot: boo
     if held is None:
         return
     seconds = time.time() - held.launched_at
+    stopped = True
     try:
         stop_workload(state.settings, held.workload)
     except C3Error as exc:
+        stopped = False
         log.warning("stopping workload %s failed: %s; the recovery sweep will retry", held.workload, exc)
         try:
-            state.r.hset(config.NODES_TO_STOP_KEY, held.workload, held.node)
+            if not state.redis_lost:
+                state.r.hset(config.NODES_TO_STOP_KEY, held.workload, held.node)
         except redis.RedisError:
             log.warning("could not record workload %s for a later stop; the sweep finds it in the registry "
                         "of our nodes", held.workload)
     state.node_seconds += seconds
-    log.info("stopped node %s (workload %s, %s, %s) after %.1f node-seconds; this worker's total %.1f",
-             held.node, held.workload, held.type, reason, seconds, state.node_seconds)
+    log.info("%s node %s (workload %s, %s, %s) after %.1f node-seconds; this worker's total %.1f",
+             "stopped" if stopped else "let go of (its stop failed)", held.node, held.workload, held.type,
+             reason, seconds, state.node_seconds)
     if state.redis_lost:  # on the way out without Redis: shut_down says so once, the sweep tidies up
-        state.unrecorded_stops += 1
+        if stopped:
+            state.unrecorded_stops += 1
+        else:
+            state.unstopped_nodes += 1
         return
     _record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
     try:
@@ -922,6 +930,8 @@ def heartbeat_loop(state: WorkerState) -> None:
 
 
 def check_startup(settings: config.Settings) -> None:
+    for line in config.retired_variables_set():
+        log.warning("configuration: %s", line)
     if not settings.c3_api_key:
         raise SystemExit("configuration error: C3_API_KEY is not set; the worker needs a Comput3 API key "
                          "(for the local dev node any value works, e.g. C3_API_KEY=dev)")
@@ -1021,7 +1031,8 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
     stop_all_nodes(state, "worker shutting down")
     unreturned = 0
     if not state.redis_lost:
-        returned = webhooks.stop_delivery(state.r, worker_id, webhook_stop, senders)
+        # one try: Redis answered just now, and a retry would hold the exit (the sweep covers a miss)
+        returned = webhooks.stop_delivery(state.r, worker_id, webhook_stop, senders, retry_waits=())
         if returned is None:
             state.redis_lost = "no answer"
     if state.redis_lost:
@@ -1043,6 +1054,9 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
         undone.append(f"give job {json.loads(state.entry)['id']} back to the queue")
     if state.unrecorded_stops:
         undone.append(f"record the stop of {state.unrecorded_stops} node(s) (the nodes were stopped)")
+    if state.unstopped_nodes:
+        undone.append(f"stop {state.unstopped_nodes} node(s) (Comput3's stop failed; they are in the registry "
+                      "of our nodes, which the sweep stops)")
     log.warning("Redis unreachable on the way out (%s): could not %s; the recovery sweep of a live worker "
                 "does that once Redis answers and this worker's heartbeat (HEARTBEAT_TTL) has expired",
                 state.redis_lost, ", ".join(undone or ["retire this worker (nothing else was in flight)"]))
@@ -1081,7 +1095,17 @@ def run() -> int:
 
 def main() -> NoReturn:
     """`python c3_render_worker.py` and the `c3-render-worker` command."""
-    code = run()
+    try:
+        code = run()
+    except SystemExit as exc:  # a configuration error: its message and status, as sys.exit gives them
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except Exception:
+        log.exception("the worker failed")
+        code = 1
     # End now: a webhook attempt thread still waiting on a slow receiver (its delivery was handed back,
     # or is left for the sweep) must not hold the exit, as the interpreter's join of executor threads would.
     logging.shutdown()

@@ -78,6 +78,9 @@ def _env(name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _int(name: str, default: int) -> int:
     raw = _env(name, str(default))
     try:
@@ -104,6 +107,13 @@ def _url(name: str, default: str) -> str:
 
 def _at_least_one(name: str, default: int) -> int:
     return max(1, _int(name, default))
+
+
+def _log_level(name: str, default: str) -> str:
+    raw = _env(name, default).upper()
+    if raw not in LOG_LEVELS:
+        raise SystemExit(f"configuration error: {name} must be one of {', '.join(LOG_LEVELS)}, got {raw.lower()!r}")
+    return raw
 
 
 def _names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -223,7 +233,7 @@ class Settings:
     storage_retry_s: float = setting(60.0, "STORAGE_RETRY_S")
     min_free_disk_mb: int = setting(512, "MIN_FREE_DISK_MB")
     worker_id: str = setting("", "WORKER_ID")  # "" = <host>-<pid>-<random>, made at worker start
-    log_level: str = setting("INFO", "LOG_LEVEL")  # the worker's
+    log_level: str = setting("INFO", "LOG_LEVEL", _log_level)  # the worker's
     # Engines: the WhisperX app's audio input (unverified; some deployments used input_file)
     whisper_audio_input_name: str = setting("audio_file", "WHISPER_AUDIO_INPUT_NAME")
 
@@ -231,6 +241,16 @@ class Settings:
 def load() -> Settings:
     """Read every setting from the environment (see .env.example for the documented list)."""
     return Settings(**{f.name: f.metadata["read"](f.metadata["env"], f.default) for f in fields(Settings)})
+
+
+# Variables earlier versions read, and what replaces each: set, they are named at the worker's start.
+RETIRED_VARIABLES = {"COMFYUI_READY_TIMEOUT": "SERVICE_READY_TIMEOUT"}
+
+
+def retired_variables_set() -> list[str]:
+    """One line per retired variable that is still set, saying what to set instead."""
+    return [f"{old} is no longer read (since 0.2.0); set {new} instead (now {os.environ.get(new, 'unset')})"
+            for old, new in RETIRED_VARIABLES.items() if old in os.environ]
 
 
 def node_url_problems(settings: Settings) -> list[str]:

@@ -381,11 +381,12 @@ def start_delivery(settings: config.Settings, worker_id: str, stop: threading.Ev
 
 
 def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, senders: Senders,
-                  wait_s: float = 2.0) -> int | None:
+                  wait_s: float = 2.0, retry_waits: tuple[float, ...] = (0.5, 1.0, 2.0)) -> int | None:
     """Graceful stop: let attempts under way finish for up to wait_s, then give every delivery still in
-    this worker's in-flight list back to the outbox unchanged (same webhook-id, attempt count kept).
-    An attempt that ends later finds its entry gone and records nothing. Returns how many went back,
-    or None when Redis did not answer (the caller says so; see abandon_delivery)."""
+    this worker's in-flight list back to the outbox unchanged (same webhook-id, attempt count kept),
+    trying again after each of retry_waits (seconds) while Redis does not answer. An attempt that ends
+    later finds its entry gone and records nothing. Returns how many went back, or None when Redis did
+    not answer (the caller says so; see abandon_delivery)."""
     stop.set()
     deadline = time.monotonic() + wait_s
     senders.taker.join(max(0.0, deadline - time.monotonic()))
@@ -393,13 +394,13 @@ def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, senders
         time.sleep(0.05)
     senders.executor.shutdown(wait=False, cancel_futures=True)
     returned = 0
-    for wait in (0.5, 1.0, 2.0, 0.0):
+    for wait in (*retry_waits, None):
         try:
             returned = jobstore.return_inflight(r, worker_id)
             r.srem(config.WEBHOOK_SENDERS_KEY, worker_id)
             break
         except redis.RedisError:
-            if not wait:
+            if wait is None:
                 return None
             time.sleep(wait)
     if returned:

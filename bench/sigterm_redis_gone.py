@@ -10,7 +10,8 @@ hanging on the dev node's engine, WORKER_GRACE_S=10).
 
     python bench/sigterm_redis_gone.py [--tree PATH] [--limit 120]
 
-`--tree` runs the worker of another checkout (e.g. `git worktree add /tmp/before main`).
+`--tree` runs the worker of another checkout (e.g. the code before this change:
+`git archive 0427b12 | tar -x -C /tmp/before`).
 """
 
 from __future__ import annotations

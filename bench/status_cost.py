@@ -1,7 +1,7 @@
 """CPU per GET /status of a queued job (API and Redis), for one or more checkouts side by side.
 
 Each checkout's API runs under the same gunicorn settings (harness.py) on one redis-server holding 100
-queued jobs; wrk (16 connections) polls the 50th job's /status for --seconds, --rounds times, the
+queued jobs; wrk (16 connections) polls the 51st job's /status for --seconds, --rounds times, the
 checkouts taking turns. Prints requests/s and CPU per request of every run and the medians: the
 figure to compare when changing what /status reads (CPU per request stays meaningful on a busy machine
 where requests/s do not).

@@ -21,6 +21,8 @@ TYPES = typing.get_type_hints(config.Settings)
 
 def other_value(name: str, default: typing.Any) -> tuple[str, typing.Any]:
     """A valid value different from the default, as (environment text, the value load() must give)."""
+    if name == "log_level":  # a level name, in any case
+        return "debug", "DEBUG"
     kind = TYPES[name]
     if kind is bool:
         return ("false", False) if default else ("true", True)
@@ -111,6 +113,10 @@ def test_clean_up_of_values(monkeypatch):
     monkeypatch.setenv("WEBHOOK_SCHEDULE", "5,x")
     with pytest.raises(SystemExit, match="WEBHOOK_SCHEDULE must be comma-separated seconds"):
         config.load()
+    monkeypatch.delenv("WEBHOOK_SCHEDULE")
+    monkeypatch.setenv("LOG_LEVEL", "loud")  # was a traceback from logging.basicConfig in the worker
+    with pytest.raises(SystemExit, match="LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"):
+        config.load()
 
 
 def test_secrets_stay_out_of_repr(monkeypatch):
@@ -120,6 +126,16 @@ def test_secrets_stay_out_of_repr(monkeypatch):
     monkeypatch.setenv("C3_RENDER_API_KEYS", "very-secret-api")
     text = repr(config.load())
     assert "very-secret" not in text
+
+
+def test_a_retired_variable_is_named_with_its_replacement(monkeypatch):
+    clear_env(monkeypatch)
+    assert config.retired_variables_set() == []
+    monkeypatch.setenv("COMFYUI_READY_TIMEOUT", "900")
+    monkeypatch.setenv("SERVICE_READY_TIMEOUT", "600")
+    assert config.retired_variables_set() == [
+        "COMFYUI_READY_TIMEOUT is no longer read (since 0.2.0); set SERVICE_READY_TIMEOUT instead (now 600)"]
+    assert config.load().service_ready_timeout_s == 600
 
 
 def test_version_matches_pyproject():

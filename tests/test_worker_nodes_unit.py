@@ -225,3 +225,23 @@ def test_a_node_that_dies_while_a_service_starts_is_not_waited_for(state, monkey
     with pytest.raises(worker.NodeDown, match="stopped answering while whisper was starting"):
         worker.wait_service_ready(state, held, "whisper", lambda: None)
     assert time.monotonic() - started < 5  # not SERVICE_READY_TIMEOUT (480 s)
+
+
+@responses.activate
+@pytest.mark.parametrize("stop_answer", [200, 502])
+def test_stops_on_the_way_out_without_redis_are_told_apart(state, r, stop_answer, monkeypatch, caplog):
+    """With Redis gone at shutdown, a node whose Comput3 stop failed is not reported as stopped (the
+    sweep stops it from the registry of our nodes), and nothing is tried on Redis for it."""
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    responses.post(f"{API}/stop", json={"stopped": 1} if stop_answer == 200 else {"error": "bad gateway"},
+                   status=stop_answer)
+    jobstore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time() - 60)
+    state.nodes["media:fast"] = worker.HeldNode("wl-1", "wl-1.gpu", time.time() - 60,
+                                                worker.node_urls("wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui",
+                                                                 "https://{node}"))
+    state.redis_lost = "TimeoutError"
+    with caplog.at_level(logging.INFO, logger="c3-render.worker"):
+        worker.stop_node(state, "media:fast", "worker shutting down")
+    assert (state.unrecorded_stops, state.unstopped_nodes) == ((1, 0) if stop_answer == 200 else (0, 1))
+    assert ("stopped node wl-1.gpu" in caplog.text) == (stop_answer == 200)
+    assert r.hlen(config.NODES_TO_STOP_KEY) == 0 and set(jobstore.owned_nodes(r)) == {"wl-1"}
