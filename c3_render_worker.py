@@ -197,6 +197,7 @@ class WorkerState:
     worker_id: str
     nodes: dict[str, HeldNode] = field(default_factory=dict)  # workload type -> node
     stopping: threading.Event = field(default_factory=threading.Event)
+    settled: threading.Event = field(default_factory=threading.Event)  # after SIGTERM: no job left running
     shutdown_deadline: float | None = None
     node_seconds: float = 0.0
     entry: str | None = None  # the queue entry taken and not yet settled in Redis (acked, put back, requeued)
@@ -912,21 +913,23 @@ def run_job(state: WorkerState, entry: str) -> None:
 # --- the worker process ------------------------------------------------------------------------
 
 def heartbeat_loop(state: WorkerState) -> None:
-    """Keep the heartbeat alive and run the recovery sweep every SWEEP_INTERVAL_S."""
+    """Keep the heartbeat alive and run the recovery sweep every SWEEP_INTERVAL_S. After a SIGTERM the
+    heartbeat goes on (no more sweeps) until the running job is settled: a job finishing within
+    WORKER_GRACE_S must not look abandoned to other workers' sweeps, which would run it again."""
     r = jobstore.connect(state.settings.redis_url)
     interval = max(0.2, state.settings.heartbeat_ttl_s / 3)
     next_sweep = 0.0
-    while not state.stopping.is_set():
+    while not state.settled.is_set():
         try:
             jobstore.heartbeat(r, state.worker_id, state.settings.heartbeat_ttl_s)
-            if time.time() >= next_sweep:
+            if time.time() >= next_sweep and not state.stopping.is_set():
                 next_sweep = time.time() + state.settings.sweep_interval_s
                 sweep_dead_workers(state.settings, r)
         except redis.RedisError as exc:
             log.warning("heartbeat: Redis unavailable (%s)", type(exc).__name__)
         except Exception:  # noqa: BLE001 - the heartbeat thread must not die
             log.exception("heartbeat/sweep error")
-        state.stopping.wait(interval)
+        state.settled.wait(interval)
 
 
 def check_startup(settings: config.Settings) -> None:
@@ -1022,6 +1025,7 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
     skipped once Redis does not answer (the Comput3 stop calls are not); one line then says what was left
     undone: the recovery sweep of a live worker does it once Redis answers and our heartbeat expired."""
     settings, worker_id = state.settings, state.worker_id
+    state.settled.set()  # no job runs any more: the heartbeat stops (retire_worker removes it below)
     state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
     if not state.redis_lost:  # work() ended on a Redis error after the SIGTERM: not asked again
         try:

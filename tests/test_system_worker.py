@@ -187,6 +187,26 @@ def test_sigterm_lets_the_running_job_finish(stack):
     wait_for(lambda: not running_nodes(stack["devnode"]), 10, what="the node to be stopped")
 
 
+def test_heartbeat_lasts_while_a_stopping_worker_finishes_its_job(stack):
+    """After SIGTERM the worker keeps its heartbeat until the running job is settled, so other workers'
+    sweeps do not take that job for abandoned and run it again (grace longer than the heartbeat TTL)."""
+    r = stack["r"]
+    set_faults(stack["devnode"], engine_hang=["csm"])
+    worker = stack["worker"]("w-beat", WORKER_GRACE_S="8", HEARTBEAT_TTL="2")
+    job_id = submit_csm(stack)
+    wait_status(stack, job_id, "running", 60)
+    wait_for(lambda: r.hget("node:w-beat:media:fast", "state") == "running", 30, what="node up")
+    worker.signal(signal.SIGTERM)
+    alive = []
+    for _ in range(5):  # 5 s after the SIGTERM: more than twice the heartbeat's TTL
+        time.sleep(1.0)
+        alive.append(bool(r.exists(jobstore.heartbeat_key("w-beat"))))
+    assert alive == [True] * 5 and r.hget(f"job:{job_id}", "status") == "running"
+    assert worker.proc.wait(60) == 0
+    assert r.hget(f"job:{job_id}", "status") == "queued"  # put back at the end of the grace period
+    assert not r.exists(jobstore.heartbeat_key("w-beat"))  # retired
+
+
 def test_sigterm_puts_a_long_job_back(stack):
     r = stack["r"]
     set_faults(stack["devnode"], engine_hang=["csm"])
