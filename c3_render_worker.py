@@ -257,6 +257,33 @@ def stop_all_nodes(state: WorkerState, reason: str) -> None:
         stop_node(state, node_type, reason)
 
 
+def forget_unheld_nodes(state: WorkerState) -> None:
+    """After a Redis error cut a launch or a stop short, this worker's records in Redis can name nodes
+    it does not hold: a slot and a node record ("launching", or a node it owns), and an open launch
+    intent. Left so, the slot is never free again (with MAX_NODES slots all taken that way no worker
+    takes a job) and a node the launch created runs until it expires, since the sweep leaves a live
+    worker's launches alone. So: stop an owned node we do not hold, free those slots and records, and
+    leave each open launch window to the sweep (orphaned), which stops what it created unless owned."""
+    r = state.r
+    for kind in jobstore.slot_types(r, state.worker_id):
+        if kind in state.nodes or kind == jobstore.RESERVED:
+            continue
+        record = jobstore.get_node(r, state.worker_id, kind) or {}
+        workload = record.get("workload", "")
+        if workload:
+            try:
+                stop_workload(state.settings, workload)
+            except C3Error as exc:
+                log.warning("stopping workload %s failed: %s; the recovery sweep will retry", workload, exc)
+                r.hset(config.NODES_TO_STOP_KEY, workload, record.get("node", ""))
+        jobstore.release_node(r, state.worker_id, kind, workload=workload)
+        log.info("freed this worker's %s slot%s, left by a Redis error", kind,
+                 f" and stopped its node (workload {workload})" if workload else "")
+    for intent_id, intent in jobstore.launch_intents(r).items():
+        if intent.get("worker") == state.worker_id and not intent.get("orphan"):
+            jobstore.orphan_launch(r, intent_id, time.time())
+
+
 def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
     """Stop again the workloads whose stop call failed earlier; return how many are still pending."""
     pending = r.hgetall(config.NODES_TO_STOP_KEY)
@@ -984,6 +1011,7 @@ def work(state: WorkerState) -> None:
                 # announce ourselves before the first take (the heartbeat thread keeps it up after)
                 jobstore.heartbeat(state.r, state.worker_id, settings.heartbeat_ttl_s)
                 requeued, failed = jobstore.requeue_processing(state.r, settings, state.worker_id)
+                forget_unheld_nodes(state)
                 recover = False
                 state.entry = None
                 if requeued or failed:

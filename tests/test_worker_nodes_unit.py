@@ -245,3 +245,38 @@ def test_stops_on_the_way_out_without_redis_are_told_apart(state, r, stop_answer
     assert (state.unrecorded_stops, state.unstopped_nodes) == ((1, 0) if stop_answer == 200 else (0, 1))
     assert ("stopped node wl-1.gpu" in caplog.text) == (stop_answer == 200)
     assert r.hlen(config.NODES_TO_STOP_KEY) == 0 and set(jobstore.owned_nodes(r)) == {"wl-1"}
+
+
+@responses.activate
+def test_records_left_by_a_redis_error_in_a_launch_are_freed(state, r, monkeypatch):
+    """A Redis error inside a launch left a slot, a "launching" record and an open launch intent (and,
+    for a second type, a node owned but never held): with MAX_NODES slots all taken that way the worker
+    could never take a job again. Recovery frees them, stops the owned node, and orphans the window."""
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    state.settings = dataclasses.replace(state.settings, max_nodes=2)
+    stop = responses.post(f"{API}/stop", json={"stopped": 1})
+    assert jobstore.acquire_node_slot(r, "w1", 2, "media:fast")
+    jobstore.record_node(r, "w1", "media:fast", {"state": "launching", "worker": "w1", "type": "media:fast"})
+    intent_id = jobstore.begin_launch(r, "w1", "media:fast", [], time.time())
+    other = jobstore.begin_launch(r, "w2", "media:fast", [], time.time())  # another worker's: untouched
+    assert jobstore.acquire_node_slot(r, "w1", 2, "ollama_webui:fast")
+    jobstore.own_node(r, "w1", "ollama_webui:fast", "wl-9", "wl-9.gpu", time.time())
+    assert not jobstore.acquire_node_slot(r, "w1", 2)  # the state the soak found: no slot for a job
+    worker.forget_unheld_nodes(state)
+    assert jobstore.slot_types(r, "w1") == []
+    assert jobstore.get_node(r, "w1", "media:fast") is None and jobstore.owned_nodes(r) == {}
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-9"]
+    intents = jobstore.launch_intents(r)
+    assert intents[intent_id].get("orphan") is True and not intents[other].get("orphan")
+    assert jobstore.acquire_node_slot(r, "w1", 2)  # the worker can take a job again
+
+
+@responses.activate
+def test_recovery_leaves_the_nodes_a_worker_holds(state, r):
+    assert jobstore.acquire_node_slot(r, "w1", 2, "media:fast")
+    jobstore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time())
+    state.nodes["media:fast"] = worker.HeldNode("wl-1", "wl-1.gpu", time.time(), worker.node_urls(
+        "wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui", "https://{node}"))
+    worker.forget_unheld_nodes(state)
+    assert jobstore.slot_types(r, "w1") == ["media:fast"] and set(jobstore.owned_nodes(r)) == {"wl-1"}
+    assert len(responses.calls) == 0  # no stop call
