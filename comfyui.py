@@ -57,6 +57,7 @@ HTTP_TIMEOUT = (10, 60)
 INTERRUPTED = "ComfyUI execution was interrupted on the node"
 UPLOAD_TIMEOUT = (10, 300)
 RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
+NODE_CHECK_INTERVAL_S = 10.0  # while ComfyUI is not ready, check this often that the node itself answers
 JPEG_QUALITIES = (95, 85, 70)  # tried in turn until the portrait fits the upload limit
 
 
@@ -370,9 +371,11 @@ def node_busy(node: NodeUrls) -> bool | None:
 
 
 def wait_ready(node: NodeUrls, should_stop: ShouldStop, timeout_s: float) -> None:
-    """Wait for GET /system_stats to answer 200."""
+    """Wait for GET /system_stats to answer 200. A node that itself stops answering (stopped, expired,
+    gone) is not waited for: ConnectionError, which the worker takes to its node check and a new node."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
+    node_checked = time.monotonic()  # the first check after NODE_CHECK_INTERVAL_S: a blip is no reason
     while True:
         try:
             resp = requests.get(f"{node.comfyui}/system_stats", headers=node.headers(), timeout=(5, 10))
@@ -381,6 +384,10 @@ def wait_ready(node: NodeUrls, should_stop: ShouldStop, timeout_s: float) -> Non
             last = f"HTTP {resp.status_code}"
         except requests.RequestException as exc:
             last = type(exc).__name__
+        if time.monotonic() - node_checked >= NODE_CHECK_INTERVAL_S:
+            node_checked = time.monotonic()
+            if not node_healthy(node):
+                raise ConnectionError(f"the node stopped answering while ComfyUI was not ready ({last})")
         if time.monotonic() >= deadline:
             raise TimeoutError(f"ComfyUI not ready after {timeout_s:.0f} s ({last})")
         reason = _wait(1.0, should_stop)

@@ -292,6 +292,13 @@ def _fake_comfyui():
         return {}
 
     outer = FastAPI()
+
+    @outer.get("/")
+    async def node_root():  # the node itself, as the worker's health check asks it
+        if SCRIPT.get("node_gone"):
+            return JSONResponse({"error": "no such node (stopped)"}, status_code=404)
+        return {"status": "ok"}
+
     outer.mount("/nodes/abc/comfyui", app)
     return outer
 
@@ -460,6 +467,20 @@ def test_stop_drops_queued_prompt(node: NodeUrls, inputs: dict[str, Path], tmp_p
         comfyui.run({}, "job6", inputs, node, tmp_path, should_stop, lambda _p: None)
     assert _names("queue") == [{"delete": ["p-1"]}]
     assert not _names("interrupt")  # /queue no longer lists it as running
+
+
+def test_a_node_that_is_gone_is_not_waited_for(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path,
+                                               monkeypatch) -> None:
+    """Stopped under the worker (as the soak's chaos did): /system_stats and the root answer 404; the
+    engine gives up at once instead of waiting SERVICE_READY_TIMEOUT (480 s) for a node that is gone."""
+    _reset("success")
+    SCRIPT.update(not_ready=100, node_gone=True)
+    monkeypatch.setattr(comfyui, "NODE_CHECK_INTERVAL_S", 0.5)
+    monkeypatch.setenv("SERVICE_READY_TIMEOUT", "20")  # the old code waits this long, then times out
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="the node stopped answering while ComfyUI was not ready"):
+        comfyui.run({}, "job8", inputs, node, tmp_path, lambda: None, lambda _p: None)
+    assert time.monotonic() - started < 10 and not _names("upload")
 
 
 def test_not_ready_times_out(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
