@@ -180,10 +180,13 @@ def add_control_api(app: FastAPI, host: str, port: int) -> None:
         with _LOCK:
             NODES[workload] = node
         LOG.info("launched %s (%s, expires in %.0f s)", workload, kind, expires - now)
+        # Both faults are decided when the launch arrives: a held answer whose caller is gone must not
+        # take a "lost answer" meant for a later launch.
+        lost = faults.take_launch_answer_lost()
         delay = float(faults.snapshot().get("launch_answer_delay_s") or 0)
         if delay > 0:
             await asyncio.sleep(delay)  # the node exists; the answer is late (or read by no one)
-        if faults.take_launch_answer_lost():
+        if lost:
             LOG.info("launch answer for %s lost (fault): answering a gateway 504", workload)
             page = "<html><head><title>504 Gateway Time-out</title></head><body><h1>504 Gateway Time-out</h1></body>"
             return HTMLResponse(page, status_code=504)

@@ -229,6 +229,25 @@ def test_launch_failure_faults(devnode: str) -> None:
     assert status == 400 and "no_such_switch" in answer["error"]
 
 
+def test_a_held_launch_answer_does_not_take_a_later_lost_answer(devnode: str) -> None:
+    """A launch whose answer is held (its caller killed meanwhile) must not use up a "lost answer"
+    fault set after it arrived: that fault belongs to the next launch (tests set it for their own)."""
+    import threading
+
+    body = {"type": "media:fast", "expires": int(time.time()) + 600}
+    call(devnode, "POST", "/admin/faults", {"launch_answer_delay_s": 2}, key=None)
+    held: list[int] = []
+    first = threading.Thread(target=lambda: held.append(call(devnode, "POST", "/api/v0/launch", body)[0]))
+    first.start()
+    time.sleep(0.5)  # the first launch is in, its answer held
+    call(devnode, "POST", "/admin/faults", {"launch_answer_delay_s": 0, "launch_answer_lost": 1}, key=None)
+    first.join(10)
+    assert held == [200]
+    status, answer = call(devnode, "POST", "/api/v0/launch", body)
+    assert status == 504 and "<html" in answer.lower()
+    call(devnode, "POST", "/admin/faults", {"launch_answer_lost": 0}, key=None)
+
+
 # --- engines through gradio_client -------------------------------------------------------------------
 
 
