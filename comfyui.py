@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 import config
 import media_check
 import mediaconv
-from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase, node_healthy
 
 log = logging.getLogger(__name__)
 
@@ -326,14 +326,6 @@ def _wait(seconds: float, should_stop: ShouldStop) -> str | None:
         if left <= 0:
             return None
         time.sleep(min(STOP_CHECK_INTERVAL_S, left))
-
-
-def node_healthy(node: NodeUrls) -> bool:
-    """Whether the node itself still answers 200 at its root (as the worker's health check asks)."""
-    try:
-        return requests.get(node.base + "/", headers=node.headers(), timeout=(5, 10)).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def node_request(

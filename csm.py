@@ -28,7 +28,7 @@ from typing import Any
 
 import jobspec
 import media_check
-from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
+from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase, node_healthy
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +218,6 @@ def _server_error(exc: BaseException) -> bool:
     return isinstance(getattr(response, "status_code", None), int) and response.status_code >= 500
 
 
-def node_healthy(health_url: str, headers: dict[str, str]) -> bool:
-    """Whether the node answers 200 at its root (the worker's health check)."""
-    import requests
-
-    try:
-        return requests.get(health_url, headers=headers, timeout=(5, 10)).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def gradio_call(
     url: str,
     headers: dict[str, str],
@@ -238,19 +228,19 @@ def gradio_call(
     label: str,
     download_dir: Path,
     phase: Phase = no_phase,
-    health_url: str | None = None,
+    health_node: NodeUrls | None = None,
 ) -> Any:
     """Submit one call to a Gradio app and wait for it while honouring should_stop.
 
     kwargs may be a function of the endpoint's declared input names (to adapt to app versions).
     Returns the app's output. Raises JobStopped (after cancelling the Gradio job) or
     EngineError(f"{label} failed: <app message>"). An HTTP 5xx answer (a transient app error) is
-    retried once when the node still answers its health check at health_url.
+    retried once when health_node still answers its health check.
     """
     try:
         return _gradio_call_once(url, headers, api_name, kwargs, should_stop, progress, label, download_dir, phase)
     except Exception as exc:
-        if not (health_url and _server_error(exc) and node_healthy(health_url, headers)):
+        if not (health_node and _server_error(exc) and node_healthy(health_node)):
             raise
         log.warning("%s: the app answered HTTP %s on a healthy node; retrying once", label,
                     exc.response.status_code)  # type: ignore[attr-defined]
@@ -369,8 +359,7 @@ def run(
     }
     log.info("job %s: CSM with %d sentences, voice %s", job_id, len(sentences), voice)
     result = gradio_call(
-        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase,
-        node.base + "/",
+        node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase, node,
     )
     phase("encoding")
     return to_mp3(first_path(result), work_dir / f"{job_id}.mp3")

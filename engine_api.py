@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import requests
+
 ShouldStop = Callable[[], "str | None"]
 Progress = Callable[[int], None]
 Phase = Callable[[str], None]
@@ -46,6 +48,15 @@ class NodeUrls:
 
     def __repr__(self) -> str:  # keep the key out of logs and tracebacks
         return f"NodeUrls(base={self.base!r})"
+
+
+def node_healthy(node: NodeUrls) -> bool:
+    """Whether the node itself answers 200 at its root, as the worker's health check asks it (engines
+    use it to tell a node that went away from a service that answered badly)."""
+    try:
+        return requests.get(node.base + "/", headers=node.headers(), timeout=(5, 10)).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def node_urls(node: str, api_key: str, node_url: str, comfyui_url: str, ollama_url: str) -> NodeUrls:

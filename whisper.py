@@ -124,7 +124,7 @@ def run(
         "Whisper",
         work_dir / "gradio",
         phase,
-        node.base + "/",
+        node,
     )
     text = transcript_text(result)
     (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")

@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,22 +32,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from harness import free_port, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def start_receiver(host: str, mode: str, hold_s: float, arrivals: dict[str, float]) -> tuple[ThreadingHTTPServer, str]:
@@ -131,13 +117,7 @@ def main() -> int:
         redis_url = f"redis://127.0.0.1:{port}/0"
         r = redis.Redis.from_url(redis_url, decode_responses=True)
 
-        def pings() -> bool:
-            try:
-                return bool(r.ping())
-            except redis.RedisError:
-                return False
-
-        wait_until(pings, 10, "redis-server")
+        wait_until(r.ping, 10, "redis-server")
         arrivals: dict[str, float] = {}
         healthy_server, healthy_url = start_receiver("127.0.0.1", "ok", 0, arrivals)
         servers.append(healthy_server)

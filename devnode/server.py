@@ -342,6 +342,15 @@ def _count(key: str) -> None:
         REQUESTS[key] = REQUESTS.get(key, 0) + 1
 
 
+def node_scope(scope: dict, prefix: str, workload: str, rest: str) -> dict:
+    """The scope a node's own app sees: mounted at /nodes/<workload>; the bare node URL is its "/"."""
+    child = dict(scope, root_path=prefix, devnode_workload=workload)
+    if rest == "":
+        child["path"] = prefix + "/"
+        child["raw_path"] = child["path"].encode()
+    return child
+
+
 def node_router(app: ASGIApp, vision_app: ASGIApp | None = None) -> ASGIApp:
     """Wrap `app`: route `/nodes/<id>/...` to the node apps of the node's type (media:fast: `app`;
     ollama_webui: `vision_app` at the root); keep node apps off the top level."""
@@ -377,11 +386,7 @@ def node_router(app: ASGIApp, vision_app: ASGIApp | None = None) -> ASGIApp:
         if node is not None and node.type != MEDIA_TYPE:
             if vision_app is None:
                 return await _refuse(scope, send, 404, "not found on node")
-            child = dict(scope, root_path=prefix, devnode_workload=workload)
-            if rest == "":
-                child["path"] = prefix + "/"
-                child["raw_path"] = child["path"].encode()
-            return await vision_app(child, receive, send)
+            return await vision_app(node_scope(scope, prefix, workload, rest), receive, send)
         if (
             rest not in ("", "/")
             and not rest.startswith(tuple(s + "/" for s in NODE_SERVICES))
@@ -391,11 +396,7 @@ def node_router(app: ASGIApp, vision_app: ASGIApp | None = None) -> ASGIApp:
         warmup = float(faults.snapshot().get("comfyui_warmup_s") or 0)
         if service == "/comfyui" and node is not None and time.time() < node.up_at + warmup:
             return await _refuse(scope, send, 502, "Bad Gateway: ComfyUI is still starting")
-        child = dict(scope, root_path=prefix, devnode_workload=workload)
-        if rest == "":
-            child["path"] = prefix + "/"
-            child["raw_path"] = child["path"].encode()
-        return await app(child, receive, send)
+        return await app(node_scope(scope, prefix, workload, rest), receive, send)
 
     return router
 
