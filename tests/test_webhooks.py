@@ -17,6 +17,7 @@ from system import start_receiver
 import config
 import jobspec
 import jobstore
+import sweep
 import webhooks
 
 
@@ -278,7 +279,6 @@ def test_abandon_without_redis_counts_only_the_unsettled_deliveries(r, settings)
 def test_sweep_recovers_inflight_of_a_worker_that_vanished_without_deregistering_as_dead(r, settings):
     """A worker that left the workers set (a clean retire) with a delivery in flight: the sweep still
     finds its in-flight list (through the senders set) once its heartbeat is gone."""
-    import c3_render_worker
 
     hang = start_receiver(mode="hang", host="127.0.0.2", hold_s=3)
     try:
@@ -290,7 +290,7 @@ def test_sweep_recovers_inflight_of_a_worker_that_vanished_without_deregistering
         stop.set()  # the process is gone: nobody hands the delivery back
         r.delete(config.WORKERS_KEY)
         settings = dataclasses.replace(settings, heartbeat_ttl_s=0)
-        c3_render_worker.sweep_dead_workers(settings, r)
+        sweep.sweep_dead_workers(settings, r)
         assert r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1) == [entry]
         assert r.llen(jobstore.webhook_inflight_key("w-vanished")) == 0
     finally:

@@ -14,7 +14,11 @@ import responses
 
 import c3_render_worker as worker
 import config
+import engine_api
 import jobstore
+import launches
+import nodes
+import sweep
 
 API = "https://api.comput3.test/api/v0"
 
@@ -57,7 +61,7 @@ def test_launch_answer_timed_out_after_the_node_was_created_is_adopted(state, mo
                 listing.body = json.dumps([row("foreign-old", now - 300), row("wl-1", time.time())])
 
     monkeypatch.setattr(requests, "request", provider)
-    held = worker.ensure_node(state, lambda: None)
+    held = nodes.ensure_node(state, lambda: None)
     launches = [c for c in responses.calls if c.request.url.endswith("/launch")]
     assert len(launches) == 1  # never launched again while the first node ran
     assert held.workload == "wl-1" and held.node == "wl-1.gpu"
@@ -75,7 +79,7 @@ def test_launch_intent_is_recorded_before_the_launch_call(state):
         return 200, {}, json.dumps({"workload": "wl-1", "node": "wl-1.gpu"})
 
     responses.add_callback(responses.POST, f"{API}/launch", callback=capture)
-    answer = worker.launch_node(state.settings, state.r, "w1", "media:fast")
+    answer = launches.launch_node(state.settings, state.r, "w1", "media:fast")
     assert answer["workload"] == "wl-1"
     (intent,) = seen.values()
     assert intent["worker"] == "w1" and intent["type"] == "media:fast" and intent["before"] == ["foreign-old"]
@@ -98,11 +102,11 @@ def test_sweep_stops_only_what_a_dead_launch_created(s, r):
         row("foreign-earlier", t - 120),  # long before
     ])
     stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
-    assert worker.resolve_launch_intents(s, r) == 1
+    assert sweep.resolve_launch_intents(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["ours-lost"]
     assert dead_intent in jobstore.launch_intents(r)  # kept until its window closes
     listing.body = json.dumps([w for w in json.loads(listing.body) if w["workload"] != "ours-lost"])
-    assert worker.resolve_launch_intents(s, r, now=t + 1000) == 0
+    assert sweep.resolve_launch_intents(s, r, now=t + 1000) == 0
     assert not jobstore.launch_intents(r)
 
 
@@ -114,7 +118,7 @@ def test_sweep_leaves_a_workload_a_live_launch_may_own(s, r):
     r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
     responses.post(f"{API}/workloads", json=[row("wl-x", t + 1)])
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert worker.resolve_launch_intents(s, r) == 0 and not stop.calls
+    assert sweep.resolve_launch_intents(s, r) == 0 and not stop.calls
 
 
 @responses.activate
@@ -123,7 +127,7 @@ def test_sweep_stops_registered_nodes_of_dead_workers(s, r):
     jobstore.own_node(r, "alive", "media:fast", "wl-a", "wl-a.gpu", time.time() - 60)
     r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert worker.stop_nodes_of_dead_owners(s, r) == 1
+    assert sweep.stop_nodes_of_dead_owners(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-g"]
     assert set(jobstore.owned_nodes(r)) == {"wl-a"}
 
@@ -134,21 +138,21 @@ def test_a_node_checked_recently_costs_no_provider_call(state):
     listing = responses.post(f"{API}/workloads", json=[])
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     health = responses.get("https://wl-1.gpu/", body="ok")
-    held = worker.ensure_node(state, lambda: None)
+    held = nodes.ensure_node(state, lambda: None)
     listing.body = json.dumps([row("wl-1", time.time())])
     calls = len(responses.calls)
     for _ in range(5):
-        assert worker.ensure_node(state, lambda: None) is held
+        assert nodes.ensure_node(state, lambda: None) is held
     assert len(responses.calls) == calls  # checked at boot: no call for the next jobs
-    assert worker.node_usable(state, "media:fast", force=True) == ""  # after any error: asked again
+    assert nodes.node_usable(state, "media:fast", force=True) == ""  # after any error: asked again
     assert len(responses.calls) == calls + 2
     # a failed list invalidates the cache: the next job checks again
     listing.status = 502
-    worker.node_usable(state, "media:fast", force=True)
+    nodes.node_usable(state, "media:fast", force=True)
     assert state.nodes["media:fast"].checked_at == 0.0
     listing.status = 200
     health_calls = len(health.calls)
-    worker.ensure_node(state, lambda: None)
+    nodes.ensure_node(state, lambda: None)
     assert len(health.calls) == health_calls + 1
 
 
@@ -159,10 +163,10 @@ def test_service_readiness_waited_for_once_per_node(state, monkeypatch):
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     responses.get("https://wl-1.gpu/", body="ok")
     stats = responses.get("https://ui-wl-1.gpu/system_stats", status=502)
-    held = worker.ensure_node(state, lambda: None)
+    held = nodes.ensure_node(state, lambda: None)
     state.settings = dataclasses.replace(state.settings, service_ready_timeout_s=0)
-    with pytest.raises(worker.NodeFailed, match="comfyui on the GPU node was not ready.*SERVICE_READY_TIMEOUT.*502"):
-        worker.wait_service_ready(state, held, "portrait", lambda: None)
+    with pytest.raises(nodes.NodeFailed, match="comfyui on the GPU node was not ready.*SERVICE_READY_TIMEOUT.*502"):
+        nodes.wait_service_ready(state, held, "portrait", lambda: None)
     state.settings = dataclasses.replace(state.settings, service_ready_timeout_s=60)
     responses.replace(responses.GET, "https://ui-wl-1.gpu/system_stats", status=404)
     responses.add(responses.GET, "https://ui-wl-1.gpu/system_stats", json={"system": {}})
@@ -171,9 +175,9 @@ def test_service_readiness_waited_for_once_per_node(state, monkeypatch):
         return len([c for c in responses.calls if c.request.url.endswith("/system_stats")])
 
     before = stats_calls()
-    worker.wait_service_ready(state, held, "portrait", lambda: None)
+    nodes.wait_service_ready(state, held, "portrait", lambda: None)
     assert stats_calls() - before == 2  # a 404 (the node itself still answers), then ready
-    worker.wait_service_ready(state, held, "portrait", lambda: None)
+    nodes.wait_service_ready(state, held, "portrait", lambda: None)
     assert stats_calls() - before == 2  # not asked again on this node
     assert stats.calls
 
@@ -183,8 +187,8 @@ def test_default_comfyui_ready_timeout_fits_a_cold_start():
 
 
 def test_node_type_is_a_property_of_the_job_type(s):
-    assert worker.node_type_for(s, "analyze") == "ollama_webui:fast"
-    assert {worker.node_type_for(s, kind) for kind in ("csm", "whisper", "portrait")} == {"media:fast"}
+    assert nodes.node_type_for(s, "analyze") == "ollama_webui:fast"
+    assert {nodes.node_type_for(s, kind) for kind in ("csm", "whisper", "portrait")} == {"media:fast"}
     assert config.Settings().c3_ollama_url == "https://{node}"
 
 
@@ -207,7 +211,7 @@ def test_a_workload_claimed_by_a_sweeper_that_died_is_taken_over(s, r):
     jobstore.claim_workload(r, "wl-fresh", {"worker": "sweep", "node": "f.gpu", "since": time.time()})
     jobstore.claim_workload(r, "wl-stale", {"worker": "sweep", "node": "s.gpu", "since": time.time() - 600})
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert worker.stop_nodes_of_dead_owners(s, r) == 1
+    assert sweep.stop_nodes_of_dead_owners(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-stale"]
     assert set(jobstore.owned_nodes(r)) == {"wl-fresh"}
 
@@ -219,11 +223,11 @@ def test_a_node_that_dies_while_a_service_starts_is_not_waited_for(state, monkey
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     root = responses.get("https://wl-1.gpu/", body="ok")
     responses.get("https://wl-1.gpu/whisper/config", status=404)
-    held = worker.ensure_node(state, lambda: None)
+    held = nodes.ensure_node(state, lambda: None)
     root.status = 404  # the provider stopped the node: everything on it answers 404 now
     started = time.monotonic()
-    with pytest.raises(worker.NodeDown, match="stopped answering while whisper was starting"):
-        worker.wait_service_ready(state, held, "whisper", lambda: None)
+    with pytest.raises(nodes.NodeDown, match="stopped answering while whisper was starting"):
+        nodes.wait_service_ready(state, held, "whisper", lambda: None)
     assert time.monotonic() - started < 5  # not SERVICE_READY_TIMEOUT (480 s)
 
 
@@ -236,12 +240,12 @@ def test_stops_on_the_way_out_without_redis_are_told_apart(state, r, stop_answer
     responses.post(f"{API}/stop", json={"stopped": 1} if stop_answer == 200 else {"error": "bad gateway"},
                    status=stop_answer)
     jobstore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time() - 60)
-    state.nodes["media:fast"] = worker.HeldNode("wl-1", "wl-1.gpu", time.time() - 60,
-                                                worker.node_urls("wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui",
+    state.nodes["media:fast"] = nodes.HeldNode("wl-1", "wl-1.gpu", time.time() - 60,
+                                                engine_api.node_urls("wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui",
                                                                  "https://{node}"))
     state.redis_lost = "TimeoutError"
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
-        worker.stop_node(state, "media:fast", "worker shutting down")
+        nodes.stop_node(state, "media:fast", "worker shutting down")
     assert (state.unrecorded_stops, state.unstopped_nodes) == ((1, 0) if stop_answer == 200 else (0, 1))
     assert ("stopped node wl-1.gpu" in caplog.text) == (stop_answer == 200)
     assert r.hlen(config.NODES_TO_STOP_KEY) == 0 and set(jobstore.owned_nodes(r)) == {"wl-1"}
@@ -262,7 +266,7 @@ def test_records_left_by_a_redis_error_in_a_launch_are_freed(state, r, monkeypat
     assert jobstore.acquire_node_slot(r, "w1", 2, "ollama_webui:fast")
     jobstore.own_node(r, "w1", "ollama_webui:fast", "wl-9", "wl-9.gpu", time.time())
     assert not jobstore.acquire_node_slot(r, "w1", 2)  # the state the soak found: no slot for a job
-    worker.forget_unheld_nodes(state)
+    nodes.forget_unheld_nodes(state)
     assert jobstore.slot_types(r, "w1") == []
     assert jobstore.get_node(r, "w1", "media:fast") is None and jobstore.owned_nodes(r) == {}
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-9"]
@@ -275,8 +279,8 @@ def test_records_left_by_a_redis_error_in_a_launch_are_freed(state, r, monkeypat
 def test_recovery_leaves_the_nodes_a_worker_holds(state, r):
     assert jobstore.acquire_node_slot(r, "w1", 2, "media:fast")
     jobstore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time())
-    state.nodes["media:fast"] = worker.HeldNode("wl-1", "wl-1.gpu", time.time(), worker.node_urls(
+    state.nodes["media:fast"] = nodes.HeldNode("wl-1", "wl-1.gpu", time.time(), engine_api.node_urls(
         "wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui", "https://{node}"))
-    worker.forget_unheld_nodes(state)
+    nodes.forget_unheld_nodes(state)
     assert jobstore.slot_types(r, "w1") == ["media:fast"] and set(jobstore.owned_nodes(r)) == {"wl-1"}
     assert len(responses.calls) == 0  # no stop call

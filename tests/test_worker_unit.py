@@ -11,8 +11,13 @@ import requests
 import responses
 
 import c3_render_worker as worker
+import comput3
 import config
+import engine_api
 import jobstore
+import launches
+import nodes
+import sweep
 
 API = "https://api.comput3.test/api/v0"
 
@@ -32,11 +37,11 @@ def test_request_shapes_and_headers(s, r):
     responses.post(f"{API}/workloads", json=[{"workload": "wl-1", "node": "abc.comput3.ai", "type": "media:fast"}])
     responses.post(f"{API}/stop", json={"stopped": 1700000000, "refund_amount": 0.5})
     responses.get("https://abc.comput3.ai/", body="ok")
-    answer = worker.launch_node(s, r, "w1", "media:fast", expires=1234)
+    answer = launches.launch_node(s, r, "w1", "media:fast", expires=1234)
     assert answer["workload"] == "wl-1"
-    assert worker.get_running_workloads(s)[0]["node"] == "abc.comput3.ai"
-    assert worker.check_node_health(s, "abc.comput3.ai")
-    assert worker.stop_workload(s, "wl-1")["refund_amount"] == 0.5
+    assert comput3.get_running_workloads(s)[0]["node"] == "abc.comput3.ai"
+    assert comput3.check_node_health(nodes.urls_of(s, "abc.comput3.ai"))
+    assert comput3.stop_workload(s, "wl-1")["refund_amount"] == 0.5
     _before, launch, workloads, health, stop = responses.calls
     assert json.loads(launch.request.body) == {"type": "media:fast", "expires": 1234}
     assert json.loads(workloads.request.body) == {"running": True}
@@ -53,7 +58,7 @@ def test_default_expires_leaves_a_margin_beyond_max_age(s, r):
     responses.post(f"{API}/workloads", json=[])
     launch = responses.post(f"{API}/launch", json={"workload": "w", "node": "n"})
     before = time.time()
-    worker.launch_node(s, r, "w1", "media:fast")
+    launches.launch_node(s, r, "w1", "media:fast")
     expires = json.loads(launch.calls[0].request.body)["expires"]
     assert expires >= before + s.node_max_age_s + s.node_expires_margin_s - 1
 
@@ -68,9 +73,9 @@ def test_launch_retried_on_5xx_html_and_timeouts(s, r):
     responses.post(f"{API}/launch", status=500, json={"error": "x"})
     responses.post(f"{API}/launch", json={"workload": "wl-9", "node": "n9"})
     slept = []
-    assert worker.launch_node(s, r, "w1", "media:fast", sleep=slept.append)["workload"] == "wl-9"
+    assert launches.launch_node(s, r, "w1", "media:fast", sleep=slept.append)["workload"] == "wl-9"
     assert len([c for c in responses.calls if c.request.url.endswith("/launch")]) == 5
-    looked = list(worker.LOST_ANSWER_WAITS_S)  # after each failure: look for a node the answer hid
+    looked = list(launches.LOST_ANSWER_WAITS_S)  # after each failure: look for a node the answer hid
     assert slept == [*looked, 0.01, *looked, 0.02, *looked, 0.04, *looked, 0.08]  # exponential backoff
 
 
@@ -78,8 +83,8 @@ def test_launch_retried_on_5xx_html_and_timeouts(s, r):
 def test_launch_gives_up_after_attempts_with_clear_message(s, r):
     responses.post(f"{API}/workloads", json=[])
     launch = responses.post(f"{API}/launch", status=503, body="<html>down</html>", content_type="text/html")
-    with pytest.raises(worker.C3Error) as info:
-        worker.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
+    with pytest.raises(comput3.C3Error) as info:
+        launches.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
     assert len(launch.calls) == 5
     assert "could not launch a media:fast GPU node" in str(info.value) and "HTTP 503" in str(info.value)
     assert "sekrit-key" not in str(info.value)
@@ -89,8 +94,8 @@ def test_launch_gives_up_after_attempts_with_clear_message(s, r):
 def test_launch_not_retried_on_401(s, r):
     responses.post(f"{API}/workloads", json=[])
     launch = responses.post(f"{API}/launch", status=401, json={"error": "bad key"})
-    with pytest.raises(worker.C3Error, match="check C3_API_KEY"):
-        worker.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
+    with pytest.raises(comput3.C3Error, match="check C3_API_KEY"):
+        launches.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
     assert len(launch.calls) == 1
     assert not jobstore.launch_intents(r)  # a refused launch created nothing: no window to watch
 
@@ -111,14 +116,14 @@ def test_node_reused_while_healthy_and_replaced_when_not(s, make_state):
     health1 = responses.get("https://n1/", body="ok")
     responses.get("https://n2/", body="ok")
     state = make_state(s)
-    first = worker.ensure_node(state, lambda: None)
+    first = nodes.ensure_node(state, lambda: None)
     assert first.workload == "wl-1"
-    assert worker.ensure_node(state, lambda: None) is first  # reused
+    assert nodes.ensure_node(state, lambda: None) is first  # reused
     assert state.r.hget("node:w1:media:fast", "workload") == "wl-1"
     # the node starts failing its health check: it is stopped and a new one launched
     health1.status = 502
     workloads.body = json.dumps([{"workload": "wl-1"}, {"workload": "wl-2"}])
-    second = worker.ensure_node(state, lambda: None)
+    second = nodes.ensure_node(state, lambda: None)
     assert second.workload == "wl-2"
     assert json.loads(stop.calls[0].request.body) == {"workload": "wl-1"}
     assert state.r.hget("node:w1:media:fast", "workload") == "wl-2"
@@ -133,9 +138,9 @@ def test_node_replaced_when_gone_from_workloads_list(s, make_state):
     responses.get("https://n1/", body="ok")
     responses.get("https://n2/", body="ok")
     state = make_state(s)
-    worker.ensure_node(state, lambda: None)
-    assert worker.node_usable(state, "media:fast") == "no longer in the workloads list"
-    assert worker.ensure_node(state, lambda: None).workload == "wl-2"
+    nodes.ensure_node(state, lambda: None)
+    assert nodes.node_usable(state, "media:fast") == "no longer in the workloads list"
+    assert nodes.ensure_node(state, lambda: None).workload == "wl-2"
 
 
 @responses.activate
@@ -146,8 +151,8 @@ def test_node_that_never_boots_is_stopped(s, make_state):
     stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
     responses.get("https://n1/", status=503)
     state = make_state(s)
-    with pytest.raises(worker.NodeFailed, match="did not become healthy"):
-        worker.ensure_node(state, lambda: None)
+    with pytest.raises(nodes.NodeFailed, match="did not become healthy"):
+        nodes.ensure_node(state, lambda: None)
     assert len(stop.calls) == 1 and not state.nodes
     assert not state.r.exists("node:w1:media:fast") and not state.r.smembers(config.NODE_SLOTS_KEY)
 
@@ -159,7 +164,7 @@ def test_idle_node_stopped_after_timeout(s, make_state):
     stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
     responses.get("https://n1/", body="ok")
     state = make_state(s)
-    worker.ensure_node(state, lambda: None)
+    nodes.ensure_node(state, lambda: None)
     state.nodes["media:fast"].last_used = time.time()
 
     def stop_soon():
@@ -186,18 +191,18 @@ def test_slot_cap_waits_and_honours_stop(s, make_state):
         calls.append(1)
         return "cancelled by request" if len(calls) > 1 else None
 
-    with pytest.raises(worker.JobStopped, match="cancelled"):
-        worker.ensure_node(state, should_stop)
+    with pytest.raises(engine_api.JobStopped, match="cancelled"):
+        nodes.ensure_node(state, should_stop)
     assert not [c for c in responses.calls if c.request.url.endswith("/launch")]
 
 
 @responses.activate
 def test_stopping_an_unknown_workload_counts_as_stopped(s):
     responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})
-    assert worker.stop_workload(s, "gone") == {"already_stopped": True}
+    assert comput3.stop_workload(s, "gone") == {"already_stopped": True}
     responses.replace(responses.POST, f"{API}/stop", status=500, json={"error": "x"})
-    with pytest.raises(worker.C3Error):
-        worker.stop_workload(s, "gone")
+    with pytest.raises(comput3.C3Error):
+        comput3.stop_workload(s, "gone")
 
 
 def test_missing_api_key_is_a_clear_startup_error(s):
@@ -225,7 +230,7 @@ def test_sweep_releases_the_slot_of_a_dead_workers_vanished_node(s, r):
     responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})
     jobstore.acquire_node_slot(r, "dead", 4, "media:fast")
     jobstore.record_node(r, "dead", "media:fast", {"workload": "wl-gone", "node": "n", "launched_at": time.time() - 10})
-    summary = worker.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
+    summary = sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
     assert summary["workers"] == ["dead"]
     assert not r.exists("node:dead:media:fast") and not r.smembers(config.NODE_SLOTS_KEY)
     assert json.loads(responses.calls[0].request.body) == {"workload": "wl-gone"}
@@ -238,11 +243,11 @@ def test_failed_stop_is_retried_by_the_sweep(s, make_state, r):
     responses.get("https://n1/", body="ok")
     stop = responses.post(f"{API}/stop", status=502, body="<html>bad gateway</html>", content_type="text/html")
     state = make_state(s)
-    worker.ensure_node(state, lambda: None)
-    worker.stop_node(state, "media:fast", "test")
+    nodes.ensure_node(state, lambda: None)
+    nodes.stop_node(state, "media:fast", "test")
     assert r.hgetall(config.NODES_TO_STOP_KEY) == {"wl-1": "n1"}
     stop.status, stop.body, stop.content_type = 200, json.dumps({"stopped": 1}), "application/json"
-    assert worker.retry_failed_stops(s, r) == 0
+    assert sweep.retry_failed_stops(s, r) == 0
     assert not r.exists(config.NODES_TO_STOP_KEY)
 
 
@@ -256,25 +261,25 @@ def test_replacing_a_node_keeps_the_slot(s, make_state, r):
     responses.get("https://n1/", body="ok")
     responses.get("https://n2/", body="ok")
     state = make_state(s)
-    worker.ensure_node(state, lambda: None)
-    real_stop = worker.stop_workload
+    nodes.ensure_node(state, lambda: None)
+    real_stop = comput3.stop_workload
 
     def stop_and_race(settings, workload):  # another worker tries to take the slot mid-replacement
         answer = real_stop(settings, workload)
         assert not jobstore.acquire_node_slot(r, "other", 1, "media:fast")
         return answer
 
-    worker.stop_workload = stop_and_race
+    comput3.stop_workload = stop_and_race
     try:
-        assert worker.ensure_node(state, lambda: None).workload == "wl-2"
+        assert nodes.ensure_node(state, lambda: None).workload == "wl-2"
     finally:
-        worker.stop_workload = real_stop
+        comput3.stop_workload = real_stop
     assert r.smembers(config.NODE_SLOTS_KEY) == {"w1|media:fast"}
 
 
 def test_sweep_waits_after_a_redis_restart(s, r, monkeypatch):
     r.sadd(config.WORKERS_KEY, "maybe-alive")
     monkeypatch.setattr(r, "info", lambda section=None: {"uptime_in_seconds": 1})
-    assert worker.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=30), r)["workers"] == []
+    assert sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=30), r)["workers"] == []
     monkeypatch.setattr(r, "info", lambda section=None: {"uptime_in_seconds": 100})
-    assert worker.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=30), r)["workers"] == ["maybe-alive"]
+    assert sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=30), r)["workers"] == ["maybe-alive"]

@@ -1,4 +1,4 @@
-"""The cleanup the recovery sweep runs (housekeeping.py), through the worker's sweep, with a real
+"""The cleanup the recovery sweep runs (sweep.cleanup), through the worker's sweep, with a real
 redis-server and real directories."""
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ import os
 import time
 from pathlib import Path
 
-import c3_render_worker
 import config
-import housekeeping
 import jobspec
 import jobstore
+import sweep
 
 
 def job(r, settings, status: str) -> str:
@@ -33,7 +32,7 @@ def aged(path: Path, seconds: float) -> Path:
 
 def test_sweep_cleans_expired_results_and_leftover_work_dirs(r, settings, monkeypatch):
     settings = dataclasses.replace(settings, heartbeat_ttl_s=0, result_ttl_s=3600)
-    monkeypatch.setattr(housekeeping, "_next_cleanup", [0.0])
+    monkeypatch.setattr(sweep, "_next_cleanup", [0.0])
     work, out = Path(settings.work_dir), Path(settings.output_dir)
     out.mkdir(parents=True)
     names = {"finished": job(r, settings, "success"), "failed": job(r, settings, "failed"),
@@ -47,7 +46,7 @@ def test_sweep_cleans_expired_results_and_leftover_work_dirs(r, settings, monkey
     aged(out / "old.mp3", 3700)
     (out / "new.mp3").write_bytes(b"x")
 
-    c3_render_worker.sweep_dead_workers(settings, r)
+    sweep.sweep_dead_workers(settings, r)
 
     left = sorted(p.name for p in work.iterdir())
     assert left == sorted([names["running"], names["queued"], "cache"])
@@ -55,19 +54,19 @@ def test_sweep_cleans_expired_results_and_leftover_work_dirs(r, settings, monkey
 
 
 def test_directory_walks_run_at_most_every_cleanup_interval(r, settings, monkeypatch):
-    monkeypatch.setattr(housekeeping, "_next_cleanup", [0.0])
+    monkeypatch.setattr(sweep, "_next_cleanup", [0.0])
     now = time.time()
-    assert housekeeping.sweep(settings, r, now)["results_deleted"] == 0
+    assert sweep.cleanup(settings, r, now)["results_deleted"] == 0
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "old.mp3").write_bytes(b"x")
     aged(out / "old.mp3", settings.result_ttl_s + 10)
-    assert housekeeping.sweep(settings, r, now + 1)["results_deleted"] == 0  # not yet: walked a second ago
-    assert housekeeping.sweep(settings, r, now + housekeeping.CLEANUP_INTERVAL_S + 1)["results_deleted"] == 1
+    assert sweep.cleanup(settings, r, now + 1)["results_deleted"] == 0  # not yet: walked a second ago
+    assert sweep.cleanup(settings, r, now + sweep.CLEANUP_INTERVAL_S + 1)["results_deleted"] == 1
 
 
 def test_sweep_returns_inflight_webhooks_of_vanished_senders(r, settings):
     r.lpush(jobstore.webhook_inflight_key("gone"), '{"job_id": "j", "url": "http://127.0.0.1:9/", "body": "{}"}')
     r.sadd(config.WEBHOOK_SENDERS_KEY, "gone")
-    assert housekeeping.sweep(settings, r)["webhooks_returned"] == 1
+    assert sweep.cleanup(settings, r)["webhooks_returned"] == 1
     assert r.llen(config.WEBHOOK_OUTBOX_KEY) == 1 and not r.sismember(config.WEBHOOK_SENDERS_KEY, "gone")

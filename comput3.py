@@ -1,0 +1,113 @@
+"""The Comput3.ai control API, as the spec names its calls (docs/node-protocols.md, Comput3 control API).
+
+`launch_workload()`, `check_node_health()` and `stop_workload()` are the spec's three functions; beside
+them the two listings the worker needs: `get_running_workloads()` (POST /workloads) and
+`get_workload_types()` (GET /types). One call, one answer: retries and leak-proof launches are
+launches.py's, what a node is for is nodes.py's. `check_node_health` is the one node health check, used
+by the worker and by the engines (to tell a node that went away from a service that answered badly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+import config
+from engine_api import NodeUrls
+
+CONNECT_TIMEOUT_S = 10  # the read timeout is C3_READ_TIMEOUT
+
+
+class C3Error(Exception):
+    """A Comput3 control API call failed; str() is safe to show (no key). `retryable` for 5xx, timeouts
+    and non-JSON answers; `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, retryable: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+def c3_headers(settings: config.Settings) -> dict[str, str]:
+    return {"X-C3-API-KEY": settings.c3_api_key, "Content-Type": "application/json",
+            "Origin": settings.c3_origin}
+
+
+def call(settings: config.Settings, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One call; raises C3Error saying what went wrong, with `retryable` set for 5xx/timeouts/non-JSON."""
+    url = f"{settings.c3_api_url}/{path}"
+    try:
+        response = requests.request(method, url, json=body, headers=c3_headers(settings),
+                                    timeout=(CONNECT_TIMEOUT_S, settings.c3_read_timeout_s))
+    except requests.Timeout:
+        raise C3Error(f"Comput3 {path}: timed out", retryable=True) from None
+    except requests.ConnectionError:
+        raise C3Error(f"Comput3 {path}: cannot connect to {settings.c3_api_url}", retryable=True) from None
+    if response.status_code >= 500:
+        raise C3Error(f"Comput3 {path}: HTTP {response.status_code}", retryable=True,
+                      status=response.status_code)
+    if response.status_code in (401, 403):
+        raise C3Error(f"Comput3 {path}: HTTP {response.status_code} (check C3_API_KEY)",
+                      status=response.status_code)
+    if response.status_code >= 400:
+        raise C3Error(f"Comput3 {path}: HTTP {response.status_code}: {response.text[:200]}",
+                      status=response.status_code)
+    try:
+        return response.json()
+    except ValueError:
+        kind = response.headers.get("Content-Type", "unknown content").split(";")[0]
+        raise C3Error(f"Comput3 {path}: answer was not JSON ({kind})", retryable=True) from None
+
+
+def launch_workload(settings: config.Settings, workload_type: str, expires: int) -> dict[str, Any]:
+    """One launch call: {"node", "workload", ...}. No retry here: a failed launch may still have created
+    a node (launches.launch_node finds it)."""
+    answer = call(settings, "POST", "launch", {"type": workload_type, "expires": expires})
+    if not isinstance(answer, dict) or not answer.get("workload") or not answer.get("node"):
+        raise C3Error("Comput3 launch: answer has no workload or node", retryable=True)
+    return answer
+
+
+def get_running_workloads(settings: config.Settings) -> list[dict[str, Any]]:
+    """The account's running workloads (records with workload, node, type, status, created, expires)."""
+    answer = call(settings, "POST", "workloads", {"running": True})
+    if not isinstance(answer, list):
+        raise C3Error("Comput3 workloads: answer is not a list")
+    return answer
+
+
+def get_workload_types(settings: config.Settings) -> list[str]:
+    """The workload types the provider offers (GET /types: a list of names, or of records with one)."""
+    answer = call(settings, "GET", "types")
+    if isinstance(answer, dict):
+        answer = answer.get("types", list(answer))
+    if not isinstance(answer, list):
+        raise C3Error("Comput3 types: answer is not a list")
+    names = []
+    for item in answer:
+        if isinstance(item, dict):
+            item = item.get("type") or item.get("name")
+        if isinstance(item, str):
+            names.append(item)
+    return names
+
+
+def check_node_health(node: NodeUrls, timeout_s: float = 10.0) -> bool:
+    """True when the node answers 200 at its root URL (the node itself, not one of its services)."""
+    try:
+        response = requests.get(node.base + "/", headers=node.headers(), timeout=(min(5.0, timeout_s), timeout_s))
+    except requests.RequestException:
+        return False
+    return response.status_code == 200
+
+
+def stop_workload(settings: config.Settings, workload_id: str) -> dict[str, Any]:
+    """Stop a workload. One the provider no longer knows (404) is already stopped: that is success."""
+    try:
+        answer = call(settings, "POST", "stop", {"workload": workload_id})
+    except C3Error as exc:
+        if exc.status == 404:
+            return {"already_stopped": True}
+        raise
+    return answer if isinstance(answer, dict) else {}

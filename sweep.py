@@ -1,0 +1,189 @@
+"""The recovery sweep, run every SWEEP_INTERVAL_S by every worker: nothing a dead worker held is lost.
+
+`sweep_dead_workers` does one pass: stop again the workloads whose stop failed earlier; then (once Redis
+has been up a full HEARTBEAT_TTL) the cleanup (`cleanup`: in-flight webhooks of vanished workers back to
+the outbox; at most every CLEANUP_INTERVAL_S, expired local results and leftover work dirs), the jobs of
+workers whose heartbeat expired back to the queue (jobstore.requeue_abandoned), their nodes stopped, and
+the nodes of launches whose answer or record was lost (launch windows, launches.py) or whose owner died
+stopped. Every step is safe to run from several workers at once: claims in Redis let one sweeper act.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+import comput3
+import config
+import jobstore
+import launches
+import nodes
+import storage
+import webhooks
+from comput3 import C3Error
+
+log = logging.getLogger("c3-render.worker")
+
+SWEEP_CLAIM_S = 120  # a sweeper's claim on a workload it stops; another sweeper takes over after it
+CLEANUP_INTERVAL_S = 300.0
+_next_cleanup = [0.0]  # per process: when the directory walks run next
+
+
+def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, Any]:
+    """Recovery: requeue the jobs of workers whose heartbeat expired, stop their nodes, and stop the nodes
+    of launches whose answer or record was lost."""
+    retry_failed_stops(settings, r)
+    if int(r.info("server").get("uptime_in_seconds", 0)) < settings.heartbeat_ttl_s:
+        # Redis has just come back: every heartbeat may have expired while it was down. Wait until
+        # live workers have had a full TTL to announce themselves before calling anyone dead.
+        return {"workers": [], "requeued": 0, "failed": []}
+    cleanup(settings, r)
+    summary = jobstore.requeue_abandoned(r, settings)
+    for worker in summary["workers"]:
+        stop_dead_workers_nodes(settings, r, worker)
+    summary["stopped_unrecorded"] = resolve_launch_intents(settings, r) + stop_nodes_of_dead_owners(settings, r)
+    if summary["requeued"] or summary["failed"]:
+        log.info("recovery sweep: %d job(s) requeued, %d failed after MAX_ATTEMPTS, dead workers %s",
+                 summary["requeued"], len(summary["failed"]), ", ".join(summary["workers"]))
+    return summary
+
+
+def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
+    """Stop again the workloads whose stop call failed earlier; return how many are still pending."""
+    pending = r.hgetall(config.NODES_TO_STOP_KEY)
+    for workload in pending:
+        try:
+            comput3.stop_workload(settings, workload)
+        except C3Error as exc:
+            log.warning("stopping workload %s failed again: %s", workload, exc)
+            continue
+        r.hdel(config.NODES_TO_STOP_KEY, workload)
+        log.info("stopped workload %s on retry", workload)
+    return r.hlen(config.NODES_TO_STOP_KEY)
+
+
+# --- the nodes nobody holds any more -------------------------------------------------------------
+
+def stop_dead_workers_nodes(settings: config.Settings, r: redis.Redis, worker: str) -> None:
+    """Stop the recorded nodes of a dead worker and free their slots (one sweeper at a time); a node whose
+    stop failed, and that is still running, keeps its slot and is tried again by the next sweep."""
+    claimed = jobstore.claim_dead_nodes(r, worker)
+    if claimed is None:
+        return
+    retry = False
+    for node_type, record in claimed:
+        workload = record.get("workload", "")
+        if workload and not stop_dead_workers_node(settings, r, worker, record):
+            retry = True
+            continue
+        jobstore.release_node(r, worker, node_type, workload=workload)
+    if retry:
+        r.delete(f"sweep:{worker}")  # let the next sweep try again
+
+
+def stop_dead_workers_node(settings: config.Settings, r: redis.Redis, worker: str, record: dict[str, str]) -> bool:
+    """Stop the recorded node of a dead worker; False when that failed and must be tried again."""
+    seconds = time.time() - float(record.get("launched_at") or time.time())
+    if nodes.stop_or_remember(settings, None, record["workload"], record.get("node", ""), f"worker {worker} died"):
+        log.info("stopped node %s of dead worker %s after %.1f node-seconds", record.get("node"), worker, seconds)
+    else:
+        # A node already stopped, expired or dead may answer stop with an error: when it is gone, its
+        # record and MAX_NODES slot must go too (retrying forever would leak the slot).
+        try:
+            gone = record["workload"] not in {w.get("workload") for w in comput3.get_running_workloads(settings)}
+        except C3Error:
+            gone = False
+        if not gone:
+            return False
+        log.info("node %s of dead worker %s was already gone", record.get("node"), worker)
+    nodes.record_node_stop(r, record["workload"], worker, seconds, "worker died")
+    return True
+
+
+def stop_unheld(settings: config.Settings, r: redis.Redis, workload: dict[str, Any], why: str) -> None:
+    """Stop a workload of ours that nobody holds (claimed in the registry first by the caller); a stop
+    that fails is remembered for the next sweep."""
+    seconds = time.time() - float(workload.get("created") or time.time())
+    if nodes.stop_or_remember(settings, r, workload["workload"], str(workload.get("node") or ""), why):
+        log.info("stopped node %s (workload %s): %s", workload.get("node"), workload["workload"], why)
+    jobstore.forget_owned(r, workload["workload"])
+    nodes.record_node_stop(r, workload["workload"], "sweep", seconds, why)
+
+
+def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float | None = None) -> int:
+    """Stop the nodes created by the launches of dead workers and by orphaned launches (answer lost,
+    nothing adopted); return how many were stopped. A workload that a live launch may yet own is left
+    for a later sweep; an intent is dropped once its window has closed."""
+    now = time.time() if now is None else now
+
+    def split(intents: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        alive = {worker: bool(r.exists(jobstore.heartbeat_key(worker)))
+                 for worker in {i["worker"] for i in intents.values()}}
+        settled = {k: i for k, i in intents.items() if i.get("orphan") or not alive[i["worker"]]}
+        return settled, [i for k, i in intents.items() if k not in settled]
+
+    if not split(jobstore.launch_intents(r))[0]:
+        return 0
+    try:
+        running = comput3.get_running_workloads(settings)
+    except C3Error as exc:
+        log.warning("recovery sweep: could not list workloads to resolve launch windows (%s)", exc)
+        return 0
+    # Read the intents again after the list: a launch begun before the list is then seen as live.
+    settled, live = split(jobstore.launch_intents(r))
+    stopped = 0
+    for intent_id, intent in settled.items():
+        for workload in launches.launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+            if any(launches.in_launch_window(settings, other, workload) for other in live):
+                continue  # a live launch may still record it as its own
+            if jobstore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
+                                                                 "node": workload.get("node"),
+                                                                 "since": time.time()}):
+                stop_unheld(settings, r, workload, f"launched by {intent['worker']} in a launch window "
+                                                   "that never recorded its node")
+                stopped += 1
+        if now > launches.launch_window_end(settings, intent):
+            jobstore.close_launch(r, intent_id)
+    return stopped
+
+
+def stop_nodes_of_dead_owners(settings: config.Settings, r: redis.Redis) -> int:
+    """Stop every node in the registry of our nodes whose worker is dead (its record may be gone)."""
+    stopped = 0
+    for workload, owner in jobstore.owned_nodes(r).items():
+        worker = owner.get("worker", "")
+        if worker == "sweep":  # being stopped by a sweeper; taken over if that sweeper died meanwhile
+            if time.time() - float(owner.get("since") or 0) < SWEEP_CLAIM_S:
+                continue
+        elif r.exists(jobstore.heartbeat_key(worker)):
+            continue
+        if r.set(f"sweep:workload:{workload}", "1", nx=True, ex=SWEEP_CLAIM_S):  # one sweeper at a time
+            stop_unheld(settings, r, {"workload": workload, "node": owner.get("node"),
+                                      "created": owner.get("launched_at")}, f"its worker {worker} died")
+            stopped += 1
+    return stopped
+
+
+# --- cleanup: webhooks of vanished workers, expired results, leftover work dirs ------------------
+
+def job_is_active(r: redis.Redis, name: str) -> bool:
+    """True for a queued or running job's id, and for any name that is not a job id (not ours)."""
+    if not jobstore.is_job_id(name):
+        return True
+    return r.hget(jobstore.job_key(name), "status") in ("queued", "running")
+
+
+def cleanup(settings: config.Settings, r: redis.Redis, now: float | None = None) -> dict[str, int]:
+    """Give the in-flight webhooks of vanished workers back (every sweep) and keep the disk from filling
+    up (at most every CLEANUP_INTERVAL_S per process, as these walk directories). Returns what it did:
+    {"webhooks_returned", "results_deleted", "work_dirs_removed"}."""
+    done = {"webhooks_returned": webhooks.recover_inflight(r), "results_deleted": 0, "work_dirs_removed": 0}
+    now = time.time() if now is None else now
+    if now >= _next_cleanup[0]:
+        _next_cleanup[0] = now + CLEANUP_INTERVAL_S
+        done["results_deleted"] = storage.cleanup_results(settings, now)
+        done["work_dirs_removed"] = storage.cleanup_work_dirs(settings, lambda name: job_is_active(r, name), now)
+    return done
