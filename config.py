@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
 
-# --- Redis key names (the queue protocol; see jobstore.py) ---------------------------------
+# --- Redis key names (the queue protocol; see jobstore.py; Lua gets them via redis_lua.NAMES) ---
 QUEUE_KEY = "queue:jobs"  # the one job queue: LPUSH to submit, BLMOVE from the right to take
 QUEUE_PUSHES_KEY = "queue:jobs:pushes"  # counter: LPUSHes ever made to the queue (places its left end)
 QUEUE_REQUEUED_KEY = "queue:jobs:requeued"  # sorted set: job id -> queue slot it was RPUSHed to
@@ -52,6 +52,7 @@ FINISHED_RECENT_KEY = "stats:finished_recent"  # sorted set: jobs finished in th
 # /metrics: counters kept in Redis so that every API process answers the same numbers
 JOBS_TOTAL_KEY = "stats:jobs_total"  # hash: "<type>|<status>" -> jobs submitted ("queued") or finished so
 JOB_DURATION_KEY = "stats:job_duration:{type}"  # hash: bucket bound ("+Inf") -> count, and "sum", "count"
+DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)  # JOB_DURATION_KEY's bounds (s)
 WEBHOOK_OUTCOMES_KEY = "stats:webhook_deliveries"  # hash: outcome (delivered, retrying, failed) -> count
 # GET /events: Redis pub/sub channels (messages are only wake-ups; listeners read the record)
 JOB_EVENTS_CHANNEL = "events:job:{id}"  # a job's record changed; the message is its change number

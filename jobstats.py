@@ -59,7 +59,7 @@ def counters(r: redis.Redis) -> dict[str, Any]:
 def histogram_buckets(duration: dict[str, float]) -> list[tuple[str, float]]:
     """Cumulative (le, count) pairs of one type's duration hash, ending with +Inf, for Prometheus."""
     buckets, running = [], 0.0
-    for bound in jobstore.DURATION_BUCKETS:
+    for bound in config.DURATION_BUCKETS:
         running += duration.get(str(bound), 0)
         buckets.append((str(float(bound)), running))
     buckets.append(("+Inf", running + duration.get("+Inf", 0)))

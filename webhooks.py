@@ -45,6 +45,7 @@ import redis
 import config
 import jobstore
 import netfetch
+import redis_lua
 
 log = logging.getLogger("c3-render.webhooks")
 
@@ -53,21 +54,6 @@ DEFER_S = 0.5  # how long an entry whose receiver host is at its cap waits befor
 # are moved to the outbox at most this late.
 TAKE_WAIT_S = 0.2
 SLOW_ATTEMPT_S = 2.0  # an attempt running longer marks its host slow (one thread for it from then on)
-
-# Moves deliveries whose next attempt is due from the retry set to the back of the outbox (LPUSH:
-# BLMOVE takes from the right), so a retry never overtakes a delivery queued before it was due.
-# Returns when the next retry falls due ('' = none), so a taker waits no longer than that.
-_DUE_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, entry in ipairs(due) do
-  redis.call('ZREM', KEYS[1], entry)
-  redis.call('LPUSH', KEYS[2], entry)
-end
-local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if next[2] then return next[2] end
-return ''
-"""
-
 
 def secret_bytes(secret: str) -> bytes:
     if secret.startswith("whsec_"):
@@ -210,7 +196,8 @@ def take_next(r: redis.Redis, worker_id: str, wait_s: float = 1.0, slots: HostSl
     its HostSlots slot), or None when there was none, or its host had its share (then it waits
     DEFER_S in the retry set, not counted as an attempt). Raises Unsettled if Redis fails mid-way."""
     now = time.time()
-    next_due = r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(now))
+    # due retries join the back of the outbox (a retry never overtakes an earlier delivery)
+    next_due = redis_lua.run(r, "move_due_webhooks", (config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY), repr(now))
     if next_due:
         wait_s = min(wait_s, max(0.05, float(next_due) - now))
     inflight = jobstore.webhook_inflight_key(worker_id)

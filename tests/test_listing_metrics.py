@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import app as api
 import config
+import jobspec
 import jobstore
 
 
@@ -112,7 +113,7 @@ def test_expired_records_leave_the_index(client, r, settings):
 
 def test_finishing_trims_index_entries_past_retention(r, settings):
     settings = dataclasses.replace(settings, result_ttl_s=60)
-    ancient = time.time() - 60 - jobstore.INDEX_HORIZON_S - 10
+    ancient = time.time() - 60 - jobspec.INDEX_HORIZON_S - 10
     old, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600}, now=ancient)
     job_id, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600})
     run(r, settings, job_id)
