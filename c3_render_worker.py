@@ -41,6 +41,7 @@ import housekeeping
 import jobstore
 import media_check
 import netfetch
+import nodestore
 import storage
 import webhooks
 import whisper
@@ -226,7 +227,7 @@ def stop_node(state: WorkerState, node_type: str, reason: str, release_slot: boo
         log.warning("stopping workload %s failed: %s; the recovery sweep will retry", held.workload, exc)
         try:
             if not state.redis_lost:
-                state.r.hset(config.NODES_TO_STOP_KEY, held.workload, held.node)
+                nodestore.remember_to_stop(state.r, held.workload, held.node)
         except redis.RedisError:
             log.warning("could not record workload %s for a later stop; the sweep finds it in the registry "
                         "of our nodes", held.workload)
@@ -240,10 +241,10 @@ def stop_node(state: WorkerState, node_type: str, reason: str, release_slot: boo
         else:
             state.unstopped_nodes += 1
         return
-    _record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
+    nodestore.record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
     try:
-        jobstore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
-                              workload=held.workload)
+        nodestore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
+                               workload=held.workload)
     except redis.RedisError as exc:
         if state.stopping.is_set():
             state.redis_lost = type(exc).__name__
@@ -265,52 +266,37 @@ def forget_unheld_nodes(state: WorkerState) -> None:
     worker's launches alone. So: stop an owned node we do not hold, free those slots and records, and
     leave each open launch window to the sweep (orphaned), which stops what it created unless owned."""
     r = state.r
-    for kind in jobstore.slot_types(r, state.worker_id):
-        if kind in state.nodes or kind == jobstore.RESERVED:
+    for kind in nodestore.slot_types(r, state.worker_id):
+        if kind in state.nodes or kind == nodestore.RESERVED:
             continue
-        record = jobstore.get_node(r, state.worker_id, kind) or {}
+        record = nodestore.get_node(r, state.worker_id, kind) or {}
         workload = record.get("workload", "")
         if workload:
             try:
                 stop_workload(state.settings, workload)
             except C3Error as exc:
                 log.warning("stopping workload %s failed: %s; the recovery sweep will retry", workload, exc)
-                r.hset(config.NODES_TO_STOP_KEY, workload, record.get("node", ""))
-        jobstore.release_node(r, state.worker_id, kind, workload=workload)
+                nodestore.remember_to_stop(r, workload, record.get("node", ""))
+        nodestore.release_node(r, state.worker_id, kind, workload=workload)
         log.info("freed this worker's %s slot%s, left by a Redis error", kind,
                  f" and stopped its node (workload {workload})" if workload else "")
-    for intent_id, intent in jobstore.launch_intents(r).items():
+    for intent_id, intent in nodestore.launch_intents(r).items():
         if intent.get("worker") == state.worker_id and not intent.get("orphan"):
-            jobstore.orphan_launch(r, intent_id, time.time())
+            nodestore.orphan_launch(r, intent_id, time.time())
 
 
 def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
     """Stop again the workloads whose stop call failed earlier; return how many are still pending."""
-    pending = r.hgetall(config.NODES_TO_STOP_KEY)
+    pending = nodestore.nodes_to_stop(r)
     for workload in pending:
         try:
             stop_workload(settings, workload)
         except C3Error as exc:
             log.warning("stopping workload %s failed again: %s", workload, exc)
             continue
-        r.hdel(config.NODES_TO_STOP_KEY, workload)
+        nodestore.forget_to_stop(r, workload)
         log.info("stopped workload %s on retry", workload)
-    return r.hlen(config.NODES_TO_STOP_KEY)
-
-
-def _record_node_stop(r: redis.Redis, workload: str, worker_id: str, seconds: float, reason: str) -> None:
-    try:
-        pipe = r.pipeline(transaction=True)
-        pipe.incrbyfloat(config.NODE_SECONDS_KEY, round(seconds, 3))
-        day_key = config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime()))
-        pipe.incrbyfloat(day_key, round(seconds, 3))
-        pipe.expire(day_key, 8 * 86400)
-        pipe.rpush(config.NODE_LOG_KEY, json.dumps({"workload": workload, "worker": worker_id,
-                                                    "seconds": round(seconds, 3), "reason": reason}))
-        pipe.ltrim(config.NODE_LOG_KEY, -10000, -1)
-        pipe.execute()
-    except redis.RedisError:
-        pass
+    return nodestore.to_stop_count(r)
 
 
 def node_usable(state: WorkerState, node_type: str, force: bool = False) -> str:
@@ -350,15 +336,15 @@ def _take_slot(state: WorkerState, node_type: str, should_stop) -> None:
     settings = state.settings
     waited = False
     while True:
-        if jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
-                                      convert_from=jobstore.RESERVED):
+        if nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
+                                       convert_from=nodestore.RESERVED):
             return
         others = sorted((held.last_used, kind) for kind, held in state.nodes.items() if kind != node_type)
         if others:
             other = others[0][1]
             stop_node(state, other, f"idle; its slot is needed for a {node_type} node", release_slot=False)
-            if jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
-                                          convert_from=other):
+            if nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
+                                           convert_from=other):
                 return
             continue
         if not waited:
@@ -382,13 +368,13 @@ def ensure_node(state: WorkerState, should_stop, node_type: str | None = None, p
         log.info("replacing node %s: %s", state.nodes[node_type].node, problem)
         stop_node(state, node_type, problem, release_slot=False)
     _take_slot(state, node_type, should_stop)
-    jobstore.record_node(state.r, state.worker_id, node_type,
-                         {"state": "launching", "worker": state.worker_id, "type": node_type,
-                          "since": time.time()})
+    nodestore.record_node(state.r, state.worker_id, node_type,
+                          {"state": "launching", "worker": state.worker_id, "type": node_type,
+                           "since": time.time()})
     try:
         answer = launch_node(settings, state.r, state.worker_id, node_type)
     except C3Error as exc:
-        jobstore.release_node(state.r, state.worker_id, node_type)
+        nodestore.release_node(state.r, state.worker_id, node_type)
         raise NodeFailed(str(exc)) from None
     held = HeldNode(workload=str(answer["workload"]), node=str(answer["node"]), launched_at=answer["launched_at"],
                     type=node_type, urls=node_urls(str(answer["node"]), settings.c3_api_key, settings.c3_node_url,
@@ -410,7 +396,7 @@ def ensure_node(state: WorkerState, should_stop, node_type: str | None = None, p
                              "(NODE_BOOT_TIMEOUT)")
         time.sleep(1.0)
     held.checked_at = time.time()
-    jobstore.record_node(state.r, state.worker_id, node_type, {"state": "running"})
+    nodestore.record_node(state.r, state.worker_id, node_type, {"state": "running"})
     log.info("node %s is up after %.1f s", held.node, time.time() - held.launched_at)
     return held
 
@@ -504,16 +490,16 @@ def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str,
         except C3Error as exc:
             log.warning("could not list workloads after a lost launch answer (%s)", exc)
             continue
-        for workload in launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+        for workload in launch_candidates(settings, intent, running, nodestore.owned_nodes(r)):
             launched_at = float(workload["created"])
-            if jobstore.own_node(r, worker_id, node_type, workload["workload"], str(workload["node"]),
-                                 launched_at, intent_id):
+            if nodestore.own_node(r, worker_id, node_type, workload["workload"], str(workload["node"]),
+                                  launched_at, intent_id):
                 log.warning("launch answer lost; adopted workload %s that appeared in the launch window",
                             workload["workload"])
                 return {"workload": workload["workload"], "node": workload["node"], "launched_at": launched_at,
                         "adopted": True}
     # Nothing seen (most failed launches create nothing): the sweep watches the window until it closes.
-    jobstore.orphan_launch(r, intent_id, intent["ended_at"])
+    nodestore.orphan_launch(r, intent_id, intent["ended_at"])
     return None
 
 
@@ -528,21 +514,21 @@ def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_
         try:
             before = [str(w.get("workload")) for w in get_running_workloads(settings)]
             started = time.time()
-            intent_id = jobstore.begin_launch(r, worker_id, node_type, before, started)
+            intent_id = nodestore.begin_launch(r, worker_id, node_type, before, started)
             intent = {"worker": worker_id, "type": node_type, "before": before, "started_at": started}
             try:
                 answer = launch_once(settings, node_type, expires)
             except C3Error as exc:
                 if not exc.retryable and exc.status is not None:
-                    jobstore.close_launch(r, intent_id)  # refused (4xx): nothing was created
+                    nodestore.close_launch(r, intent_id)  # refused (4xx): nothing was created
                     raise
                 adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
                 if adopted:
                     return adopted
                 raise exc from None
             launched_at = time.time()
-            if jobstore.own_node(r, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
-                                 launched_at, intent_id):
+            if nodestore.own_node(r, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
+                                  launched_at, intent_id):
                 return {**answer, "launched_at": launched_at}
             # Another launcher took our workload for its own lost launch; ours is then its node.
             adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
@@ -568,9 +554,9 @@ def _stop_unheld(settings: config.Settings, r: redis.Redis, workload: dict[str, 
         log.info("stopped node %s (workload %s): %s", workload.get("node"), workload["workload"], why)
     except C3Error as exc:
         log.warning("could not stop workload %s (%s): %s; retried by the next sweep", workload["workload"], why, exc)
-        r.hset(config.NODES_TO_STOP_KEY, workload["workload"], str(workload.get("node") or ""))
-    jobstore.forget_owned(r, workload["workload"])
-    _record_node_stop(r, workload["workload"], "sweep", seconds, why)
+        nodestore.remember_to_stop(r, workload["workload"], str(workload.get("node") or ""))
+    nodestore.forget_owned(r, workload["workload"])
+    nodestore.record_node_stop(r, workload["workload"], "sweep", seconds, why)
 
 
 def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float | None = None) -> int:
@@ -585,7 +571,7 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
         settled = {k: i for k, i in intents.items() if i.get("orphan") or not alive[i["worker"]]}
         return settled, [i for k, i in intents.items() if k not in settled]
 
-    if not split(jobstore.launch_intents(r))[0]:
+    if not split(nodestore.launch_intents(r))[0]:
         return 0
     try:
         running = get_running_workloads(settings)
@@ -593,34 +579,34 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
         log.warning("recovery sweep: could not list workloads to resolve launch windows (%s)", exc)
         return 0
     # Read the intents again after the list: a launch begun before the list is then seen as live.
-    settled, live = split(jobstore.launch_intents(r))
+    settled, live = split(nodestore.launch_intents(r))
     stopped = 0
     for intent_id, intent in settled.items():
-        for workload in launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+        for workload in launch_candidates(settings, intent, running, nodestore.owned_nodes(r)):
             if any(in_launch_window(settings, other, workload) for other in live):
                 continue  # a live launch may still record it as its own
-            if jobstore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
-                                                                 "node": workload.get("node"),
-                                                                 "since": time.time()}):
+            if nodestore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
+                                                                  "node": workload.get("node"),
+                                                                  "since": time.time()}):
                 _stop_unheld(settings, r, workload, f"launched by {intent['worker']} in a launch window "
                                                     "that never recorded its node")
                 stopped += 1
         if now > launch_window_end(settings, intent):
-            jobstore.close_launch(r, intent_id)
+            nodestore.close_launch(r, intent_id)
     return stopped
 
 
 def stop_nodes_of_dead_owners(settings: config.Settings, r: redis.Redis) -> int:
     """Sweep: stop every node in the registry of our nodes whose worker is dead (its record may be gone)."""
     stopped = 0
-    for workload, owner in jobstore.owned_nodes(r).items():
+    for workload, owner in nodestore.owned_nodes(r).items():
         worker = owner.get("worker", "")
         if worker == "sweep":  # being stopped by a sweeper; taken over if that sweeper died meanwhile
             if time.time() - float(owner.get("since") or 0) < SWEEP_CLAIM_S:
                 continue
         elif r.exists(jobstore.heartbeat_key(worker)):
             continue
-        if r.set(f"sweep:workload:{workload}", "1", nx=True, ex=SWEEP_CLAIM_S):  # one sweeper at a time
+        if nodestore.claim_workload_stop(r, workload, SWEEP_CLAIM_S):  # one sweeper at a time
             _stop_unheld(settings, r, {"workload": workload, "node": owner.get("node"),
                                        "created": owner.get("launched_at")}, f"its worker {worker} died")
             stopped += 1
@@ -638,7 +624,7 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
     housekeeping.sweep(settings, r)  # webhooks of vanished workers, expired results, leftover work dirs
     summary = jobstore.requeue_abandoned(r, settings)
     for worker in summary["workers"]:
-        claimed = jobstore.claim_dead_nodes(r, worker)
+        claimed = nodestore.claim_dead_nodes(r, worker)
         if claimed is None:
             continue
         retry = False
@@ -646,9 +632,9 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
             if record.get("workload") and not _stop_dead_workers_node(settings, r, worker, record):
                 retry = True
                 continue
-            jobstore.release_node(r, worker, node_type, workload=record.get("workload", ""))
+            nodestore.release_node(r, worker, node_type, workload=record.get("workload", ""))
         if retry:
-            r.delete(f"sweep:{worker}")  # let the next sweep try again
+            nodestore.unclaim_dead_nodes(r, worker)  # let the next sweep try again
     summary["stopped_unrecorded"] = resolve_launch_intents(settings, r) + stop_nodes_of_dead_owners(settings, r)
     if summary["requeued"] or summary["failed"]:
         log.info("recovery sweep: %d job(s) requeued, %d failed after MAX_ATTEMPTS, dead workers %s",
@@ -673,7 +659,7 @@ def _stop_dead_workers_node(settings: config.Settings, r: redis.Redis, worker: s
             log.warning("could not stop node of dead worker %s: %s", worker, exc)
             return False
         log.info("node %s of dead worker %s was already gone (%s)", record.get("node"), worker, exc)
-    _record_node_stop(r, record["workload"], worker, seconds, "worker died")
+    nodestore.record_node_stop(r, record["workload"], worker, seconds, "worker died")
     return True
 
 
@@ -827,7 +813,7 @@ def drain_node(state: WorkerState, job_type: str, job_id: str) -> None:
 def store_result(state: WorkerState, job_type: str, job_id: str, output: Path | str,
                  work_dir: Path) -> dict[str, str]:
     settings = state.settings
-    secret = jobstore.file_url_secret(state.r, settings.file_url_secret)
+    secret = storage.file_url_secret(state.r, settings.file_url_secret)
     if isinstance(output, str):
         text_path = work_dir / f"{job_id}.txt"
         if not text_path.exists():
@@ -1022,19 +1008,19 @@ def work(state: WorkerState) -> None:
                     stop_node(state, node_type, f"idle for {settings.gpu_idle_timeout_s:g} s")
             # A worker without a node takes a job only when it can reserve a node slot: at the MAX_NODES
             # cap it leaves the queue to the workers that hold nodes instead of sitting on a job.
-            if not state.nodes and not jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes):
+            if not state.nodes and not nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes):
                 state.stopping.wait(1.0)
                 continue
             entry = state.entry = jobstore.take(state.r, state.worker_id, 1.0)
             if entry is None and not state.nodes:
-                jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)  # give the reservation back
+                nodestore.release_node(state.r, state.worker_id, nodestore.RESERVED)  # give the reservation back
             if entry is not None and state.stopping.is_set():
                 jobstore.return_entry(state.r, state.worker_id, entry)  # taken as we were told to stop
             elif entry is not None:
                 run_job(state, entry)
                 state.entry = None  # settled; a Redis error leaves it in our processing list (and set)
                 if state.nodes:  # a reservation the job did not turn into a node goes back
-                    jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)
+                    nodestore.release_node(state.r, state.worker_id, nodestore.RESERVED)
             state.entry = None
             backoff = 0.5
         except redis.RedisError as exc:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
 
-# --- Redis key names (the queue protocol; see jobstore.py; Lua gets them via redis_lua.NAMES) ---
+# --- Redis key names (jobstore.py, nodestore.py, webhook_state.py; Lua gets them via redis_lua.NAMES) ---
 QUEUE_KEY = "queue:jobs"  # the one job queue: LPUSH to submit, BLMOVE from the right to take
 QUEUE_PUSHES_KEY = "queue:jobs:pushes"  # counter: LPUSHes ever made to the queue (places its left end)
 QUEUE_REQUEUED_KEY = "queue:jobs:requeued"  # sorted set: job id -> queue slot it was RPUSHed to
@@ -43,6 +43,9 @@ IDEMPOTENCY_KEY = "idem:{client}:{key}"  # string: job id and body hash of an Id
 NODE_SECONDS_KEY = "stats:node_seconds"  # float: node-seconds used by all workers (launch to stop)
 NODE_LOG_KEY = "stats:nodes"  # list: one JSON line per node stop (workload, worker, seconds)
 NODE_SECONDS_DAY_KEY = "stats:node_seconds:{day}"  # float: node-seconds of nodes stopped that UTC day
+SWEEP_WORKER_KEY = "sweep:{worker}"  # string with a TTL: a sweeper's claim on a dead worker's nodes
+SWEEP_WORKLOAD_KEY = "sweep:workload:{workload}"  # string with a TTL: a sweeper's claim on stopping a workload
+FILE_URL_SECRET_KEY = "config:file_url_secret"  # noqa: S105 string: signs /files URLs if FILE_URL_SECRET is unset
 # GET /jobs: time-ordered indexes (sorted sets of job ids scored by created_at), trimmed like the records
 JOBS_INDEX_KEY = "jobs:index"  # every job
 JOBS_BY_TYPE_KEY = "jobs:index:type:{type}"  # the jobs of one type

@@ -1,38 +1,34 @@
-"""The job store and the queue protocol in Redis, shared by the API and the worker.
+"""The job store and the queue protocol in Redis, shared by the API and the worker (key names come
+from config.py; the scripts are lua/*.lua, run through redis_lua.py):
 
-Owns every Redis structure of c3-render (key names come from config.py):
-- `job:<id>` hashes, one per job; every status change goes through `transition()`, a Lua script
-  that refuses to change a finished job and queues the job's one final webhook atomically.
-- `queue:jobs`, the one queue: submit LPUSHes, workers take from the right with BLMOVE into
-  their own `processing:<worker>` list and acknowledge by removing the entry. Entries leave the
-  queue only from the right: a cancel marks the job cancelled and leaves its entry (a tombstone)
-  for the worker that takes it to drop, so cancel and /status never scan the list.
-- queue slots, so that a queued job's position costs O(log N): every place in the queue has an
-  integer slot. The left end is always slot -P (P = `queue:jobs:pushes`, LPUSHes ever), so the
-  right end is -P + LLEN - 1; a submit lands on -P, a requeue (RPUSH) on right + 1. A job keeps its
-  slot in `queue_slot`. An RPUSH can land on a slot an earlier entry left (taken from the right),
-  so RPUSHes are noted in `queue:jobs:requeued` (id -> slot): a job is still in the queue iff its
-  slot <= right end and no other entry was RPUSHed onto that slot since. Position = slots from the
-  right end to the job's, minus the tombstones among them (`queue:jobs:cancelled`, id -> slot).
-- worker heartbeats and `requeue_abandoned()`, which gives the jobs of dead workers back to the
-  queue (or fails them after MAX_ATTEMPTS).
-- node records (one per worker and workload type), the MAX_NODES slot cap shared by all workers,
-  the launch intents and the registry of the nodes this service launched (leak-proof launches).
-- the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters
-  and the pub/sub wake-ups of /events: all kept by the same scripts that change a job.
-- webhook delivery state: `settle_webhook()` records an attempt (status fields and the bounded
-  `webhook_history` JSON list on the job hash) and takes the entry off the worker's
-  `webhooks:inflight:<worker>` list in one step; `resend_webhook()` queues a final webhook again;
-  `return_inflight()` gives a worker's in-flight deliveries back to the outbox.
+- `job:<id>` hashes (JOB_KEY), one per job; every status change goes through `transition()` (the
+  transition script), which refuses to change a finished job and queues the job's one final webhook
+  (webhook_state.py) atomically.
+- `queue:jobs` (QUEUE_KEY), the one queue: submit LPUSHes, workers take from the right with BLMOVE into
+  their own `processing:<worker>` list (PROCESSING_KEY) and acknowledge by removing the entry. Entries
+  leave the queue only from the right: a cancel marks the job cancelled and leaves its entry (a
+  tombstone) for the worker that takes it to drop, so cancel and /status never scan the list.
+- queue slots, so that a queued job's position costs O(log N): every place in the queue has an integer
+  slot. The left end is always slot -P (P = `queue:jobs:pushes`, LPUSHes ever), so the right end is
+  -P + LLEN - 1; a submit lands on -P, a requeue (RPUSH) on right + 1. A job keeps its slot in
+  `queue_slot`. An RPUSH can land on a slot an earlier entry left (taken from the right), so RPUSHes are
+  noted in `queue:jobs:requeued` (id -> slot): a job is still in the queue iff its slot <= right end and
+  no other entry was RPUSHed onto that slot since. Position = slots from the right end to the job's,
+  minus the tombstones among them (`queue:jobs:cancelled`, id -> slot). (lua/lib/queue_slots.lua)
+- worker heartbeats (`worker:<id>:alive`, HEARTBEAT_KEY; the `workers` set) and `requeue_abandoned()`,
+  which gives the jobs of dead workers back to the queue (or fails them after MAX_ATTEMPTS).
+- the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters and
+  the pub/sub wake-ups of /events: all kept by the same scripts that change a job (lua/lib/job_changed.lua,
+  lua/lib/job_finished.lua).
 
-The Lua scripts are the files in lua/ (KEYS and ARGV at the top of each), run through redis_lua.py.
+The node bookkeeping (slots, node records, launches) is nodestore.py's; the webhook delivery state is
+webhook_state.py's.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import secrets
 import time
 import uuid
 from typing import Any
@@ -40,65 +36,12 @@ from typing import Any
 import redis
 
 import config
+import nodestore
 import redis_lua
+import webhook_state
 from jobspec import FINISHED_STATUSES, JOBS_CURSOR_PATTERN, PHASES
 
-FILE_SECRET_KEY = "config:file_url_secret"  # noqa: S105 (a key name, not a secret)
 QUEUE_KEYS = (config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, config.QUEUE_REQUEUED_KEY, config.QUEUE_CANCELLED_KEY)
-
-
-def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
-    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
-    thread wait (up to timeout_s) for a free connection instead of failing at once when all
-    max_connections are busy, as a burst of woken /events streams can make them."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
-        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool)
-
-
-def job_key(job_id: str) -> str:
-    return config.JOB_KEY.format(id=job_id)
-
-
-def processing_key(worker_id: str) -> str:
-    return config.PROCESSING_KEY.format(worker=worker_id)
-
-
-def heartbeat_key(worker_id: str) -> str:
-    return config.HEARTBEAT_KEY.format(worker=worker_id)
-
-
-def node_key(worker_id: str, node_type: str) -> str:
-    return config.NODE_KEY.format(worker=worker_id, type=node_type)
-
-
-RESERVED = "*"  # the slot type of a worker that reserved a slot before it knew which node its job needs
-
-
-def slot_member(worker_id: str, node_type: str) -> str:
-    return f"{worker_id}|{node_type}" if node_type else worker_id
-
-
-def split_slot_member(member: str) -> tuple[str, str]:
-    """(worker, node type); a member without a type (written by an older worker) is (worker, '')."""
-    worker, sep, node_type = member.rpartition("|")
-    return (worker, node_type) if sep else (member, "")
-
-
-def queue_entry(job_id: str, job_type: str) -> str:
-    return json.dumps({"id": job_id, "type": job_type}, separators=(",", ":"))
-
-
-def is_job_id(value: str) -> bool:
-    """A canonical lower-case UUID4 string, as submit() makes them."""
-    try:
-        parsed = uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        return False
-    return str(parsed) == value and parsed.version == 4
-
 
 # --- submission and reading (API side) --------------------------------------------------------
 
@@ -251,19 +194,6 @@ def job_params(record: dict[str, str]) -> dict[str, Any]:
 
 # --- the one function that changes a job's status ----------------------------------------------
 
-def webhook_body(job_id: str, status: str, fields: dict[str, Any]) -> str:
-    """The final webhook payload, exactly as the spec gives it (a cancel is reported as a failure)."""
-    if status == "success":
-        payload: dict[str, Any] = {"id": job_id, "status": "success"}
-        if fields.get("result_url"):
-            payload["result_url"] = fields["result_url"]
-        else:
-            payload["text"] = fields.get("text", "")
-    else:
-        payload = {"id": job_id, "status": "failed", "error": fields.get("error", status)}
-    return json.dumps(payload, separators=(",", ":"))
-
-
 def transition(
     r: redis.Redis,
     settings: config.Settings,
@@ -283,7 +213,7 @@ def transition(
     """
     fields = dict(fields or {})
     now = time.time() if now is None else now
-    body = webhook_body(job_id, new_status, fields) if new_status in FINISHED_STATUSES else ""
+    body = webhook_state.webhook_body(job_id, new_status, fields) if new_status in FINISHED_STATUSES else ""
     argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, "", body]
     for key, value in fields.items():
         argv += [key, "" if value is None else str(value)]
@@ -361,8 +291,7 @@ def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
 
 def dead_workers(r: redis.Redis) -> list[str]:
     """Registered workers whose heartbeat key has expired."""
-    holders = {split_slot_member(m)[0] for m in r.smembers(config.NODE_SLOTS_KEY)}
-    workers = sorted(r.smembers(config.WORKERS_KEY) | holders)
+    workers = sorted(r.smembers(config.WORKERS_KEY) | nodestore.slot_holders(r))
     if not workers:
         return []
     pipe = r.pipeline(transaction=False)
@@ -385,8 +314,8 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
         summary["requeued"] += requeued
         summary["failed"] += failed
         # webhook deliveries the dead worker was sending go back to the outbox (same webhook-id)
-        return_inflight(r, worker)
-        if r.llen(processing_key(worker)) == 0 and not slot_types(r, worker):
+        webhook_state.return_inflight(r, worker)
+        if r.llen(processing_key(worker)) == 0 and not nodestore.slot_types(r, worker):
             r.srem(config.WORKERS_KEY, worker)
     return summary
 
@@ -436,163 +365,39 @@ def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None)
     redis_lua.run(r, "set_phase", (job_key(job_id),), phase, repr(time.time() if now is None else now), job_id)
 
 
+# --- connections and key names ---------------------------------------------------------------------
+
+def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
+    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
+    thread wait (up to timeout_s) for a free connection instead of failing at once when all
+    max_connections are busy, as a burst of woken /events streams can make them."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
+        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
-def webhook_inflight_key(worker_id: str) -> str:
-    return config.WEBHOOK_INFLIGHT_KEY.format(worker=worker_id)
+def job_key(job_id: str) -> str:
+    return config.JOB_KEY.format(id=job_id)
 
 
-def settle_webhook(r: redis.Redis, worker_id: str, raw_entry: str, job_id: str, outcome: str, attempt: int,
-                   error: str = "", retry_entry: str = "", retry_at: float = 0.0) -> bool:
-    """Record one attempt's outcome (status fields and a webhook_history event) and take the entry off
-    the worker's in-flight list, scheduling retry_entry at retry_at if given; all in one step. False
-    (nothing changed) when the entry was given back to the outbox meanwhile, or settled already."""
-    keys = (webhook_inflight_key(worker_id), job_key(job_id), config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTCOMES_KEY)
-    return bool(redis_lua.run(r, "settle_webhook", keys, raw_entry, outcome, str(attempt), error[:500],
-                              repr(time.time()), retry_entry, repr(retry_at), config.WEBHOOK_HISTORY_MAX, job_id))
+def processing_key(worker_id: str) -> str:
+    return config.PROCESSING_KEY.format(worker=worker_id)
 
 
-def resend_webhook(r: redis.Redis, job_id: str) -> str:
-    """Queue a finished job's final webhook again (same body and webhook-id) after it was delivered
-    or failed for good. Returns 'queued', 'missing', 'unfinished', 'no_url' or 'busy' (being sent)."""
-    record = get_job(r, job_id)
-    if record is None:
-        return "missing"
-    body = webhook_body(job_id, record["status"], record) if record["status"] in FINISHED_STATUSES else ""
-    return str(redis_lua.run(r, "resend_webhook", (job_key(job_id), config.WEBHOOK_OUTBOX_KEY), job_id, body,
-                             repr(time.time()), config.WEBHOOK_HISTORY_MAX))
+def heartbeat_key(worker_id: str) -> str:
+    return config.HEARTBEAT_KEY.format(worker=worker_id)
 
 
-def return_inflight(r: redis.Redis, worker_id: str) -> int:
-    """Give a worker's in-flight webhook deliveries back to the outbox unchanged (same webhook-id and
-    attempt count), to be taken next. Returns how many."""
-    return int(redis_lua.run(r, "return_inflight", (webhook_inflight_key(worker_id), config.WEBHOOK_OUTBOX_KEY)))
+def queue_entry(job_id: str, job_type: str) -> str:
+    return json.dumps({"id": job_id, "type": job_type}, separators=(",", ":"))
 
 
-def webhook_history(record: dict[str, str]) -> list[dict[str, Any]]:
-    """The job's delivery events, oldest first: {"at": unix seconds, "attempt": n, "outcome": ...,
-    "error": ... (when there was one)}; outcome is delivered, retrying, failed or resend requested."""
+def is_job_id(value: str) -> bool:
+    """A canonical lower-case UUID4 string, as submit() makes them."""
     try:
-        history = json.loads(record.get("webhook_history") or "[]")
-    except ValueError:
-        return []
-    return history if isinstance(history, list) else []
-
-
-# --- GPU nodes held by workers, and the MAX_NODES cap --------------------------------------------
-
-def acquire_node_slot(r: redis.Redis, worker_id: str, max_nodes: int, node_type: str = RESERVED,
-                      convert_from: str = "") -> bool:
-    """Take one of the MAX_NODES slots for this worker's node of node_type (atomic); True if it holds one.
-
-    convert_from names another slot type of the same worker (its reservation, or a node it has just
-    stopped) that is turned into this one when no slot is free, so the slot never goes back to the pool.
-    """
-    convert = slot_member(worker_id, convert_from) if convert_from else ""
-    return bool(redis_lua.run(r, "acquire_slot", (config.NODE_SLOTS_KEY,), slot_member(worker_id, node_type),
-                              max_nodes, convert))
-
-
-def slot_types(r: redis.Redis, worker_id: str) -> list[str]:
-    """The slot types a worker holds (node types, or RESERVED)."""
-    members = (split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY))
-    return sorted(node_type for worker, node_type in members if worker == worker_id)
-
-
-def record_node(r: redis.Redis, worker_id: str, node_type: str, node: dict[str, Any]) -> None:
-    r.hset(node_key(worker_id, node_type), mapping={k: str(v) for k, v in node.items()})
-
-
-def get_node(r: redis.Redis, worker_id: str, node_type: str) -> dict[str, str] | None:
-    return r.hgetall(node_key(worker_id, node_type)) or None
-
-
-def release_node(r: redis.Redis, worker_id: str, node_type: str | None = None, keep_slot: bool = False,
-                 workload: str = "") -> None:
-    """The worker's node of node_type (None: every one) is stopped or never launched: forget its record,
-    its entry in the registry of our nodes (workload), and free its slot unless keep_slot."""
-    types = slot_types(r, worker_id) if node_type is None else [node_type]
-    pipe = r.pipeline(transaction=True)
-    for kind in types:
-        pipe.delete(node_key(worker_id, kind))
-        if not keep_slot:
-            pipe.srem(config.NODE_SLOTS_KEY, slot_member(worker_id, kind))
-    if workload:
-        pipe.hdel(config.NODES_OWNED_KEY, workload)
-    pipe.execute()
-
-
-def claim_dead_nodes(r: redis.Redis, worker_id: str) -> list[tuple[str, dict[str, str]]] | None:
-    """For the recovery sweep: (type, node record) of each slot of a dead worker, claimed by one
-    sweeper at a time (None when the worker is alive or another sweeper has it)."""
-    if r.exists(heartbeat_key(worker_id)):
-        return None
-    if not r.set(f"sweep:{worker_id}", "1", nx=True, ex=120):
-        return None
-    return [(kind, get_node(r, worker_id, kind) or {}) for kind in slot_types(r, worker_id)]
-
-
-# --- launch windows and the registry of the nodes this service launched ---------------------------
-# The provider lets no client label a workload (docs/node-protocols.md, Comput3 control API): our nodes
-# are known by the ids we stored (nodes:owned) and, for a launch whose answer never arrived, by its
-# recorded window (nodes:launching: who launched which type when, and which workloads were running
-# before).
-
-def begin_launch(r: redis.Redis, worker_id: str, node_type: str, before: list[str], now: float) -> str:
-    """Record a launch intent before calling the provider's launch; return its id."""
-    intent_id = uuid.uuid4().hex
-    r.hset(config.LAUNCH_INTENTS_KEY, intent_id, json.dumps(
-        {"worker": worker_id, "type": node_type, "before": sorted(before), "started_at": now}))
-    return intent_id
-
-
-def orphan_launch(r: redis.Redis, intent_id: str, ended_at: float) -> None:
-    """The launcher could not tell what its launch created: leave the window to the sweep."""
-    raw = r.hget(config.LAUNCH_INTENTS_KEY, intent_id)
-    if raw:
-        intent = json.loads(raw)
-        intent.update(orphan=True, ended_at=ended_at)
-        r.hset(config.LAUNCH_INTENTS_KEY, intent_id, json.dumps(intent))
-
-
-def close_launch(r: redis.Redis, intent_id: str) -> None:
-    r.hdel(config.LAUNCH_INTENTS_KEY, intent_id)
-
-
-def launch_intents(r: redis.Redis) -> dict[str, dict[str, Any]]:
-    return {k: json.loads(v) for k, v in r.hgetall(config.LAUNCH_INTENTS_KEY).items()}
-
-
-def own_node(r: redis.Redis, worker_id: str, node_type: str, workload: str, node: str, launched_at: float,
-             intent_id: str = "") -> bool:
-    """Make a launched (or adopted) workload this worker's node: registry entry, node record and the
-    end of the launch intent, in one step. False when someone else claimed that workload first."""
-    owned = json.dumps({"worker": worker_id, "type": node_type, "node": node, "launched_at": launched_at})
-    record = {"state": "booting", "workload": workload, "node": node, "launched_at": repr(launched_at),
-              "worker": worker_id, "type": node_type}
-    argv: list[Any] = [workload, owned, intent_id]
-    for key, value in record.items():
-        argv += [key, value]
-    return bool(redis_lua.run(r, "own_node", (config.NODES_OWNED_KEY, node_key(worker_id, node_type),
-                                              config.LAUNCH_INTENTS_KEY), *argv))
-
-
-def claim_workload(r: redis.Redis, workload: str, owner: dict[str, Any]) -> bool:
-    """Claim a workload in the registry (the sweep, before stopping one nobody holds)."""
-    return bool(r.hsetnx(config.NODES_OWNED_KEY, workload, json.dumps(owner)))
-
-
-def owned_nodes(r: redis.Redis) -> dict[str, dict[str, Any]]:
-    return {k: json.loads(v) for k, v in r.hgetall(config.NODES_OWNED_KEY).items()}
-
-
-def forget_owned(r: redis.Redis, workload: str) -> None:
-    r.hdel(config.NODES_OWNED_KEY, workload)
-
-
-def file_url_secret(r: redis.Redis, configured: str) -> bytes:
-    """The secret that signs local /files URLs: FILE_URL_SECRET, or one made once and kept in Redis."""
-    if configured:
-        return configured.encode()
-    r.set(FILE_SECRET_KEY, secrets.token_hex(32), nx=True)
-    return r.get(FILE_SECRET_KEY).encode()
+        parsed = uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return str(parsed) == value and parsed.version == 4
