@@ -22,6 +22,7 @@ COPY pyproject.toml README.md ./
 COPY *.py ./
 COPY devnode ./devnode
 COPY dashboard_assets ./dashboard_assets
+COPY lua ./lua
 COPY scripts ./scripts
 # the package install adds the console scripts (c3-render-worker, c3-render-devnode ...); code runs from /app
 RUN pip install --no-cache-dir --disable-pip-version-check --no-deps . \

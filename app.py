@@ -30,6 +30,7 @@ import jobstats
 import jobstore
 import metrics
 import storage
+import webhook_state
 from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
 from openapi import openapi_document
 
@@ -284,7 +285,7 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
             "attempts": int(record.get("webhook_attempts") or 0),
             "last_error": record.get("webhook_error") or None,
             "history": [{**event, "at": iso(str(event.get("at") or 0))}
-                        for event in jobstore.webhook_history(record)],
+                        for event in webhook_state.webhook_history(record)],
         }
     return answer
 
@@ -383,7 +384,7 @@ def cancel(job_id: str) -> Response:
 @api.post("/jobs/<job_id>/webhook")
 def resend_webhook(job_id: str) -> Response:
     record_or_error(job_id)
-    outcome = jobstore.resend_webhook(store(), job_id)
+    outcome = webhook_state.resend_webhook(store(), job_id)
     problems = {
         "missing": (404, f"no job with id {job_id}"),
         "unfinished": (409, "the job has not finished; its webhook is sent when it does"),
@@ -410,7 +411,7 @@ def update_job(job_id: str) -> Response:
 
 @api.get("/files/<name>")
 def files(name: str) -> Response:
-    secret = jobstore.file_url_secret(store(), settings().file_url_secret)
+    secret = storage.file_url_secret(store(), settings().file_url_secret)
     expires = request.args.get("expires", "")
     signature = request.args.get("sig", "")
     if not storage.verify_file_signature(name, expires, signature, secret):

@@ -38,6 +38,7 @@ import jobstore
 import media_check
 import netfetch
 import nodes
+import nodestore
 import storage
 import sweep
 import webhooks
@@ -254,7 +255,7 @@ def fetch_inputs(settings: config.Settings, job: ClaimedJob, should_stop: Should
 def store_result(state: WorkerState, job: ClaimedJob, output: Path | str) -> dict[str, str]:
     """Upload the engine's output (a media file, or text kept as {id}.txt); the fields that record it."""
     settings = state.settings
-    secret = jobstore.file_url_secret(state.r, settings.file_url_secret)
+    secret = storage.file_url_secret(state.r, settings.file_url_secret)
     if isinstance(output, str):
         text_path = job.work_dir / f"{job.id}.txt"
         if not text_path.exists():
@@ -336,7 +337,7 @@ def work(state: WorkerState) -> None:
             if entry is not None:
                 run_job(state, entry)
                 if state.nodes:  # a reservation the job did not turn into a node goes back
-                    jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)
+                    nodestore.release_node(state.r, state.worker_id, nodestore.RESERVED)
             state.entry = None  # settled; a Redis error leaves it in our processing list (and set)
             backoff = 0.5
         except redis.RedisError as exc:
@@ -366,12 +367,12 @@ def dequeue(state: WorkerState) -> str | None:
 
     A worker without a node takes a job only when it can reserve a node slot: at the MAX_NODES cap it
     leaves the queue to the workers that hold nodes instead of sitting on a job."""
-    if not state.nodes and not jobstore.acquire_node_slot(state.r, state.worker_id, state.settings.max_nodes):
+    if not state.nodes and not nodestore.acquire_node_slot(state.r, state.worker_id, state.settings.max_nodes):
         state.stopping.wait(1.0)
         return None
     entry = state.entry = jobstore.take(state.r, state.worker_id, 1.0)
     if entry is None and not state.nodes:
-        jobstore.release_node(state.r, state.worker_id, jobstore.RESERVED)  # give the reservation back
+        nodestore.release_node(state.r, state.worker_id, nodestore.RESERVED)  # give the reservation back
     if entry is not None and state.stopping.is_set():
         jobstore.return_entry(state.r, state.worker_id, entry)  # taken as we were told to stop
         return None

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
 
-# --- Redis key names (the queue protocol; see jobstore.py) ---------------------------------
+# --- Redis key names (jobstore.py, nodestore.py, webhook_state.py; Lua gets them via redis_lua.NAMES) ---
 QUEUE_KEY = "queue:jobs"  # the one job queue: LPUSH to submit, BLMOVE from the right to take
 QUEUE_PUSHES_KEY = "queue:jobs:pushes"  # counter: LPUSHes ever made to the queue (places its left end)
 QUEUE_REQUEUED_KEY = "queue:jobs:requeued"  # sorted set: job id -> queue slot it was RPUSHed to
@@ -43,6 +43,9 @@ IDEMPOTENCY_KEY = "idem:{client}:{key}"  # string: job id and body hash of an Id
 NODE_SECONDS_KEY = "stats:node_seconds"  # float: node-seconds used by all workers (launch to stop)
 NODE_LOG_KEY = "stats:nodes"  # list: one JSON line per node stop (workload, worker, seconds)
 NODE_SECONDS_DAY_KEY = "stats:node_seconds:{day}"  # float: node-seconds of nodes stopped that UTC day
+SWEEP_WORKER_KEY = "sweep:{worker}"  # string with a TTL: a sweeper's claim on a dead worker's nodes
+SWEEP_WORKLOAD_KEY = "sweep:workload:{workload}"  # string with a TTL: a sweeper's claim on stopping a workload
+FILE_URL_SECRET_KEY = "config:file_url_secret"  # noqa: S105 string: signs /files URLs if FILE_URL_SECRET is unset
 # GET /jobs: time-ordered indexes (sorted sets of job ids scored by created_at), trimmed like the records
 JOBS_INDEX_KEY = "jobs:index"  # every job
 JOBS_BY_TYPE_KEY = "jobs:index:type:{type}"  # the jobs of one type
@@ -52,6 +55,7 @@ FINISHED_RECENT_KEY = "stats:finished_recent"  # sorted set: jobs finished in th
 # /metrics: counters kept in Redis so that every API process answers the same numbers
 JOBS_TOTAL_KEY = "stats:jobs_total"  # hash: "<type>|<status>" -> jobs submitted ("queued") or finished so
 JOB_DURATION_KEY = "stats:job_duration:{type}"  # hash: bucket bound ("+Inf") -> count, and "sum", "count"
+DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)  # JOB_DURATION_KEY's bounds (s)
 WEBHOOK_OUTCOMES_KEY = "stats:webhook_deliveries"  # hash: outcome (delivered, retrying, failed) -> count
 # GET /events: Redis pub/sub channels (messages are only wake-ups; listeners read the record)
 JOB_EVENTS_CHANNEL = "events:job:{id}"  # a job's record changed; the message is its change number

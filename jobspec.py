@@ -92,6 +92,9 @@ COMMON_FIELDS = (
     Field("complete_in", "integer", "Seconds from submission by which the job must be finished; "
           "stored as an absolute complete_by.", default=3600, minimum=60, maximum=86400),
 )
+# The longest a job can take to finish: by its complete_by (at most complete_in after submission) plus a
+# last run of max_time. GET /jobs index entries older than this plus RESULT_TTL belong to expired records.
+INDEX_HORIZON_S = int(sum(f.maximum or 0 for f in COMMON_FIELDS if f.name in ("complete_in", "max_time")))
 
 JOB_FIELDS: dict[str, tuple[Field, ...]] = {
     "csm": (

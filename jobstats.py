@@ -1,6 +1,6 @@
 """Reads of the service's numbers from Redis, for /metrics and the dashboard.
 
-The counters are written atomically where things happen (jobstore.py's scripts, the worker's node stop),
+The counters are written atomically where things happen (the job scripts in lua/, nodestore.record_node_stop),
 so every API process reads the same numbers whichever process or worker caused them. Nothing here
 writes to Redis.
 """
@@ -17,6 +17,7 @@ import redis
 import config
 import jobspec
 import jobstore
+import nodestore
 
 
 def today() -> str:
@@ -59,7 +60,7 @@ def counters(r: redis.Redis) -> dict[str, Any]:
 def histogram_buckets(duration: dict[str, float]) -> list[tuple[str, float]]:
     """Cumulative (le, count) pairs of one type's duration hash, ending with +Inf, for Prometheus."""
     buckets, running = [], 0.0
-    for bound in jobstore.DURATION_BUCKETS:
+    for bound in config.DURATION_BUCKETS:
         running += duration.get(str(bound), 0)
         buckets.append((str(float(bound)), running))
     buckets.append(("+Inf", running + duration.get("+Inf", 0)))
@@ -69,16 +70,16 @@ def histogram_buckets(duration: dict[str, float]) -> list[tuple[str, float]]:
 def workers(r: redis.Redis) -> list[dict[str, Any]]:
     """Every registered worker (or node holder): last heartbeat, its nodes (one per workload type it
     holds) and the job it has taken."""
-    slots = [jobstore.split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY)]
+    slots = [nodestore.split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY)]
     ids = sorted(set(r.smembers(config.WORKERS_KEY)) | {worker for worker, _ in slots})
-    node_types = {worker: sorted(t for w, t in slots if w == worker and t and t != jobstore.RESERVED)
+    node_types = {worker: sorted(t for w, t in slots if w == worker and t and t != nodestore.RESERVED)
                   for worker in ids}
     pipe = r.pipeline(transaction=False)
     for worker in ids:
         pipe.get(jobstore.heartbeat_key(worker))
         pipe.lrange(jobstore.processing_key(worker), 0, -1)
         for node_type in node_types[worker]:
-            pipe.hgetall(jobstore.node_key(worker, node_type))
+            pipe.hgetall(nodestore.node_key(worker, node_type))
     answers = iter(pipe.execute())
     now = time.time()
     found = []

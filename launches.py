@@ -20,7 +20,7 @@ import redis
 
 import comput3
 import config
-import jobstore
+import nodestore
 from comput3 import C3Error
 
 log = logging.getLogger("c3-render.worker")
@@ -73,16 +73,16 @@ def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str,
         except C3Error as exc:
             log.warning("could not list workloads after a lost launch answer (%s)", exc)
             continue
-        for workload in launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+        for workload in launch_candidates(settings, intent, running, nodestore.owned_nodes(r)):
             launched_at = float(workload["created"])
-            if jobstore.own_node(r, worker_id, node_type, workload["workload"], str(workload["node"]),
+            if nodestore.own_node(r, worker_id, node_type, workload["workload"], str(workload["node"]),
                                  launched_at, intent_id):
                 log.warning("launch answer lost; adopted workload %s that appeared in the launch window",
                             workload["workload"])
                 return {"workload": workload["workload"], "node": workload["node"], "launched_at": launched_at,
                         "adopted": True}
     # Nothing seen (most failed launches create nothing): the sweep watches the window until it closes.
-    jobstore.orphan_launch(r, intent_id, intent["ended_at"])
+    nodestore.orphan_launch(r, intent_id, intent["ended_at"])
     return None
 
 
@@ -92,20 +92,20 @@ def launch_in_window(settings: config.Settings, r: redis.Redis, worker_id: str, 
     a lost answer hid is adopted; C3Error otherwise (a refusal closes the window: nothing was created)."""
     before = [str(w.get("workload")) for w in comput3.get_running_workloads(settings)]
     started = time.time()
-    intent_id = jobstore.begin_launch(r, worker_id, node_type, before, started)
+    intent_id = nodestore.begin_launch(r, worker_id, node_type, before, started)
     intent = {"worker": worker_id, "type": node_type, "before": before, "started_at": started}
     try:
         answer = comput3.launch_workload(settings, node_type, expires)
     except C3Error as exc:
         if not exc.retryable and exc.status is not None:
-            jobstore.close_launch(r, intent_id)  # refused (4xx): nothing was created
+            nodestore.close_launch(r, intent_id)  # refused (4xx): nothing was created
             raise
         adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
         if adopted:
             return adopted
         raise exc from None
     launched_at = time.time()
-    if jobstore.own_node(r, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
+    if nodestore.own_node(r, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
                          launched_at, intent_id):
         return {**answer, "launched_at": launched_at}
     # Another launcher took our workload for its own lost launch; ours is then its node.

@@ -12,7 +12,6 @@ next one. Every stop goes through `stop_or_remember`: a stop Comput3 refuses is 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,8 +25,8 @@ import requests
 
 import comput3
 import config
-import jobstore
 import launches
+import nodestore
 from comput3 import C3Error
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, ShouldStop, no_phase, node_urls
 
@@ -95,27 +94,11 @@ def stop_or_remember(settings: config.Settings, r: redis.Redis | None, workload:
         log.warning("stopping workload %s (%s) failed: %s; the recovery sweep will retry", workload, why, exc)
     if r is not None:
         try:
-            r.hset(config.NODES_TO_STOP_KEY, workload, node)
+            nodestore.remember_to_stop(r, workload, node)
         except redis.RedisError:
             log.warning("could not record workload %s for a later stop; the sweep finds it in the registry "
                         "of our nodes", workload)
     return False
-
-
-def record_node_stop(r: redis.Redis, workload: str, worker_id: str, seconds: float, reason: str) -> None:
-    """Count a stopped node's node-seconds (launch to stop) for /metrics and /overview (best effort)."""
-    try:
-        pipe = r.pipeline(transaction=True)
-        pipe.incrbyfloat(config.NODE_SECONDS_KEY, round(seconds, 3))
-        day_key = config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime()))
-        pipe.incrbyfloat(day_key, round(seconds, 3))
-        pipe.expire(day_key, 8 * 86400)
-        pipe.rpush(config.NODE_LOG_KEY, json.dumps({"workload": workload, "worker": worker_id,
-                                                    "seconds": round(seconds, 3), "reason": reason}))
-        pipe.ltrim(config.NODE_LOG_KEY, -10000, -1)
-        pipe.execute()
-    except redis.RedisError:
-        pass
 
 
 def stop_node(state: NodeHolder, node_type: str, reason: str, release_slot: bool = True) -> None:
@@ -137,9 +120,9 @@ def stop_node(state: NodeHolder, node_type: str, reason: str, release_slot: bool
         else:
             state.unstopped_nodes += 1
         return
-    record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
+    nodestore.record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
     try:
-        jobstore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
+        nodestore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
                               workload=held.workload)
     except redis.RedisError as exc:
         if state.stopping.is_set():
@@ -170,19 +153,19 @@ def forget_unheld_nodes(state: NodeHolder) -> None:
     worker's launches alone. So: stop an owned node we do not hold, free those slots and records, and
     leave each open launch window to the sweep (orphaned), which stops what it created unless owned."""
     r = state.r
-    for kind in jobstore.slot_types(r, state.worker_id):
-        if kind in state.nodes or kind == jobstore.RESERVED:
+    for kind in nodestore.slot_types(r, state.worker_id):
+        if kind in state.nodes or kind == nodestore.RESERVED:
             continue
-        record = jobstore.get_node(r, state.worker_id, kind) or {}
+        record = nodestore.get_node(r, state.worker_id, kind) or {}
         workload = record.get("workload", "")
         if workload:
             stop_or_remember(state.settings, r, workload, record.get("node", ""), "left by a Redis error")
-        jobstore.release_node(r, state.worker_id, kind, workload=workload)
+        nodestore.release_node(r, state.worker_id, kind, workload=workload)
         log.info("freed this worker's %s slot%s, left by a Redis error", kind,
                  f" and stopped its node (workload {workload})" if workload else "")
-    for intent_id, intent in jobstore.launch_intents(r).items():
+    for intent_id, intent in nodestore.launch_intents(r).items():
         if intent.get("worker") == state.worker_id and not intent.get("orphan"):
-            jobstore.orphan_launch(r, intent_id, time.time())
+            nodestore.orphan_launch(r, intent_id, time.time())
 
 
 # --- the node for the next job -----------------------------------------------------------------
@@ -224,14 +207,14 @@ def take_slot(state: NodeHolder, node_type: str, should_stop: ShouldStop) -> Non
     settings = state.settings
     waited = False
     while True:
-        if jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
-                                      convert_from=jobstore.RESERVED):
+        if nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
+                                      convert_from=nodestore.RESERVED):
             return
         others = sorted((held.last_used, kind) for kind, held in state.nodes.items() if kind != node_type)
         if others:
             other = others[0][1]
             stop_node(state, other, f"idle; its slot is needed for a {node_type} node", release_slot=False)
-            if jobstore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
+            if nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
                                           convert_from=other):
                 return
             continue
@@ -247,12 +230,12 @@ def take_slot(state: NodeHolder, node_type: str, should_stop: ShouldStop) -> Non
 def launch_held_node(state: NodeHolder, node_type: str) -> HeldNode:
     """Launch a node of node_type into the slot this worker holds for it; it is held (booting) after."""
     settings = state.settings
-    jobstore.record_node(state.r, state.worker_id, node_type,
+    nodestore.record_node(state.r, state.worker_id, node_type,
                          {"state": "launching", "worker": state.worker_id, "type": node_type, "since": time.time()})
     try:
         answer = launches.launch_node(settings, state.r, state.worker_id, node_type)
     except C3Error as exc:
-        jobstore.release_node(state.r, state.worker_id, node_type)
+        nodestore.release_node(state.r, state.worker_id, node_type)
         raise NodeFailed(str(exc)) from None
     held = HeldNode(workload=str(answer["workload"]), node=str(answer["node"]), launched_at=answer["launched_at"],
                     type=node_type, urls=urls_of(settings, str(answer["node"])))
@@ -277,7 +260,7 @@ def wait_booted(state: NodeHolder, held: HeldNode, should_stop: ShouldStop) -> N
                              "(NODE_BOOT_TIMEOUT)")
         time.sleep(1.0)
     held.checked_at = time.time()
-    jobstore.record_node(state.r, state.worker_id, held.type, {"state": "running"})
+    nodestore.record_node(state.r, state.worker_id, held.type, {"state": "running"})
     log.info("node %s is up after %.1f s", held.node, time.time() - held.launched_at)
 
 

@@ -1,6 +1,7 @@
 """Result storage: where finished job outputs go and the URL a client fetches them from.
 
-This module owns the result files and their URLs, and nothing else (no Redis, no job logic):
+This module owns the result files and their URLs, and nothing else (no job logic; Redis only keeps the
+file URL secret, see `file_url_secret`):
 
 - MinIO / S3 mode (MINIO_ENDPOINT set): the file is uploaded to MINIO_BUCKET under the spec's
   object name ({job_id}.mp3, {job_id}.mp4, {job_id}.txt) and the result URL is a presigned GET,
@@ -9,7 +10,9 @@ This module owns the result files and their URLs, and nothing else (no Redis, no
   GetBucketLocation request is made) and never contacts either host.
 - Local mode: the file is copied into OUTPUT_DIR and the result URL is
   {PUBLIC_BASE_URL}/files/{name}?expires=..&sig=.., an HMAC-SHA256 signature the API checks
-  with verify_file_signature() before serving local_file_path(). Never a file:// URL.
+  with verify_file_signature() before serving local_file_path(). Never a file:// URL. The secret is
+  FILE_URL_SECRET, or one made once and kept in Redis (`config:file_url_secret`, FILE_URL_SECRET_KEY)
+  so that every API process and worker signs alike.
 
 Secrets (S3 keys, the file URL secret) never appear in exceptions or logs, and errors meant for
 clients name no server path (`scrub_paths`). `upload_with_retry` keeps trying a transient failure
@@ -32,6 +35,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -39,6 +43,7 @@ import urllib.parse
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import certifi
 import urllib3
@@ -47,7 +52,10 @@ from minio.commonconfig import ENABLED, Filter
 from minio.error import MinioException, S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
-from config import Settings
+from config import FILE_URL_SECRET_KEY, Settings
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +297,14 @@ def _upload_local(settings: Settings, path: Path, object_name: str) -> None:
             except OSError:
                 pass
     log.info("stored %s in %s", object_name, out_dir)
+
+
+def file_url_secret(r: redis.Redis, configured: str) -> bytes:
+    """The secret that signs local /files URLs: FILE_URL_SECRET, or one made once and kept in Redis."""
+    if configured:
+        return configured.encode()
+    r.set(FILE_URL_SECRET_KEY, secrets.token_hex(32), nx=True)
+    return r.get(FILE_URL_SECRET_KEY).encode()
 
 
 def _signature(name: str, expires: int, secret: bytes) -> str:

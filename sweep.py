@@ -21,6 +21,7 @@ import config
 import jobstore
 import launches
 import nodes
+import nodestore
 import storage
 import webhooks
 from comput3 import C3Error
@@ -53,16 +54,16 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
 
 def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
     """Stop again the workloads whose stop call failed earlier; return how many are still pending."""
-    pending = r.hgetall(config.NODES_TO_STOP_KEY)
+    pending = nodestore.nodes_to_stop(r)
     for workload in pending:
         try:
             comput3.stop_workload(settings, workload)
         except C3Error as exc:
             log.warning("stopping workload %s failed again: %s", workload, exc)
             continue
-        r.hdel(config.NODES_TO_STOP_KEY, workload)
+        nodestore.forget_to_stop(r, workload)
         log.info("stopped workload %s on retry", workload)
-    return r.hlen(config.NODES_TO_STOP_KEY)
+    return nodestore.to_stop_count(r)
 
 
 # --- the nodes nobody holds any more -------------------------------------------------------------
@@ -70,7 +71,7 @@ def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
 def stop_dead_workers_nodes(settings: config.Settings, r: redis.Redis, worker: str) -> None:
     """Stop the recorded nodes of a dead worker and free their slots (one sweeper at a time); a node whose
     stop failed, and that is still running, keeps its slot and is tried again by the next sweep."""
-    claimed = jobstore.claim_dead_nodes(r, worker)
+    claimed = nodestore.claim_dead_nodes(r, worker)
     if claimed is None:
         return
     retry = False
@@ -79,9 +80,9 @@ def stop_dead_workers_nodes(settings: config.Settings, r: redis.Redis, worker: s
         if workload and not stop_dead_workers_node(settings, r, worker, record):
             retry = True
             continue
-        jobstore.release_node(r, worker, node_type, workload=workload)
+        nodestore.release_node(r, worker, node_type, workload=workload)
     if retry:
-        r.delete(f"sweep:{worker}")  # let the next sweep try again
+        nodestore.unclaim_dead_nodes(r, worker)  # let the next sweep try again
 
 
 def stop_dead_workers_node(settings: config.Settings, r: redis.Redis, worker: str, record: dict[str, str]) -> bool:
@@ -99,7 +100,7 @@ def stop_dead_workers_node(settings: config.Settings, r: redis.Redis, worker: st
         if not gone:
             return False
         log.info("node %s of dead worker %s was already gone", record.get("node"), worker)
-    nodes.record_node_stop(r, record["workload"], worker, seconds, "worker died")
+    nodestore.record_node_stop(r, record["workload"], worker, seconds, "worker died")
     return True
 
 
@@ -109,8 +110,8 @@ def stop_unheld(settings: config.Settings, r: redis.Redis, workload: dict[str, A
     seconds = time.time() - float(workload.get("created") or time.time())
     if nodes.stop_or_remember(settings, r, workload["workload"], str(workload.get("node") or ""), why):
         log.info("stopped node %s (workload %s): %s", workload.get("node"), workload["workload"], why)
-    jobstore.forget_owned(r, workload["workload"])
-    nodes.record_node_stop(r, workload["workload"], "sweep", seconds, why)
+    nodestore.forget_owned(r, workload["workload"])
+    nodestore.record_node_stop(r, workload["workload"], "sweep", seconds, why)
 
 
 def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float | None = None) -> int:
@@ -125,7 +126,7 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
         settled = {k: i for k, i in intents.items() if i.get("orphan") or not alive[i["worker"]]}
         return settled, [i for k, i in intents.items() if k not in settled]
 
-    if not split(jobstore.launch_intents(r))[0]:
+    if not split(nodestore.launch_intents(r))[0]:
         return 0
     try:
         running = comput3.get_running_workloads(settings)
@@ -133,34 +134,34 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
         log.warning("recovery sweep: could not list workloads to resolve launch windows (%s)", exc)
         return 0
     # Read the intents again after the list: a launch begun before the list is then seen as live.
-    settled, live = split(jobstore.launch_intents(r))
+    settled, live = split(nodestore.launch_intents(r))
     stopped = 0
     for intent_id, intent in settled.items():
-        for workload in launches.launch_candidates(settings, intent, running, jobstore.owned_nodes(r)):
+        for workload in launches.launch_candidates(settings, intent, running, nodestore.owned_nodes(r)):
             if any(launches.in_launch_window(settings, other, workload) for other in live):
                 continue  # a live launch may still record it as its own
-            if jobstore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
+            if nodestore.claim_workload(r, workload["workload"], {"worker": "sweep", "type": intent["type"],
                                                                  "node": workload.get("node"),
                                                                  "since": time.time()}):
                 stop_unheld(settings, r, workload, f"launched by {intent['worker']} in a launch window "
                                                    "that never recorded its node")
                 stopped += 1
         if now > launches.launch_window_end(settings, intent):
-            jobstore.close_launch(r, intent_id)
+            nodestore.close_launch(r, intent_id)
     return stopped
 
 
 def stop_nodes_of_dead_owners(settings: config.Settings, r: redis.Redis) -> int:
     """Stop every node in the registry of our nodes whose worker is dead (its record may be gone)."""
     stopped = 0
-    for workload, owner in jobstore.owned_nodes(r).items():
+    for workload, owner in nodestore.owned_nodes(r).items():
         worker = owner.get("worker", "")
         if worker == "sweep":  # being stopped by a sweeper; taken over if that sweeper died meanwhile
             if time.time() - float(owner.get("since") or 0) < SWEEP_CLAIM_S:
                 continue
         elif r.exists(jobstore.heartbeat_key(worker)):
             continue
-        if r.set(f"sweep:workload:{workload}", "1", nx=True, ex=SWEEP_CLAIM_S):  # one sweeper at a time
+        if nodestore.claim_workload_stop(r, workload, SWEEP_CLAIM_S):  # one sweeper at a time
             stop_unheld(settings, r, {"workload": workload, "node": owner.get("node"),
                                       "created": owner.get("launched_at")}, f"its worker {worker} died")
             stopped += 1

@@ -2,11 +2,11 @@
 
 A job's final webhook is queued in `webhooks:outbox` by jobstore.transition() in the same atomic
 step that finishes the job, so there is exactly one per job (and `POST /jobs/<id>/webhook` can queue
-it again, jobstore.resend_webhook()). In each worker a taker thread moves entries with BLMOVE into
+it again, webhook_state.resend_webhook()). In each worker a taker thread moves entries with BLMOVE into
 the worker's in-flight list while fewer than WEBHOOK_CONCURRENCY attempts are under way, and hands
 each to an attempt thread (made on demand), which makes one attempt with a total deadline
 (WEBHOOK_TIMEOUT_S for connect, headers and all: netfetch.post_json) and settles it in one atomic
-step (jobstore.settle_webhook): delivered, failed for good, or parked in the `webhooks:retry` sorted
+step (webhook_state.settle_webhook): delivered, failed for good, or parked in the `webhooks:retry` sorted
 set until its next attempt is due (WEBHOOK_SCHEDULE). Due retries rejoin the outbox at the back, so
 they never go ahead of deliveries queued before them. Any 2xx counts as delivered.
 
@@ -45,6 +45,7 @@ import redis
 import config
 import jobstore
 import netfetch
+import webhook_state
 
 log = logging.getLogger("c3-render.webhooks")
 
@@ -53,21 +54,6 @@ DEFER_S = 0.5  # how long an entry whose receiver host is at its cap waits befor
 # are moved to the outbox at most this late.
 TAKE_WAIT_S = 0.2
 SLOW_ATTEMPT_S = 2.0  # an attempt running longer marks its host slow (one thread for it from then on)
-
-# Moves deliveries whose next attempt is due from the retry set to the back of the outbox (LPUSH:
-# BLMOVE takes from the right), so a retry never overtakes a delivery queued before it was due.
-# Returns when the next retry falls due ('' = none), so a taker waits no longer than that.
-_DUE_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, entry in ipairs(due) do
-  redis.call('ZREM', KEYS[1], entry)
-  redis.call('LPUSH', KEYS[2], entry)
-end
-local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if next[2] then return next[2] end
-return ''
-"""
-
 
 def secret_bytes(secret: str) -> bytes:
     if secret.startswith("whsec_"):
@@ -210,15 +196,15 @@ def take_next(r: redis.Redis, worker_id: str, wait_s: float = 1.0, slots: HostSl
     its HostSlots slot), or None when there was none, or its host had its share (then it waits
     DEFER_S in the retry set, not counted as an attempt). Raises Unsettled if Redis fails mid-way."""
     now = time.time()
-    next_due = r.eval(_DUE_LUA, 2, config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTBOX_KEY, repr(now))
+    next_due = webhook_state.move_due_retries(r, now)  # a retry never overtakes an earlier delivery
     if next_due:
         wait_s = min(wait_s, max(0.05, float(next_due) - now))
-    inflight = jobstore.webhook_inflight_key(worker_id)
+    inflight = webhook_state.webhook_inflight_key(worker_id)
     raw = r.blmove(config.WEBHOOK_OUTBOX_KEY, inflight, wait_s, "RIGHT", "LEFT")
     if raw is None:
         return None
     if stop is not None and stop.is_set():  # taken as we were told to stop: it goes back as it was
-        jobstore.return_inflight(r, worker_id)
+        webhook_state.return_inflight(r, worker_id)
         return None
     if slots is None:
         return raw, None
@@ -260,7 +246,7 @@ def attempt_and_settle(r: redis.Redis, settings: config.Settings, worker_id: str
         retry_at = time.time() + delays[number - 1]
 
     def settle() -> None:  # one atomic step; a second run after a lost reply changes nothing
-        if not jobstore.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
+        if not webhook_state.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
                                        retry_at):
             log.info("webhook for job %s: outcome of attempt %d not recorded, the delivery was given back "
                      "to the outbox meanwhile (it will be sent again with the same webhook-id)", job_id, number)
@@ -396,7 +382,7 @@ def stop_delivery(r: redis.Redis, worker_id: str, stop: threading.Event, senders
     returned = 0
     for wait in (*retry_waits, None):
         try:
-            returned = jobstore.return_inflight(r, worker_id)
+            returned = webhook_state.return_inflight(r, worker_id)
             r.srem(config.WEBHOOK_SENDERS_KEY, worker_id)
             break
         except redis.RedisError:
@@ -424,7 +410,7 @@ def recover_inflight(r: redis.Redis) -> int:
     for worker in r.smembers(config.WEBHOOK_SENDERS_KEY):
         if r.exists(jobstore.heartbeat_key(worker)):
             continue
-        moved = jobstore.return_inflight(r, worker)
+        moved = webhook_state.return_inflight(r, worker)
         if moved:
             log.info("gave %d in-flight webhook deliveries of vanished worker %s back to the outbox", moved,
                      worker)

@@ -13,6 +13,7 @@ import app as api
 import config
 import jobstore
 import storage
+import webhook_state
 
 CSM = {"text": "Hello there. General Kenobi."}
 JOBS = {
@@ -258,7 +259,7 @@ def test_rate_limit(settings, r):
 
 
 def test_local_files_signed_urls(client, settings, r, tmp_path):
-    secret = jobstore.file_url_secret(r, settings.file_url_secret)
+    secret = storage.file_url_secret(r, settings.file_url_secret)
     source = tmp_path / "x.mp3"
     source.write_bytes(b"ID3 fake mp3 bytes")
     url = storage.upload_result(settings, source, "abc.mp3", secret)
@@ -310,8 +311,8 @@ def finished_with_webhook(client, r, settings, webhook_status):
     jobstore.transition(r, settings, job_id, "success", {"result_url": "https://example.com/r.mp3"})
     raw = r.rpop(config.WEBHOOK_OUTBOX_KEY)
     if webhook_status != "pending":
-        r.lpush(jobstore.webhook_inflight_key("w"), raw)
-        jobstore.settle_webhook(r, "w", raw, job_id, webhook_status, 5, "receiver answered HTTP 500")
+        r.lpush(webhook_state.webhook_inflight_key("w"), raw)
+        webhook_state.settle_webhook(r, "w", raw, job_id, webhook_status, 5, "receiver answered HTTP 500")
     return job_id, json.loads(raw)
 
 

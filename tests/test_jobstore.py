@@ -14,6 +14,9 @@ from conftest import ROOT, wait_for
 import config
 import jobspec
 import jobstore
+import nodestore
+import storage
+import webhook_state
 
 
 def new_job(r, job_type="csm", **extra):
@@ -62,11 +65,11 @@ def test_exactly_one_final_webhook(r, settings):
 
 
 def test_webhook_bodies_follow_the_spec():
-    assert json.loads(jobstore.webhook_body("i", "success", {"text": "t"})) == \
+    assert json.loads(webhook_state.webhook_body("i", "success", {"text": "t"})) == \
         {"id": "i", "status": "success", "text": "t"}
-    assert json.loads(jobstore.webhook_body("i", "failed", {"error": "e"})) == \
+    assert json.loads(webhook_state.webhook_body("i", "failed", {"error": "e"})) == \
         {"id": "i", "status": "failed", "error": "e"}
-    assert json.loads(jobstore.webhook_body("i", "cancelled", {"error": "cancelled by request"})) == \
+    assert json.loads(webhook_state.webhook_body("i", "cancelled", {"error": "cancelled by request"})) == \
         {"id": "i", "status": "failed", "error": "cancelled by request"}
 
 
@@ -151,53 +154,53 @@ def test_put_back_on_shutdown(r, settings):
 
 
 def test_node_slots_are_capped(r):
-    assert jobstore.acquire_node_slot(r, "a", 2)
-    assert jobstore.acquire_node_slot(r, "a", 2)  # already held
-    assert jobstore.acquire_node_slot(r, "b", 2)
-    assert not jobstore.acquire_node_slot(r, "c", 2)
-    jobstore.release_node(r, "a")
-    assert jobstore.acquire_node_slot(r, "c", 2)
+    assert nodestore.acquire_node_slot(r, "a", 2)
+    assert nodestore.acquire_node_slot(r, "a", 2)  # already held
+    assert nodestore.acquire_node_slot(r, "b", 2)
+    assert not nodestore.acquire_node_slot(r, "c", 2)
+    nodestore.release_node(r, "a")
+    assert nodestore.acquire_node_slot(r, "c", 2)
 
 
 def test_dead_worker_node_claimed_once(r):
-    jobstore.acquire_node_slot(r, "gone", 4, "media:fast")
-    jobstore.record_node(r, "gone", "media:fast", {"workload": "wl1", "node": "n1"})
-    jobstore.acquire_node_slot(r, "gone", 4, "ollama_webui:fast")
+    nodestore.acquire_node_slot(r, "gone", 4, "media:fast")
+    nodestore.record_node(r, "gone", "media:fast", {"workload": "wl1", "node": "n1"})
+    nodestore.acquire_node_slot(r, "gone", 4, "ollama_webui:fast")
     assert jobstore.dead_workers(r) == ["gone"]
-    claimed = dict(jobstore.claim_dead_nodes(r, "gone"))
+    claimed = dict(nodestore.claim_dead_nodes(r, "gone"))
     assert claimed["media:fast"]["workload"] == "wl1" and claimed["ollama_webui:fast"] == {}
-    assert jobstore.claim_dead_nodes(r, "gone") is None  # another sweeper is on it
+    assert nodestore.claim_dead_nodes(r, "gone") is None  # another sweeper is on it
 
 
 def test_one_slot_per_node_type_and_conversion_keeps_the_slot(r):
-    assert jobstore.acquire_node_slot(r, "a", 2, "media:fast")
-    assert jobstore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")  # a second node of the same worker
-    assert not jobstore.acquire_node_slot(r, "b", 2)  # both slots are a's
-    assert jobstore.slot_types(r, "a") == ["media:fast", "ollama_webui:fast"]
+    assert nodestore.acquire_node_slot(r, "a", 2, "media:fast")
+    assert nodestore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")  # a second node of the same worker
+    assert not nodestore.acquire_node_slot(r, "b", 2)  # both slots are a's
+    assert nodestore.slot_types(r, "a") == ["media:fast", "ollama_webui:fast"]
     # the slot of a's media node becomes the slot of its next node without ever being free
-    jobstore.release_node(r, "a", "ollama_webui:fast")
-    assert jobstore.acquire_node_slot(r, "b", 2, "media:fast")
-    assert not jobstore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")
-    assert jobstore.acquire_node_slot(r, "a", 2, "ollama_webui:fast", convert_from="media:fast")
-    assert jobstore.slot_types(r, "a") == ["ollama_webui:fast"]
+    nodestore.release_node(r, "a", "ollama_webui:fast")
+    assert nodestore.acquire_node_slot(r, "b", 2, "media:fast")
+    assert not nodestore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")
+    assert nodestore.acquire_node_slot(r, "a", 2, "ollama_webui:fast", convert_from="media:fast")
+    assert nodestore.slot_types(r, "a") == ["ollama_webui:fast"]
 
 
 def test_a_launched_workload_is_owned_once(r):
-    intent = jobstore.begin_launch(r, "a", "media:fast", ["old"], 100.0)
-    assert jobstore.launch_intents(r)[intent] == {"worker": "a", "type": "media:fast", "before": ["old"],
+    intent = nodestore.begin_launch(r, "a", "media:fast", ["old"], 100.0)
+    assert nodestore.launch_intents(r)[intent] == {"worker": "a", "type": "media:fast", "before": ["old"],
                                                   "started_at": 100.0}
-    assert jobstore.own_node(r, "a", "media:fast", "wl1", "n1", 101.0, intent)
-    assert not jobstore.launch_intents(r)  # the intent ends with the record, in one step
-    assert jobstore.get_node(r, "a", "media:fast")["workload"] == "wl1"
-    assert not jobstore.own_node(r, "b", "media:fast", "wl1", "n1", 101.0)  # claimed already
-    assert jobstore.get_node(r, "b", "media:fast") is None
-    assert set(jobstore.owned_nodes(r)) == {"wl1"}
+    assert nodestore.own_node(r, "a", "media:fast", "wl1", "n1", 101.0, intent)
+    assert not nodestore.launch_intents(r)  # the intent ends with the record, in one step
+    assert nodestore.get_node(r, "a", "media:fast")["workload"] == "wl1"
+    assert not nodestore.own_node(r, "b", "media:fast", "wl1", "n1", 101.0)  # claimed already
+    assert nodestore.get_node(r, "b", "media:fast") is None
+    assert set(nodestore.owned_nodes(r)) == {"wl1"}
 
 
 def test_file_url_secret_made_once(r):
-    first = jobstore.file_url_secret(r, "")
-    assert len(first) == 64 and jobstore.file_url_secret(r, "") == first
-    assert jobstore.file_url_secret(r, "configured") == b"configured"
+    first = storage.file_url_secret(r, "")
+    assert len(first) == 64 and storage.file_url_secret(r, "") == first
+    assert storage.file_url_secret(r, "configured") == b"configured"
 
 
 @pytest.mark.parametrize("value", ["", "x", "123e4567-e89b-12d3-a456-426614174000"])

@@ -13,7 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import app as api
 import config
+import jobspec
 import jobstore
+import nodestore
+import webhook_state
 
 
 @pytest.fixture
@@ -112,7 +115,7 @@ def test_expired_records_leave_the_index(client, r, settings):
 
 def test_finishing_trims_index_entries_past_retention(r, settings):
     settings = dataclasses.replace(settings, result_ttl_s=60)
-    ancient = time.time() - 60 - jobstore.INDEX_HORIZON_S - 10
+    ancient = time.time() - 60 - jobspec.INDEX_HORIZON_S - 10
     old, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600}, now=ancient)
     job_id, _ = jobstore.submit(r, "csm", {"text": "x", "max_time": 60, "complete_in": 600})
     run(r, settings, job_id)
@@ -159,11 +162,11 @@ def test_metrics_count_from_redis_the_same_in_every_process(settings, r):
     jobstore.cancel(r, settings, ids[1])
     for attempt, outcome in ((1, "retrying"), (2, "delivered")):  # as a delivery thread settles attempts
         raw = json.dumps({"job_id": ids[0], "url": "https://example.com/hook", "body": "{}", "attempt": attempt})
-        r.lpush(jobstore.webhook_inflight_key("w1"), raw)
-        assert jobstore.settle_webhook(r, "w1", raw, ids[0], outcome, attempt, "HTTP 500" if attempt == 1 else "")
+        r.lpush(webhook_state.webhook_inflight_key("w1"), raw)
+        assert webhook_state.settle_webhook(r, "w1", raw, ids[0], outcome, attempt, "HTTP 500" if attempt == 1 else "")
     r.incrbyfloat(config.NODE_SECONDS_KEY, 125.5)
-    jobstore.acquire_node_slot(r, "w1", 4, "media:fast")
-    jobstore.record_node(r, "w1", "media:fast", {"state": "running", "node": "n-1", "launched_at": now - 10})
+    nodestore.acquire_node_slot(r, "w1", 4, "media:fast")
+    nodestore.record_node(r, "w1", "media:fast", {"state": "running", "node": "n-1", "launched_at": now - 10})
     texts = [c.get("/metrics") for c in (first, second)]
     assert texts[0].status_code == 200 and texts[0].content_type.startswith("text/plain")
     samples = metric_samples(texts[0].data.decode())
@@ -213,8 +216,8 @@ def test_overview_shows_workers_nodes_and_throughput(client, r, settings):
     run(r, settings, ids[0])
     jobstore.heartbeat(r, "worker-a", 30)
     r.lpush(jobstore.processing_key("worker-a"), jobstore.queue_entry(ids[1], "csm"))
-    jobstore.acquire_node_slot(r, "worker-a", 4, "media:fast")
-    jobstore.record_node(r, "worker-a", "media:fast", {"state": "running", "node": "node-7", "workload": "wl-7",
+    nodestore.acquire_node_slot(r, "worker-a", 4, "media:fast")
+    nodestore.record_node(r, "worker-a", "media:fast", {"state": "running", "node": "node-7", "workload": "wl-7",
                                                        "launched_at": time.time() - 100})
     r.incrbyfloat(config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime())), 50)
     view = client.get("/overview").json

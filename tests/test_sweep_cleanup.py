@@ -12,6 +12,7 @@ import config
 import jobspec
 import jobstore
 import sweep
+import webhook_state
 
 
 def job(r, settings, status: str) -> str:
@@ -66,7 +67,7 @@ def test_directory_walks_run_at_most_every_cleanup_interval(r, settings, monkeyp
 
 
 def test_sweep_returns_inflight_webhooks_of_vanished_senders(r, settings):
-    r.lpush(jobstore.webhook_inflight_key("gone"), '{"job_id": "j", "url": "http://127.0.0.1:9/", "body": "{}"}')
+    r.lpush(webhook_state.webhook_inflight_key("gone"), '{"job_id": "j", "url": "http://127.0.0.1:9/", "body": "{}"}')
     r.sadd(config.WEBHOOK_SENDERS_KEY, "gone")
     assert sweep.cleanup(settings, r)["webhooks_returned"] == 1
     assert r.llen(config.WEBHOOK_OUTBOX_KEY) == 1 and not r.sismember(config.WEBHOOK_SENDERS_KEY, "gone")

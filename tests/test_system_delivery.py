@@ -24,6 +24,7 @@ from system import (
 import config
 import jobspec
 import jobstore
+import webhook_state
 
 pytestmark = pytest.mark.e2e
 
@@ -53,12 +54,12 @@ def test_sigterm_during_an_attempt_gives_the_delivery_back(redis_url, tmp_path):
         assert "gave 1 in-flight webhook deliveries back to the outbox" in first.log()
         entries = [json.loads(e) for e in r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1)]
         assert [(e["job_id"], e["attempt"]) for e in entries] == [(job_id, 0)]
-        assert r.llen(jobstore.webhook_inflight_key("w-term")) == 0
+        assert r.llen(webhook_state.webhook_inflight_key("w-term")) == 0
         second = start_worker(env, tmp_path, "w-next")
         wait_for(lambda: r.hget(f"job:{job_id}", "webhook_status") == "delivered", 30, what="delivery")
         ids = {call["headers"]["webhook-id"] for call in receiver.calls}
         assert ids == {job_id}  # receivers can drop the copy by its webhook-id
-        history = jobstore.webhook_history(r.hgetall(f"job:{job_id}"))
+        history = webhook_state.webhook_history(r.hgetall(f"job:{job_id}"))
         assert [e["outcome"] for e in history] == ["delivered"]
     finally:
         first.stop(10)

@@ -22,6 +22,8 @@ from system import reset_faults, running_nodes, service_env, set_faults, start_r
 import config
 import jobspec
 import jobstore
+import nodestore
+import webhook_state
 
 pytestmark = pytest.mark.e2e
 
@@ -90,7 +92,7 @@ def test_sigterm_with_redis_gone_and_a_webhook_in_flight_exits_promptly(own_redi
         # nothing lost: once Redis answers, a live worker's sweep gives the delivery back and sends it
         bring_redis_back(own_redis, how)
         r = redis.Redis.from_url(own_redis.url, decode_responses=True)
-        assert r.lrange(jobstore.webhook_inflight_key("w-gone"), 0, -1) == [entry]
+        assert r.lrange(webhook_state.webhook_inflight_key("w-gone"), 0, -1) == [entry]
         rescuer = start_worker(env, tmp_path, "w-rescuer")
         wait_for(lambda: len(receiver.calls) >= 2, 40, what="the delivery to be sent again")
         assert {c["headers"]["webhook-id"] for c in receiver.calls} == {"job-in-flight"}
@@ -114,7 +116,7 @@ def test_sigterm_with_redis_frozen_during_a_job_stops_the_node_and_exits_after_t
     rescuer = None
     try:
         job_id, _ = jobstore.submit(r, "csm", jobspec.validate("csm", {"text": "Never ends."}))
-        wait_for(lambda: r.hget(jobstore.node_key("w-job", "media:fast"), "state") == "running", 60,
+        wait_for(lambda: r.hget(nodestore.node_key("w-job", "media:fast"), "state") == "running", 60,
                  what="the worker's node to boot")
         time.sleep(1.5)  # the engine call is under way; the AOF has the running job
         take_redis_away(own_redis, "frozen")

@@ -18,6 +18,7 @@ import config
 import jobspec
 import jobstore
 import sweep
+import webhook_state
 import webhooks
 
 
@@ -125,7 +126,7 @@ def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch
     import redis as redis_lib
 
     job_id = finished_job(r, settings, receiver.url)
-    real = jobstore.settle_webhook
+    real = webhook_state.settle_webhook
     failures = [1]
 
     def flaky(*args, **kwargs):
@@ -134,7 +135,7 @@ def test_outcome_recorded_after_a_redis_error(r, settings, receiver, monkeypatch
             raise redis_lib.ConnectionError("Redis went away")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jobstore, "settle_webhook", flaky)
+    monkeypatch.setattr(webhook_state, "settle_webhook", flaky)
     run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "delivered")
     assert len(receiver.calls) == 1
     assert r.llen(config.WEBHOOK_INFLIGHT_KEY.format(worker="wtest")) == 0
@@ -202,7 +203,7 @@ def test_schedule_sets_attempts_and_gaps_and_history_is_kept(r, settings, receiv
     assert len(receiver.calls) == 3
     gaps = [b["at"] - a["at"] for a, b in zip(receiver.calls, receiver.calls[1:], strict=False)]
     assert 0.3 * 0.9 <= gaps[0] < 1.0 and gaps[1] >= 1.2 * 0.9, gaps
-    history = jobstore.webhook_history(r.hgetall(f"job:{job_id}"))
+    history = webhook_state.webhook_history(r.hgetall(f"job:{job_id}"))
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retrying"), (2, "retrying"), (3, "failed")]
     assert "HTTP 503" in history[1]["error"] and history[0]["at"] < history[2]["at"]
 
@@ -212,7 +213,7 @@ def test_history_is_bounded(r, settings, receiver):
     settings = dataclasses.replace(settings, webhook_schedule=(0.0,) * (config.WEBHOOK_HISTORY_MAX + 4))
     job_id = finished_job(r, settings, receiver.url)
     run_deliveries(settings, lambda: r.hget(f"job:{job_id}", "webhook_status") == "failed")
-    history = jobstore.webhook_history(r.hgetall(f"job:{job_id}"))
+    history = webhook_state.webhook_history(r.hgetall(f"job:{job_id}"))
     assert len(history) == config.WEBHOOK_HISTORY_MAX
     assert history[-1] == {**history[-1], "attempt": config.WEBHOOK_HISTORY_MAX + 5, "outcome": "failed"}
 
@@ -249,7 +250,7 @@ def test_stop_gives_inflight_deliveries_back_unchanged(r, settings):
         assert returned == 1
         wait_for(lambda: r.llen(config.WEBHOOK_OUTBOX_KEY) == 1, 2, what="the delivery back in the outbox")
         assert [json.loads(e) for e in r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1)] == [{**entry, "attempt": 2}]
-        assert r.llen(jobstore.webhook_inflight_key("wstop")) == 0
+        assert r.llen(webhook_state.webhook_inflight_key("wstop")) == 0
         time.sleep(3.5)  # the hanging attempt ends now; its outcome must not be recorded
         assert r.hget(f"job:{job_id}", "webhook_status") == "pending"
         assert r.zcard(config.WEBHOOK_RETRY_KEY) == 0
@@ -270,7 +271,7 @@ def test_abandon_without_redis_counts_only_the_unsettled_deliveries(r, settings)
         finished_job(r, settings, hang.url)
         wait_for(lambda: hang.calls, 5, what="the hanging attempt to start")
         assert webhooks.abandon_delivery(stop, senders) == 1
-        assert r.llen(jobstore.webhook_inflight_key("w-abandon")) == 1  # left for the sweep, as said
+        assert r.llen(webhook_state.webhook_inflight_key("w-abandon")) == 1  # left for the sweep, as said
     finally:
         ok.close()
         hang.close()
@@ -292,14 +293,14 @@ def test_sweep_recovers_inflight_of_a_worker_that_vanished_without_deregistering
         settings = dataclasses.replace(settings, heartbeat_ttl_s=0)
         sweep.sweep_dead_workers(settings, r)
         assert r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1) == [entry]
-        assert r.llen(jobstore.webhook_inflight_key("w-vanished")) == 0
+        assert r.llen(webhook_state.webhook_inflight_key("w-vanished")) == 0
     finally:
         hang.close()
 
 
 def test_sweep_leaves_a_live_worker_alone(r, settings):
-    r.lpush(jobstore.webhook_inflight_key("w-live"), '{"job_id": "x", "url": "http://127.0.0.1:9/", "body": "{}"}')
+    r.lpush(webhook_state.webhook_inflight_key("w-live"), '{"job_id": "x", "url": "http://127.0.0.1:9/", "body": "{}"}')
     r.sadd(config.WEBHOOK_SENDERS_KEY, "w-live")
     jobstore.heartbeat(r, "w-live", 30)
     assert webhooks.recover_inflight(r) == 0
-    assert r.llen(jobstore.webhook_inflight_key("w-live")) == 1
+    assert r.llen(webhook_state.webhook_inflight_key("w-live")) == 1

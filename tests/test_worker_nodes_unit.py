@@ -18,6 +18,7 @@ import engine_api
 import jobstore
 import launches
 import nodes
+import nodestore
 import sweep
 
 API = "https://api.comput3.test/api/v0"
@@ -66,7 +67,7 @@ def test_launch_answer_timed_out_after_the_node_was_created_is_adopted(state, mo
     assert len(launches) == 1  # never launched again while the first node ran
     assert held.workload == "wl-1" and held.node == "wl-1.gpu"
     assert state.r.hget("node:w1:media:fast", "workload") == "wl-1"
-    assert set(jobstore.owned_nodes(state.r)) == {"wl-1"} and not jobstore.launch_intents(state.r)
+    assert set(nodestore.owned_nodes(state.r)) == {"wl-1"} and not nodestore.launch_intents(state.r)
 
 
 @responses.activate
@@ -75,7 +76,7 @@ def test_launch_intent_is_recorded_before_the_launch_call(state):
     seen = {}
 
     def capture(request):
-        seen.update(jobstore.launch_intents(state.r))
+        seen.update(nodestore.launch_intents(state.r))
         return 200, {}, json.dumps({"workload": "wl-1", "node": "wl-1.gpu"})
 
     responses.add_callback(responses.POST, f"{API}/launch", callback=capture)
@@ -84,14 +85,14 @@ def test_launch_intent_is_recorded_before_the_launch_call(state):
     (intent,) = seen.values()
     assert intent["worker"] == "w1" and intent["type"] == "media:fast" and intent["before"] == ["foreign-old"]
     assert abs(intent["started_at"] - time.time()) < 5
-    assert not jobstore.launch_intents(state.r)  # closed together with the node record
+    assert not nodestore.launch_intents(state.r)  # closed together with the node record
 
 
 @responses.activate
 def test_sweep_stops_only_what_a_dead_launch_created(s, r):
     t = time.time() - 5
-    dead_intent = jobstore.begin_launch(r, "dead", "media:fast", ["foreign-before"], t)
-    jobstore.own_node(r, "alive", "media:fast", "ours-held", "ours-held.gpu", t + 1)
+    dead_intent = nodestore.begin_launch(r, "dead", "media:fast", ["foreign-before"], t)
+    nodestore.own_node(r, "alive", "media:fast", "ours-held", "ours-held.gpu", t + 1)
     r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
     listing = responses.post(f"{API}/workloads", json=[
         row("foreign-before", t - 1),  # running before the launch (listed in its intent)
@@ -104,17 +105,17 @@ def test_sweep_stops_only_what_a_dead_launch_created(s, r):
     stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
     assert sweep.resolve_launch_intents(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["ours-lost"]
-    assert dead_intent in jobstore.launch_intents(r)  # kept until its window closes
+    assert dead_intent in nodestore.launch_intents(r)  # kept until its window closes
     listing.body = json.dumps([w for w in json.loads(listing.body) if w["workload"] != "ours-lost"])
     assert sweep.resolve_launch_intents(s, r, now=t + 1000) == 0
-    assert not jobstore.launch_intents(r)
+    assert not nodestore.launch_intents(r)
 
 
 @responses.activate
 def test_sweep_leaves_a_workload_a_live_launch_may_own(s, r):
     t = time.time() - 5
-    jobstore.begin_launch(r, "dead", "media:fast", [], t)
-    jobstore.begin_launch(r, "alive", "media:fast", [], t + 0.5)  # its answer has not come yet
+    nodestore.begin_launch(r, "dead", "media:fast", [], t)
+    nodestore.begin_launch(r, "alive", "media:fast", [], t + 0.5)  # its answer has not come yet
     r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
     responses.post(f"{API}/workloads", json=[row("wl-x", t + 1)])
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
@@ -123,13 +124,13 @@ def test_sweep_leaves_a_workload_a_live_launch_may_own(s, r):
 
 @responses.activate
 def test_sweep_stops_registered_nodes_of_dead_workers(s, r):
-    jobstore.own_node(r, "gone", "media:fast", "wl-g", "wl-g.gpu", time.time() - 60)
-    jobstore.own_node(r, "alive", "media:fast", "wl-a", "wl-a.gpu", time.time() - 60)
+    nodestore.own_node(r, "gone", "media:fast", "wl-g", "wl-g.gpu", time.time() - 60)
+    nodestore.own_node(r, "alive", "media:fast", "wl-a", "wl-a.gpu", time.time() - 60)
     r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
     assert sweep.stop_nodes_of_dead_owners(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-g"]
-    assert set(jobstore.owned_nodes(r)) == {"wl-a"}
+    assert set(nodestore.owned_nodes(r)) == {"wl-a"}
 
 
 @responses.activate
@@ -208,12 +209,12 @@ def test_workload_types_checked_at_start_up(s, caplog):
 
 @responses.activate
 def test_a_workload_claimed_by_a_sweeper_that_died_is_taken_over(s, r):
-    jobstore.claim_workload(r, "wl-fresh", {"worker": "sweep", "node": "f.gpu", "since": time.time()})
-    jobstore.claim_workload(r, "wl-stale", {"worker": "sweep", "node": "s.gpu", "since": time.time() - 600})
+    nodestore.claim_workload(r, "wl-fresh", {"worker": "sweep", "node": "f.gpu", "since": time.time()})
+    nodestore.claim_workload(r, "wl-stale", {"worker": "sweep", "node": "s.gpu", "since": time.time() - 600})
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
     assert sweep.stop_nodes_of_dead_owners(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-stale"]
-    assert set(jobstore.owned_nodes(r)) == {"wl-fresh"}
+    assert set(nodestore.owned_nodes(r)) == {"wl-fresh"}
 
 
 @responses.activate
@@ -239,7 +240,7 @@ def test_stops_on_the_way_out_without_redis_are_told_apart(state, r, stop_answer
     monkeypatch.setattr(time, "sleep", lambda _s: None)
     responses.post(f"{API}/stop", json={"stopped": 1} if stop_answer == 200 else {"error": "bad gateway"},
                    status=stop_answer)
-    jobstore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time() - 60)
+    nodestore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time() - 60)
     state.nodes["media:fast"] = nodes.HeldNode("wl-1", "wl-1.gpu", time.time() - 60,
                                                 engine_api.node_urls("wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui",
                                                                  "https://{node}"))
@@ -248,7 +249,7 @@ def test_stops_on_the_way_out_without_redis_are_told_apart(state, r, stop_answer
         nodes.stop_node(state, "media:fast", "worker shutting down")
     assert (state.unrecorded_stops, state.unstopped_nodes) == ((1, 0) if stop_answer == 200 else (0, 1))
     assert ("stopped node wl-1.gpu" in caplog.text) == (stop_answer == 200)
-    assert r.hlen(config.NODES_TO_STOP_KEY) == 0 and set(jobstore.owned_nodes(r)) == {"wl-1"}
+    assert r.hlen(config.NODES_TO_STOP_KEY) == 0 and set(nodestore.owned_nodes(r)) == {"wl-1"}
 
 
 @responses.activate
@@ -259,28 +260,28 @@ def test_records_left_by_a_redis_error_in_a_launch_are_freed(state, r, monkeypat
     monkeypatch.setattr(time, "sleep", lambda _s: None)
     state.settings = dataclasses.replace(state.settings, max_nodes=2)
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert jobstore.acquire_node_slot(r, "w1", 2, "media:fast")
-    jobstore.record_node(r, "w1", "media:fast", {"state": "launching", "worker": "w1", "type": "media:fast"})
-    intent_id = jobstore.begin_launch(r, "w1", "media:fast", [], time.time())
-    other = jobstore.begin_launch(r, "w2", "media:fast", [], time.time())  # another worker's: untouched
-    assert jobstore.acquire_node_slot(r, "w1", 2, "ollama_webui:fast")
-    jobstore.own_node(r, "w1", "ollama_webui:fast", "wl-9", "wl-9.gpu", time.time())
-    assert not jobstore.acquire_node_slot(r, "w1", 2)  # the state the soak found: no slot for a job
+    assert nodestore.acquire_node_slot(r, "w1", 2, "media:fast")
+    nodestore.record_node(r, "w1", "media:fast", {"state": "launching", "worker": "w1", "type": "media:fast"})
+    intent_id = nodestore.begin_launch(r, "w1", "media:fast", [], time.time())
+    other = nodestore.begin_launch(r, "w2", "media:fast", [], time.time())  # another worker's: untouched
+    assert nodestore.acquire_node_slot(r, "w1", 2, "ollama_webui:fast")
+    nodestore.own_node(r, "w1", "ollama_webui:fast", "wl-9", "wl-9.gpu", time.time())
+    assert not nodestore.acquire_node_slot(r, "w1", 2)  # the state the soak found: no slot for a job
     nodes.forget_unheld_nodes(state)
-    assert jobstore.slot_types(r, "w1") == []
-    assert jobstore.get_node(r, "w1", "media:fast") is None and jobstore.owned_nodes(r) == {}
+    assert nodestore.slot_types(r, "w1") == []
+    assert nodestore.get_node(r, "w1", "media:fast") is None and nodestore.owned_nodes(r) == {}
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-9"]
-    intents = jobstore.launch_intents(r)
+    intents = nodestore.launch_intents(r)
     assert intents[intent_id].get("orphan") is True and not intents[other].get("orphan")
-    assert jobstore.acquire_node_slot(r, "w1", 2)  # the worker can take a job again
+    assert nodestore.acquire_node_slot(r, "w1", 2)  # the worker can take a job again
 
 
 @responses.activate
 def test_recovery_leaves_the_nodes_a_worker_holds(state, r):
-    assert jobstore.acquire_node_slot(r, "w1", 2, "media:fast")
-    jobstore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time())
+    assert nodestore.acquire_node_slot(r, "w1", 2, "media:fast")
+    nodestore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time())
     state.nodes["media:fast"] = nodes.HeldNode("wl-1", "wl-1.gpu", time.time(), engine_api.node_urls(
         "wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui", "https://{node}"))
     nodes.forget_unheld_nodes(state)
-    assert jobstore.slot_types(r, "w1") == ["media:fast"] and set(jobstore.owned_nodes(r)) == {"wl-1"}
+    assert nodestore.slot_types(r, "w1") == ["media:fast"] and set(nodestore.owned_nodes(r)) == {"wl-1"}
     assert len(responses.calls) == 0  # no stop call

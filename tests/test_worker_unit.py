@@ -14,9 +14,9 @@ import c3_render_worker as worker
 import comput3
 import config
 import engine_api
-import jobstore
 import launches
 import nodes
+import nodestore
 import sweep
 
 API = "https://api.comput3.test/api/v0"
@@ -97,7 +97,7 @@ def test_launch_not_retried_on_401(s, r):
     with pytest.raises(comput3.C3Error, match="check C3_API_KEY"):
         launches.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
     assert len(launch.calls) == 1
-    assert not jobstore.launch_intents(r)  # a refused launch created nothing: no window to watch
+    assert not nodestore.launch_intents(r)  # a refused launch created nothing: no window to watch
 
 
 @pytest.fixture
@@ -228,8 +228,9 @@ def test_should_stop_reasons(s, make_state):
 @responses.activate
 def test_sweep_releases_the_slot_of_a_dead_workers_vanished_node(s, r):
     responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})
-    jobstore.acquire_node_slot(r, "dead", 4, "media:fast")
-    jobstore.record_node(r, "dead", "media:fast", {"workload": "wl-gone", "node": "n", "launched_at": time.time() - 10})
+    nodestore.acquire_node_slot(r, "dead", 4, "media:fast")
+    nodestore.record_node(r, "dead", "media:fast",
+                          {"workload": "wl-gone", "node": "n", "launched_at": time.time() - 10})
     summary = sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
     assert summary["workers"] == ["dead"]
     assert not r.exists("node:dead:media:fast") and not r.smembers(config.NODE_SLOTS_KEY)
@@ -266,7 +267,7 @@ def test_replacing_a_node_keeps_the_slot(s, make_state, r):
 
     def stop_and_race(settings, workload):  # another worker tries to take the slot mid-replacement
         answer = real_stop(settings, workload)
-        assert not jobstore.acquire_node_slot(r, "other", 1, "media:fast")
+        assert not nodestore.acquire_node_slot(r, "other", 1, "media:fast")
         return answer
 
     comput3.stop_workload = stop_and_race

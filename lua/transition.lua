@@ -1,0 +1,55 @@
+-- transition: move a job to a new status if that is allowed; the one place a status changes.
+-- A finished job never changes again. A queued job that finishes (a cancel) leaves its entry in the
+-- queue as a tombstone, noted in the cancelled set. Finishing queues the job's one final webhook.
+--
+-- KEYS: [1] job hash (JOB_KEY)  [2] queue (QUEUE_KEY)  [3] pushes (QUEUE_PUSHES_KEY)
+--       [4] requeued (QUEUE_REQUEUED_KEY)  [5] cancelled (QUEUE_CANCELLED_KEY)
+--       [6] webhook outbox (WEBHOOK_OUTBOX_KEY)
+-- ARGV: [1] job id  [2] new status  [3] now  [4] result ttl (s)  [5] worker that must hold a running
+--       job ('' = any)  [6] unused  [7] webhook body ('' = none)  [8...] field, value pairs to set
+-- Returns: {1, new status} when changed, {0, current status or 'missing'} when refused.
+-- Names: none
+--! uses: job_changed, job_finished, queue_slots
+local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, 'missing'} end
+local new = ARGV[2]
+-- which status may follow which; finished statuses have no successors
+local allowed = {
+  queued = {running = true, cancelled = true, failed = true},
+  running = {success = true, failed = true, cancelled = true, queued = true},
+}
+if not allowed[cur] or not allowed[cur][new] then return {0, cur} end
+if ARGV[5] ~= '' and cur == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
+  return {0, cur}
+end
+local finishing = new == 'success' or new == 'failed' or new == 'cancelled'
+if cur == 'queued' and finishing then
+  -- (a record from before queue slots has none: its entry stays too, counted by positions until taken)
+  local slot = tonumber(redis.call('HGET', KEYS[1], 'queue_slot') or '')
+  if slot ~= nil and in_queue(Q, ARGV[1], slot, queue_right(Q)) then
+    redis.call('ZADD', KEYS[5], slot, ARGV[1])
+  end
+end
+for i = 8, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'status', new)
+job_changed(KEYS[1], ARGV[1], cur, new, ARGV[3])
+if new == 'running' then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  trim_slots(Q)
+end
+if finishing then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress', 'phase', 'phase_since')
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  local url = redis.call('HGET', KEYS[1], 'notify_url')
+  if url and url ~= '' and ARGV[7] ~= '' then
+    redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
+    redis.call('LPUSH', KEYS[6], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
+  end
+  job_finished(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4])
+end
+return {1, new}

@@ -1,0 +1,127 @@
+"""The one loader and call path of c3-render's Lua scripts: the files in lua/.
+
+A script is `lua/<name>.lua`. Its header (the comment lines it begins with) says what it does, its KEYS
+and ARGV, what it returns, which of the NAMES below it uses, and, in a line `--! uses: a, b`, the library
+pieces of `lua/lib/` it needs (a piece may name pieces of its own). Loading puts those pieces in front of
+the script, each once and before what uses it, and substitutes the key and channel names of config.py
+for `${name}` (NAMES): key names are written in config.py only.
+
+Every call is an EVALSHA, so a script's text crosses the wire only when Redis answers NOSCRIPT (it was
+restarted, or SCRIPT FLUSH ran): then the call is sent again with the text (EVAL), which caches it anew.
+`run()` calls one script; `run_many()` calls one script for many key/argument sets in one pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+from typing import Any
+
+import redis
+
+import config
+from jobspec import INDEX_HORIZON_S
+
+# `${name}` in a script -> the text put in (names of keys with one {field} become the part before it,
+# the prefix a script completes with `..`).
+NAMES: dict[str, str] = {
+    "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
+    "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
+    "index": config.JOBS_INDEX_KEY,
+    "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
+    "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
+    "jobs_total": config.JOBS_TOTAL_KEY,
+    "duration": config.JOB_DURATION_KEY.format(type=""),
+    "recent": config.FINISHED_RECENT_KEY,
+    "queue_channel": config.QUEUE_EVENTS_CHANNEL,
+    "job_channel": config.JOB_EVENTS_CHANNEL.format(id=""),
+    "buckets": ", ".join(str(b) for b in config.DURATION_BUCKETS),
+    "horizon": str(INDEX_HORIZON_S),
+}
+
+_USES = re.compile(r"^--! uses:(.*)$")
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    text: str  # as sent to Redis: library pieces and names put in
+    sha: str  # Redis' id of the text (SHA-1)
+
+
+def source(name: str, lib: bool = False) -> str:
+    """The text of `lua/<name>.lua` (or `lua/lib/<name>.lua`) as written."""
+    folder = resources.files("lua") / "lib" if lib else resources.files("lua")
+    return (folder / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def header(text: str) -> list[str]:
+    """The comment lines a script or piece begins with."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            break
+        lines.append(line)
+    return lines
+
+
+def uses(text: str) -> list[str]:
+    """The library pieces a header names in its `--! uses:` lines, in order."""
+    names = []
+    for line in header(text):
+        match = _USES.match(line)
+        if match:
+            names += [name.strip() for name in match.group(1).split(",") if name.strip()]
+    return names
+
+
+def _pieces(names: list[str], joined: list[str], seen: set[str]) -> None:
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        text = source(name, lib=True)
+        _pieces(uses(text), joined, seen)
+        joined.append(text)
+
+
+@functools.cache
+def script(name: str) -> Script:
+    """The script `lua/<name>.lua` as Redis runs it (read once per process)."""
+    own = source(name)
+    joined: list[str] = []
+    _pieces(uses(own), joined, set())
+    text = Template("\n".join([*joined, own])).substitute(NAMES)
+    return Script(name, text, hashlib.sha1(text.encode()).hexdigest())  # noqa: S324 (Redis' script id)
+
+
+def run(r: redis.Redis, name: str, keys: Sequence[str], *args: Any) -> Any:
+    """Run one script (one round trip; the text is sent only after NOSCRIPT)."""
+    loaded = script(name)
+    try:
+        return r.evalsha(loaded.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return r.eval(loaded.text, len(keys), *keys, *args)
+
+
+def run_many(r: redis.Redis, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+    """Run one script once per (keys, args) in one pipeline (one round trip); the results in order, an
+    error as its exception. After a NOSCRIPT the script is loaded and the pipeline sent once more."""
+    loaded = script(name)
+
+    def send() -> list[Any]:
+        pipe = r.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(loaded.sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
+
+    results = send()
+    if any(isinstance(result, redis.exceptions.NoScriptError) for result in results):
+        r.script_load(loaded.text)  # Redis restarted or was flushed since this process loaded it
+        results = send()
+    return results
