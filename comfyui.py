@@ -4,13 +4,13 @@ This module owns everything between a portrait image + audio on disk and work_di
 preparing the inputs (work_dir/{job_id}_input.jpg, and the audio as {job_id}_input.<mp3|wav|flac>),
 uploading them, building the workflow (`build_sonic_workflow`), queueing it, following it on the
 websocket (falling back to polling /history when the socket drops), stopping it on request, and
-downloading the video named in /history.
+downloading the video named in /history. The worker has waited for ComfyUI to answer (GET /system_stats,
+once per node) before the engine runs.
 
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
-EngineError when ComfyUI rejects or fails the workflow, TimeoutError when ComfyUI does not become
-ready within SERVICE_READY_TIMEOUT seconds (config.py; a real cold start takes minutes). Transport
-errors (requests, websocket) propagate unchanged: the node is in trouble. A 5xx answer from a node
-whose health check still passes is retried once (a transient app error) before the job fails.
+EngineError when ComfyUI rejects or fails the workflow. Transport errors (requests, websocket) propagate
+unchanged: the node is in trouble. A 5xx answer from a node whose health check still passes is retried
+once (a transient app error) before the job fails.
 
 Real-node facts this follows (docs/node-protocols.md, ComfyUI and SONIC): uploads over
 COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused with 413, so larger audio is compressed first
@@ -57,7 +57,6 @@ HTTP_TIMEOUT = (10, 60)
 INTERRUPTED = "ComfyUI execution was interrupted on the node"
 UPLOAD_TIMEOUT = (10, 300)
 RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
-NODE_CHECK_INTERVAL_S = 10.0  # while ComfyUI is not ready, check this often that the node itself answers
 JPEG_QUALITIES = (95, 85, 70)  # tried in turn until the portrait fits the upload limit
 
 
@@ -362,31 +361,6 @@ def node_busy(node: NodeUrls) -> bool | None:
     return bool(body.get("queue_running") or body.get("queue_pending"))
 
 
-def wait_ready(node: NodeUrls, should_stop: ShouldStop, timeout_s: float) -> None:
-    """Wait for GET /system_stats to answer 200. A node that itself stops answering (stopped, expired,
-    gone) is not waited for: ConnectionError, which the worker takes to its node check and a new node."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    node_checked = time.monotonic()  # the first check after NODE_CHECK_INTERVAL_S: a blip is no reason
-    while True:
-        try:
-            resp = requests.get(f"{node.comfyui}/system_stats", headers=node.headers(), timeout=(5, 10))
-            if resp.status_code == 200:
-                return
-            last = f"HTTP {resp.status_code}"
-        except requests.RequestException as exc:
-            last = type(exc).__name__
-        if time.monotonic() - node_checked >= NODE_CHECK_INTERVAL_S:
-            node_checked = time.monotonic()
-            if not node_healthy(node):
-                raise ConnectionError(f"the node stopped answering while ComfyUI was not ready ({last})")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"ComfyUI not ready after {timeout_s:.0f} s ({last})")
-        reason = _wait(1.0, should_stop)
-        if reason:
-            raise JobStopped(reason)
-
-
 def upload(node: NodeUrls, path: Path, mime: str) -> str:
     """POST /upload/image; return the name to use in the workflow."""
     with path.open("rb") as fh:
@@ -606,7 +580,6 @@ def run(
     image_size = prepare_image(inputs["image"], image_path, max_bytes)
     audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id, max_bytes)
 
-    wait_ready(node, should_stop, settings.service_ready_timeout_s)
     phase("uploading_inputs")
     image_name = upload(node, image_path, "image/jpeg")
     audio_name = upload(node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}")
