@@ -27,8 +27,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import config
-from comfyui import prepare_image
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
+from mediaconv import prepare_image
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Portrait video engine: the SONIC talking-head workflow on ComfyUI (docs/node-protocols.md, ComfyUI and SONIC).
 
 This module owns everything between a portrait image + audio on disk and work_dir/{job_id}.mp4:
-preparing the inputs (work_dir/{job_id}_input.jpg, and the audio as {job_id}_input.<mp3|wav|flac>),
+preparing the inputs (work_dir/{job_id}_input.jpg, made by mediaconv.prepare_image, and the audio as
+{job_id}_input.<mp3|wav|flac>),
 uploading them, building the workflow (`build_sonic_workflow`), queueing it, following it on the
 websocket (falling back to polling /history when the socket drops), stopping it on request, and
 downloading the video named in /history. The worker has waited for ComfyUI to answer (GET /system_stats,
@@ -26,7 +27,6 @@ import logging
 import math
 import random
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -35,7 +35,6 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 import websocket
-from PIL import Image, ImageOps
 
 import config
 import media_check
@@ -44,7 +43,6 @@ from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, Shoul
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SIDE = 2048  # larger inputs are scaled down before upload
 FIT_W, FIT_H = 1280, 720  # the portrait is resized to fit this box inside the workflow
 DURATION_MARGIN_S = 2  # SONIC_PreData duration = ceil(audio seconds) + this
 KEEP_AUDIO_FORMATS = {"mp3": "mp3", "wav": "wav", "flac": "flac"}  # ffprobe format -> extension
@@ -57,7 +55,6 @@ HTTP_TIMEOUT = (10, 60)
 INTERRUPTED = "ComfyUI execution was interrupted on the node"
 UPLOAD_TIMEOUT = (10, 300)
 RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
-JPEG_QUALITIES = (95, 85, 70)  # tried in turn until the portrait fits the upload limit
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -227,63 +224,13 @@ def video_output(entry: dict) -> dict:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def prepare_image(src: Path, dest: Path, max_bytes: int | None = None, isolate: bool = True) -> tuple[int, int]:
-    """Write src as an RGB JPEG at dest, upright, at most MAX_INPUT_SIDE px a side, within max_bytes
-    (lower JPEG quality when needed); return its size.
-
-    A large image in a format without reduced decoding (PNG, WebP...) is done in a child process
-    (isolate), so the worker's own memory never holds it at full size.
-    """
-    try:
-        with Image.open(src) as opened:
-            # A JPEG decodes straight at the smallest 1/2, 1/4 or 1/8 scale still >= MAX_INPUT_SIDE
-            # (draft mode), not at full size: a 40 MP photo then needs ~30 MB instead of ~120 MB.
-            opened.draft("RGB", (MAX_INPUT_SIDE, MAX_INPUT_SIDE))
-            large = media_check.decoded_bytes(opened) > media_check.IN_PROCESS_DECODE_BYTES
-            if isolate and large and opened.format != "JPEG":
-                # no reduced decode for this format: the full-size decode happens in a child process
-                width, height = media_check.run_isolated("comfyui", "prepare_image", str(src), str(dest),
-                                                         max_bytes=max_bytes, error=EngineError, isolate=False)
-                return width, height
-            img = opened
-            ImageOps.exif_transpose(img, in_place=True)  # no full-size copies: every step below is in place
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGB", rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel("A"))  # transparency -> white, not black
-                del rgba
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            if max(img.size) > MAX_INPUT_SIDE:
-                img.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE), Image.Resampling.LANCZOS)
-            for quality in JPEG_QUALITIES:
-                img.save(dest, "JPEG", quality=quality)
-                if max_bytes is None or mediaconv.fits(dest, max_bytes):
-                    return img.size
-            raise EngineError(f"the image does not fit ComfyUI's upload limit of {max_bytes} bytes")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise EngineError(f"could not read the image: {exc}") from exc
-
-
-def probe(path: Path) -> tuple[str, float | None]:
-    """(ffprobe format_name, duration seconds or None)."""
-    cmd = ["ffprobe", "-v", "error", "-show_entries", "format=format_name,duration", "-of", "json", str(path)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        fmt = json.loads(out.stdout or "{}").get("format", {})
-        duration = float(fmt["duration"]) if fmt.get("duration") not in (None, "N/A") else None
-    except (OSError, subprocess.SubprocessError, ValueError, TypeError):
-        return "", None
-    return str(fmt.get("format_name", "")), duration
-
-
 def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None = None) -> tuple[Path, float]:
     """Keep MP3/WAV/FLAC as is, convert anything else (video containers, m4a, ogg, webm...) to MP3;
     then, when the file would not fit max_bytes (ComfyUI's upload limit), a mono FLAC or MP3 of it.
 
     Returns the file to upload and its duration in seconds. ffmpeg converts file to file.
     """
-    fmt, duration = probe(src)
+    fmt, duration = media_check.format_and_duration(src)
     if fmt in KEEP_AUDIO_FORMATS:
         dest = work_dir / f"{job_id}_input.{KEEP_AUDIO_FORMATS[fmt]}"
         if src.resolve() != dest.resolve():
@@ -291,19 +238,19 @@ def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None 
     else:
         dest = work_dir / f"{job_id}_input.mp3"
         try:
-            media_check.transcode_audio(src, dest, codec="libmp3lame", bitrate="192k")
+            mediaconv.transcode_audio(src, dest, codec="libmp3lame", bitrate=mediaconv.MP3_BITRATE)
         except media_check.MediaError as exc:
             raise EngineError(f"could not convert the audio to MP3: {exc}") from exc
-        duration = probe(dest)[1]
+        duration = media_check.format_and_duration(dest)[1]
     if duration is None:
         try:
-            duration = media_check.decoded_seconds(dest)
+            duration = mediaconv.decoded_seconds(dest)
         except media_check.MediaError as exc:
             raise EngineError(f"could not read the audio: {exc}") from exc
     if max_bytes is not None and not mediaconv.fits(dest, max_bytes):
         try:
             small = mediaconv.shrink_audio(dest, work_dir / f"{job_id}_upload", max_bytes)
-        except mediaconv.ConversionError as exc:
+        except media_check.MediaError as exc:
             raise EngineError(f"the audio does not fit ComfyUI's upload limit: {exc}") from exc
         log.info("audio %s (%d bytes) compressed to %s (%d bytes) to fit the upload limit", dest.name,
                  dest.stat().st_size, small.name, small.stat().st_size)
@@ -577,7 +524,7 @@ def run(
     settings = config.load()
     max_bytes = int(settings.comfyui_max_upload_mb * 1024 * 1024)
     image_path = work_dir / f"{job_id}_input.jpg"
-    image_size = prepare_image(inputs["image"], image_path, max_bytes)
+    image_size = mediaconv.prepare_image(inputs["image"], image_path, max_bytes)
     audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id, max_bytes)
 
     phase("uploading_inputs")

@@ -5,8 +5,7 @@ This module owns:
 - the CSM Gradio call (`/generate_monologue_audio`, input names in `CSM_INPUTS`);
 - `gradio_call`: submit to a Gradio app, poll, honour should_stop, report the phase from the Gradio job's
   status, map app errors, retry one HTTP 5xx when the node is healthy (whisper.py uses it);
-- `probe_audio` / `is_mp3` / `to_mp3`: ffprobe and ffmpeg helpers (whisper.py uses them); conversions run
-  ffmpeg file to file (media_check.transcode_audio), never decoding a whole input in the worker.
+- the conversions it needs are mediaconv's (to_mono_wav, to_mp3; ffmpeg file to file).
 
 Result: work_dir/{job_id}.mp3. Raises JobStopped when should_stop() gives a reason, EngineError when the
 app answers with an error. Transport failures (node unreachable, connection dropped) propagate unchanged
@@ -19,15 +18,13 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jobspec
-import media_check
+import mediaconv
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase, node_healthy
 
 log = logging.getLogger(__name__)
@@ -59,7 +56,6 @@ DEFAULTS = {f.name: f.default for f in jobspec.JOB_FIELDS["csm"] if f.default is
 # The API takes temperature 0.0-2.0 (as existing clients send it); the CSM app's slider starts at 0.1.
 NODE_MIN_TEMPERATURE = 0.1
 POLL_INTERVAL_S = 0.5
-MP3_BITRATE = "192k"
 
 # --- sentences ----------------------------------------------------------------------------------
 
@@ -130,48 +126,6 @@ def sentences_from_params(params: dict) -> list[str]:
     if not sentences:
         raise EngineError("CSM failed: there is no text to speak")
     return sentences
-
-
-# --- audio helpers ------------------------------------------------------------------------------
-
-
-def probe_audio(path: Path) -> tuple[str, float | None]:
-    """(ffprobe format_name, duration in seconds or None) of a media file; ("", None) if unreadable."""
-    cmd = ["ffprobe", "-v", "error", "-show_entries", "format=format_name,duration", "-of", "json", str(path)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        fmt = json.loads(out.stdout or "{}").get("format", {})
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return "", None
-    try:
-        duration = float(fmt["duration"])
-    except (KeyError, TypeError, ValueError):
-        duration = None
-    return str(fmt.get("format_name", "")), duration
-
-
-def is_mp3(path: Path) -> bool:
-    return probe_audio(path)[0] == "mp3"
-
-
-def to_mp3(src: Path, dest: Path, mono: bool = False) -> Path:
-    """Write src as MP3 at dest (copy when it already is MP3 and no change is asked)."""
-    if not mono and is_mp3(src):
-        if src.resolve() != dest.resolve():
-            shutil.copyfile(src, dest)
-        return dest
-    try:
-        return media_check.transcode_audio(src, dest, codec="libmp3lame", bitrate=MP3_BITRATE, mono=mono)
-    except media_check.MediaError as exc:
-        raise EngineError(f"could not convert {src.name} to MP3: {exc}") from exc
-
-
-def to_mono_wav(src: Path, dest: Path) -> Path:
-    """Mono WAV copy of src: voice cloning works best with one channel (docs/node-protocols.md, CSM)."""
-    try:
-        return media_check.transcode_audio(src, dest, codec="pcm_s16le", mono=True)
-    except media_check.MediaError as exc:
-        raise EngineError(f"could not read the reference audio: {exc}") from exc
 
 
 # --- Gradio -------------------------------------------------------------------------------------
@@ -340,7 +294,7 @@ def run(
             raise EngineError("CSM failed: voice 'clone' needs reference audio")
         from gradio_client import handle_file
 
-        speaker_audio = handle_file(str(to_mono_wav(reference, work_dir / f"{job_id}_reference.wav")))
+        speaker_audio = handle_file(str(mediaconv.to_mono_wav(reference, work_dir / f"{job_id}_reference.wav")))
         speaker_text = str(params.get("reference_text") or "")
 
     def value(name: str, cast: Callable[[Any], Any]) -> Any:
@@ -362,4 +316,4 @@ def run(
         node.csm, node.headers(), API_NAME, kwargs, should_stop, progress, "CSM", work_dir / "gradio", phase, node,
     )
     phase("encoding")
-    return to_mp3(first_path(result), work_dir / f"{job_id}.mp3")
+    return mediaconv.to_mp3(first_path(result), work_dir / f"{job_id}.mp3")

@@ -17,8 +17,9 @@ from typing import Any
 
 import config
 import jobspec
-from csm import gradio_call, to_mp3
+from csm import gradio_call
 from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_phase
+from mediaconv import to_mp3
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines l
 from conftest import serve_asgi  # noqa: E402
 
 import comfyui  # noqa: E402
+import media_check  # noqa: E402
+import mediaconv  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
 
 KEY = "comfy-key"
@@ -127,22 +129,22 @@ def test_prepare_audio_converts_containers(tmp_path: Path) -> None:
     src = _tone(tmp_path / "voice.m4a", 1.5, fmt="mp4")
     out, seconds = comfyui.prepare_audio(src, tmp_path, "j")
     assert out == tmp_path / "j_input.mp3"
-    assert comfyui.probe(out)[0] == "mp3"
+    assert media_check.format_and_duration(out)[0] == "mp3"
     assert 1.4 < seconds < 1.7
 
 
 def test_prepare_image_scales_and_flattens(tmp_path: Path) -> None:
     Image.new("RGBA", (3000, 1500), (10, 20, 30, 0)).save(tmp_path / "big.png")
-    size = comfyui.prepare_image(tmp_path / "big.png", tmp_path / "out.jpg")
+    size = mediaconv.prepare_image(tmp_path / "big.png", tmp_path / "out.jpg")
     assert size == (2048, 1024)
     with Image.open(tmp_path / "out.jpg") as img:
         assert img.format == "JPEG" and img.mode == "RGB" and img.size == (2048, 1024)
         assert img.getpixel((5, 5))[0] > 240  # transparent -> white
     Image.new("RGB", (640, 480)).save(tmp_path / "small.png")
-    assert comfyui.prepare_image(tmp_path / "small.png", tmp_path / "small.jpg") == (640, 480)
+    assert mediaconv.prepare_image(tmp_path / "small.png", tmp_path / "small.jpg") == (640, 480)
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(EngineError):
-        comfyui.prepare_image(tmp_path / "junk.png", tmp_path / "junk.jpg")
+        mediaconv.prepare_image(tmp_path / "junk.png", tmp_path / "junk.jpg")
 
 
 def test_error_formatting() -> None:

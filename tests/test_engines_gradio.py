@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from conftest import serve_asgi  # noqa: E402
 
 import csm  # noqa: E402
+import mediaconv  # noqa: E402
 import whisper  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
 
@@ -159,12 +160,12 @@ def _build_apps(tmp: Path):
         return str(_tone(tmp / f"csm_out_{time.monotonic_ns()}.{fmt}", 0.5, 1, fmt))
 
     def record_transcription(audio_name, audio, model, task, language, *rest):
-        from csm import probe_audio
+        from media_check import format_and_duration
 
         names = ("device", "compute_type", "batch_size", "vad_method", "word_timestamps", "segment_resolution")
         RECEIVED["whisper"] = {
             audio_name: audio,
-            "audio_format": probe_audio(Path(audio))[0],
+            "audio_format": format_and_duration(Path(audio))[0],
             "model": model,
             "task": task,
             "language": language,
@@ -290,7 +291,7 @@ def test_csm_text_to_mp3(node: NodeUrls, tmp_path: Path) -> None:
         phases.append,
     )
     assert out == tmp_path / "job1.mp3"
-    assert csm.is_mp3(out)  # the app answered WAV: converted
+    assert mediaconv.is_mp3(out)  # the app answered WAV: converted
     got = RECEIVED["csm"]
     assert got["speaker_voice"] == "conversational_b"
     assert got["speaker_text"] == ""
@@ -318,7 +319,7 @@ def test_csm_clone_sends_mono_reference(node: NodeUrls, tmp_path: Path) -> None:
         _never,
         lambda _p: None,
     )
-    assert csm.is_mp3(out)
+    assert mediaconv.is_mp3(out)
     got = RECEIVED["csm"]
     assert got["speaker_voice"] == "upload_voice"
     assert got["speaker_text"] == "what the reference says"
@@ -394,7 +395,7 @@ def test_whisper_transcribes(node: NodeUrls, tmp_path: Path, monkeypatch: pytest
     )
     assert text == "hello from small in de"
     assert (tmp_path / "w1.txt").read_text() == text
-    assert csm.is_mp3(tmp_path / "w1_input.mp3")
+    assert mediaconv.is_mp3(tmp_path / "w1_input.mp3")
     got = RECEIVED["whisper"]
     assert got["audio_format"] == "mp3"
     assert (got["model"], got["task"], got["language"]) == ("small", "translate", "de")

@@ -21,6 +21,7 @@ from conftest import ROOT, free_port, wait_for
 sys.path.insert(0, str(ROOT))  # the engines live at the repo root
 
 import csm  # noqa: E402
+import mediaconv  # noqa: E402
 import whisper  # noqa: E402
 from engine_api import EngineError, NodeUrls  # noqa: E402
 
@@ -69,7 +70,7 @@ def _tone(path: Path) -> Path:
 
 def test_csm_against_gradio5(node: NodeUrls, tmp_path: Path) -> None:
     out = csm.run({"text": "Hello there."}, "g5", {}, node, tmp_path, lambda: None, lambda _p: None)
-    assert out == tmp_path / "g5.mp3" and csm.is_mp3(out)
+    assert out == tmp_path / "g5.mp3" and mediaconv.is_mp3(out)
     with pytest.raises(EngineError, match="^CSM failed: Generation failed: CUDA out of memory$"):
         csm.run({"text": "fail"}, "g5b", {}, node, tmp_path, lambda: None, lambda _p: None)
 
