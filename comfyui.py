@@ -2,11 +2,10 @@
 
 This module owns everything between a portrait image + audio on disk and work_dir/{job_id}.mp4:
 preparing the inputs (work_dir/{job_id}_input.jpg, made by mediaconv.prepare_image, and the audio as
-{job_id}_input.<mp3|wav|flac>),
-uploading them, building the workflow (`build_sonic_workflow`), queueing it, following it on the
-websocket (falling back to polling /history when the socket drops), stopping it on request, and
-downloading the video named in /history. The worker has waited for ComfyUI to answer (GET /system_stats,
-once per node) before the engine runs.
+{job_id}_input.<mp3|wav|flac>), uploading them, building the workflow (sonic_workflow.py), queueing
+it, following it on the websocket (falling back to polling /history when the socket drops), stopping it
+on request, and downloading the video named in /history. The worker has waited for ComfyUI to answer
+(GET /system_stats, once per node) before the engine runs.
 
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
 EngineError when ComfyUI rejects or fails the workflow. Transport errors (requests, websocket) propagate
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -40,13 +38,11 @@ import config
 import media_check
 import mediaconv
 from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase, node_healthy
+from sonic_workflow import VIDEO_NODE, build_sonic_workflow
 
 log = logging.getLogger(__name__)
 
-FIT_W, FIT_H = 1280, 720  # the portrait is resized to fit this box inside the workflow
-DURATION_MARGIN_S = 2  # SONIC_PreData duration = ceil(audio seconds) + this
 KEEP_AUDIO_FORMATS = {"mp3": "mp3", "wav": "wav", "flac": "flac"}  # ffprobe format -> extension
-VIDEO_NODE = "13"
 WS_RECV_TIMEOUT_S = 1.0  # so should_stop() is looked at at least every second
 STOP_CHECK_INTERVAL_S = 0.5
 HISTORY_POLL_S = 2.0  # polling /history when the websocket is gone
@@ -57,103 +53,7 @@ UPLOAD_TIMEOUT = (10, 300)
 RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
 
 
-# --- pure parts ---------------------------------------------------------------------------------
-
-
-def fit_size(w: int, h: int, max_w: int = FIT_W, max_h: int = FIT_H) -> tuple[int, int]:
-    """Scale (w, h) up or down to the largest size inside max_w x max_h, same aspect, even numbers."""
-    if w <= 0 or h <= 0:
-        raise ValueError(f"bad image size {w}x{h}")
-    scale = min(max_w / w, max_h / h)
-    fw = max(2, int(w * scale) // 2 * 2)
-    fh = max(2, int(h * scale) // 2 * 2)
-    return fw, fh
-
-
-def sonic_duration(audio_seconds: float) -> int:
-    return math.ceil(audio_seconds) + DURATION_MARGIN_S
-
-
-def build_sonic_workflow(
-    image_name: str,
-    audio_name: str,
-    image_size: tuple[int, int],
-    audio_seconds: float,
-    prefix: str,
-    seed: int,
-) -> dict:
-    """The SONIC workflow in ComfyUI's API format (docs/node-protocols.md, ComfyUI and SONIC).
-    image_size is the uploaded image's."""
-    width, height = fit_size(*image_size)
-    return {
-        "18": {"class_type": "LoadImage", "inputs": {"image": image_name}},
-        "26": {"class_type": "LoadAudio", "inputs": {"audio": audio_name}},
-        "58": {
-            "class_type": "ImageResize+",
-            "inputs": {
-                "image": ["18", 0],
-                "width": width,
-                "height": height,
-                "interpolation": "nearest",
-                "method": "stretch",
-                "condition": "always",
-                "multiple_of": 0,
-            },
-        },
-        "32": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": "svd_xt.safetensors"}},
-        "34": {
-            "class_type": "SONICTLoader",
-            "inputs": {
-                "model": ["32", 0],
-                "sonic_unet": "unet.pth",
-                "ip_audio_scale": 1,
-                "use_interframe": True,
-                "dtype": "bf16",
-            },
-        },
-        "33": {
-            "class_type": "SONIC_PreData",
-            "inputs": {
-                "clip_vision": ["32", 1],
-                "vae": ["32", 2],
-                "audio": ["26", 0],
-                "image": ["58", 0],
-                "weight_dtype": ["34", 1],
-                "min_resolution": 576,
-                "duration": sonic_duration(audio_seconds),
-                "expand_ratio": 1,
-            },
-        },
-        "31": {
-            "class_type": "SONICSampler",
-            "inputs": {
-                "model": ["34", 0],
-                "data_dict": ["33", 0],
-                "seed": seed,
-                "inference_steps": 25,
-                "dynamic_scale": 1,
-                "fps": 24,
-            },
-        },
-        VIDEO_NODE: {
-            "class_type": "VHS_VideoCombine",
-            "inputs": {
-                "images": ["31", 0],
-                "frame_rate": ["31", 1],
-                "audio": ["26", 0],
-                # loop_count and pingpong are required inputs of VHS_VideoCombine
-                "loop_count": 0,
-                "pingpong": False,
-                "format": "video/h264-mp4",
-                "pix_fmt": "yuv420p",
-                "crf": 19,
-                "trim_to_audio": True,
-                "save_output": True,
-                "filename_prefix": prefix,
-            },
-        },
-        "21": {"class_type": "PreviewImage", "inputs": {"images": ["58", 0]}},
-    }
+# --- ComfyUI's answers -------------------------------------------------------------------------
 
 
 def format_prompt_error(body: Any) -> str:
@@ -296,16 +196,20 @@ def node_request(
     return requests.request(method, url, headers=node.headers(), timeout=timeout, **kwargs)
 
 
-def node_busy(node: NodeUrls) -> bool | None:
-    """Whether the node's ComfyUI still runs or queues a prompt (GET /queue); None when it cannot tell."""
+def get_queue(node: NodeUrls) -> dict | None:
+    """GET /queue ({"queue_running": [...], "queue_pending": [...]}); None when it cannot tell."""
     try:
         resp = requests.get(f"{node.comfyui}/queue", headers=node.headers(), timeout=(5, 10))
         body = resp.json() if resp.status_code == 200 else None
     except (requests.RequestException, ValueError):
         return None
-    if not isinstance(body, dict):
-        return None
-    return bool(body.get("queue_running") or body.get("queue_pending"))
+    return body if isinstance(body, dict) else None
+
+
+def node_busy(node: NodeUrls) -> bool | None:
+    """Whether the node's ComfyUI still runs or queues a prompt (GET /queue); None when it cannot tell."""
+    queue = get_queue(node)
+    return None if queue is None else bool(queue.get("queue_running") or queue.get("queue_pending"))
 
 
 def upload(node: NodeUrls, path: Path, mime: str) -> str:
@@ -363,11 +267,7 @@ def get_history(node: NodeUrls, prompt_id: str) -> dict | None:
 
 def _is_running(node: NodeUrls, prompt_id: str) -> bool | None:
     """Whether GET /queue lists the prompt as running (None if /queue does not tell)."""
-    try:
-        resp = requests.get(f"{node.comfyui}/queue", headers=node.headers(), timeout=(5, 10))
-        running = resp.json().get("queue_running") if resp.status_code == 200 else None
-    except (requests.RequestException, ValueError):
-        return None
+    running = (get_queue(node) or {}).get("queue_running")
     if not isinstance(running, list):
         return None
     return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running)

@@ -1,4 +1,4 @@
-"""comfyui.py: pure helpers, and the engine against a scripted fake ComfyUI on 127.0.0.1.
+"""comfyui.py (and sonic_workflow.py): pure helpers, and the engine against a scripted fake ComfyUI on 127.0.0.1.
 
 The fake is a FastAPI app mounted under a path prefix (/nodes/abc/comfyui, like a proxied node) and
 served by uvicorn in a thread. Each test sets SCRIPT["mode"]; /prompt then plays that script on the
@@ -25,6 +25,7 @@ from conftest import serve_asgi  # noqa: E402
 import comfyui  # noqa: E402
 import media_check  # noqa: E402
 import mediaconv  # noqa: E402
+import sonic_workflow  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
 
 KEY = "comfy-key"
@@ -46,7 +47,7 @@ VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"fake video" * 1000
     ],
 )
 def test_fit_size(size: tuple[int, int], expected: tuple[int, int]) -> None:
-    w, h = comfyui.fit_size(*size)
+    w, h = sonic_workflow.fit_size(*size)
     assert (w, h) == expected
     assert w % 2 == 0 and h % 2 == 0 and w <= 1280 and h <= 720
 
@@ -62,7 +63,7 @@ def test_build_sonic_workflow(tmp_path: Path) -> None:
     audio, seconds = comfyui.prepare_audio(_tone(tmp_path / "a.wav", 3.2), tmp_path, "j")
     assert audio == tmp_path / "j_input.wav"
     assert 3.1 < seconds < 3.3
-    wf = comfyui.build_sonic_workflow("img.jpg", "j_input.wav", (1080, 1920), seconds, "c3render/j", 42)
+    wf = sonic_workflow.build_sonic_workflow("img.jpg", "j_input.wav", (1080, 1920), seconds, "c3render/j", 42)
     assert set(wf) == {"18", "26", "58", "32", "34", "33", "31", "13", "21"}
     classes = {k: v["class_type"] for k, v in wf.items()}
     assert classes == {
@@ -106,7 +107,7 @@ def test_build_sonic_workflow(tmp_path: Path) -> None:
         ["58", 0],
         ["34", 1],
     )
-    assert pre["duration"] == math.ceil(seconds) + comfyui.DURATION_MARGIN_S == 6
+    assert pre["duration"] == math.ceil(seconds) + sonic_workflow.DURATION_MARGIN_S == 6
     assert (pre["min_resolution"], pre["expand_ratio"]) == (576, 1)
     sampler = wf["31"]["inputs"]
     assert sampler == {

@@ -28,6 +28,7 @@ from conftest import serve_asgi  # noqa: E402
 
 import comfyui  # noqa: E402
 import mediaconv  # noqa: E402
+import sonic_workflow  # noqa: E402
 from devnode import comfy, faults  # noqa: E402
 from engine_api import EngineError, NodeUrls  # noqa: E402
 
@@ -145,9 +146,9 @@ def test_partly_invalid_graph_is_deleted_from_the_queue(server, inputs, tmp_path
     node = server["node"]
     image = comfyui.upload(node, inputs["image"], "image/png")
     audio = comfyui.upload(node, inputs["audio"], "audio/wav")
-    good = comfyui.build_sonic_workflow(image, audio, (200, 240), 2.0, "busy/x", 1)
+    good = sonic_workflow.build_sonic_workflow(image, audio, (200, 240), 2.0, "busy/x", 1)
     busy = comfyui.queue_prompt(node, good, str(uuid.uuid4()))  # keeps the node busy meanwhile
-    partly = comfyui.build_sonic_workflow(image, audio, (200, 240), 2.0, "bad/x", 1)
+    partly = sonic_workflow.build_sonic_workflow(image, audio, (200, 240), 2.0, "bad/x", 1)
     partly["13"]["inputs"]["format"] = "video/unknown"  # node 13 invalid; the preview (21) is valid
     with pytest.raises(EngineError, match="node 13"):
         comfyui.queue_prompt(node, partly, str(uuid.uuid4()))
@@ -181,7 +182,7 @@ def test_node_busy_follows_the_queue(server, inputs, monkeypatch) -> None:
     assert comfyui.node_busy(node) is False
     image = comfyui.upload(node, inputs["image"], "image/png")
     audio = comfyui.upload(node, inputs["audio"], "audio/wav")
-    prompt_id = comfyui.queue_prompt(node, comfyui.build_sonic_workflow(image, audio, (200, 240), 2.0, "b/x", 1),
+    prompt_id = comfyui.queue_prompt(node, sonic_workflow.build_sonic_workflow(image, audio, (200, 240), 2.0, "b/x", 1),
                                      str(uuid.uuid4()))
     assert comfyui.node_busy(node) is True
     sampling = server["data_dir"] / "default" / "temp" / f"sonic_{prompt_id}.mp4"
