@@ -44,7 +44,7 @@ import netfetch
 import storage
 import webhooks
 import whisper
-from engine_api import EngineError, JobStopped, NodeUrls, node_urls
+from engine_api import EngineError, JobContext, JobStopped, NodeUrls, node_urls
 
 log = logging.getLogger("c3-render.worker")
 
@@ -773,7 +773,9 @@ def run_engine_on_node(state: WorkerState, job_type: str, params: dict[str, Any]
             except NodeFailed:
                 stop_node(state, node_type, "a service never became ready")
                 raise
-            output = engine(params, job_id, inputs, held.urls, work_dir, should_stop, progress, phase)
+            job = JobContext(job_id=job_id, params=params, inputs=inputs, node=held.urls, work_dir=work_dir,
+                             settings=state.settings, should_stop=should_stop, progress=progress, phase=phase)
+            output = engine(job)
             held.checked_at = time.time()  # it just did a job: known good for NODE_CHECK_TTL
             return output
         except (JobStopped, NodeFailed):

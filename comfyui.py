@@ -34,10 +34,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import requests
 import websocket
 
-import config
 import media_check
 import mediaconv
-from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase, node_healthy
+from engine_api import EngineError, JobContext, JobStopped, NodeUrls, ShouldStop, node_healthy
 from sonic_workflow import VIDEO_NODE, build_sonic_workflow
 
 log = logging.getLogger(__name__)
@@ -304,9 +303,7 @@ def _interrupted(should_stop: ShouldStop) -> Exception:
     return JobStopped(reason) if reason else EngineError(INTERRUPTED)
 
 
-def follow_websocket(
-    ws: Any, node: NodeUrls, prompt_id: str, should_stop: ShouldStop, progress: Progress, phase: Phase = no_phase
-) -> bool:
+def follow_websocket(ws: Any, job: JobContext, prompt_id: str) -> bool:
     """Follow the prompt on the websocket: True when it finished, False when the socket dropped.
 
     Phases: rendering once the prompt starts, encoding once node 13 (VHS_VideoCombine) runs; the
@@ -316,9 +313,9 @@ def follow_websocket(
     next_check = 0.0
     while True:
         if time.monotonic() >= next_check:
-            reason = should_stop()
+            reason = job.should_stop()
             if reason:
-                raise _stopped(node, prompt_id, started, reason)
+                raise _stopped(job.node, prompt_id, started, reason)
             next_check = time.monotonic() + STOP_CHECK_INTERVAL_S
         try:
             frame = ws.recv()
@@ -343,18 +340,18 @@ def follow_websocket(
         if kind in ("execution_start", "execution_cached", "progress"):
             started = True
         if kind == "progress" and data.get("max") and str(data.get("node")) == VIDEO_NODE:
-            progress(max(0, min(99, int(100 * float(data.get("value", 0)) / float(data["max"])))))
+            job.progress(max(0, min(99, int(100 * float(data.get("value", 0)) / float(data["max"])))))
         elif kind == "executing":
             if data.get("node") is None:
                 return True
             started = True
-            phase("encoding" if str(data.get("node")) == VIDEO_NODE else "rendering")
+            job.phase("encoding" if str(data.get("node")) == VIDEO_NODE else "rendering")
         elif kind == "execution_success":
             return True
         elif kind == "execution_error":
             raise EngineError(format_execution_error(data))
         elif kind == "execution_interrupted":
-            raise _interrupted(should_stop)
+            raise _interrupted(job.should_stop)
 
 
 def wait_history(
@@ -408,67 +405,69 @@ def open_websocket(node: NodeUrls, client_id: str) -> Any:
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def run(
-    params: dict,
-    job_id: str,
-    inputs: dict[str, Path],
-    node: NodeUrls,
-    work_dir: Path,
-    should_stop: ShouldStop,
-    progress: Progress,
-    phase: Phase = no_phase,
-) -> Path:
+def run(job: JobContext) -> Path:
     """Render a talking-head video of inputs["image"] speaking inputs["audio"]; return the .mp4 path."""
-    if "image" not in inputs or "audio" not in inputs:
+    if "image" not in job.inputs or "audio" not in job.inputs:
         raise EngineError("portrait needs an image and an audio input")
-    settings = config.load()
-    max_bytes = int(settings.comfyui_max_upload_mb * 1024 * 1024)
-    image_path = work_dir / f"{job_id}_input.jpg"
-    image_size = mediaconv.prepare_image(inputs["image"], image_path, max_bytes)
-    audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id, max_bytes)
+    workflow, audio_seconds = send_inputs(job)
+    prompt_id, followed = run_prompt(job, workflow, audio_seconds)
+    # /history is the source of truth; without the websocket it is also how we learn the end.
+    entry = wait_history(job.node, prompt_id, job.should_stop, 0.5 if followed else HISTORY_POLL_S,
+                         HISTORY_SETTLE_S if followed else None)
+    return fetch_video(job, entry)
 
-    phase("uploading_inputs")
-    image_name = upload(node, image_path, "image/jpeg")
-    audio_name = upload(node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}")
-    seed = params.get("seed")
+
+def send_inputs(job: JobContext) -> tuple[dict, float]:
+    """Prepare the portrait and the audio within the upload limit and upload both; return the SONIC
+    workflow that uses them and the audio's length in seconds."""
+    max_bytes = int(job.settings.comfyui_max_upload_mb * 1024 * 1024)
+    image_path = job.file("_input.jpg")
+    image_size = mediaconv.prepare_image(job.inputs["image"], image_path, max_bytes)
+    audio_path, audio_seconds = prepare_audio(job.inputs["audio"], job.work_dir, job.job_id, max_bytes)
+    job.phase("uploading_inputs")
+    image_name = upload(job.node, image_path, "image/jpeg")
+    audio_mime = f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}"
+    audio_name = upload(job.node, audio_path, audio_mime)
+    seed = job.params.get("seed")
     workflow = build_sonic_workflow(
         image_name,
         audio_name,
         image_size,
         audio_seconds,
-        prefix=f"c3render/{job_id}",
+        prefix=f"c3render/{job.job_id}",
         seed=int(seed) if isinstance(seed, int) else random.randint(1, 2**31 - 1),
     )
+    return workflow, audio_seconds
 
+
+def run_prompt(job: JobContext, workflow: dict, audio_seconds: float) -> tuple[str, bool]:
+    """Queue the workflow and follow it on the websocket; return the prompt id and whether the socket
+    saw it finish (False: the socket was unavailable or dropped)."""
     client_id = str(uuid.uuid4())
-    ws = open_websocket(node, client_id)
+    ws = open_websocket(job.node, client_id)  # before the prompt is queued, so no message is missed
     try:
-        reason = should_stop()
+        reason = job.should_stop()
         if reason:
             raise JobStopped(reason)
-        prompt_id = queue_prompt(node, workflow, client_id)
-        log.info("job %s: ComfyUI prompt %s queued (%.1f s of audio)", job_id, prompt_id, audio_seconds)
-        phase("rendering")
-        finished = ws is not None and follow_websocket(ws, node, prompt_id, should_stop, progress, phase)
+        prompt_id = queue_prompt(job.node, workflow, client_id)
+        log.info("job %s: ComfyUI prompt %s queued (%.1f s of audio)", job.job_id, prompt_id, audio_seconds)
+        job.phase("rendering")
+        return prompt_id, ws is not None and follow_websocket(ws, job, prompt_id)
     finally:
         if ws is not None:
             try:
                 ws.close()
             except (websocket.WebSocketException, OSError):
                 pass
-    # /history is the source of truth; without the websocket it is also how we learn the end.
-    entry = wait_history(
-        node,
-        prompt_id,
-        should_stop,
-        0.5 if finished else HISTORY_POLL_S,
-        HISTORY_SETTLE_S if finished else None,
-    )
+
+
+def fetch_video(job: JobContext, entry: dict) -> Path:
+    """Download the video of a finished /history entry to work_dir/{job_id}.mp4; its error as EngineError."""
     error = history_error(entry)
     if error:
         if error == INTERRUPTED:
-            raise _interrupted(should_stop)
+            raise _interrupted(job.should_stop)
         raise EngineError(error)
-    out = download(node, video_output(entry), work_dir / f"{job_id}.mp4")
-    progress(100)
+    out = download(job.node, video_output(entry), job.file(".mp4"))
+    job.progress(100)
     return out

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
 
-from conftest import serve_asgi  # noqa: E402
+from conftest import engine_job, serve_asgi  # noqa: E402
 
 import comfyui  # noqa: E402
 import media_check  # noqa: E402
@@ -390,7 +390,8 @@ def test_success(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> Non
     _reset("success")
     seen: list[int] = []
     phases: list[str] = []
-    out = comfyui.run({"seed": 7}, "job1", inputs, node, tmp_path, lambda: None, seen.append, phases.append)
+    job = engine_job({"seed": 7}, "job1", inputs, node, tmp_path, progress=seen.append, phase=phases.append)
+    out = comfyui.run(job)
     assert out == tmp_path / "job1.mp4"
     assert out.read_bytes() == VIDEO
     assert not _names("system_stats")  # the worker waited for ComfyUI before the engine ran: not again
@@ -418,14 +419,14 @@ def test_success(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> Non
 def test_rejected_workflow(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> None:
     _reset("reject")
     with pytest.raises(EngineError) as info:
-        comfyui.run({}, "job2", inputs, node, tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({}, "job2", inputs, node, tmp_path))
     assert str(info.value) == "ComfyUI rejected the workflow: node 18 (LoadImage): Invalid image file: x.png"
 
 
 def test_execution_error(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> None:
     _reset("error")
     with pytest.raises(EngineError) as info:
-        comfyui.run({}, "job3", inputs, node, tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({}, "job3", inputs, node, tmp_path))
     assert str(info.value) == "ComfyUI node 31 (SONICSampler): CUDA out of memory"
 
 
@@ -434,7 +435,7 @@ def test_socket_drop_falls_back_to_history(
 ) -> None:
     monkeypatch.setattr(comfyui, "HISTORY_POLL_S", 0.5)
     _reset("drop")
-    out = comfyui.run({}, "job4", inputs, node, tmp_path, lambda: None, lambda _p: None)
+    out = comfyui.run(engine_job({}, "job4", inputs, node, tmp_path))
     assert out.read_bytes() == VIDEO
     assert len(_names("history")) >= 2  # it polled until the entry appeared
 
@@ -447,7 +448,7 @@ def test_stop_interrupts_running_prompt(node: NodeUrls, inputs: dict[str, Path],
         return "max_time" if time.monotonic() - started > 1.5 else None
 
     with pytest.raises(JobStopped, match="max_time"):
-        comfyui.run({}, "job5", inputs, node, tmp_path, should_stop, lambda _p: None)
+        comfyui.run(engine_job({}, "job5", inputs, node, tmp_path, should_stop))
     assert time.monotonic() - started < 4
     assert len(_names("interrupt")) == 1
     assert not _names("queue")  # it had started: nothing to drop from the queue
@@ -461,6 +462,6 @@ def test_stop_drops_queued_prompt(node: NodeUrls, inputs: dict[str, Path], tmp_p
         return "cancelled" if time.monotonic() - started > 1.0 else None
 
     with pytest.raises(JobStopped, match="cancelled"):
-        comfyui.run({}, "job6", inputs, node, tmp_path, should_stop, lambda _p: None)
+        comfyui.run(engine_job({}, "job6", inputs, node, tmp_path, should_stop))
     assert _names("queue") == [{"delete": ["p-1"]}]
     assert not _names("interrupt")  # /queue no longer lists it as running
