@@ -9,7 +9,7 @@ the caller's thread checks should_stop() every 0.5 s and, on stop, shuts the soc
 the request on the node at once (with requests there is no socket to shut before headers arrive).
 The body asks for "stream": true; a single JSON object (a server that ignores "stream") is read too.
 
-Model: params["model"], else the OLLAMA_MODEL setting (config.py). Raises JobStopped,
+Model: params["model"], else the OLLAMA_MODEL setting (config.py, read from job.settings). Raises JobStopped,
 EngineError("vision model failed: ...") for error answers; OSError / http.client errors when the node
 cannot be reached.
 """
@@ -23,12 +23,10 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import config
-from comfyui import prepare_image
-from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase
+from engine_api import EngineError, JobContext, JobStopped, Progress, ShouldStop
+from mediaconv import prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -151,29 +149,20 @@ def generate(url: str, headers: dict[str, str], body: dict, should_stop: ShouldS
     return text
 
 
-def run(
-    params: dict,
-    job_id: str,
-    inputs: dict[str, Path],
-    node: NodeUrls,
-    work_dir: Path,
-    should_stop: ShouldStop,
-    progress: Progress,
-    phase: Phase = no_phase,
-) -> str:
+def run(job: JobContext) -> str:
     """Describe inputs["image"] with the vision model on the node; return the text."""
-    if "image" not in inputs:
+    if "image" not in job.inputs:
         raise EngineError("analyze needs an image input")
-    image_path = work_dir / f"{job_id}_input.jpg"
-    prepare_image(inputs["image"], image_path)
-    model = str(params.get("model") or config.load().ollama_model)
+    image_path = job.file("_input.jpg")
+    prepare_image(job.inputs["image"], image_path)
+    model = str(job.params.get("model") or job.settings.ollama_model)
     body = {
         "model": model,
-        "prompt": str(params.get("prompt") or DEFAULT_PROMPT),
+        "prompt": str(job.params.get("prompt") or DEFAULT_PROMPT),
         "images": [base64.b64encode(image_path.read_bytes()).decode("ascii")],
     }
-    log.info("job %s: vision model %s", job_id, model)
-    phase("rendering")  # the image travels inside the request: no separate upload
-    text = generate(f"{node.ollama}/api/generate", node.headers(), body, should_stop, progress)
-    (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
+    log.info("job %s: vision model %s", job.job_id, model)
+    job.phase("rendering")  # the image travels inside the request: no separate upload
+    text = generate(f"{job.node.ollama}/api/generate", job.node.headers(), body, job.should_stop, job.progress)
+    job.file(".txt").write_text(text, encoding="utf-8")
     return text

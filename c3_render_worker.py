@@ -13,6 +13,7 @@ Run: `python c3_render_worker.py` (configuration from the environment; see READM
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ import sweep
 import webhooks
 import whisper
 from comput3 import C3Error
-from engine_api import EngineError, JobStopped, ShouldStop
+from engine_api import EngineError, JobContext, JobStopped, ShouldStop
 from nodes import HeldNode
 
 log = logging.getLogger("c3-render.worker")
@@ -166,10 +167,10 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
         phase("downloading")
         storage.wait_for_free_space(settings, should_stop)  # before inputs and outputs are written
         inputs = fetch_inputs(settings, job, should_stop)
-        output = nodes.run_on_node(
-            state, job.type, ENGINES[job.type],
-            {"params": job.params, "job_id": job.id, "inputs": inputs, "work_dir": job.work_dir},
-            should_stop, phase, job_progress(state, job.id))
+        context = functools.partial(JobContext, job_id=job.id, params=job.params, inputs=inputs,
+                                    work_dir=job.work_dir, settings=settings, should_stop=should_stop,
+                                    progress=job_progress(state, job.id), phase=phase)
+        output = nodes.run_on_node(state, job.type, ENGINES[job.type], context, should_stop, phase)
         phase("storing")
         fields = store_result(state, job, output)
         log.info("job %s succeeded in %.1f s", job.id, time.time() - job.started)

@@ -1,16 +1,16 @@
 """Portrait video engine: the SONIC talking-head workflow on ComfyUI (docs/node-protocols.md, ComfyUI and SONIC).
 
 This module owns everything between a portrait image + audio on disk and work_dir/{job_id}.mp4:
-preparing the inputs (work_dir/{job_id}_input.jpg, and the audio as {job_id}_input.<mp3|wav|flac>),
-uploading them, building the workflow (`build_sonic_workflow`), queueing it, following it on the
-websocket (falling back to polling /history when the socket drops), stopping it on request, and
-downloading the video named in /history.
+preparing the inputs (work_dir/{job_id}_input.jpg, made by mediaconv.prepare_image, and the audio as
+{job_id}_input.<mp3|wav|flac>), uploading them, building the workflow (sonic_workflow.py), queueing
+it, following it on the websocket (falling back to polling /history when the socket drops), stopping it
+on request, and downloading the video named in /history. The worker has waited for ComfyUI to answer
+(GET /system_stats, once per node) before the engine runs.
 
 Raises JobStopped when should_stop() gives a reason (after dropping or interrupting the prompt),
-EngineError when ComfyUI rejects or fails the workflow, TimeoutError when ComfyUI does not become
-ready within SERVICE_READY_TIMEOUT seconds (config.py; a real cold start takes minutes). Transport
-errors (requests, websocket) propagate unchanged: the node is in trouble. A 5xx answer from a node
-whose health check still passes is retried once (a transient app error) before the job fails.
+EngineError when ComfyUI rejects or fails the workflow. Transport errors (requests, websocket) propagate
+unchanged: the node is in trouble. A 5xx answer from a node whose health check still passes is retried
+once (a transient app error) before the job fails.
 
 Real-node facts this follows (docs/node-protocols.md, ComfyUI and SONIC): uploads over
 COMFYUI_MAX_UPLOAD_MB (100 MiB) are refused with 413, so larger audio is compressed first
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -35,20 +33,16 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 import websocket
-from PIL import Image, ImageOps
 
-import config
+import comput3
 import media_check
 import mediaconv
-from engine_api import EngineError, JobStopped, NodeUrls, Phase, Progress, ShouldStop, no_phase, node_healthy
+from engine_api import EngineError, JobContext, JobStopped, NodeUrls, ShouldStop
+from sonic_workflow import VIDEO_NODE, build_sonic_workflow
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SIDE = 2048  # larger inputs are scaled down before upload
-FIT_W, FIT_H = 1280, 720  # the portrait is resized to fit this box inside the workflow
-DURATION_MARGIN_S = 2  # SONIC_PreData duration = ceil(audio seconds) + this
 KEEP_AUDIO_FORMATS = {"mp3": "mp3", "wav": "wav", "flac": "flac"}  # ffprobe format -> extension
-VIDEO_NODE = "13"
 WS_RECV_TIMEOUT_S = 1.0  # so should_stop() is looked at at least every second
 STOP_CHECK_INTERVAL_S = 0.5
 HISTORY_POLL_S = 2.0  # polling /history when the websocket is gone
@@ -57,107 +51,9 @@ HTTP_TIMEOUT = (10, 60)
 INTERRUPTED = "ComfyUI execution was interrupted on the node"
 UPLOAD_TIMEOUT = (10, 300)
 RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
-NODE_CHECK_INTERVAL_S = 10.0  # while ComfyUI is not ready, check this often that the node itself answers
-JPEG_QUALITIES = (95, 85, 70)  # tried in turn until the portrait fits the upload limit
 
 
-# --- pure parts ---------------------------------------------------------------------------------
-
-
-def fit_size(w: int, h: int, max_w: int = FIT_W, max_h: int = FIT_H) -> tuple[int, int]:
-    """Scale (w, h) up or down to the largest size inside max_w x max_h, same aspect, even numbers."""
-    if w <= 0 or h <= 0:
-        raise ValueError(f"bad image size {w}x{h}")
-    scale = min(max_w / w, max_h / h)
-    fw = max(2, int(w * scale) // 2 * 2)
-    fh = max(2, int(h * scale) // 2 * 2)
-    return fw, fh
-
-
-def sonic_duration(audio_seconds: float) -> int:
-    return math.ceil(audio_seconds) + DURATION_MARGIN_S
-
-
-def build_sonic_workflow(
-    image_name: str,
-    audio_name: str,
-    image_size: tuple[int, int],
-    audio_seconds: float,
-    prefix: str,
-    seed: int,
-) -> dict:
-    """The SONIC workflow in ComfyUI's API format (docs/node-protocols.md, ComfyUI and SONIC).
-    image_size is the uploaded image's."""
-    width, height = fit_size(*image_size)
-    return {
-        "18": {"class_type": "LoadImage", "inputs": {"image": image_name}},
-        "26": {"class_type": "LoadAudio", "inputs": {"audio": audio_name}},
-        "58": {
-            "class_type": "ImageResize+",
-            "inputs": {
-                "image": ["18", 0],
-                "width": width,
-                "height": height,
-                "interpolation": "nearest",
-                "method": "stretch",
-                "condition": "always",
-                "multiple_of": 0,
-            },
-        },
-        "32": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": "svd_xt.safetensors"}},
-        "34": {
-            "class_type": "SONICTLoader",
-            "inputs": {
-                "model": ["32", 0],
-                "sonic_unet": "unet.pth",
-                "ip_audio_scale": 1,
-                "use_interframe": True,
-                "dtype": "bf16",
-            },
-        },
-        "33": {
-            "class_type": "SONIC_PreData",
-            "inputs": {
-                "clip_vision": ["32", 1],
-                "vae": ["32", 2],
-                "audio": ["26", 0],
-                "image": ["58", 0],
-                "weight_dtype": ["34", 1],
-                "min_resolution": 576,
-                "duration": sonic_duration(audio_seconds),
-                "expand_ratio": 1,
-            },
-        },
-        "31": {
-            "class_type": "SONICSampler",
-            "inputs": {
-                "model": ["34", 0],
-                "data_dict": ["33", 0],
-                "seed": seed,
-                "inference_steps": 25,
-                "dynamic_scale": 1,
-                "fps": 24,
-            },
-        },
-        VIDEO_NODE: {
-            "class_type": "VHS_VideoCombine",
-            "inputs": {
-                "images": ["31", 0],
-                "frame_rate": ["31", 1],
-                "audio": ["26", 0],
-                # loop_count and pingpong are required inputs of VHS_VideoCombine
-                "loop_count": 0,
-                "pingpong": False,
-                "format": "video/h264-mp4",
-                "pix_fmt": "yuv420p",
-                "crf": 19,
-                "trim_to_audio": True,
-                "save_output": True,
-                "filename_prefix": prefix,
-            },
-        },
-        "21": {"class_type": "PreviewImage", "inputs": {"images": ["58", 0]}},
-    }
+# --- ComfyUI's answers -------------------------------------------------------------------------
 
 
 def format_prompt_error(body: Any) -> str:
@@ -228,63 +124,13 @@ def video_output(entry: dict) -> dict:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def prepare_image(src: Path, dest: Path, max_bytes: int | None = None, isolate: bool = True) -> tuple[int, int]:
-    """Write src as an RGB JPEG at dest, upright, at most MAX_INPUT_SIDE px a side, within max_bytes
-    (lower JPEG quality when needed); return its size.
-
-    A large image in a format without reduced decoding (PNG, WebP...) is done in a child process
-    (isolate), so the worker's own memory never holds it at full size.
-    """
-    try:
-        with Image.open(src) as opened:
-            # A JPEG decodes straight at the smallest 1/2, 1/4 or 1/8 scale still >= MAX_INPUT_SIDE
-            # (draft mode), not at full size: a 40 MP photo then needs ~30 MB instead of ~120 MB.
-            opened.draft("RGB", (MAX_INPUT_SIDE, MAX_INPUT_SIDE))
-            large = media_check.decoded_bytes(opened) > media_check.IN_PROCESS_DECODE_BYTES
-            if isolate and large and opened.format != "JPEG":
-                # no reduced decode for this format: the full-size decode happens in a child process
-                width, height = media_check.run_isolated("comfyui", "prepare_image", str(src), str(dest),
-                                                         max_bytes=max_bytes, error=EngineError, isolate=False)
-                return width, height
-            img = opened
-            ImageOps.exif_transpose(img, in_place=True)  # no full-size copies: every step below is in place
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGB", rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel("A"))  # transparency -> white, not black
-                del rgba
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            if max(img.size) > MAX_INPUT_SIDE:
-                img.thumbnail((MAX_INPUT_SIDE, MAX_INPUT_SIDE), Image.Resampling.LANCZOS)
-            for quality in JPEG_QUALITIES:
-                img.save(dest, "JPEG", quality=quality)
-                if max_bytes is None or mediaconv.fits(dest, max_bytes):
-                    return img.size
-            raise EngineError(f"the image does not fit ComfyUI's upload limit of {max_bytes} bytes")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise EngineError(f"could not read the image: {exc}") from exc
-
-
-def probe(path: Path) -> tuple[str, float | None]:
-    """(ffprobe format_name, duration seconds or None)."""
-    cmd = ["ffprobe", "-v", "error", "-show_entries", "format=format_name,duration", "-of", "json", str(path)]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        fmt = json.loads(out.stdout or "{}").get("format", {})
-        duration = float(fmt["duration"]) if fmt.get("duration") not in (None, "N/A") else None
-    except (OSError, subprocess.SubprocessError, ValueError, TypeError):
-        return "", None
-    return str(fmt.get("format_name", "")), duration
-
-
 def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None = None) -> tuple[Path, float]:
     """Keep MP3/WAV/FLAC as is, convert anything else (video containers, m4a, ogg, webm...) to MP3;
     then, when the file would not fit max_bytes (ComfyUI's upload limit), a mono FLAC or MP3 of it.
 
     Returns the file to upload and its duration in seconds. ffmpeg converts file to file.
     """
-    fmt, duration = probe(src)
+    fmt, duration = media_check.format_and_duration(src)
     if fmt in KEEP_AUDIO_FORMATS:
         dest = work_dir / f"{job_id}_input.{KEEP_AUDIO_FORMATS[fmt]}"
         if src.resolve() != dest.resolve():
@@ -292,19 +138,19 @@ def prepare_audio(src: Path, work_dir: Path, job_id: str, max_bytes: int | None 
     else:
         dest = work_dir / f"{job_id}_input.mp3"
         try:
-            media_check.transcode_audio(src, dest, codec="libmp3lame", bitrate="192k")
+            mediaconv.transcode_audio(src, dest, codec="libmp3lame", bitrate=mediaconv.MP3_BITRATE)
         except media_check.MediaError as exc:
             raise EngineError(f"could not convert the audio to MP3: {exc}") from exc
-        duration = probe(dest)[1]
+        duration = media_check.format_and_duration(dest)[1]
     if duration is None:
         try:
-            duration = media_check.decoded_seconds(dest)
+            duration = mediaconv.decoded_seconds(dest)
         except media_check.MediaError as exc:
             raise EngineError(f"could not read the audio: {exc}") from exc
     if max_bytes is not None and not mediaconv.fits(dest, max_bytes):
         try:
             small = mediaconv.shrink_audio(dest, work_dir / f"{job_id}_upload", max_bytes)
-        except mediaconv.ConversionError as exc:
+        except media_check.MediaError as exc:
             raise EngineError(f"the audio does not fit ComfyUI's upload limit: {exc}") from exc
         log.info("audio %s (%d bytes) compressed to %s (%d bytes) to fit the upload limit", dest.name,
                  dest.stat().st_size, small.name, small.stat().st_size)
@@ -338,7 +184,7 @@ def node_request(
     """
     url = f"{node.comfyui}{path}"
     resp = requests.request(method, url, headers=node.headers(), timeout=timeout, **kwargs)
-    if resp.status_code < 500 or not node_healthy(node):
+    if resp.status_code < 500 or not comput3.check_node_health(node):
         return resp
     log.warning("ComfyUI %s %s answered HTTP %d on a healthy node; retrying once", method, path, resp.status_code)
     resp.close()
@@ -350,41 +196,20 @@ def node_request(
     return requests.request(method, url, headers=node.headers(), timeout=timeout, **kwargs)
 
 
-def node_busy(node: NodeUrls) -> bool | None:
-    """Whether the node's ComfyUI still runs or queues a prompt (GET /queue); None when it cannot tell."""
+def get_queue(node: NodeUrls) -> dict | None:
+    """GET /queue ({"queue_running": [...], "queue_pending": [...]}); None when it cannot tell."""
     try:
         resp = requests.get(f"{node.comfyui}/queue", headers=node.headers(), timeout=(5, 10))
         body = resp.json() if resp.status_code == 200 else None
     except (requests.RequestException, ValueError):
         return None
-    if not isinstance(body, dict):
-        return None
-    return bool(body.get("queue_running") or body.get("queue_pending"))
+    return body if isinstance(body, dict) else None
 
 
-def wait_ready(node: NodeUrls, should_stop: ShouldStop, timeout_s: float) -> None:
-    """Wait for GET /system_stats to answer 200. A node that itself stops answering (stopped, expired,
-    gone) is not waited for: ConnectionError, which the worker takes to its node check and a new node."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    node_checked = time.monotonic()  # the first check after NODE_CHECK_INTERVAL_S: a blip is no reason
-    while True:
-        try:
-            resp = requests.get(f"{node.comfyui}/system_stats", headers=node.headers(), timeout=(5, 10))
-            if resp.status_code == 200:
-                return
-            last = f"HTTP {resp.status_code}"
-        except requests.RequestException as exc:
-            last = type(exc).__name__
-        if time.monotonic() - node_checked >= NODE_CHECK_INTERVAL_S:
-            node_checked = time.monotonic()
-            if not node_healthy(node):
-                raise ConnectionError(f"the node stopped answering while ComfyUI was not ready ({last})")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"ComfyUI not ready after {timeout_s:.0f} s ({last})")
-        reason = _wait(1.0, should_stop)
-        if reason:
-            raise JobStopped(reason)
+def node_busy(node: NodeUrls) -> bool | None:
+    """Whether the node's ComfyUI still runs or queues a prompt (GET /queue); None when it cannot tell."""
+    queue = get_queue(node)
+    return None if queue is None else bool(queue.get("queue_running") or queue.get("queue_pending"))
 
 
 def upload(node: NodeUrls, path: Path, mime: str) -> str:
@@ -442,11 +267,7 @@ def get_history(node: NodeUrls, prompt_id: str) -> dict | None:
 
 def _is_running(node: NodeUrls, prompt_id: str) -> bool | None:
     """Whether GET /queue lists the prompt as running (None if /queue does not tell)."""
-    try:
-        resp = requests.get(f"{node.comfyui}/queue", headers=node.headers(), timeout=(5, 10))
-        running = resp.json().get("queue_running") if resp.status_code == 200 else None
-    except (requests.RequestException, ValueError):
-        return None
+    running = (get_queue(node) or {}).get("queue_running")
     if not isinstance(running, list):
         return None
     return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running)
@@ -483,9 +304,7 @@ def _interrupted(should_stop: ShouldStop) -> Exception:
     return JobStopped(reason) if reason else EngineError(INTERRUPTED)
 
 
-def follow_websocket(
-    ws: Any, node: NodeUrls, prompt_id: str, should_stop: ShouldStop, progress: Progress, phase: Phase = no_phase
-) -> bool:
+def follow_websocket(ws: Any, job: JobContext, prompt_id: str) -> bool:
     """Follow the prompt on the websocket: True when it finished, False when the socket dropped.
 
     Phases: rendering once the prompt starts, encoding once node 13 (VHS_VideoCombine) runs; the
@@ -495,9 +314,9 @@ def follow_websocket(
     next_check = 0.0
     while True:
         if time.monotonic() >= next_check:
-            reason = should_stop()
+            reason = job.should_stop()
             if reason:
-                raise _stopped(node, prompt_id, started, reason)
+                raise _stopped(job.node, prompt_id, started, reason)
             next_check = time.monotonic() + STOP_CHECK_INTERVAL_S
         try:
             frame = ws.recv()
@@ -522,18 +341,18 @@ def follow_websocket(
         if kind in ("execution_start", "execution_cached", "progress"):
             started = True
         if kind == "progress" and data.get("max") and str(data.get("node")) == VIDEO_NODE:
-            progress(max(0, min(99, int(100 * float(data.get("value", 0)) / float(data["max"])))))
+            job.progress(max(0, min(99, int(100 * float(data.get("value", 0)) / float(data["max"])))))
         elif kind == "executing":
             if data.get("node") is None:
                 return True
             started = True
-            phase("encoding" if str(data.get("node")) == VIDEO_NODE else "rendering")
+            job.phase("encoding" if str(data.get("node")) == VIDEO_NODE else "rendering")
         elif kind == "execution_success":
             return True
         elif kind == "execution_error":
             raise EngineError(format_execution_error(data))
         elif kind == "execution_interrupted":
-            raise _interrupted(should_stop)
+            raise _interrupted(job.should_stop)
 
 
 def wait_history(
@@ -587,68 +406,69 @@ def open_websocket(node: NodeUrls, client_id: str) -> Any:
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def run(
-    params: dict,
-    job_id: str,
-    inputs: dict[str, Path],
-    node: NodeUrls,
-    work_dir: Path,
-    should_stop: ShouldStop,
-    progress: Progress,
-    phase: Phase = no_phase,
-) -> Path:
+def run(job: JobContext) -> Path:
     """Render a talking-head video of inputs["image"] speaking inputs["audio"]; return the .mp4 path."""
-    if "image" not in inputs or "audio" not in inputs:
+    if "image" not in job.inputs or "audio" not in job.inputs:
         raise EngineError("portrait needs an image and an audio input")
-    settings = config.load()
-    max_bytes = int(settings.comfyui_max_upload_mb * 1024 * 1024)
-    image_path = work_dir / f"{job_id}_input.jpg"
-    image_size = prepare_image(inputs["image"], image_path, max_bytes)
-    audio_path, audio_seconds = prepare_audio(inputs["audio"], work_dir, job_id, max_bytes)
+    workflow, audio_seconds = send_inputs(job)
+    prompt_id, followed = run_prompt(job, workflow, audio_seconds)
+    # /history is the source of truth; without the websocket it is also how we learn the end.
+    entry = wait_history(job.node, prompt_id, job.should_stop, 0.5 if followed else HISTORY_POLL_S,
+                         HISTORY_SETTLE_S if followed else None)
+    return fetch_video(job, entry)
 
-    wait_ready(node, should_stop, settings.service_ready_timeout_s)
-    phase("uploading_inputs")
-    image_name = upload(node, image_path, "image/jpeg")
-    audio_name = upload(node, audio_path, f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}")
-    seed = params.get("seed")
+
+def send_inputs(job: JobContext) -> tuple[dict, float]:
+    """Prepare the portrait and the audio within the upload limit and upload both; return the SONIC
+    workflow that uses them and the audio's length in seconds."""
+    max_bytes = int(job.settings.comfyui_max_upload_mb * 1024 * 1024)
+    image_path = job.file("_input.jpg")
+    image_size = mediaconv.prepare_image(job.inputs["image"], image_path, max_bytes)
+    audio_path, audio_seconds = prepare_audio(job.inputs["audio"], job.work_dir, job.job_id, max_bytes)
+    job.phase("uploading_inputs")
+    image_name = upload(job.node, image_path, "image/jpeg")
+    audio_mime = f"audio/{'mpeg' if audio_path.suffix == '.mp3' else audio_path.suffix[1:]}"
+    audio_name = upload(job.node, audio_path, audio_mime)
+    seed = job.params.get("seed")
     workflow = build_sonic_workflow(
         image_name,
         audio_name,
         image_size,
         audio_seconds,
-        prefix=f"c3render/{job_id}",
+        prefix=f"c3render/{job.job_id}",
         seed=int(seed) if isinstance(seed, int) else random.randint(1, 2**31 - 1),
     )
+    return workflow, audio_seconds
 
+
+def run_prompt(job: JobContext, workflow: dict, audio_seconds: float) -> tuple[str, bool]:
+    """Queue the workflow and follow it on the websocket; return the prompt id and whether the socket
+    saw it finish (False: the socket was unavailable or dropped)."""
     client_id = str(uuid.uuid4())
-    ws = open_websocket(node, client_id)
+    ws = open_websocket(job.node, client_id)  # before the prompt is queued, so no message is missed
     try:
-        reason = should_stop()
+        reason = job.should_stop()
         if reason:
             raise JobStopped(reason)
-        prompt_id = queue_prompt(node, workflow, client_id)
-        log.info("job %s: ComfyUI prompt %s queued (%.1f s of audio)", job_id, prompt_id, audio_seconds)
-        phase("rendering")
-        finished = ws is not None and follow_websocket(ws, node, prompt_id, should_stop, progress, phase)
+        prompt_id = queue_prompt(job.node, workflow, client_id)
+        log.info("job %s: ComfyUI prompt %s queued (%.1f s of audio)", job.job_id, prompt_id, audio_seconds)
+        job.phase("rendering")
+        return prompt_id, ws is not None and follow_websocket(ws, job, prompt_id)
     finally:
         if ws is not None:
             try:
                 ws.close()
             except (websocket.WebSocketException, OSError):
                 pass
-    # /history is the source of truth; without the websocket it is also how we learn the end.
-    entry = wait_history(
-        node,
-        prompt_id,
-        should_stop,
-        0.5 if finished else HISTORY_POLL_S,
-        HISTORY_SETTLE_S if finished else None,
-    )
+
+
+def fetch_video(job: JobContext, entry: dict) -> Path:
+    """Download the video of a finished /history entry to work_dir/{job_id}.mp4; its error as EngineError."""
     error = history_error(entry)
     if error:
         if error == INTERRUPTED:
-            raise _interrupted(should_stop)
+            raise _interrupted(job.should_stop)
         raise EngineError(error)
-    out = download(node, video_output(entry), work_dir / f"{job_id}.mp4")
-    progress(100)
+    out = download(job.node, video_output(entry), job.file(".mp4"))
+    job.progress(100)
     return out

@@ -2,13 +2,16 @@
 
 An engine is a module with one function:
 
-    run(params, job_id, inputs, node, work_dir, should_stop, progress, phase=no_phase) -> Path | str
+    run(job: JobContext) -> Path | str
 
-- params: the job's validated parameters (defaults filled in by the API).
+JobContext (below) holds everything the engine gets for one job:
+- job_id, params: the job's id and its validated parameters (defaults filled in by the API).
 - inputs: local files the worker has already downloaded and checked, by role
   ("audio", "image", "reference_audio").
-- node: the URLs of the GPU node the job runs on (NodeUrls below).
-- work_dir: the job's own directory; outputs go there under the spec's names.
+- node: the URLs of the GPU node the job runs on (NodeUrls below). The worker has already waited for
+  the job's service on it to answer (once per node), so engines do not wait for it again.
+- work_dir: the job's own directory; outputs go there under the spec's names (`job.file(suffix)`).
+- settings: the worker's config.Settings. Engines read settings only from here, never config.load().
 - should_stop(): None while the job may go on, else the reason it must stop (cancel, max_time,
   complete_by). Engines poll it, stop the remote work (Gradio job cancelled, ComfyUI interrupted)
   and raise JobStopped(reason).
@@ -23,13 +26,23 @@ Engines never touch Redis or storage; they return a local file path (media) or t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import requests
+import config
 
 ShouldStop = Callable[[], "str | None"]
 Progress = Callable[[int], None]
 Phase = Callable[[str], None]
+
+
+def no_progress(_percent: int) -> None:
+    return None
+
+
+def no_phase(_phase: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,15 +63,6 @@ class NodeUrls:
         return f"NodeUrls(base={self.base!r})"
 
 
-def node_healthy(node: NodeUrls) -> bool:
-    """Whether the node itself answers 200 at its root, as the worker's health check asks it (engines
-    use it to tell a node that went away from a service that answered badly)."""
-    try:
-        return requests.get(node.base + "/", headers=node.headers(), timeout=(5, 10)).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def node_urls(node: str, api_key: str, node_url: str, comfyui_url: str, ollama_url: str) -> NodeUrls:
     """Fill the URL templates ({node} placeholders) for one node hostname."""
     base = node_url.replace("{node}", node).rstrip("/")
@@ -72,17 +76,28 @@ def node_urls(node: str, api_key: str, node_url: str, comfyui_url: str, ollama_u
     )
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """One job as an engine sees it (the module docstring says what each field is)."""
+
+    job_id: str
+    params: dict[str, Any]
+    inputs: dict[str, Path]
+    node: NodeUrls
+    work_dir: Path
+    settings: config.Settings = field(repr=False)  # a long repr, of no use in a traceback
+    should_stop: ShouldStop
+    progress: Progress = no_progress
+    phase: Phase = no_phase
+
+    def file(self, suffix: str) -> Path:
+        """work_dir/{job_id}{suffix}: every file of a job is named after it (e.g. "_input.jpg", ".mp4")."""
+        return self.work_dir / f"{self.job_id}{suffix}"
+
+
 class JobStopped(Exception):
     """The engine stopped its remote work because should_stop() gave this reason."""
 
 
 class EngineError(Exception):
     """The engine's service answered with an error; str() is the message the client sees."""
-
-
-def no_progress(_percent: int) -> None:
-    return None
-
-
-def no_phase(_phase: str) -> None:
-    return None

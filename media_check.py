@@ -4,9 +4,10 @@ It owns the answer to "is this file really an image / an audio file we accept, a
 limits?": `check_image` decodes with Pillow (a fixed set of formats, pixel limit, decompression
 bombs refused), `check_audio` probes with ffprobe (an audio stream, a container from a fixed set,
 duration limit, no playlists that would make ffmpeg fetch other URLs). `ffprobe_json` is the one
-place that runs ffprobe; `transcode_audio` and `decoded_seconds` run ffmpeg file to file, so no
-input is ever decoded inside the worker's own memory. Errors (`MediaError`) name the field and say
-what the file looked like ("got text/html"), so they can be shown to the client as they are.
+place that runs ffprobe (`format_and_duration` is its short form); `run_tool` runs ffprobe and ffmpeg
+(mediaconv.py holds the conversions); `run_isolated` runs a function in a child process, so that no
+large input is ever decoded inside the worker's own memory. Errors (`MediaError`) name the field and
+say what the file looked like ("got text/html"), so they can be shown to the client as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,6 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 FFPROBE_TIMEOUT_S = 30.0
-FFMPEG_TIMEOUT_S = 900.0  # a 600 s input at 96 kHz converts in well under a minute on one core
 DRAFT_SCALE = 8  # JPEG check: decode at 1/8 scale (DCT scaling); every byte is still decoded
 # Decoded images larger than this (width x height x bands) are decoded in a child process when their
 # format has no reduced decode: the worker's peak RSS stays bounded (issue 9: <= 150 MB over idle).
@@ -149,7 +150,7 @@ def _sniff_file(path: Path) -> str:
 # --- ffprobe --------------------------------------------------------------------------------------
 
 
-def _run_tool(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run_tool(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ffprobe or ffmpeg (command[0]) and return how it ended. Raises MediaError when it took longer
     than timeout or is not installed, ToolKilled when a signal ended it; a non-zero exit is the caller's."""
     name = command[0]
@@ -175,7 +176,7 @@ def ffprobe_json(path: Path | str, *, timeout: float = FFPROBE_TIMEOUT_S) -> dic
         "-print_format", "json", "-show_format", "-show_streams",
         f"file:{target}",
     ]  # fmt: skip
-    done = _run_tool(command, timeout)
+    done = run_tool(command, timeout)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise MediaError(f"ffprobe could not read the file: {lines[-1] if lines else 'no details'}")
@@ -186,6 +187,16 @@ def ffprobe_json(path: Path | str, *, timeout: float = FFPROBE_TIMEOUT_S) -> dic
     if not isinstance(data, dict):
         raise MediaError("ffprobe gave unreadable output")
     return data
+
+
+def format_and_duration(path: Path | str) -> tuple[str, float | None]:
+    """(ffprobe format_name, duration in seconds or None) of a local media file; ("", None) when ffprobe
+    cannot read it."""
+    try:
+        fmt = ffprobe_json(path).get("format") or {}
+    except MediaError:
+        return "", None
+    return str(fmt.get("format_name", "")), _seconds(fmt.get("duration"))
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -223,7 +234,7 @@ def check_image(path: Path | str, *, field: str, max_pixels: int) -> ImageInfo:
                 if im.format == "JPEG" or decoded_bytes(im) <= IN_PROCESS_DECODE_BYTES:
                     im.load()
                 else:
-                    run_isolated("media_check", "decode_image", str(path))
+                    run_isolated(decode_image, str(path))
     except Image.DecompressionBombError:
         raise MediaError(too_big) from None
     except IsolatedError as exc:
@@ -266,12 +277,14 @@ class IsolatedError(Exception):
     """A function run by run_isolated failed; str() is its message."""
 
 
-def run_isolated(module: str, function: str, *args: Any, error: type[Exception] = IsolatedError,
+def run_isolated(function: Callable[..., Any], *args: Any, error: type[Exception] = IsolatedError,
                  **kwargs: Any) -> Any:
-    """Run module.function(*args, **kwargs) in a fresh Python process; return its result (JSON).
+    """Run function(*args, **kwargs) in a fresh Python process; return its result (JSON).
 
     For work whose memory must not stay in the worker (a full-size image decode): the child's memory
-    goes back to the system when it exits. A failure is raised here as `error` with the child's message.
+    goes back to the system when it exits. The child imports the function by its module and name, so it
+    must be a top-level function of a module beside this one. A failure is raised here as `error` with
+    the child's message.
     """
     code = (
         "import importlib, json, sys\n"
@@ -283,7 +296,8 @@ def run_isolated(module: str, function: str, *args: Any, error: type[Exception] 
         "    print(json.dumps({'error': str(exc) or type(exc).__name__})); sys.exit(1)\n"
         "print(json.dumps({'result': result}))\n"
     )
-    call = json.dumps({"module": module, "function": function, "args": list(args), "kwargs": kwargs})
+    call = json.dumps({"module": function.__module__, "function": function.__name__, "args": list(args),
+                       "kwargs": kwargs})
     here = str(Path(__file__).resolve().parent)
     try:
         done = subprocess.run([sys.executable, "-c", code, call], capture_output=True, text=True, cwd=here,
@@ -316,13 +330,19 @@ def _describe_non_image(path: Path) -> str:
 # --- audio ----------------------------------------------------------------------------------------
 
 
+def _seconds(raw: object) -> float | None:
+    """An ffprobe duration ("12.5", "N/A", missing) in seconds, None when it gives none."""
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if value == value and value >= 0 else None  # not NaN
+
+
 def _duration(probe: dict, stream: dict) -> float | None:
+    """The container's duration, else the stream's."""
     for raw in (probe.get("format", {}).get("duration"), stream.get("duration")):
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            continue
-        if value == value and value >= 0:  # not NaN
+        if (value := _seconds(raw)) is not None:
             return value
     return None
 
@@ -361,39 +381,3 @@ def check_audio(path: Path | str, *, field: str, max_seconds: float) -> AudioInf
         format_name=format_name,
         has_video=has_video,
     )
-
-
-# --- conversions (ffmpeg, file to file) ---------------------------------------------------------
-
-
-def _run_ffmpeg(args: list[str], timeout: float) -> str:
-    """Run ffmpeg (local files only); return its stdout. Raises MediaError with ffmpeg's last line."""
-    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-protocol_whitelist", "file,pipe", *args]
-    done = _run_tool(cmd, timeout)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise MediaError(lines[-1] if lines else f"ffmpeg exited with status {done.returncode}")
-    return done.stdout
-
-
-def transcode_audio(src: Path | str, dest: Path | str, *, codec: str, bitrate: str = "",
-                    mono: bool = False, timeout: float = FFMPEG_TIMEOUT_S) -> Path:
-    """Write the first audio stream of src to dest with `codec` ("libmp3lame", "pcm_s16le", ...), the
-    sample rate kept, down-mixed to one channel when mono. ffmpeg streams file to file. Raises MediaError."""
-    args = ["-y", "-i", str(src), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1", "-c:a", codec]
-    if bitrate:
-        args += ["-b:a", bitrate]
-    if mono:
-        args += ["-ac", "1"]
-    _run_ffmpeg([*args, str(dest)], timeout)
-    return Path(dest)
-
-
-def decoded_seconds(path: Path | str, *, timeout: float = FFMPEG_TIMEOUT_S) -> float:
-    """How long the first audio stream plays, found by decoding it (for files whose headers do not say)."""
-    out = _run_ffmpeg(["-i", str(path), "-map", "0:a:0", "-f", "null", "-progress", "pipe:1", "-"], timeout)
-    micros = [line.split("=", 1)[1] for line in out.splitlines() if line.startswith("out_time_us=")]
-    try:
-        return max(0, int(micros[-1])) / 1e6
-    except (IndexError, ValueError):
-        raise MediaError("could not tell how long the audio is") from None

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 import requests
@@ -28,7 +28,7 @@ import config
 import launches
 import nodestore
 from comput3 import C3Error
-from engine_api import EngineError, JobStopped, NodeUrls, Phase, ShouldStop, no_phase, node_urls
+from engine_api import EngineError, JobContext, JobStopped, NodeUrls, Phase, ShouldStop, no_phase, node_urls
 
 log = logging.getLogger("c3-render.worker")
 
@@ -323,13 +323,10 @@ def wait_service_ready(state: NodeHolder, held: HeldNode, job_type: str, should_
 
 # --- running the engine ------------------------------------------------------------------------
 
-Engine = Callable[..., "Path | str"]
-
-
-def run_on_node(state: NodeHolder, job_type: str, engine: Engine, job_args: dict[str, Any],
-                should_stop: ShouldStop, phase: Phase, progress: Callable[[int], None]) -> Path | str:
-    """Get a node of the job's type and run the engine on it; a node failure is retried on a fresh node
-    NODE_FAILURE_RETRIES times. job_args are the engine's arguments but the node."""
+def run_on_node(state: NodeHolder, job_type: str, engine: Callable[[JobContext], Path | str],
+                context: Callable[..., JobContext], should_stop: ShouldStop, phase: Phase) -> Path | str:
+    """Get a node of the job's type and run the engine on it (`context(node=urls)` is the job as the
+    engine sees it); a node failure is retried on a fresh node NODE_FAILURE_RETRIES times."""
     node_type = node_type_for(state.settings, job_type)
     tries = 1 + max(0, state.settings.node_failure_retries)
     for attempt in range(1, tries + 1):
@@ -342,7 +339,8 @@ def run_on_node(state: NodeHolder, job_type: str, engine: Engine, job_args: dict
             except NodeFailed:
                 stop_node(state, node_type, "a service never became ready")
                 raise
-            output = engine(node=held.urls, should_stop=should_stop, progress=progress, phase=phase, **job_args)
+            job = context(node=held.urls)
+            output = engine(job)
             held.checked_at = time.time()  # it just did a job: known good for NODE_CHECK_TTL
             return output
         except (JobStopped, NodeFailed):
@@ -354,12 +352,11 @@ def run_on_node(state: NodeHolder, job_type: str, engine: Engine, job_args: dict
                 if isinstance(exc, EngineError):
                     raise
                 raise EngineError(f"{job_type} failed: {detail}") from None
-            log.warning("node %s failed during job %s (%s): %s", held.node, job_args.get("job_id"), problem,
-                        detail)
+            log.warning("node %s failed during job %s (%s): %s", held.node, job.job_id, problem, detail)
             stop_node(state, node_type, f"failed during a job: {problem}", release_slot=attempt == tries)
             if attempt == tries:
                 raise NodeFailed(f"the GPU node failed during the job ({problem})") from None
-            log.info("retrying job %s on a new node", job_args.get("job_id"))
+            log.info("retrying job %s on a new node", job.job_id)
         finally:
             if node_type in state.nodes:
                 state.nodes[node_type].last_used = time.time()

@@ -2,7 +2,7 @@
 
 This module owns the WhisperX Gradio call (`/transcribe_audio`, input names in `WHISPER_INPUTS`) and the
 files of a whisper job: work_dir/{job_id}_input.mp3 (the audio sent) and work_dir/{job_id}.txt (the
-transcript). It returns the transcript text. Polling, stopping and error mapping are csm.gradio_call's.
+transcript). It returns the transcript text. Polling, stopping and error mapping are gradio_app.call's.
 
 The audio input's name is unverified (deployed versions used `input_file`): it is the setting
 WHISPER_AUDIO_INPUT_NAME (config.py, default `audio_file`); when the app declares its inputs and the
@@ -12,13 +12,13 @@ configured name is not among them, the other known name is used.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import config
+import gradio_app
 import jobspec
-from csm import gradio_call, to_mp3
-from engine_api import EngineError, NodeUrls, Phase, Progress, ShouldStop, no_phase
+import mediaconv
+from engine_api import EngineError, JobContext
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ DEFAULTS = {f.name: f.default for f in jobspec.JOB_FIELDS["whisper"] if f.defaul
 APP_ERROR_PREFIX = "Error:"
 
 
-def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
+def audio_input_name(settings: config.Settings, declared: set[str] | frozenset[str] = frozenset()) -> str:
     """The name to send the audio under: the WHISPER_AUDIO_INPUT_NAME setting, adapted to what the app declares."""
-    name = config.load().whisper_audio_input_name
+    name = settings.whisper_audio_input_name
     if declared and name not in declared:
         for other in KNOWN_AUDIO_INPUT_NAMES:
             if other in declared:
@@ -61,7 +61,9 @@ def audio_input_name(declared: set[str] | frozenset[str] = frozenset()) -> str:
     return name
 
 
-def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] = frozenset()) -> dict:
+def build_kwargs(
+    params: dict, audio: Any, settings: config.Settings, declared: set[str] | frozenset[str] = frozenset()
+) -> dict:
     """The keyword inputs of /transcribe_audio for these params (audio: a handle_file value)."""
     language = str(params.get("language") or "").strip()
     if language.lower() == "auto":
@@ -73,7 +75,7 @@ def build_kwargs(params: dict, audio: Any, declared: set[str] | frozenset[str] =
         "language": jobspec.whisper_language(language) if language else "",
         **FIXED_VALUES,
     }
-    kwargs = {audio_input_name(declared): audio}
+    kwargs = {audio_input_name(settings, declared): audio}
     kwargs.update({WHISPER_INPUTS[key]: value for key, value in values.items()})
     return kwargs
 
@@ -96,36 +98,22 @@ def transcript_text(result: Any) -> str:
     return text.strip()
 
 
-def run(
-    params: dict,
-    job_id: str,
-    inputs: dict[str, Path],
-    node: NodeUrls,
-    work_dir: Path,
-    should_stop: ShouldStop,
-    progress: Progress,
-    phase: Phase = no_phase,
-) -> str:
+def run(job: JobContext) -> str:
     """Transcribe inputs["audio"] with WhisperX on the node; return the transcript text."""
     from gradio_client import handle_file
 
-    audio = inputs.get("audio")
+    audio = job.inputs.get("audio")
     if audio is None:
         raise EngineError("Whisper failed: no audio input")
-    sent = to_mp3(audio, work_dir / f"{job_id}_input.mp3")
-    log.info("job %s: whisper model %s", job_id, params.get("model") or DEFAULTS["model"])
-    result = gradio_call(
-        node.whisper,
-        node.headers(),
+    sent = mediaconv.to_mp3(audio, job.file("_input.mp3"))
+    log.info("job %s: whisper model %s", job.job_id, job.params.get("model") or DEFAULTS["model"])
+    result = gradio_app.call(
+        job,
+        job.node.whisper,
         API_NAME,
-        lambda declared: build_kwargs(params, handle_file(str(sent)), declared),
-        should_stop,
-        progress,
+        lambda declared: build_kwargs(job.params, handle_file(str(sent)), job.settings, declared),
         "Whisper",
-        work_dir / "gradio",
-        phase,
-        node,
     )
     text = transcript_text(result)
-    (work_dir / f"{job_id}.txt").write_text(text, encoding="utf-8")
+    job.file(".txt").write_text(text, encoding="utf-8")
     return text

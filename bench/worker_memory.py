@@ -28,28 +28,28 @@ MIB = 1024 * 1024
 
 # name -> (what it stands for, the code run in the child; `src` and `out` are paths)
 CASES = {
-    "whisper_wav_200mib": ("whisper input, 200 MiB WAV -> MP3 (csm.to_mp3)",
+    "whisper_wav_200mib": ("whisper input, 200 MiB WAV -> MP3 (mediaconv.to_mp3)",
                            "media_check.check_audio(src, field='audio_url', max_seconds=600)\n"
-                           "csm.to_mp3(src, out / 'sent.mp3')"),
-    "clone_reference_600s": ("CSM clone reference, 600 s WAV -> mono WAV (csm.to_mono_wav)",
+                           "mediaconv.to_mp3(src, out / 'sent.mp3')"),
+    "clone_reference_600s": ("CSM clone reference, 600 s WAV -> mono WAV (mediaconv.to_mono_wav)",
                              "media_check.check_audio(src, field='reference_audio_url', max_seconds=600)\n"
-                             "csm.to_mono_wav(src, out / 'ref.wav')"),
+                             "mediaconv.to_mono_wav(src, out / 'ref.wav')"),
     "portrait_audio_m4a_600s": ("portrait audio, 600 s M4A -> MP3 (comfyui.prepare_audio)",
                                 "media_check.check_audio(src, field='audio_url', max_seconds=600)\n"
                                 "comfyui.prepare_audio(src, out, 'job')"),
-    "image_jpeg_40mp": ("analyze/portrait image, 40 MP JPEG (check_image + comfyui.prepare_image)",
+    "image_jpeg_40mp": ("analyze/portrait image, 40 MP JPEG (check_image + mediaconv.prepare_image)",
                         "media_check.check_image(src, field='image_url', max_pixels=40_000_000)\n"
-                        "comfyui.prepare_image(src, out / 'img.jpg')"),
-    "image_png_40mp": ("analyze/portrait image, 40 MP PNG (check_image + comfyui.prepare_image)",
+                        "mediaconv.prepare_image(src, out / 'img.jpg')"),
+    "image_png_40mp": ("analyze/portrait image, 40 MP PNG (check_image + mediaconv.prepare_image)",
                        "media_check.check_image(src, field='image_url', max_pixels=40_000_000)\n"
-                       "comfyui.prepare_image(src, out / 'img.jpg')"),
+                       "mediaconv.prepare_image(src, out / 'img.jpg')"),
 }
 
 CHILD = r"""
 import gc, json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import csm, comfyui, media_check, whisper, analyze  # the worker's modules, loaded as in a worker
+import csm, comfyui, media_check, mediaconv, whisper, analyze  # the worker's modules, loaded as in a worker
 import PIL.Image, pydub  # noqa: F401
 
 def rss(field):

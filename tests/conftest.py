@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import config  # noqa: E402
+from engine_api import JobContext, NodeUrls, no_phase, no_progress  # noqa: E402
 
 
 def free_port() -> int:
@@ -38,6 +39,14 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def engine_job(params: dict, job_id: str, inputs: dict[str, Path], node: NodeUrls, work_dir: Path,
+               should_stop=lambda: None, progress=no_progress, phase=no_phase) -> JobContext:
+    """The JobContext the worker gives an engine, with the settings the environment holds now (tests set
+    an engine's settings, e.g. OLLAMA_MODEL, with monkeypatch.setenv)."""
+    return JobContext(job_id=job_id, params=params, inputs=inputs, node=node, work_dir=work_dir,
+                      settings=config.load(), should_stop=should_stop, progress=progress, phase=phase)
 
 
 @contextmanager

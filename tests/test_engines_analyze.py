@@ -15,6 +15,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
 
+from conftest import engine_job  # noqa: E402
+
 import analyze  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
 
@@ -98,7 +100,8 @@ def test_streamed_answer(node: NodeUrls, image: Path, tmp_path: Path, monkeypatc
     _mode("stream")
     seen: list[int] = []
     phases: list[str] = []
-    text = analyze.run({}, "a1", {"image": image}, node, tmp_path, lambda: None, seen.append, phases.append)
+    text = analyze.run(engine_job({}, "a1", {"image": image}, node, tmp_path, progress=seen.append,
+                                   phase=phases.append))
     assert text == "A red square on white."
     assert seen == [] and phases == ["rendering"]  # no made-up percentage: Ollama streams without a total
     assert (tmp_path / "a1.txt").read_text() == text
@@ -116,10 +119,9 @@ def test_streamed_answer(node: NodeUrls, image: Path, tmp_path: Path, monkeypatc
 def test_model_and_prompt(node: NodeUrls, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _mode("single")
     monkeypatch.setenv("OLLAMA_MODEL", "llava:7b")
-    assert analyze.run({"prompt": "Count faces."}, "a2", {"image": image}, node, tmp_path, lambda: None,
-                       lambda _p: None) == "One answer."  # fmt: skip
+    assert analyze.run(engine_job({"prompt": "Count faces."}, "a2", {"image": image}, node, tmp_path)) == "One answer."
     assert (STATE["body"]["model"], STATE["body"]["prompt"]) == ("llava:7b", "Count faces.")
-    analyze.run({"model": "m:1"}, "a3", {"image": image}, node, tmp_path, lambda: None, lambda _p: None)
+    analyze.run(engine_job({"model": "m:1"}, "a3", {"image": image}, node, tmp_path))
     assert STATE["body"]["model"] == "m:1"
 
 
@@ -133,7 +135,7 @@ def test_model_and_prompt(node: NodeUrls, image: Path, tmp_path: Path, monkeypat
 def test_errors(node: NodeUrls, image: Path, tmp_path: Path, mode: str, message: str) -> None:
     _mode(mode)
     with pytest.raises(EngineError) as info:
-        analyze.run({}, "a4", {"image": image}, node, tmp_path, lambda: None, lambda _p: None)
+        analyze.run(engine_job({}, "a4", {"image": image}, node, tmp_path))
     assert str(info.value) == message
 
 
@@ -145,7 +147,7 @@ def test_stop_disconnects(node: NodeUrls, image: Path, tmp_path: Path) -> None:
         return "cancelled" if "hang_started" in STATE and time.monotonic() - started > 1 else None
 
     with pytest.raises(JobStopped, match="cancelled"):
-        analyze.run({}, "a5", {"image": image}, node, tmp_path, should_stop, lambda _p: None)
+        analyze.run(engine_job({}, "a5", {"image": image}, node, tmp_path, should_stop))
     stopped = time.monotonic()
     assert stopped - started < 3
     deadline = time.monotonic() + 2
@@ -162,4 +164,4 @@ def test_unreachable_node_is_not_an_engine_error(image: Path, tmp_path: Path) ->
         port = s.getsockname()[1]
     gone = NodeUrls(base="", csm="", whisper="", comfyui="", ollama=f"http://127.0.0.1:{port}", api_key=KEY)
     with pytest.raises(OSError):
-        analyze.run({}, "a6", {"image": image}, gone, tmp_path, lambda: None, lambda _p: None)
+        analyze.run(engine_job({}, "a6", {"image": image}, gone, tmp_path))

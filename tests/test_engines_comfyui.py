@@ -1,4 +1,4 @@
-"""comfyui.py: pure helpers, and the engine against a scripted fake ComfyUI on 127.0.0.1.
+"""comfyui.py (and sonic_workflow.py): pure helpers, and the engine against a scripted fake ComfyUI on 127.0.0.1.
 
 The fake is a FastAPI app mounted under a path prefix (/nodes/abc/comfyui, like a proxied node) and
 served by uvicorn in a thread. Each test sets SCRIPT["mode"]; /prompt then plays that script on the
@@ -20,9 +20,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
 
-from conftest import serve_asgi  # noqa: E402
+from conftest import engine_job, serve_asgi  # noqa: E402
 
 import comfyui  # noqa: E402
+import media_check  # noqa: E402
+import mediaconv  # noqa: E402
+import sonic_workflow  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
 
 KEY = "comfy-key"
@@ -44,7 +47,7 @@ VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"fake video" * 1000
     ],
 )
 def test_fit_size(size: tuple[int, int], expected: tuple[int, int]) -> None:
-    w, h = comfyui.fit_size(*size)
+    w, h = sonic_workflow.fit_size(*size)
     assert (w, h) == expected
     assert w % 2 == 0 and h % 2 == 0 and w <= 1280 and h <= 720
 
@@ -60,7 +63,7 @@ def test_build_sonic_workflow(tmp_path: Path) -> None:
     audio, seconds = comfyui.prepare_audio(_tone(tmp_path / "a.wav", 3.2), tmp_path, "j")
     assert audio == tmp_path / "j_input.wav"
     assert 3.1 < seconds < 3.3
-    wf = comfyui.build_sonic_workflow("img.jpg", "j_input.wav", (1080, 1920), seconds, "c3render/j", 42)
+    wf = sonic_workflow.build_sonic_workflow("img.jpg", "j_input.wav", (1080, 1920), seconds, "c3render/j", 42)
     assert set(wf) == {"18", "26", "58", "32", "34", "33", "31", "13", "21"}
     classes = {k: v["class_type"] for k, v in wf.items()}
     assert classes == {
@@ -104,7 +107,7 @@ def test_build_sonic_workflow(tmp_path: Path) -> None:
         ["58", 0],
         ["34", 1],
     )
-    assert pre["duration"] == math.ceil(seconds) + comfyui.DURATION_MARGIN_S == 6
+    assert pre["duration"] == math.ceil(seconds) + sonic_workflow.DURATION_MARGIN_S == 6
     assert (pre["min_resolution"], pre["expand_ratio"]) == (576, 1)
     sampler = wf["31"]["inputs"]
     assert sampler == {
@@ -127,22 +130,22 @@ def test_prepare_audio_converts_containers(tmp_path: Path) -> None:
     src = _tone(tmp_path / "voice.m4a", 1.5, fmt="mp4")
     out, seconds = comfyui.prepare_audio(src, tmp_path, "j")
     assert out == tmp_path / "j_input.mp3"
-    assert comfyui.probe(out)[0] == "mp3"
+    assert media_check.format_and_duration(out)[0] == "mp3"
     assert 1.4 < seconds < 1.7
 
 
 def test_prepare_image_scales_and_flattens(tmp_path: Path) -> None:
     Image.new("RGBA", (3000, 1500), (10, 20, 30, 0)).save(tmp_path / "big.png")
-    size = comfyui.prepare_image(tmp_path / "big.png", tmp_path / "out.jpg")
+    size = mediaconv.prepare_image(tmp_path / "big.png", tmp_path / "out.jpg")
     assert size == (2048, 1024)
     with Image.open(tmp_path / "out.jpg") as img:
         assert img.format == "JPEG" and img.mode == "RGB" and img.size == (2048, 1024)
         assert img.getpixel((5, 5))[0] > 240  # transparent -> white
     Image.new("RGB", (640, 480)).save(tmp_path / "small.png")
-    assert comfyui.prepare_image(tmp_path / "small.png", tmp_path / "small.jpg") == (640, 480)
+    assert mediaconv.prepare_image(tmp_path / "small.png", tmp_path / "small.jpg") == (640, 480)
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(EngineError):
-        comfyui.prepare_image(tmp_path / "junk.png", tmp_path / "junk.jpg")
+        mediaconv.prepare_image(tmp_path / "junk.png", tmp_path / "junk.jpg")
 
 
 def test_error_formatting() -> None:
@@ -194,7 +197,7 @@ CALLS: list[tuple[str, object]] = []
 def _reset(mode: str) -> None:
     SCRIPT.clear()
     SCRIPT.update(mode=mode, history={}, sockets={}, uploads={}, queue_pending=[], queue_running=[],
-                  not_ready=0, prompts={})  # fmt: skip
+                  prompts={})  # fmt: skip
     CALLS.clear()
 
 
@@ -210,9 +213,6 @@ def _fake_comfyui():
     @app.get("/system_stats")
     async def system_stats():
         CALLS.append(("system_stats", None))
-        if SCRIPT["not_ready"] > 0:
-            SCRIPT["not_ready"] -= 1
-            return JSONResponse({"error": "starting"}, status_code=502)
         return {"system": {"os": "posix"}, "devices": []}
 
     @app.post("/upload/image")
@@ -295,8 +295,6 @@ def _fake_comfyui():
 
     @outer.get("/")
     async def node_root():  # the node itself, as the worker's health check asks it
-        if SCRIPT.get("node_gone"):
-            return JSONResponse({"error": "no such node (stopped)"}, status_code=404)
         return {"status": "ok"}
 
     outer.mount("/nodes/abc/comfyui", app)
@@ -390,13 +388,13 @@ def _names(kind: str) -> list[object]:
 
 def test_success(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> None:
     _reset("success")
-    SCRIPT["not_ready"] = 2
     seen: list[int] = []
     phases: list[str] = []
-    out = comfyui.run({"seed": 7}, "job1", inputs, node, tmp_path, lambda: None, seen.append, phases.append)
+    job = engine_job({"seed": 7}, "job1", inputs, node, tmp_path, progress=seen.append, phase=phases.append)
+    out = comfyui.run(job)
     assert out == tmp_path / "job1.mp4"
     assert out.read_bytes() == VIDEO
-    assert len(_names("system_stats")) == 3
+    assert not _names("system_stats")  # the worker waited for ComfyUI before the engine ran: not again
     uploads = _names("upload")
     assert [u["filename"] for u in uploads] == ["job1_input.jpg", "job1_input.wav"]
     assert all(u["overwrite"] == "true" for u in uploads)
@@ -421,14 +419,14 @@ def test_success(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> Non
 def test_rejected_workflow(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> None:
     _reset("reject")
     with pytest.raises(EngineError) as info:
-        comfyui.run({}, "job2", inputs, node, tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({}, "job2", inputs, node, tmp_path))
     assert str(info.value) == "ComfyUI rejected the workflow: node 18 (LoadImage): Invalid image file: x.png"
 
 
 def test_execution_error(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path) -> None:
     _reset("error")
     with pytest.raises(EngineError) as info:
-        comfyui.run({}, "job3", inputs, node, tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({}, "job3", inputs, node, tmp_path))
     assert str(info.value) == "ComfyUI node 31 (SONICSampler): CUDA out of memory"
 
 
@@ -437,7 +435,7 @@ def test_socket_drop_falls_back_to_history(
 ) -> None:
     monkeypatch.setattr(comfyui, "HISTORY_POLL_S", 0.5)
     _reset("drop")
-    out = comfyui.run({}, "job4", inputs, node, tmp_path, lambda: None, lambda _p: None)
+    out = comfyui.run(engine_job({}, "job4", inputs, node, tmp_path))
     assert out.read_bytes() == VIDEO
     assert len(_names("history")) >= 2  # it polled until the entry appeared
 
@@ -450,7 +448,7 @@ def test_stop_interrupts_running_prompt(node: NodeUrls, inputs: dict[str, Path],
         return "max_time" if time.monotonic() - started > 1.5 else None
 
     with pytest.raises(JobStopped, match="max_time"):
-        comfyui.run({}, "job5", inputs, node, tmp_path, should_stop, lambda _p: None)
+        comfyui.run(engine_job({}, "job5", inputs, node, tmp_path, should_stop))
     assert time.monotonic() - started < 4
     assert len(_names("interrupt")) == 1
     assert not _names("queue")  # it had started: nothing to drop from the queue
@@ -464,29 +462,6 @@ def test_stop_drops_queued_prompt(node: NodeUrls, inputs: dict[str, Path], tmp_p
         return "cancelled" if time.monotonic() - started > 1.0 else None
 
     with pytest.raises(JobStopped, match="cancelled"):
-        comfyui.run({}, "job6", inputs, node, tmp_path, should_stop, lambda _p: None)
+        comfyui.run(engine_job({}, "job6", inputs, node, tmp_path, should_stop))
     assert _names("queue") == [{"delete": ["p-1"]}]
     assert not _names("interrupt")  # /queue no longer lists it as running
-
-
-def test_a_node_that_is_gone_is_not_waited_for(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path,
-                                               monkeypatch) -> None:
-    """Stopped under the worker (as the soak's chaos did): /system_stats and the root answer 404; the
-    engine gives up at once instead of waiting SERVICE_READY_TIMEOUT (480 s) for a node that is gone."""
-    _reset("success")
-    SCRIPT.update(not_ready=100, node_gone=True)
-    monkeypatch.setattr(comfyui, "NODE_CHECK_INTERVAL_S", 0.5)
-    monkeypatch.setenv("SERVICE_READY_TIMEOUT", "20")  # the old code waits this long, then times out
-    started = time.monotonic()
-    with pytest.raises(ConnectionError, match="the node stopped answering while ComfyUI was not ready"):
-        comfyui.run({}, "job8", inputs, node, tmp_path, lambda: None, lambda _p: None)
-    assert time.monotonic() - started < 10 and not _names("upload")
-
-
-def test_not_ready_times_out(node: NodeUrls, inputs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    _reset("success")
-    SCRIPT["not_ready"] = 100
-    monkeypatch.setenv("SERVICE_READY_TIMEOUT", "1.5")
-    with pytest.raises(TimeoutError, match="ComfyUI not ready"):
-        comfyui.run({}, "job7", inputs, node, tmp_path, lambda: None, lambda _p: None)
-    assert not _names("upload")

@@ -24,10 +24,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines live at the repo root
 
-from conftest import serve_asgi  # noqa: E402
+from conftest import engine_job, serve_asgi  # noqa: E402
 
 import comfyui  # noqa: E402
 import mediaconv  # noqa: E402
+import sonic_workflow  # noqa: E402
 from devnode import comfy, faults  # noqa: E402
 from engine_api import EngineError, NodeUrls  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_audio_over_the_node_limit_is_uploaded_compressed(server, inputs, tmp_pa
     monkeypatch.setenv("DEVNODE_COMFY_MAX_UPLOAD_MB", "0.25")  # the node's --max-upload-size
     monkeypatch.setenv("COMFYUI_MAX_UPLOAD_MB", "0.25")  # the worker's setting, matching it
     inputs["audio"] = write_wav(tmp_path / "big.wav", 3.0)  # 563 KiB of WAV
-    out = comfyui.run({"seed": 1}, "big", inputs, server["node"], tmp_path, lambda: None, lambda _p: None)
+    out = comfyui.run(engine_job({"seed": 1}, "big", inputs, server["node"], tmp_path))
     video = _probe(out)
     assert abs(float(video["format"]["duration"]) - 3.0) <= 0.3
     uploaded = sorted(p.name for p in (server["data_dir"] / "default" / "input").iterdir())
@@ -128,13 +129,14 @@ def test_audio_over_the_node_limit_is_uploaded_compressed(server, inputs, tmp_pa
 def test_upload_refused_as_too_large_names_the_setting(server, inputs, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DEVNODE_COMFY_MAX_UPLOAD_MB", "0.001")  # the node's limit is below ours
     with pytest.raises(EngineError, match="413.*COMFYUI_MAX_UPLOAD_MB"):
-        comfyui.run({"seed": 1}, "refused", inputs, server["node"], tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({"seed": 1}, "refused", inputs, server["node"], tmp_path))
 
 
 def test_progress_is_node_13s_and_phases_follow_the_render(server, inputs, tmp_path) -> None:
     seen: list[int] = []
     phases: list[str] = []
-    comfyui.run({"seed": 1}, "phases", inputs, server["node"], tmp_path, lambda: None, seen.append, phases.append)
+    comfyui.run(engine_job({"seed": 1}, "phases", inputs, server["node"], tmp_path, progress=seen.append,
+                           phase=phases.append))
     changes = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
     assert changes == ["uploading_inputs", "rendering", "encoding"]
     assert seen and seen == sorted(seen) and seen[-1] == 100  # only while encoding, up to done
@@ -145,9 +147,9 @@ def test_partly_invalid_graph_is_deleted_from_the_queue(server, inputs, tmp_path
     node = server["node"]
     image = comfyui.upload(node, inputs["image"], "image/png")
     audio = comfyui.upload(node, inputs["audio"], "audio/wav")
-    good = comfyui.build_sonic_workflow(image, audio, (200, 240), 2.0, "busy/x", 1)
+    good = sonic_workflow.build_sonic_workflow(image, audio, (200, 240), 2.0, "busy/x", 1)
     busy = comfyui.queue_prompt(node, good, str(uuid.uuid4()))  # keeps the node busy meanwhile
-    partly = comfyui.build_sonic_workflow(image, audio, (200, 240), 2.0, "bad/x", 1)
+    partly = sonic_workflow.build_sonic_workflow(image, audio, (200, 240), 2.0, "bad/x", 1)
     partly["13"]["inputs"]["format"] = "video/unknown"  # node 13 invalid; the preview (21) is valid
     with pytest.raises(EngineError, match="node 13"):
         comfyui.queue_prompt(node, partly, str(uuid.uuid4()))
@@ -159,7 +161,7 @@ def test_partly_invalid_graph_is_deleted_from_the_queue(server, inputs, tmp_path
 
 def test_5xx_from_a_healthy_node_is_retried_once(server, inputs, tmp_path) -> None:
     SHIM["fail_next"] = {"/prompt": 1, "/upload/image": 1}
-    out = comfyui.run({"seed": 1}, "retry", inputs, server["node"], tmp_path, lambda: None, lambda _p: None)
+    out = comfyui.run(engine_job({"seed": 1}, "retry", inputs, server["node"], tmp_path))
     assert out.is_file()
     assert SHIM["calls"].count(("POST", "/prompt")) == 2 and SHIM["calls"].count(("POST", "/upload/image")) == 3
 
@@ -167,11 +169,11 @@ def test_5xx_from_a_healthy_node_is_retried_once(server, inputs, tmp_path) -> No
 def test_5xx_twice_or_from_an_unhealthy_node_is_not_retried_into_success(server, inputs, tmp_path) -> None:
     SHIM["fail_next"] = {"/prompt": 2}
     with pytest.raises(requests.HTTPError, match="502"):
-        comfyui.run({"seed": 1}, "twice", inputs, server["node"], tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({"seed": 1}, "twice", inputs, server["node"], tmp_path))
     assert SHIM["calls"].count(("POST", "/prompt")) == 2
     SHIM.update(fail_next={"/prompt": 1}, healthy=False, calls=[])
     with pytest.raises(requests.HTTPError, match="502"):
-        comfyui.run({"seed": 1}, "sick", inputs, server["node"], tmp_path, lambda: None, lambda _p: None)
+        comfyui.run(engine_job({"seed": 1}, "sick", inputs, server["node"], tmp_path))
     assert SHIM["calls"].count(("POST", "/prompt")) == 1  # the node itself is failing: the worker decides
 
 
@@ -181,7 +183,7 @@ def test_node_busy_follows_the_queue(server, inputs, monkeypatch) -> None:
     assert comfyui.node_busy(node) is False
     image = comfyui.upload(node, inputs["image"], "image/png")
     audio = comfyui.upload(node, inputs["audio"], "audio/wav")
-    prompt_id = comfyui.queue_prompt(node, comfyui.build_sonic_workflow(image, audio, (200, 240), 2.0, "b/x", 1),
+    prompt_id = comfyui.queue_prompt(node, sonic_workflow.build_sonic_workflow(image, audio, (200, 240), 2.0, "b/x", 1),
                                      str(uuid.uuid4()))
     assert comfyui.node_busy(node) is True
     sampling = server["data_dir"] / "default" / "temp" / f"sonic_{prompt_id}.mp4"

@@ -1,4 +1,5 @@
-"""csm.py and whisper.py: pure helpers, and the engines against real Gradio apps on 127.0.0.1.
+"""csm.py, whisper.py, sentences.py and gradio_app.py: pure helpers, and the engines against real Gradio
+apps on 127.0.0.1.
 
 The apps are mounted in one FastAPI app (as /csm and /whisper, like a node) served by uvicorn in a
 thread; a middleware refuses any request without the node key, so every request the engines and
@@ -20,9 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engines l
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from conftest import serve_asgi  # noqa: E402
+from conftest import engine_job, serve_asgi  # noqa: E402
 
+import config  # noqa: E402
 import csm  # noqa: E402
+import mediaconv  # noqa: E402
+import sentences  # noqa: E402
 import whisper  # noqa: E402
 from engine_api import EngineError, JobStopped, NodeUrls  # noqa: E402
 
@@ -58,7 +62,7 @@ KEY = "test-node-key"
     ],
 )
 def test_split_sentences(text: str, expected: list[str]) -> None:
-    assert csm.split_sentences(text) == expected
+    assert sentences.split_sentences(text) == expected
 
 
 def test_voice_map() -> None:
@@ -70,17 +74,20 @@ def test_voice_map() -> None:
     }
 
 
-def test_sentences_from_params() -> None:
-    assert csm.sentences_from_params({"monologue": ["One. Two.", " ", "Three"]}) == ["One. Two.", "Three"]
-    assert csm.sentences_from_params({"monologue": "One. Two."}) == ["One.", "Two."]
-    assert csm.sentences_from_params({"text": "One! Two?"}) == ["One!", "Two?"]
-    with pytest.raises(EngineError):
-        csm.sentences_from_params({"text": "  "})
+def test_sentences_from_params(tmp_path: Path) -> None:
+    assert sentences.sentences_from_params({"monologue": ["One. Two.", " ", "Three"]}) == ["One. Two.", "Three"]
+    assert sentences.sentences_from_params({"monologue": "One. Two."}) == ["One.", "Two."]
+    assert sentences.sentences_from_params({"text": "One! Two?"}) == ["One!", "Two?"]
+    assert sentences.sentences_from_params({"text": "  "}) == []
+    # the engine refuses a job with nothing to speak before it asks the node for anything
+    nowhere = NodeUrls(base="", csm="", whisper="", comfyui="", ollama="", api_key=KEY)
+    with pytest.raises(EngineError, match="^CSM failed: there is no text to speak$"):
+        csm.run(engine_job({"text": "  "}, "empty", {}, nowhere, tmp_path))
 
 
 def test_whisper_kwargs_and_input_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WHISPER_AUDIO_INPUT_NAME", raising=False)
-    kwargs = whisper.build_kwargs({"model": "small", "language": None}, "AUDIO")
+    kwargs = whisper.build_kwargs({"model": "small", "language": None}, "AUDIO", config.load())
     assert kwargs == {
         "audio_file": "AUDIO",
         "model": "small",
@@ -94,8 +101,8 @@ def test_whisper_kwargs_and_input_name(monkeypatch: pytest.MonkeyPatch) -> None:
         "segment_resolution": "sentence",
     }
     monkeypatch.setenv("WHISPER_AUDIO_INPUT_NAME", "input_file")
-    assert whisper.audio_input_name() == "input_file"
-    assert whisper.audio_input_name({"audio_file", "model"}) == "audio_file"  # the app knows better
+    assert whisper.audio_input_name(config.load()) == "input_file"
+    assert whisper.audio_input_name(config.load(), {"audio_file", "model"}) == "audio_file"  # the app knows better
     assert whisper.transcript_text(("  hi there \n", [])) == "hi there"
     assert whisper.transcript_text((None, None)) == ""
     with pytest.raises(EngineError, match=r"^Whisper failed: CUDA out of memory$"):
@@ -103,7 +110,7 @@ def test_whisper_kwargs_and_input_name(monkeypatch: pytest.MonkeyPatch) -> None:
     # speech that happens to start with the word is a transcript: it comes with its files
     assert whisper.transcript_text(("Error: none found.", ["/tmp/a.srt"])) == "Error: none found."
     for sent, bare in (("pt-BR", "pt"), ("EN", "en"), ("auto", ""), ("", "")):
-        assert whisper.build_kwargs({"language": sent}, "AUDIO")["language"] == bare
+        assert whisper.build_kwargs({"language": sent}, "AUDIO", config.load())["language"] == bare
 
 
 # --- the apps -----------------------------------------------------------------------------------
@@ -159,12 +166,12 @@ def _build_apps(tmp: Path):
         return str(_tone(tmp / f"csm_out_{time.monotonic_ns()}.{fmt}", 0.5, 1, fmt))
 
     def record_transcription(audio_name, audio, model, task, language, *rest):
-        from csm import probe_audio
+        from media_check import format_and_duration
 
         names = ("device", "compute_type", "batch_size", "vad_method", "word_timestamps", "segment_resolution")
         RECEIVED["whisper"] = {
             audio_name: audio,
-            "audio_format": probe_audio(Path(audio))[0],
+            "audio_format": format_and_duration(Path(audio))[0],
             "model": model,
             "task": task,
             "language": language,
@@ -279,18 +286,10 @@ def _never() -> None:
 def test_csm_text_to_mp3(node: NodeUrls, tmp_path: Path) -> None:
     seen: list[int] = []
     phases: list[str] = []
-    out = csm.run(
-        {"text": "Hello there. How are you?", "voice": "conversational_b", "temperature": 1.2, "topk": 20},
-        "job1",
-        {},
-        node,
-        tmp_path,
-        _never,
-        seen.append,
-        phases.append,
-    )
+    params = {"text": "Hello there. How are you?", "voice": "conversational_b", "temperature": 1.2, "topk": 20}
+    out = csm.run(engine_job(params, "job1", {}, node, tmp_path, _never, seen.append, phases.append))
     assert out == tmp_path / "job1.mp3"
-    assert csm.is_mp3(out)  # the app answered WAV: converted
+    assert mediaconv.is_mp3(out)  # the app answered WAV: converted
     got = RECEIVED["csm"]
     assert got["speaker_voice"] == "conversational_b"
     assert got["speaker_text"] == ""
@@ -309,16 +308,9 @@ def test_csm_text_to_mp3(node: NodeUrls, tmp_path: Path) -> None:
 
 def test_csm_clone_sends_mono_reference(node: NodeUrls, tmp_path: Path) -> None:
     ref = _tone(tmp_path / "ref.wav", 1.0, channels=2)
-    out = csm.run(
-        {"monologue": ["mp3", "Second line."], "voice": "clone", "reference_text": "what the reference says"},
-        "job2",
-        {"reference_audio": ref},
-        node,
-        tmp_path,
-        _never,
-        lambda _p: None,
-    )
-    assert csm.is_mp3(out)
+    params = {"monologue": ["mp3", "Second line."], "voice": "clone", "reference_text": "what the reference says"}
+    out = csm.run(engine_job(params, "job2", {"reference_audio": ref}, node, tmp_path))
+    assert mediaconv.is_mp3(out)
     got = RECEIVED["csm"]
     assert got["speaker_voice"] == "upload_voice"
     assert got["speaker_text"] == "what the reference says"
@@ -328,18 +320,18 @@ def test_csm_clone_sends_mono_reference(node: NodeUrls, tmp_path: Path) -> None:
 
 def test_csm_app_error(node: NodeUrls, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"^CSM failed: GPU out of memory$"):
-        csm.run({"monologue": ["fail"]}, "job3", {}, node, tmp_path, _never, lambda _p: None)
+        csm.run(engine_job({"monologue": ["fail"]}, "job3", {}, node, tmp_path))
 
 
 def test_5xx_from_a_healthy_node_is_retried_once(node: NodeUrls, tmp_path: Path) -> None:
     joins = lambda: sum(p.endswith("/csm/gradio_api/queue/join") for p in SEEN_PATHS)  # noqa: E731
     before = joins()
     FAIL_NEXT["/csm/gradio_api/queue/join"] = 1
-    out = csm.run({"monologue": ["Hi."]}, "retry1", {}, node, tmp_path, _never, lambda _p: None)
+    out = csm.run(engine_job({"monologue": ["Hi."]}, "retry1", {}, node, tmp_path))
     assert out.is_file() and joins() - before == 2
     FAIL_NEXT["/csm/gradio_api/queue/join"] = 2  # still failing after the retry: the job fails
     with pytest.raises(Exception, match="502"):  # noqa: PT011 - gradio_client's HTTP error, for the worker
-        csm.run({"monologue": ["Hi."]}, "retry2", {}, node, tmp_path, _never, lambda _p: None)
+        csm.run(engine_job({"monologue": ["Hi."]}, "retry2", {}, node, tmp_path))
     assert joins() - before == 4
     FAIL_NEXT.clear()
 
@@ -347,7 +339,7 @@ def test_5xx_from_a_healthy_node_is_retried_once(node: NodeUrls, tmp_path: Path)
 def test_csm_wrong_key_is_not_an_engine_error(node: NodeUrls, tmp_path: Path) -> None:
     bad = NodeUrls(base=node.base, csm=node.csm, whisper=node.whisper, comfyui="", ollama="", api_key="wrong")
     with pytest.raises(Exception) as info:  # noqa: PT011 - whatever gradio_client raises, not ours
-        csm.run({"monologue": ["x"]}, "job4", {}, bad, tmp_path, _never, lambda _p: None)
+        csm.run(engine_job({"monologue": ["x"]}, "job4", {}, bad, tmp_path))
     assert not isinstance(info.value, (EngineError, JobStopped))
     assert "wrong" not in str(info.value)
 
@@ -365,14 +357,14 @@ def test_csm_stop_cancels(node: NodeUrls, tmp_path: Path) -> None:
         return None
 
     with pytest.raises(JobStopped, match="cancelled by client"):
-        csm.run({"monologue": ["hang"]}, "job5", {}, node, tmp_path, should_stop, lambda _p: None)
+        csm.run(engine_job({"monologue": ["hang"]}, "job5", {}, node, tmp_path, should_stop))
     assert time.monotonic() - stop_at[0] < 3
     # gradio_client's cancel does not stop a function already running in the app's thread:
     time.sleep(0.5)
     assert "ended" not in HANG_STATE and time.monotonic() - float(HANG_STATE["last_tick"]) < 0.5
     # ...but the queue moved on: the next job runs at once.
     started = time.monotonic()
-    csm.run({"monologue": ["after"]}, "job6", {}, node, tmp_path, _never, lambda _p: None)
+    csm.run(engine_job({"monologue": ["after"]}, "job6", {}, node, tmp_path))
     assert time.monotonic() - started < 10
     RELEASE.set()
 
@@ -383,18 +375,11 @@ def test_csm_stop_cancels(node: NodeUrls, tmp_path: Path) -> None:
 def test_whisper_transcribes(node: NodeUrls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WHISPER_AUDIO_INPUT_NAME", raising=False)
     audio = _tone(tmp_path / "speech.wav", 1.0)
-    text = whisper.run(
-        {"model": "small", "task": "translate", "language": "de"},
-        "w1",
-        {"audio": audio},
-        node,
-        tmp_path,
-        _never,
-        lambda _p: None,
-    )
+    params = {"model": "small", "task": "translate", "language": "de"}
+    text = whisper.run(engine_job(params, "w1", {"audio": audio}, node, tmp_path))
     assert text == "hello from small in de"
     assert (tmp_path / "w1.txt").read_text() == text
-    assert csm.is_mp3(tmp_path / "w1_input.mp3")
+    assert mediaconv.is_mp3(tmp_path / "w1_input.mp3")
     got = RECEIVED["whisper"]
     assert got["audio_format"] == "mp3"
     assert (got["model"], got["task"], got["language"]) == ("small", "translate", "de")
@@ -404,7 +389,7 @@ def test_whisper_transcribes(node: NodeUrls, tmp_path: Path, monkeypatch: pytest
 
 def test_whisper_mp3_input_is_copied(node: NodeUrls, tmp_path: Path) -> None:
     audio = _tone(tmp_path / "speech.mp3", 1.0, fmt="mp3")
-    text = whisper.run({}, "w2", {"audio": audio}, node, tmp_path, _never, lambda _p: None)
+    text = whisper.run(engine_job({}, "w2", {"audio": audio}, node, tmp_path))
     assert text == "hello from medium in auto"
     assert (tmp_path / "w2_input.mp3").read_bytes() == audio.read_bytes()
 
@@ -418,7 +403,7 @@ def test_whisper_input_file_name(
         base=node.base, csm=node.csm, whisper=node.base + "/whisper-old/", comfyui="", ollama="", api_key=KEY
     )
     audio = _tone(tmp_path / "speech.wav", 0.5)
-    assert whisper.run({}, "w3", {"audio": audio}, old, tmp_path, _never, lambda _p: None).startswith("hello")
+    assert whisper.run(engine_job({}, "w3", {"audio": audio}, old, tmp_path)).startswith("hello")
     assert RECEIVED["whisper"]["audio_format"] == "mp3"
     assert "input_file" in RECEIVED["whisper"]
 
@@ -426,10 +411,10 @@ def test_whisper_input_file_name(
 def test_whisper_app_error(node: NodeUrls, tmp_path: Path) -> None:
     audio = _tone(tmp_path / "speech.wav", 0.5)
     with pytest.raises(EngineError, match=r"^Whisper failed: model not found: fail$"):
-        whisper.run({"model": "fail"}, "w4", {"audio": audio}, node, tmp_path, _never, lambda _p: None)
+        whisper.run(engine_job({"model": "fail"}, "w4", {"audio": audio}, node, tmp_path))
 
 
 def test_whisper_stop_before_start(node: NodeUrls, tmp_path: Path) -> None:
     audio = _tone(tmp_path / "speech.wav", 0.5)
     with pytest.raises(JobStopped, match="max_time"):
-        whisper.run({}, "w5", {"audio": audio}, node, tmp_path, lambda: "max_time", lambda _p: None)
+        whisper.run(engine_job({}, "w5", {"audio": audio}, node, tmp_path, lambda: "max_time"))

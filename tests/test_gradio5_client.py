@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, engine_job, free_port, wait_for
 
 sys.path.insert(0, str(ROOT))  # the engines live at the repo root
 
 import csm  # noqa: E402
+import mediaconv  # noqa: E402
 import whisper  # noqa: E402
 from engine_api import EngineError, NodeUrls  # noqa: E402
 
@@ -68,16 +69,15 @@ def _tone(path: Path) -> Path:
 
 
 def test_csm_against_gradio5(node: NodeUrls, tmp_path: Path) -> None:
-    out = csm.run({"text": "Hello there."}, "g5", {}, node, tmp_path, lambda: None, lambda _p: None)
-    assert out == tmp_path / "g5.mp3" and csm.is_mp3(out)
+    out = csm.run(engine_job({"text": "Hello there."}, "g5", {}, node, tmp_path))
+    assert out == tmp_path / "g5.mp3" and mediaconv.is_mp3(out)
     with pytest.raises(EngineError, match="^CSM failed: Generation failed: CUDA out of memory$"):
-        csm.run({"text": "fail"}, "g5b", {}, node, tmp_path, lambda: None, lambda _p: None)
+        csm.run(engine_job({"text": "fail"}, "g5b", {}, node, tmp_path))
 
 
 def test_whisper_against_gradio5(node: NodeUrls, tmp_path: Path) -> None:
     audio = _tone(tmp_path / "a.wav")
-    text = whisper.run({"language": "pt-BR"}, "g5w", {"audio": audio}, node, tmp_path, lambda: None,
-                       lambda _p: None)
+    text = whisper.run(engine_job({"language": "pt-BR"}, "g5w", {"audio": audio}, node, tmp_path))
     assert text == "hello from gradio five in pt"  # the region subtag never reaches the node
     with pytest.raises(EngineError, match="^Whisper failed: model failed$"):
-        whisper.run({"model": "fail"}, "g5x", {"audio": audio}, node, tmp_path, lambda: None, lambda _p: None)
+        whisper.run(engine_job({"model": "fail"}, "g5x", {"audio": audio}, node, tmp_path))

@@ -14,8 +14,8 @@ from conftest import ROOT
 from PIL import Image
 
 import comfyui
-import csm
 import media_check
+import mediaconv
 from engine_api import EngineError
 
 MIB = 1024 * 1024
@@ -39,16 +39,16 @@ def audio_facts(path: Path) -> tuple[str, float, int, int]:
 
 
 def test_to_mp3_keeps_rate_channels_and_duration(tmp_path: Path) -> None:
-    out = csm.to_mp3(tone(tmp_path / "in.wav", 3.0, 44100, 2), tmp_path / "out.mp3")
+    out = mediaconv.to_mp3(tone(tmp_path / "in.wav", 3.0, 44100, 2), tmp_path / "out.mp3")
     codec, seconds, rate, channels = audio_facts(out)
     assert (codec, rate, channels) == ("mp3", 44100, 2)
     assert seconds == pytest.approx(3.0, abs=0.08)
-    mono = csm.to_mp3(tone(tmp_path / "in.flac", 2.0, 22050, 2, "flac"), tmp_path / "mono.mp3", mono=True)
+    mono = mediaconv.to_mp3(tone(tmp_path / "in.flac", 2.0, 22050, 2, "flac"), tmp_path / "mono.mp3", mono=True)
     assert audio_facts(mono)[2:] == (22050, 1)
 
 
 def test_to_mono_wav_for_the_clone_reference(tmp_path: Path) -> None:
-    out = csm.to_mono_wav(tone(tmp_path / "ref.ogg", 2.5, 48000, 2, "libvorbis"), tmp_path / "ref.wav")
+    out = mediaconv.to_mono_wav(tone(tmp_path / "ref.ogg", 2.5, 48000, 2, "libvorbis"), tmp_path / "ref.wav")
     codec, seconds, rate, channels = audio_facts(out)
     assert (codec, rate, channels) == ("pcm_s16le", 48000, 1)
     assert seconds == pytest.approx(2.5, abs=0.05)
@@ -59,16 +59,16 @@ def test_prepare_audio_converts_m4a_and_measures_it(tmp_path: Path) -> None:
     out, seconds = comfyui.prepare_audio(src, tmp_path, "job")
     assert out.name == "job_input.mp3" and audio_facts(out)[0] == "mp3"
     assert seconds == pytest.approx(4.0, abs=0.1)
-    assert media_check.decoded_seconds(src) == pytest.approx(4.0, abs=0.1)
+    assert mediaconv.decoded_seconds(src) == pytest.approx(4.0, abs=0.1)
 
 
 def test_conversion_errors_say_what_went_wrong(tmp_path: Path) -> None:
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF" + b"\0" * 100)
     with pytest.raises(EngineError, match=r"^could not convert junk.wav to MP3: "):
-        csm.to_mp3(junk, tmp_path / "out.mp3")
+        mediaconv.to_mp3(junk, tmp_path / "out.mp3")
     with pytest.raises(EngineError, match=r"^could not read the reference audio: "):
-        csm.to_mono_wav(junk, tmp_path / "out.wav")
+        mediaconv.to_mono_wav(junk, tmp_path / "out.wav")
 
 
 def test_large_truncated_png_is_refused_by_the_child_decode(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_large_truncated_png_is_refused_by_the_child_decode(tmp_path: Path) -> N
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(media_check.MediaError, match=r"^image_url: image could not be decoded \(image/png: "):
         media_check.check_image(cut, field="image_url", max_pixels=40_000_000)
-    assert comfyui.prepare_image(big, tmp_path / "out.jpg") == (2048, 1536)
+    assert mediaconv.prepare_image(big, tmp_path / "out.jpg") == (2048, 1536)
     with Image.open(tmp_path / "out.jpg") as im:
         assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (2048, 1536))
 
@@ -92,7 +92,7 @@ def test_large_truncated_png_is_refused_by_the_child_decode(tmp_path: Path) -> N
 CHILD = r"""
 import gc, json, sys
 sys.path.insert(0, sys.argv[1])
-import comfyui, csm, media_check
+import comfyui, csm, media_check, mediaconv
 from pathlib import Path
 def rss(field):
     for line in open('/proc/self/status'):
@@ -118,7 +118,7 @@ def memory_of(code: str, src: Path, out: Path) -> dict[str, int]:
 
 def test_audio_conversion_does_not_load_the_input(tmp_path: Path) -> None:
     src = tone(tmp_path / "big.wav", 60, 96000, 2, "pcm_s24le")  # 33 MB
-    used = memory_of("csm.to_mp3(src, out)", src, tmp_path / "out.mp3")
+    used = memory_of("mediaconv.to_mp3(src, out)", src, tmp_path / "out.mp3")
     assert used["growth"] < 0.5 * src.stat().st_size, used  # pydub held it decoded: several times its size
     assert audio_facts(tmp_path / "out.mp3")[1] == pytest.approx(60, abs=0.1)
 
@@ -128,7 +128,7 @@ def test_40_megapixel_image_stays_within_the_memory_budget(tmp_path: Path, ext: 
     src = tmp_path / f"photo.{ext}"
     ffmpeg("-f", "lavfi", "-i", "testsrc2=s=7744x5164:d=1", "-frames:v", "1", "-q:v", "3", str(src))
     code = ("media_check.check_image(src, field='image_url', max_pixels=40_000_000)\n"
-            "comfyui.prepare_image(src, out)")
+            "mediaconv.prepare_image(src, out)")
     used = memory_of(code, src, tmp_path / "out.jpg")
     # a full-size decode alone is 120 MB, and the old path made three full-size copies
     assert used["growth"] <= 150 * MIB and used["kept"] <= 20 * MIB, used

@@ -218,17 +218,21 @@ def test_a_workload_claimed_by_a_sweeper_that_died_is_taken_over(s, r):
 
 
 @responses.activate
-def test_a_node_that_dies_while_a_service_starts_is_not_waited_for(state, monkeypatch):
+@pytest.mark.parametrize(("job_type", "service", "ready_url"), [
+    ("whisper", "whisper", "https://wl-1.gpu/whisper/config"),
+    ("portrait", "comfyui", "https://ui-wl-1.gpu/system_stats"),  # the soak's portrait on a node chaos stopped
+])
+def test_a_node_that_dies_while_a_service_starts_is_not_waited_for(state, monkeypatch, job_type, service, ready_url):
     monkeypatch.setattr(time, "sleep", lambda _s: None)
     responses.post(f"{API}/workloads", json=[])
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     root = responses.get("https://wl-1.gpu/", body="ok")
-    responses.get("https://wl-1.gpu/whisper/config", status=404)
+    responses.get(ready_url, status=404)
     held = nodes.ensure_node(state, lambda: None)
     root.status = 404  # the provider stopped the node: everything on it answers 404 now
     started = time.monotonic()
-    with pytest.raises(nodes.NodeDown, match="stopped answering while whisper was starting"):
-        nodes.wait_service_ready(state, held, "whisper", lambda: None)
+    with pytest.raises(nodes.NodeDown, match=f"stopped answering while {service} was starting"):
+        nodes.wait_service_ready(state, held, job_type, lambda: None)
     assert time.monotonic() - started < 5  # not SERVICE_READY_TIMEOUT (480 s)
 
 
