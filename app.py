@@ -3,7 +3,9 @@
 Takes jobs (POST /csm, /portrait, /api/v1/jobs/whisper (alias /whisper), /analyze), validates them
 against jobspec.py and queues them through jobstore.py; answers /status and /result, cancels, serves
 local result files on signed URLs, and describes itself at /openapi.json (openapi.py). Routes are plain
-module-level functions on one blueprint; `create_app()` only wires settings, Redis and error handlers.
+module-level functions on one blueprint; `create_app()` only wires settings, Redis, error handlers and
+the other blueprints (events.py, metrics.py, dashboard.py). What the blueprints share (errors, the job
+status object, the request's settings and Redis client) is in api_common.py.
 Run it with `gunicorn 'app:create_app()'` in production or `flask --app app run` for development.
 """
 
@@ -15,11 +17,10 @@ import json
 import logging
 import math
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
 import config
@@ -31,6 +32,7 @@ import jobstore
 import metrics
 import storage
 import webhook_state
+from api_common import ApiError, attach, error_response, iso, record_or_error, settings, status_answer, store
 from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
 from openapi import openapi_document
 
@@ -42,48 +44,12 @@ OPEN_ROUTES = ("/", "/healthz", "/readyz", "/openapi.json")
 api = Blueprint("api", __name__)
 
 
-class ApiError(Exception):
-    """An error answer: HTTP status and message, plus optional headers."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-def iso(timestamp: str | None) -> str | None:
-    if not timestamp:
-        return None
-    moment = datetime.fromtimestamp(float(timestamp), tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"error": message})
-    response.status_code = status
-    for key, value in (headers or {}).items():
-        response.headers[key] = value
-    return response
-
-
-def settings() -> config.Settings:
-    """The settings of the app handling this request."""
-    return current_app.extensions["c3_settings"]
-
-
-def store() -> redis.Redis:
-    """The Redis client of the app handling this request."""
-    return current_app.extensions["c3_redis"]
-
-
 def create_app(app_settings: config.Settings | None = None) -> Flask:
     app_settings = app_settings or config.load()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = app_settings.max_content_length
     app.json.sort_keys = False
-    app.extensions["c3_settings"] = app_settings
-    app.extensions["c3_redis"] = jobstore.connect(app_settings.redis_url, timeout_s=2.0)
+    attach(app, app_settings, jobstore.connect(app_settings.redis_url, timeout_s=2.0))
     app.register_error_handler(ApiError, on_api_error)
     app.register_error_handler(redis.RedisError, on_redis_error)
     app.register_error_handler(HTTPException, on_http_error)
@@ -198,19 +164,21 @@ def json_body() -> Any:
     return body
 
 
-def record_or_error(job_id: str, with_position: bool = False) -> dict[str, str]:
-    """The job's record, or the 400/404 answer; with_position adds a queued job's queue position in the
-    same round trip (see jobstore.get_job_with_position)."""
-    if not jobstore.is_job_id(job_id):
-        raise ApiError(400, f"malformed job id {job_id[:64]!r}: expected a UUID4")
-    read = jobstore.get_job_with_position if with_position else jobstore.get_job
-    record = read(store(), job_id)
-    if record is None:
-        raise ApiError(404, f"no job with id {job_id} (unknown, or expired after its retention)")
-    return record
-
-
 # --- job submission ----------------------------------------------------------------------------
+
+def idempotency(job_type: str, body: Any) -> tuple[str, str]:
+    """The Redis key of the request's Idempotency-Key (scoped to the client) and the hash of what it
+    asks for; ("", "") without the header."""
+    header = request.headers.get(IDEMPOTENCY_HEADER)
+    if header is None:
+        return "", ""
+    if not IDEMPOTENCY_KEY_PATTERN.match(header):
+        raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
+                            "characters (such as a UUID)")
+    body_hash = hashlib.sha256((job_type + "\n" + json.dumps(body, sort_keys=True)).encode()).hexdigest()
+    scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
+    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), body_hash
+
 
 def submit(job_type: str) -> Response:
     body = json_body()
@@ -218,18 +186,7 @@ def submit(job_type: str) -> Response:
         params = jobspec.validate(job_type, body)
     except jobspec.ValidationError as exc:
         raise ApiError(400, str(exc)) from None
-    idem_key, body_hash = "", ""
-    header = request.headers.get(IDEMPOTENCY_HEADER)
-    if header is not None:
-        if not IDEMPOTENCY_KEY_PATTERN.match(header):
-            raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
-                                "characters (such as a UUID)")
-        body_hash = hashlib.sha256(
-            (job_type + "\n" + json.dumps(body, sort_keys=True)).encode()
-        ).hexdigest()
-        scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
-        idem_key = config.IDEMPOTENCY_KEY.format(client=scope,
-                                                 key=hashlib.sha256(header.encode()).hexdigest())
+    idem_key, body_hash = idempotency(job_type, body)
     check_rate_limit()
     r = store()
     try:
@@ -252,43 +209,6 @@ for _route, _job_type in jobspec.SUBMIT_ROUTES.items():
 
 
 # --- following jobs ----------------------------------------------------------------------------
-
-def status_answer(record: dict[str, str]) -> dict[str, Any]:
-    """The status object of a job record, as /status shows it."""
-    answer: dict[str, Any] = {
-        "id": record["id"],
-        "type": record["type"],
-        "status": record["status"],
-        "created_at": iso(record.get("created_at")),
-        "started_at": iso(record.get("started_at")),
-        "finished_at": iso(record.get("finished_at")),
-        "complete_by": iso(record.get("complete_by")),
-        "attempts": int(record.get("attempts") or 0),
-    }
-    if record["status"] in ("failed", "cancelled"):
-        answer["error"] = record.get("error") or record["status"]
-    if record["status"] == "queued":
-        position = record.get("queue_position")  # read with the record, or not yet
-        answer["queue_position"] = (jobstore.queue_position(store(), record) if position is None
-                                    else int(position) if position else None)
-    if record["status"] == "running":
-        if record.get("phase"):
-            answer["phase"] = record["phase"]
-            answer["phase_since"] = iso(record.get("phase_since"))
-        if record.get("progress"):
-            answer["progress"] = int(record["progress"])
-        if record.get("cancel_requested"):
-            answer["cancel_requested"] = True
-    if record.get("webhook_status", "none") != "none":
-        answer["webhook"] = {
-            "status": record["webhook_status"],
-            "attempts": int(record.get("webhook_attempts") or 0),
-            "last_error": record.get("webhook_error") or None,
-            "history": [{**event, "at": iso(str(event.get("at") or 0))}
-                        for event in webhook_state.webhook_history(record)],
-        }
-    return answer
-
 
 @api.get("/jobs")
 def list_jobs() -> Response:

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from flask import Blueprint, Flask, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, current_app, request, stream_with_context
 
-import app as api_app
+import api_common
 import config
 import jobspec
 import jobstore
@@ -123,11 +123,12 @@ def end_streams_on_sigterm(state: Any) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def hub_of(app: Flask) -> Hub:
+def current_hub() -> Hub:
+    """The hub of the app handling this request (made on its first stream)."""
     with _HUB_LOCK:
-        hub = app.extensions.get("c3_events_hub")
+        hub = current_app.extensions.get("c3_events_hub")
         if hub is None:
-            hub = app.extensions["c3_events_hub"] = Hub(app.extensions["c3_redis"])
+            hub = current_app.extensions["c3_events_hub"] = Hub(api_common.store())
         return hub
 
 
@@ -147,53 +148,57 @@ def sse(event: str, ident: str, data: dict[str, Any]) -> str:
 
 @events_routes.get("/events/<job_id>")
 def events(job_id: str) -> Response:
-    record = api_app.record_or_error(job_id)
+    record = api_common.record_or_error(job_id)
     last_sent = request.headers.get("Last-Event-ID", "")
     if record["status"] in jobspec.FINISHED_STATUSES and \
-            last_sent == event_id(record, api_app.status_answer(record)):
+            last_sent == event_id(record, api_common.status_answer(record)):
         return Response(status=204)  # the client has the final event: EventSource stops reconnecting
-    settings: config.Settings = current_app.extensions["c3_settings"]
-    hub = hub_of(current_app)
+    settings = api_common.settings()
+    hub = current_hub()
     if SHUTTING_DOWN.is_set():
-        raise api_app.ApiError(503, "this API process is stopping; retry", {"Retry-After": "1"})
+        raise api_common.ApiError(503, "this API process is stopping; retry", {"Retry-After": "1"})
     if hub.open_streams() >= settings.sse_max_streams:
-        raise api_app.ApiError(503, f"too many open event streams on this API process (SSE_MAX_STREAMS="
-                                    f"{settings.sse_max_streams}); retry shortly or poll /status",
-                               {"Retry-After": "5"})
+        raise api_common.ApiError(503, f"too many open event streams on this API process (SSE_MAX_STREAMS="
+                                       f"{settings.sse_max_streams}); retry shortly or poll /status",
+                                  {"Retry-After": "5"})
     wake = hub.register(job_id)  # before the first read, so no change can slip between the two
-
-    def stream() -> Iterator[str]:
-        sent = last_sent
-        try:
-            yield f"retry: 3000\n: following job {job_id}\n\n"
-            while True:
-                try:
-                    current = jobstore.get_job_with_position(api_app.store(), job_id)
-                except redis.RedisError:
-                    yield ": the job store cannot be reached; reconnect shortly\n\n"
-                    return
-                if current is None:
-                    yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
-                    return
-                answer = api_app.status_answer(current)
-                ident = event_id(current, answer)
-                finished = current["status"] in jobspec.FINISHED_STATUSES
-                if ident != sent or finished:
-                    yield sse("end" if finished else "status", ident, answer)
-                    sent = ident
-                if finished:
-                    return
-                if SHUTTING_DOWN.is_set():
-                    yield ": this API process is stopping; reconnect\n\n"
-                    return
-                try:
-                    wake.get(timeout=settings.sse_keepalive_s)
-                except queue.Empty:
-                    yield ": keepalive\n\n"
-        finally:
-            hub.unregister(job_id, wake)
-
-    response = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s)
+    response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
     return response
+
+
+def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keepalive_s: float) -> Iterator[str]:
+    """The event stream of one job: its status object whenever it changes, until it finishes, the
+    record expires, Redis is lost or the process stops; a comment every keepalive_s while nothing
+    happens. Leaves the hub when it ends, however it ends."""
+    sent = last_sent
+    try:
+        yield f"retry: 3000\n: following job {job_id}\n\n"
+        while True:
+            try:
+                current = jobstore.get_job_with_position(api_common.store(), job_id)
+            except redis.RedisError:
+                yield ": the job store cannot be reached; reconnect shortly\n\n"
+                return
+            if current is None:
+                yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
+                return
+            answer = api_common.status_answer(current)
+            ident = event_id(current, answer)
+            finished = current["status"] in jobspec.FINISHED_STATUSES
+            if ident != sent or finished:
+                yield sse("end" if finished else "status", ident, answer)
+                sent = ident
+            if finished:
+                return
+            if SHUTTING_DOWN.is_set():
+                yield ": this API process is stopping; reconnect\n\n"
+                return
+            try:
+                wake.get(timeout=keepalive_s)
+            except queue.Empty:
+                yield ": keepalive\n\n"
+    finally:
+        hub.unregister(job_id, wake)

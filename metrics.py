@@ -11,11 +11,11 @@ import hmac
 from collections.abc import Iterator
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-import config
+import api_common
 import jobspec
 import jobstats
 
@@ -61,16 +61,12 @@ class RedisCollector:
 
 @metrics_routes.get("/metrics")
 def metrics() -> Response:
-    settings: config.Settings = current_app.extensions["c3_settings"]
-    if settings.metrics_token:
+    token = api_common.settings().metrics_token
+    if token:
         given = request.headers.get("Authorization", "")
-        expected = f"Bearer {settings.metrics_token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            answer = jsonify({"error": "missing or invalid metrics token: send Authorization: Bearer "
-                                       "<METRICS_TOKEN>"})
-            answer.status_code = 401
-            answer.headers["WWW-Authenticate"] = "Bearer"
-            return answer
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return api_common.error_response(401, "missing or invalid metrics token: send Authorization: "
+                                                  "Bearer <METRICS_TOKEN>", {"WWW-Authenticate": "Bearer"})
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(current_app.extensions["c3_redis"]))
+    registry.register(RedisCollector(api_common.store()))
     return Response(generate_latest(registry), mimetype=None, content_type=CONTENT_TYPE_LATEST)

@@ -573,16 +573,7 @@ def _download(
                 raise timed_out
             status = response.status_code
             if status in REDIRECT_STATUSES:
-                location = response.headers.get("Location", "").strip()
-                if not location:
-                    raise FetchError(
-                        f"{field}: download failed: {target.host} answered HTTP {status} without a Location"
-                    )
-                if hop == max_redirects:
-                    raise FetchError(
-                        f"{field}: download failed: too many redirects (more than {max_redirects})"
-                    )
-                current = urljoin(current, location)
+                current = _redirect_url(response, current, target.host, field, hop == max_redirects, max_redirects)
                 continue
             if not 200 <= status < 300:
                 raise FetchError(f"{field}: download failed: {target.host} answered HTTP {status}")
@@ -600,6 +591,20 @@ def _download(
         content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         return DownloadInfo(path=dest, bytes=size, content_type=content_type, final_url=current)
     raise AssertionError("unreachable")  # the loop always returns or raises
+
+
+def _redirect_url(response: requests.Response, current: str, host: str, field: str, last_hop: bool,
+                  max_redirects: int) -> str:
+    """Where a redirect answer points (checked again by the caller's next hop), or the FetchError of a
+    redirect without a Location or one hop too many."""
+    location = response.headers.get("Location", "").strip()
+    if not location:
+        raise FetchError(
+            f"{field}: download failed: {host} answered HTTP {response.status_code} without a Location"
+        )
+    if last_hop:
+        raise FetchError(f"{field}: download failed: too many redirects (more than {max_redirects})")
+    return urljoin(current, location)
 
 
 def _stream_to_file(

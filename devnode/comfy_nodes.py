@@ -166,6 +166,11 @@ def _convert(type_name: str, value: Any) -> Any:
     return value
 
 
+def _input_error(kind: str, message: str, details: str, name: str, config: Any, value: Any, **extra: Any) -> dict:
+    """A widget value's error, with the input's name, config and the value received (ComfyUI's order)."""
+    return _node_error(kind, message, details, input_name=name, input_config=config, received_value=value, **extra)
+
+
 def _check_value(wl: Workload, name: str, spec: tuple[Any, dict], value: Any) -> tuple[Any, dict | None]:
     """Validate one widget value; return (converted value, error or None)."""
     type_input, opts = spec
@@ -174,79 +179,41 @@ def _check_value(wl: Workload, name: str, spec: tuple[Any, dict], value: Any) ->
     config = [type_input if not isinstance(type_input, list) else list(type_input), opts]
     if isinstance(type_input, str) and "," in type_input:  # a type union: no conversion, ranges apply
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return value, _node_error(
-                "invalid_input_type",
-                f"Failed to convert an input value to a {type_input} value",
-                f"{name}, {value}",
-                input_name=name,
-                input_config=config,
-                received_value=value,
-            )
+            return value, _input_error("invalid_input_type", f"Failed to convert an input value to a {type_input} "
+                                       "value", f"{name}, {value}", name, config, value)
         type_input = "FLOAT" if isinstance(value, float) else "INT"
     if type_input == "UPLOAD":
         if _upload_path(wl, value) is None:
             what = "image" if opts.get("kind") == "image" else "audio"
-            return value, _node_error(
-                "custom_validation_failed",
-                "Custom validation failed for node",
-                f"{name} - Invalid {what} file: {value}",
-                input_name=name,
-                input_config=None,
-                received_value=value,
-            )
+            return value, _input_error("custom_validation_failed", "Custom validation failed for node",
+                                       f"{name} - Invalid {what} file: {value}", name, None, value)
         return value, None
     if isinstance(type_input, list):
         if value not in type_input:
-            return value, _node_error(
-                "value_not_in_list",
-                "Value not in list",
-                f"{name}: '{value}' not in {type_input}",
-                input_name=name,
-                input_config=config,
-                received_value=value,
-            )
+            return value, _input_error("value_not_in_list", "Value not in list",
+                                       f"{name}: '{value}' not in {type_input}", name, config, value)
         return value, None
     if type_input in ("INT", "FLOAT", "BOOLEAN", "STRING"):
-        try:
-            value = _convert(type_input, value)
-        except (TypeError, ValueError) as exc:
-            return value, _node_error(
-                "invalid_input_type",
-                f"Failed to convert an input value to a {type_input} value",
-                f"{name}, {value}, {exc}",
-                input_name=name,
-                input_config=config,
-                received_value=value,
-                exception_message=str(exc),
-            )
-        if "min" in opts and value < opts["min"]:
-            return value, _node_error(
-                "value_smaller_than_min",
-                f"Value {value} smaller than min of {opts['min']}",
-                name,
-                input_name=name,
-                input_config=config,
-                received_value=value,
-            )
-        if "max" in opts and value > opts["max"]:
-            return value, _node_error(
-                "value_bigger_than_max",
-                f"Value {value} bigger than max of {opts['max']}",
-                name,
-                input_name=name,
-                input_config=config,
-                received_value=value,
-            )
-        return value, None
+        return _check_primitive(name, type_input, opts, config, value)
     # A link type (IMAGE, AUDIO, ...) given as a plain value.
-    return value, _node_error(
-        "bad_linked_input",
-        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-        name,
-        input_name=name,
-        input_config=config,
-        received_value=value,
-    )
+    return value, _input_error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, "
+                               "slot_index]", name, name, config, value)
+
+
+def _check_primitive(name: str, type_name: str, opts: dict, config: list, value: Any) -> tuple[Any, dict | None]:
+    """An INT, FLOAT, BOOLEAN or STRING value: converted, then held to its min and max."""
+    try:
+        value = _convert(type_name, value)
+    except (TypeError, ValueError) as exc:
+        return value, _input_error("invalid_input_type", f"Failed to convert an input value to a {type_name} value",
+                                   f"{name}, {value}, {exc}", name, config, value, exception_message=str(exc))
+    if "min" in opts and value < opts["min"]:
+        return value, _input_error("value_smaller_than_min", f"Value {value} smaller than min of {opts['min']}",
+                                   name, name, config, value)
+    if "max" in opts and value > opts["max"]:
+        return value, _input_error("value_bigger_than_max", f"Value {value} bigger than max of {opts['max']}",
+                                   name, name, config, value)
+    return value, None
 
 
 def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tuple[bool, list]]) -> bool:
@@ -269,59 +236,10 @@ def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tup
             continue
         value = inputs[name]
         if isinstance(value, list):
-            if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
-                errors.append(
-                    _node_error(
-                        "bad_linked_input",
-                        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
-                        name,
-                        input_name=name,
-                        received_value=value,
-                    )
-                )
-                continue
-            source_id, slot = str(value[0]), value[1]
-            source = prompt.get(source_id)
-            if source is None:  # ComfyUI hits a KeyError looking the node up and reports that
-                errors.append(
-                    _node_error(
-                        "exception_during_inner_validation",
-                        "Exception when validating inner node",
-                        repr(source_id),
-                        input_name=name,
-                        input_config=[spec[0], spec[1]],
-                        exception_message=repr(source_id),
-                        exception_type="KeyError",
-                        traceback=[],
-                        linked_node=value,
-                    )
-                )
-                continue
-            returns = NODE_DEFS[source["class_type"]].returns
-            if not 0 <= slot < len(returns):
-                errors.append(
-                    _node_error(
-                        "bad_linked_input",
-                        f"Linked output index {slot} out of range for {source['class_type']}",
-                        f"{name}, {source['class_type']} has {len(returns)} outputs",
-                        input_name=name,
-                        linked_node=value,
-                    )
-                )
-                continue
-            if returns[slot] not in str(spec[0]).split(","):
-                errors.append(
-                    _node_error(
-                        "return_type_mismatch",
-                        "Return type mismatch between linked nodes",
-                        f"{name}, received_type({returns[slot]}) mismatch input_type({spec[0]})",
-                        input_name=name,
-                        received_type=returns[slot],
-                        linked_node=value,
-                    )
-                )
-                continue
-            if not _validate_node(wl, prompt, source_id, memo):
+            error = _link_error(prompt, name, spec, value)
+            if error is not None:
+                errors.append(error)
+            elif not _validate_node(wl, prompt, str(value[0]), memo):
                 upstream_ok = False
             continue
         converted, error = _check_value(wl, name, spec, value)
@@ -331,6 +249,31 @@ def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tup
             inputs[name] = converted
     memo[node_id] = (not errors and upstream_ok, errors)
     return memo[node_id][0]
+
+
+def _link_error(prompt: dict, name: str, spec: tuple[Any, dict], value: list) -> dict | None:
+    """What is wrong with input `name` linked as `value` ([node_id, slot]), or None: the link's shape,
+    the node it names, the slot and the type of what that slot returns."""
+    if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
+        return _node_error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                           name, input_name=name, received_value=value)
+    source_id, slot = str(value[0]), value[1]
+    source = prompt.get(source_id)
+    if source is None:  # ComfyUI hits a KeyError looking the node up and reports that
+        return _node_error("exception_during_inner_validation", "Exception when validating inner node",
+                           repr(source_id), input_name=name, input_config=[spec[0], spec[1]],
+                           exception_message=repr(source_id), exception_type="KeyError", traceback=[],
+                           linked_node=value)
+    returns = NODE_DEFS[source["class_type"]].returns
+    if not 0 <= slot < len(returns):
+        return _node_error("bad_linked_input", f"Linked output index {slot} out of range for {source['class_type']}",
+                           f"{name}, {source['class_type']} has {len(returns)} outputs", input_name=name,
+                           linked_node=value)
+    if returns[slot] not in str(spec[0]).split(","):
+        return _node_error("return_type_mismatch", "Return type mismatch between linked nodes",
+                           f"{name}, received_type({returns[slot]}) mismatch input_type({spec[0]})",
+                           input_name=name, received_type=returns[slot], linked_node=value)
+    return None
 
 
 def _invalid_prompt(message: str, details: str) -> tuple[dict, list, dict]:

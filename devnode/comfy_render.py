@@ -379,7 +379,6 @@ def _execute(wl: Workload, task: Task) -> tuple[dict, dict]:
     last one of status["messages"] (success, error or interrupted), which the caller sends once the
     history entry is written."""
     client = _client(task)
-    prompt = task.prompt
     messages: list[list] = []
 
     def add(event: str, data: dict, send: bool = True) -> None:
@@ -395,68 +394,65 @@ def _execute(wl: Workload, task: Task) -> tuple[dict, dict]:
     executed: list[str] = []
     node_id = ""
     try:
-        for node_id in _execution_order(prompt, task.outputs):
+        for node_id in _execution_order(task.prompt, task.outputs):
             if wl.interrupt.is_set():
                 raise Interrupted()
-            class_type = prompt[node_id]["class_type"]
-            with wl.cond:
-                wl.last_node = node_id
-            _emit(
-                wl,
-                "executing",
-                {"node": node_id, "display_node": node_id, "prompt_id": task.prompt_id},
-                client,
-            )
-            ctx = RunContext(wl, task, node_id, class_type)
-            values, ui = RUNNERS[class_type](ctx, _resolve_inputs(prompt[node_id], results))
-            results[node_id] = values
+            results[node_id], ui = _run_node(wl, task, node_id, results)
             executed.append(node_id)
             if ui:
                 outputs[node_id] = ui
-                _emit(
-                    wl,
-                    "executed",
-                    {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": task.prompt_id},
-                    client,
-                )
+                event = {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": task.prompt_id}
+                _emit(wl, "executed", event, client)
     except Interrupted:
-        add(
-            "execution_interrupted",
-            {
-                "prompt_id": task.prompt_id,
-                "node_id": node_id,
-                "node_type": prompt[node_id]["class_type"] if node_id else "",
-                "executed": executed,
-            },
-            send=False,
-        )
+        add("execution_interrupted", _interrupted_message(task, node_id, executed), send=False)
         return outputs, {"status_str": "error", "completed": False, "messages": messages}
     except Exception as exc:  # noqa: BLE001 - every node failure becomes execution_error, as in ComfyUI
         log.warning("prompt %s failed in node %s: %s", task.prompt_id, node_id, exc)
-        exc_type = type(exc)
-        type_name = (
-            exc_type.__qualname__
-            if exc_type.__module__ == "builtins"
-            else f"{exc_type.__module__}.{exc_type.__qualname__}"
-        )
-        add(
-            "execution_error",
-            {
-                "prompt_id": task.prompt_id,
-                "node_id": node_id,
-                "node_type": prompt[node_id]["class_type"],
-                "executed": executed,
-                "exception_message": str(exc),
-                "exception_type": type_name,
-                "traceback": [],
-                "current_inputs": {},
-                "current_outputs": {},
-            },
-            send=False,
-        )
+        add("execution_error", _error_message(task, node_id, executed, exc), send=False)
         return outputs, {"status_str": "error", "completed": False, "messages": messages}
     add("execution_success", {"prompt_id": task.prompt_id}, send=False)
     return outputs, {"status_str": "success", "completed": True, "messages": messages}
+
+
+def _run_node(wl: Workload, task: Task, node_id: str, results: dict[str, tuple]) -> tuple[tuple, dict | None]:
+    """Run one node of the prompt (after telling the client it is executing): its output values and
+    what it shows in the UI (None for most nodes)."""
+    node = task.prompt[node_id]
+    with wl.cond:
+        wl.last_node = node_id
+    _emit(wl, "executing", {"node": node_id, "display_node": node_id, "prompt_id": task.prompt_id}, _client(task))
+    ctx = RunContext(wl, task, node_id, node["class_type"])
+    return RUNNERS[node["class_type"]](ctx, _resolve_inputs(node, results))
+
+
+def _interrupted_message(task: Task, node_id: str, executed: list[str]) -> dict:
+    return {
+        "prompt_id": task.prompt_id,
+        "node_id": node_id,
+        "node_type": task.prompt[node_id]["class_type"] if node_id else "",
+        "executed": executed,
+    }
+
+
+def _error_message(task: Task, node_id: str, executed: list[str], exc: Exception) -> dict:
+    """ComfyUI's execution_error data (exception_type is module-qualified except for builtins)."""
+    exc_type = type(exc)
+    type_name = (
+        exc_type.__qualname__
+        if exc_type.__module__ == "builtins"
+        else f"{exc_type.__module__}.{exc_type.__qualname__}"
+    )
+    return {
+        "prompt_id": task.prompt_id,
+        "node_id": node_id,
+        "node_type": task.prompt[node_id]["class_type"],
+        "executed": executed,
+        "exception_message": str(exc),
+        "exception_type": type_name,
+        "traceback": [],
+        "current_inputs": {},
+        "current_outputs": {},
+    }
 
 
 def _cleanup_temp(wl: Workload, prompt_id: str) -> None:
@@ -465,49 +461,16 @@ def _cleanup_temp(wl: Workload, prompt_id: str) -> None:
 
 
 def _worker_loop(wl: Workload) -> None:
-    while True:
-        with wl.cond:
-            while not wl.pending and not wl.stopped and not faults._should_stop(wl.name):
-                wl.cond.wait(timeout=1.0)
-            if wl.stopped or faults._should_stop(wl.name):  # node stopped: its queue goes with it
-                wl.pending.clear()
-                wl.stopped = True
-                wl.worker = None
-                return
-            wl.pending.sort(key=lambda t: t.number)
-            task = wl.pending.pop(0)
-            wl.running = task
-            wl.interrupt.clear()
+    while (task := _next_task(wl)) is not None:
         _broadcast_status(wl)
         try:
             outputs, status = _execute(wl, task)
         except Exception as exc:  # noqa: BLE001 - keep the worker alive whatever happens
             log.exception("dev node comfy worker failed on %s", task.prompt_id)
-            data = {
-                "prompt_id": task.prompt_id,
-                "node_id": "",
-                "node_type": "",
-                "executed": [],
-                "exception_message": str(exc),
-                "exception_type": type(exc).__name__,
-                "traceback": [],
-                "timestamp": _now_ms(),
-            }
-            status = {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}
-            outputs = {}
-        meta = {
-            nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
-            for nid in outputs
-        }
-        entry = {
-            "prompt": [task.number, task.prompt_id, task.prompt, task.extra_data, task.outputs],
-            "outputs": outputs,
-            "status": status,
-            "meta": meta,
-        }
+            outputs, status = {}, _crash_status(task, exc)
         _cleanup_temp(wl, task.prompt_id)
         with wl.cond:
-            wl.history[task.prompt_id] = entry
+            wl.history[task.prompt_id] = _history_entry(task, outputs, status)
             wl.running = None
             wl.last_node = None
             wl.interrupt.clear()
@@ -516,6 +479,49 @@ def _worker_loop(wl: Workload) -> None:
         _emit(wl, final_event, final_data, client)  # after the history entry exists
         _emit(wl, "executing", {"node": None, "prompt_id": task.prompt_id}, client)
         _broadcast_status(wl)
+
+
+def _next_task(wl: Workload) -> Task | None:
+    """Wait for the next prompt (lowest number first) and mark it running; None once the node is
+    stopped (its queue goes with it and the worker ends)."""
+    with wl.cond:
+        while not wl.pending and not wl.stopped and not faults._should_stop(wl.name):
+            wl.cond.wait(timeout=1.0)
+        if wl.stopped or faults._should_stop(wl.name):
+            wl.pending.clear()
+            wl.stopped = True
+            wl.worker = None
+            return None
+        wl.pending.sort(key=lambda t: t.number)
+        task = wl.pending.pop(0)
+        wl.running = task
+        wl.interrupt.clear()
+        return task
+
+
+def _crash_status(task: Task, exc: Exception) -> dict:
+    """The status of a prompt the worker itself failed on (not one of its nodes)."""
+    data = {
+        "prompt_id": task.prompt_id,
+        "node_id": "",
+        "node_type": "",
+        "executed": [],
+        "exception_message": str(exc),
+        "exception_type": type(exc).__name__,
+        "traceback": [],
+        "timestamp": _now_ms(),
+    }
+    return {"status_str": "error", "completed": False, "messages": [["execution_error", data]]}
+
+
+def _history_entry(task: Task, outputs: dict, status: dict) -> dict:
+    meta = {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid} for nid in outputs}
+    return {
+        "prompt": [task.number, task.prompt_id, task.prompt, task.extra_data, task.outputs],
+        "outputs": outputs,
+        "status": status,
+        "meta": meta,
+    }
 
 
 def _ensure_worker(wl: Workload) -> None:

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from devnode import faults
 
@@ -138,139 +138,168 @@ def _public(node: Node, now: float) -> dict:
     }
 
 
-def add_control_api(app: FastAPI, host: str, port: int) -> None:
-    """The Comput3 control API under /api/v0."""
-
-    @app.post("/api/v0/launch")
-    async def launch(request: Request) -> Any:
-        if (error := _check_key(request)) is not None:
-            return error
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        mode = faults.take_launch_failure()
-        if mode == "timeout":
-            await asyncio.sleep(30)
-            return HTMLResponse("<html><body><h1>504 Gateway Time-out</h1></body></html>", status_code=504)
-        if mode == "html":
-            page = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body>"
-            return HTMLResponse(page, status_code=502)
-        if mode is not None:
-            return JSONResponse({"error": "dev node fault: launch failed"}, status_code=500)
-        kind = body.get("type")
-        if kind not in WORKLOAD_TYPES:
-            return JSONResponse({"error": f"unknown workload type {kind!r}"}, status_code=400)
-        now = time.time()
-        try:
-            expires = float(body.get("expires") or now + 3600)
-        except (TypeError, ValueError):
-            return JSONResponse({"error": "expires must be unix seconds"}, status_code=400)
-        workload = uuid.uuid4().hex[:16]
-        up_at = now + boot_seconds()
-        dies_after = faults.snapshot().get("node_dies_after_s")
-        node = Node(
-            workload=workload,
-            node=f"{host}:{port}/nodes/{workload}",
-            type=kind,
-            created=now,
-            expires=expires,
-            up_at=up_at,
-            dies_at=None if dies_after is None else up_at + float(dies_after),
-        )
-        with _LOCK:
-            NODES[workload] = node
-        LOG.info("launched %s (%s, expires in %.0f s)", workload, kind, expires - now)
-        # Both faults are decided when the launch arrives: a held answer whose caller is gone must not
-        # take a "lost answer" meant for a later launch.
-        lost = faults.take_launch_answer_lost()
-        delay = float(faults.snapshot().get("launch_answer_delay_s") or 0)
-        if delay > 0:
-            await asyncio.sleep(delay)  # the node exists; the answer is late (or read by no one)
-        if lost:
-            LOG.info("launch answer for %s lost (fault): answering a gateway 504", workload)
-            page = "<html><head><title>504 Gateway Time-out</title></head><body><h1>504 Gateway Time-out</h1></body>"
-            return HTMLResponse(page, status_code=504)
-        return {
-            "workload": workload,
-            "node": node.node,
-            "type": kind,
-            "expires": int(expires),
-            "created": int(now),
-        }
-
-    @app.get("/api/v0/types")
-    async def types(request: Request) -> Any:
-        if (error := _check_key(request)) is not None:
-            return error
-        return list(WORKLOAD_TYPES)
-
-    @app.post("/api/v0/workloads")
-    async def workloads(request: Request) -> Any:
-        if (error := _check_key(request)) is not None:
-            return error
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        now = time.time()
-        with _LOCK:
-            nodes = list(NODES.values())
-        rows = [_public(node, now) for node in nodes]
-        if body.get("running", True):
-            rows = [row for row in rows if row["status"] in ("booting", "running")]
-        return rows
-
-    @app.post("/api/v0/stop")
-    async def stop(request: Request) -> Any:
-        if (error := _check_key(request)) is not None:
-            return error
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        workload = str(body.get("workload") or "")
-        now = time.time()
-        with _LOCK:
-            node = NODES.get(workload)
-            if node is None or node_state(node, now) not in ("booting", "running"):
-                return JSONResponse({"error": f"unknown workload {workload!r}"}, status_code=404)
-            node.stopped_at = now
-        LOG.info("stopped %s", workload)
-        return {"stopped": int(now), "refund_amount": 0.0}
+async def _keyed_body(request: Request) -> dict | JSONResponse:
+    """The JSON object of a control API call, or the 401/400 answer (the key is checked first)."""
+    if (error := _check_key(request)) is not None:
+        return error
+    return await _json_body(request)
 
 
-def add_admin_routes(app: FastAPI) -> None:
-    """Test-only routes: fault switches and the node table."""
+# --- the Comput3 control API (/api/v0) ------------------------------------------------------
 
-    @app.get("/admin/faults")
-    async def get_faults() -> dict:
-        return faults.snapshot()
+control_api = APIRouter(prefix="/api/v0")
 
-    @app.post("/admin/faults")
-    async def set_faults(request: Request) -> Any:
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            return faults.update(body)
-        except ValueError as error:
-            return JSONResponse({"error": str(error)}, status_code=400)
 
-    @app.post("/admin/reset")
-    async def reset_faults() -> dict:
-        return faults.reset()
+@control_api.post("/launch")
+async def launch(request: Request) -> Any:
+    body = await _keyed_body(request)
+    if isinstance(body, JSONResponse):
+        return body
+    if (failure := await _launch_failure()) is not None:
+        return failure
+    kind = body.get("type")
+    if kind not in WORKLOAD_TYPES:
+        return JSONResponse({"error": f"unknown workload type {kind!r}"}, status_code=400)
+    now = time.time()
+    try:
+        expires = float(body.get("expires") or now + 3600)
+    except (TypeError, ValueError):
+        return JSONResponse({"error": "expires must be unix seconds"}, status_code=400)
+    node = _add_node(kind, now, expires, f"{request.app.state.host}:{request.app.state.port}")
+    LOG.info("launched %s (%s, expires in %.0f s)", node.workload, kind, expires - now)
+    return await _launch_answer(node)
 
-    @app.get("/admin/requests")
-    async def request_counts() -> dict:
-        with _LOCK:
-            return dict(REQUESTS)
 
-    @app.get("/admin/nodes")
-    async def list_nodes() -> list[dict]:
-        now = time.time()
-        with _LOCK:
-            nodes = list(NODES.values())
-        return [
-            {**asdict(node), "state": node_state(node, now), "launched_at": node.created} for node in nodes
-        ]
+async def _launch_failure() -> Response | None:
+    """The answer of a launch_failure fault, or None: a gateway timeout after 30 s, a proxy's HTML 502,
+    or Comput3's own 500."""
+    mode = faults.take_launch_failure()
+    if mode is None:
+        return None
+    if mode == "timeout":
+        await asyncio.sleep(30)
+        return HTMLResponse("<html><body><h1>504 Gateway Time-out</h1></body></html>", status_code=504)
+    if mode == "html":
+        page = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body>"
+        return HTMLResponse(page, status_code=502)
+    return JSONResponse({"error": "dev node fault: launch failed"}, status_code=500)
+
+
+def _add_node(kind: str, now: float, expires: float, address: str) -> Node:
+    """A new node in the table: booting for boot_seconds(), dying later if node_dies_after_s is set."""
+    workload = uuid.uuid4().hex[:16]
+    up_at = now + boot_seconds()
+    dies_after = faults.snapshot().get("node_dies_after_s")
+    node = Node(
+        workload=workload,
+        node=f"{address}/nodes/{workload}",
+        type=kind,
+        created=now,
+        expires=expires,
+        up_at=up_at,
+        dies_at=None if dies_after is None else up_at + float(dies_after),
+    )
+    with _LOCK:
+        NODES[workload] = node
+    return node
+
+
+async def _launch_answer(node: Node) -> Any:
+    """The launch's answer, late or lost when the faults say so (the node exists either way)."""
+    # Both faults are decided when the launch arrives: a held answer whose caller is gone must not
+    # take a "lost answer" meant for a later launch.
+    lost = faults.take_launch_answer_lost()
+    delay = float(faults.snapshot().get("launch_answer_delay_s") or 0)
+    if delay > 0:
+        await asyncio.sleep(delay)  # the node exists; the answer is late (or read by no one)
+    if lost:
+        LOG.info("launch answer for %s lost (fault): answering a gateway 504", node.workload)
+        page = "<html><head><title>504 Gateway Time-out</title></head><body><h1>504 Gateway Time-out</h1></body>"
+        return HTMLResponse(page, status_code=504)
+    return {
+        "workload": node.workload,
+        "node": node.node,
+        "type": node.type,
+        "expires": int(node.expires),
+        "created": int(node.created),
+    }
+
+
+@control_api.get("/types")
+async def types(request: Request) -> Any:
+    if (error := _check_key(request)) is not None:
+        return error
+    return list(WORKLOAD_TYPES)
+
+
+@control_api.post("/workloads")
+async def workloads(request: Request) -> Any:
+    body = await _keyed_body(request)
+    if isinstance(body, JSONResponse):
+        return body
+    now = time.time()
+    with _LOCK:
+        nodes = list(NODES.values())
+    rows = [_public(node, now) for node in nodes]
+    if body.get("running", True):
+        rows = [row for row in rows if row["status"] in ("booting", "running")]
+    return rows
+
+
+@control_api.post("/stop")
+async def stop(request: Request) -> Any:
+    body = await _keyed_body(request)
+    if isinstance(body, JSONResponse):
+        return body
+    workload = str(body.get("workload") or "")
+    now = time.time()
+    with _LOCK:
+        node = NODES.get(workload)
+        if node is None or node_state(node, now) not in ("booting", "running"):
+            return JSONResponse({"error": f"unknown workload {workload!r}"}, status_code=404)
+        node.stopped_at = now
+    LOG.info("stopped %s", workload)
+    return {"stopped": int(now), "refund_amount": 0.0}
+
+
+# --- test-only routes: fault switches and the node table --------------------------------------
+
+admin_routes = APIRouter(prefix="/admin")
+
+
+@admin_routes.get("/faults")
+async def get_faults() -> dict:
+    return faults.snapshot()
+
+
+@admin_routes.post("/faults")
+async def set_faults(request: Request) -> Any:
+    body = await _json_body(request)
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        return faults.update(body)
+    except ValueError as error:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+
+@admin_routes.post("/reset")
+async def reset_faults() -> dict:
+    return faults.reset()
+
+
+@admin_routes.get("/requests")
+async def request_counts() -> dict:
+    with _LOCK:
+        return dict(REQUESTS)
+
+
+@admin_routes.get("/nodes")
+async def list_nodes() -> list[dict]:
+    now = time.time()
+    with _LOCK:
+        nodes = list(NODES.values())
+    return [{**asdict(node), "state": node_state(node, now), "launched_at": node.created} for node in nodes]
 
 
 def add_node_apps(app: FastAPI, data_dir: Path) -> None:
@@ -416,8 +445,8 @@ def create_app(host: str = "127.0.0.1", port: int = 8700, data_dir: Path | None 
         stop_all_nodes("dev node shutting down")
 
     app = FastAPI(title="c3-render dev node", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.host, app.state.port = host, port
-    add_control_api(app, host, port)
-    add_admin_routes(app)
+    app.state.host, app.state.port = host, port  # the node URLs launch answers are on this address
+    app.include_router(control_api)
+    app.include_router(admin_routes)
     add_node_apps(app, data_dir)
     return node_router(app, vision_node_app())

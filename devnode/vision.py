@@ -27,7 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
@@ -267,94 +267,110 @@ async def _wait_out_hang(workload: str | None) -> bool:
     return True
 
 
+# --- routes: plain module-level handlers; the served model is the app's (app.state.ollama_model) --
+
+routes = APIRouter()
+
+
+@routes.get("/")
+async def root() -> Response:
+    return PlainTextResponse("Ollama is running")
+
+
+@routes.get("/api/version")
+async def version() -> dict:
+    return {"version": "0.0.0-c3-render-devnode"}
+
+
+@routes.get("/api/tags")
+async def tags(request: Request) -> dict:
+    served = request.app.state.ollama_model
+    family = served.split(":", 1)[0]
+    return {
+        "models": [
+            {
+                "name": served,
+                "model": served,
+                "modified_at": _now_rfc3339(),
+                "size": 0,
+                "digest": "0" * 64,
+                "details": {
+                    "format": "none",
+                    "family": family,
+                    "families": [family],
+                    "parameter_size": "0 (dev node: OpenCV report, no model)",
+                    "quantization_level": "none",
+                },
+            }
+        ]
+    }
+
+
+@routes.post("/api/generate")
+async def generate(request: Request) -> Response:
+    started = time.monotonic_ns()
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "invalid JSON body")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    name = body.get("model")
+    if not isinstance(name, str) or not name.strip():
+        return _error(400, "model is required")
+    if _normalise_model(name) != request.app.state.ollama_model:
+        return _error(404, f'model "{name}" not found, try pulling it first')
+    prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
+    try:
+        images = decode_images(body.get("images"))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    fault = faults.engine_fault("ollama")
+    if fault == "hang" and not await _wait_out_hang(faults.workload_of(request)):
+        return _error(500, "dev node fault injection: the engine hung and gave up")
+    if faults.engine_fault("ollama") == "error":
+        return _error(500, "dev node fault injection: ollama engine_error is set")
+    try:
+        text = await run_in_threadpool(build_report, prompt, images)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    final = _final_record(name, prompt, text, time.monotonic_ns() - started)
+    if body.get("stream", True) is False:
+        return JSONResponse(final)
+    return StreamingResponse(_ndjson(final), media_type="application/x-ndjson")
+
+
+def _final_record(name: str, prompt: str, text: str, total_ns: int) -> dict[str, Any]:
+    """Ollama's final generate record (done: true) with its counts and durations."""
+    return {
+        "model": name,
+        "created_at": _now_rfc3339(),
+        "response": text,
+        "done": True,
+        "done_reason": "stop",
+        "context": [],
+        "total_duration": total_ns,
+        "load_duration": 0,
+        "prompt_eval_count": len(prompt.split()),
+        "prompt_eval_duration": 0,
+        "eval_count": len(text.split()),
+        "eval_duration": total_ns,
+    }
+
+
+def _ndjson(final: dict[str, Any]) -> Iterator[bytes]:
+    """Ollama streams by default: one chunk with the whole text, then the final record without it."""
+    chunk = {"model": final["model"], "created_at": final["created_at"], "response": final["response"],
+             "done": False}
+    yield (json.dumps(chunk) + "\n").encode()
+    yield (json.dumps({**final, "response": ""}) + "\n").encode()
+
+
 def create_app(model: str | None = None) -> FastAPI:
     """The Ollama stand-in. Serves `model` (default: $DEVNODE_OLLAMA_MODEL or llama3.2-vision:11b)."""
-    served = _normalise_model(model or os.environ.get("DEVNODE_OLLAMA_MODEL") or DEFAULT_MODEL)
     app = FastAPI(
         title="c3-render dev node: Ollama stand-in", docs_url=None, redoc_url=None, openapi_url=None
     )
-
-    @app.get("/")
-    async def root() -> Response:
-        return PlainTextResponse("Ollama is running")
-
-    @app.get("/api/version")
-    async def version() -> dict:
-        return {"version": "0.0.0-c3-render-devnode"}
-
-    @app.get("/api/tags")
-    async def tags() -> dict:
-        family = served.split(":", 1)[0]
-        return {
-            "models": [
-                {
-                    "name": served,
-                    "model": served,
-                    "modified_at": _now_rfc3339(),
-                    "size": 0,
-                    "digest": "0" * 64,
-                    "details": {
-                        "format": "none",
-                        "family": family,
-                        "families": [family],
-                        "parameter_size": "0 (dev node: OpenCV report, no model)",
-                        "quantization_level": "none",
-                    },
-                }
-            ]
-        }
-
-    @app.post("/api/generate")
-    async def generate(request: Request) -> Response:
-        started = time.monotonic_ns()
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "invalid JSON body")
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
-        name = body.get("model")
-        if not isinstance(name, str) or not name.strip():
-            return _error(400, "model is required")
-        if _normalise_model(name) != served:
-            return _error(404, f'model "{name}" not found, try pulling it first')
-        prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
-        try:
-            images = decode_images(body.get("images"))
-        except ValueError as exc:
-            return _error(400, str(exc))
-        fault = faults.engine_fault("ollama")
-        if fault == "hang" and not await _wait_out_hang(faults.workload_of(request)):
-            return _error(500, "dev node fault injection: the engine hung and gave up")
-        if faults.engine_fault("ollama") == "error":
-            return _error(500, "dev node fault injection: ollama engine_error is set")
-        try:
-            text = await run_in_threadpool(build_report, prompt, images)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        total = time.monotonic_ns() - started
-        final = {
-            "model": name,
-            "created_at": _now_rfc3339(),
-            "response": text,
-            "done": True,
-            "done_reason": "stop",
-            "context": [],
-            "total_duration": total,
-            "load_duration": 0,
-            "prompt_eval_count": len(prompt.split()),
-            "prompt_eval_duration": 0,
-            "eval_count": len(text.split()),
-            "eval_duration": total,
-        }
-        if body.get("stream", True) is False:
-            return JSONResponse(final)
-
-        def ndjson() -> Iterator[bytes]:  # Ollama streams by default: one chunk, then the final record
-            chunk = {"model": name, "created_at": final["created_at"], "response": text, "done": False}
-            yield (json.dumps(chunk) + "\n").encode()
-            yield (json.dumps({**final, "response": ""}) + "\n").encode()
-
-        return StreamingResponse(ndjson(), media_type="application/x-ndjson")
-
+    app.state.ollama_model = _normalise_model(model or os.environ.get("DEVNODE_OLLAMA_MODEL") or DEFAULT_MODEL)
+    app.include_router(routes)
     return app

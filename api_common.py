@@ -1,0 +1,115 @@
+"""What every API blueprint shares (app.py, events.py, metrics.py): the request's settings and Redis
+client, the JSON error answer, the 400/404 reading of a job id, and the status object of a job record.
+
+app.py's `create_app()` attaches the settings and the client to the Flask app (`attach`); the blueprints
+read them back per request with `settings()` and `store()`. This module imports no blueprint, so the
+blueprints import it and not each other.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from flask import Flask, Response, current_app, jsonify
+
+import config
+import jobstore
+import webhook_state
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status and message, plus optional headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The JSON error answer: `{"error": message}` with the status and headers given."""
+    response = jsonify({"error": message})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+# --- the app's settings and Redis client -------------------------------------------------------
+
+def attach(app: Flask, app_settings: config.Settings, r: redis.Redis) -> None:
+    """Give the app the settings and the Redis client its requests use."""
+    app.extensions["c3_settings"] = app_settings
+    app.extensions["c3_redis"] = r
+
+
+def settings() -> config.Settings:
+    """The settings of the app handling this request."""
+    return current_app.extensions["c3_settings"]
+
+
+def store() -> redis.Redis:
+    """The Redis client of the app handling this request."""
+    return current_app.extensions["c3_redis"]
+
+
+# --- jobs as the API shows them ----------------------------------------------------------------
+
+def iso(timestamp: str | None) -> str | None:
+    """A stored Unix time as ISO 8601 UTC with milliseconds (None stays None)."""
+    if not timestamp:
+        return None
+    moment = datetime.fromtimestamp(float(timestamp), tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def record_or_error(job_id: str, with_position: bool = False) -> dict[str, str]:
+    """The job's record, or the 400/404 answer; with_position adds a queued job's queue position in the
+    same round trip (see jobstore.get_job_with_position)."""
+    if not jobstore.is_job_id(job_id):
+        raise ApiError(400, f"malformed job id {job_id[:64]!r}: expected a UUID4")
+    read = jobstore.get_job_with_position if with_position else jobstore.get_job
+    record = read(store(), job_id)
+    if record is None:
+        raise ApiError(404, f"no job with id {job_id} (unknown, or expired after its retention)")
+    return record
+
+
+def status_answer(record: dict[str, str]) -> dict[str, Any]:
+    """The status object of a job record, as /status shows it."""
+    answer: dict[str, Any] = {
+        "id": record["id"],
+        "type": record["type"],
+        "status": record["status"],
+        "created_at": iso(record.get("created_at")),
+        "started_at": iso(record.get("started_at")),
+        "finished_at": iso(record.get("finished_at")),
+        "complete_by": iso(record.get("complete_by")),
+        "attempts": int(record.get("attempts") or 0),
+    }
+    if record["status"] in ("failed", "cancelled"):
+        answer["error"] = record.get("error") or record["status"]
+    if record["status"] == "queued":
+        position = record.get("queue_position")  # read with the record, or not yet
+        answer["queue_position"] = (jobstore.queue_position(store(), record) if position is None
+                                    else int(position) if position else None)
+    if record["status"] == "running":
+        if record.get("phase"):
+            answer["phase"] = record["phase"]
+            answer["phase_since"] = iso(record.get("phase_since"))
+        if record.get("progress"):
+            answer["progress"] = int(record["progress"])
+        if record.get("cancel_requested"):
+            answer["cancel_requested"] = True
+    if record.get("webhook_status", "none") != "none":
+        answer["webhook"] = {
+            "status": record["webhook_status"],
+            "attempts": int(record.get("webhook_attempts") or 0),
+            "last_error": record.get("webhook_error") or None,
+            "history": [{**event, "at": iso(str(event.get("at") or 0))}
+                        for event in webhook_state.webhook_history(record)],
+        }
+    return answer
