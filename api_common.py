@@ -78,6 +78,24 @@ def record_or_error(job_id: str, with_position: bool = False) -> dict[str, str]:
     return record
 
 
+def job_cost(app_settings: config.Settings, record: dict[str, str]) -> dict[str, Any]:
+    """What a job cost: its node-seconds (its share of its node's boot, busy and idle time; it can grow
+    until the node stops, by the idle time after the node's last job) and, with C3_PRICE_PER_HOUR, the
+    price of those."""
+    seconds = float(record.get("node_seconds") or 0)
+    found: dict[str, Any] = {"node_seconds": round(seconds, 1), "node_type": record.get("node_type") or None}
+    price = price_per_hour(app_settings, record.get("node_type") or "")
+    if price is not None:
+        found["cost"] = round(seconds * price / 3600, 4)
+    return found
+
+
+def price_per_hour(app_settings: config.Settings, node_type: str) -> float | None:
+    """C3_PRICE_PER_HOUR for a node type (its own price, else the one for every type); None when unknown."""
+    prices = config.parse_prices(app_settings.price_per_hour)
+    return prices.get(node_type, prices.get("*"))
+
+
 def status_answer(record: dict[str, str]) -> dict[str, Any]:
     """The status object of a job record, as /status shows it."""
     answer: dict[str, Any] = {
@@ -104,6 +122,8 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
             answer["progress"] = int(record["progress"])
         if record.get("cancel_requested"):
             answer["cancel_requested"] = True
+    if record.get("node_seconds"):
+        answer.update(job_cost(settings(), record))
     if record.get("webhook_status", "none") != "none":
         answer["webhook"] = {
             "status": record["webhook_status"],

@@ -23,6 +23,7 @@ import redis
 from flask import Blueprint, Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
+import api_common
 import config
 import dashboard
 import events
@@ -248,16 +249,24 @@ def overview() -> Response:
     """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds."""
     r = store()
     stats = jobstats.counters(r)
-    workers = jobstats.workers(r)
+    nodes = jobstats.pool(r)
+    today_s = jobstats.node_seconds_today(stats, nodes)
+    per_job = today_s / stats["finished_today"] if stats["finished_today"] else None
+    price = api_common.price_per_hour(settings(), settings().workload_type)
     return jsonify({
         "queue_depth": stats["queue_depth"],
         "running": stats["running"],
         "finished_last_hour": stats["finished_last_hour"],
+        "finished_today": stats["finished_today"],
         "jobs_total": [{"type": t, "status": s, "count": n} for (t, s), n in sorted(stats["jobs_total"].items())],
-        "workers": workers,
-        "nodes_running": jobstats.nodes_running(workers),
-        "node_seconds_today": jobstats.node_seconds_today(stats, workers),
-        "node_seconds_total": jobstats.node_seconds_total(stats, workers),
+        "workers": jobstats.workers(r, nodes),
+        "nodes": nodes,
+        "nodes_running": jobstats.nodes_running(nodes),
+        "node_seconds_today": today_s,
+        "node_seconds_total": jobstats.node_seconds_total(stats, nodes),
+        "node_seconds_per_job_today": None if per_job is None else round(per_job, 1),
+        "cost_per_job_today": None if per_job is None or price is None else round(per_job * price / 3600, 4),
+        "node_time": {kind: round(seconds, 1) for kind, seconds in jobstats.node_time(r).items()},
         "webhook_deliveries": stats["webhook_deliveries"],
     })
 

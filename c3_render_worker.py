@@ -1,12 +1,13 @@
 """The c3-render worker process: takes jobs from the Redis queue and runs them on Comput3 GPU nodes.
 
-Its loop (`work`) has four steps: maintenance (stop idle nodes; after a Redis error, give back what was
-cut short), dequeue (`jobstore.take`, into this worker's processing list), execute (`run_job`) and, in a
-thread of its own, the heartbeat with the recovery sweep (`heartbeat_loop`, sweep.py). `run_job` runs
-one job as named steps: claim it, prepare its inputs, run its engine on a node (nodes.py), store the
-result, settle it (the final status and its webhook in one Redis step). On SIGTERM the running job gets
-WORKER_GRACE_S to finish, then `shut_down` stops the nodes and hands back what is in flight, in bounded
-time even when Redis is gone.
+Its loop (`work`) has four steps: maintenance (the pool's idle nodes, one worker at a time; after a
+Redis error, give back what was cut short), dequeue (`jobstore.take`, into this worker's processing
+list), execute (`run_job`) and, in a thread of its own, the heartbeat with the recovery sweep
+(`heartbeat_loop`, sweep.py). `run_job` runs one job as named steps: claim it, prepare its inputs, run
+its engine on a slot of a pool node (pool.py), store the result, settle it (the final status and its
+webhook in one Redis step), let the slot go. On SIGTERM the running job gets WORKER_GRACE_S to finish,
+then `shut_down` lets its slot go (the last worker also stops the idle nodes) and hands back what is in
+flight, in bounded time even when Redis is gone.
 
 Run: `python c3_render_worker.py` (configuration from the environment; see README).
 """
@@ -39,14 +40,14 @@ import jobstore
 import media_check
 import netfetch
 import nodes
-import nodestore
+import pool
 import storage
 import sweep
 import webhooks
 import whisper
 from comput3 import C3Error
 from engine_api import EngineError, JobContext, JobStopped, ShouldStop
-from nodes import HeldNode
+from nodes import Lease
 
 log = logging.getLogger("c3-render.worker")
 
@@ -61,6 +62,7 @@ INPUTS = {"whisper": [("audio", "audio_url", "audio")],
           "portrait": [("image", "image_url", "image"), ("audio", "audio_url", "audio")],
           "analyze": [("image", "image_url", "image")]}
 CLONE_INPUT = ("reference_audio", "reference_audio_url", "audio")  # csm with voice "clone"
+NODE_LIFE_MARGIN_S = 60  # a job takes a node that lives at least its max_time and this long after
 CANCEL_REASON = "cancelled by request"
 SHUTDOWN_REASON = "worker shutting down"
 # On the way out, one Redis call may take this long: a Redis that is frozen or cut off by the network
@@ -75,7 +77,7 @@ class WorkerState:
     settings: config.Settings
     r: redis.Redis
     worker_id: str
-    nodes: dict[str, HeldNode] = field(default_factory=dict)  # workload type -> node
+    lease: Lease | None = None  # the running job's slot on a pool node
     stopping: threading.Event = field(default_factory=threading.Event)
     settled: threading.Event = field(default_factory=threading.Event)  # after SIGTERM: no job left running
     shutdown_deadline: float | None = None
@@ -121,13 +123,22 @@ def run_job(state: WorkerState, entry: str) -> None:
     if job is None:
         return
     outcome = refused_before_start(job) or execute(state, job)
+    if not outcome.drain:  # the job's share of the node's time is on its record when it is settled
+        let_go(state)
     if not outcome.status:
         jobstore.put_back(state.r, state.worker_id, job.id, entry)
         log.info("job %s put back on the queue (%s)", job.id, outcome.fields["why"])
-        return
-    settle(state, job, outcome)
-    if outcome.drain:
-        nodes.drain_node(state, job.type, job.id, BUSY_CHECKS.get(job.type))
+    else:
+        settle(state, job, outcome)
+    if state.lease is not None:  # the node may still work on the stopped job: its slot is kept meanwhile
+        nodes.drain_node(state, state.lease, job.id, BUSY_CHECKS.get(job.type))
+        let_go(state)
+
+
+def let_go(state: WorkerState) -> None:
+    """Release the running job's slot (the node stays in the pool for the next job)."""
+    lease, state.lease = state.lease, None
+    pool.release(state, lease)
 
 
 def claim(state: WorkerState, entry: str) -> ClaimedJob | None:
@@ -170,7 +181,8 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
         context = functools.partial(JobContext, job_id=job.id, params=job.params, inputs=inputs,
                                     work_dir=job.work_dir, settings=settings, should_stop=should_stop,
                                     progress=job_progress(state, job.id), phase=phase)
-        output = nodes.run_on_node(state, job.type, ENGINES[job.type], context, should_stop, phase)
+        output = pool.run_on_node(state, job.id, job.type, ENGINES[job.type], context, should_stop, phase,
+                                  min_life_s=job.params["max_time"] + NODE_LIFE_MARGIN_S)
         phase("storing")
         fields = store_result(state, job, output)
         log.info("job %s succeeded in %.1f s", job.id, time.time() - job.started)
@@ -191,6 +203,8 @@ def failure_outcome(state: WorkerState, job: ClaimedJob, exc: Exception) -> Outc
             return put_back(SHUTDOWN_REASON)
         log.info("job %s %s", job.id, "cancelled" if reason == CANCEL_REASON else f"stopped: {reason}")
         return Outcome("cancelled" if reason == CANCEL_REASON else "failed", {"error": reason}, drain=True)
+    if isinstance(exc, pool.SharedNodeOutOfMemory):
+        return put_back(f"out of GPU memory on a shared node: {exc}")
     if isinstance(exc, media_check.ToolKilled):
         # A stop of the whole process group (systemd, docker) kills ffprobe/ffmpeg with the worker: the job
         # goes back. Otherwise (the OOM killer, say) it fails, saying so, rather than blaming the input.
@@ -333,12 +347,10 @@ def work(state: WorkerState) -> None:
             if recover:
                 recover_after_redis_error(state)
                 recover = False
-            nodes.stop_idle_nodes(state)
+            pool.maintain(state)
             entry = dequeue(state)
             if entry is not None:
                 run_job(state, entry)
-                if state.nodes:  # a reservation the job did not turn into a node goes back
-                    nodestore.release_node(state.r, state.worker_id, nodestore.RESERVED)
             state.entry = None  # settled; a Redis error leaves it in our processing list (and set)
             backoff = 0.5
         except redis.RedisError as exc:
@@ -356,7 +368,8 @@ def recover_after_redis_error(state: WorkerState) -> None:
     left in our processing list, and node slots and launches this worker does not hold."""
     jobstore.heartbeat(state.r, state.worker_id, state.settings.heartbeat_ttl_s)
     requeued, failed = jobstore.requeue_processing(state.r, state.settings, state.worker_id)
-    nodes.forget_unheld_nodes(state)
+    pool.release_stale(state, None)
+    state.lease = None
     state.entry = None
     if requeued or failed:
         log.info("gave %d job(s) cut short by a Redis error back to the queue (%d failed after MAX_ATTEMPTS)",
@@ -366,14 +379,12 @@ def recover_after_redis_error(state: WorkerState) -> None:
 def dequeue(state: WorkerState) -> str | None:
     """The next queue entry for this worker (moved into its processing list), or None after a second.
 
-    A worker without a node takes a job only when it can reserve a node slot: at the MAX_NODES cap it
-    leaves the queue to the workers that hold nodes instead of sitting on a job."""
-    if not state.nodes and not nodestore.acquire_node_slot(state.r, state.worker_id, state.settings.max_nodes):
+    A job whose type no node can serve (MAX_NODES nodes of other types, none of them idle) is left in the
+    queue: the worker would only sit on it, while its turn comes when a node goes."""
+    if not pool.can_serve_next(state):
         state.stopping.wait(1.0)
         return None
     entry = state.entry = jobstore.take(state.r, state.worker_id, 1.0)
-    if entry is None and not state.nodes:
-        nodestore.release_node(state.r, state.worker_id, nodestore.RESERVED)  # give the reservation back
     if entry is not None and state.stopping.is_set():
         jobstore.return_entry(state.r, state.worker_id, entry)  # taken as we were told to stop
         return None
@@ -455,7 +466,7 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
             state.r.ping()
         except redis.RedisError as exc:
             state.redis_lost = type(exc).__name__
-    nodes.stop_all_nodes(state, "worker shutting down")
+    leave_pool(state)
     unreturned = 0
     if not state.redis_lost:
         # one try: Redis answered just now, and a retry would hold the exit (the sweep covers a miss)
@@ -475,6 +486,25 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
         except redis.RedisError as exc:
             state.redis_lost = type(exc).__name__
     log_left_undone(state, unreturned)
+
+
+def leave_pool(state: WorkerState) -> None:
+    """On the way out: let the job's slot go; the last worker stops the idle nodes (nobody else would).
+    With Redis gone, the node of the job cut short is stopped through Comput3 (other workers cannot work
+    without Redis either; the sweep tidies the pool once it answers)."""
+    lease, state.lease = state.lease, None
+    if state.redis_lost:
+        if lease is not None and lease.workload:
+            stopped = nodes.stop_or_remember(state.settings, None, lease.workload, lease.node, SHUTDOWN_REASON)
+            state.unrecorded_stops += 1 if stopped else 0
+            state.unstopped_nodes += 0 if stopped else 1
+        return
+    try:
+        pool.release(state, lease)
+        if not pool.other_workers_alive(state):
+            nodes.stop_idle_on_exit(state, "the last worker is shutting down")
+    except redis.RedisError as exc:
+        state.redis_lost = type(exc).__name__
 
 
 def log_left_undone(state: WorkerState, unreturned: int) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from jobspec import JOB_TYPES
+
 VERSION = "0.2.0"  # the service's version, shown at / and in /openapi.json (pyproject.toml says the same)
 
 # --- Redis key names (jobstore.py, nodestore.py, webhook_state.py; Lua gets them via redis_lua.NAMES) ---
@@ -28,10 +30,16 @@ JOB_KEY = "job:{id}"  # hash: one record per job
 PROCESSING_KEY = "processing:{worker}"  # list: entries a worker has taken and not acknowledged
 HEARTBEAT_KEY = "worker:{worker}:alive"  # string with a TTL: the worker is alive while it exists
 WORKERS_KEY = "workers"  # set: ids of workers that have announced themselves
-NODE_KEY = "node:{worker}:{type}"  # hash: the GPU node of one workload type a worker holds (or launches)
-NODE_SLOTS_KEY = "nodes:slots"  # set: "<worker>|<type>" members holding one of the MAX_NODES node slots
+# The node pool (nodestore.py): nodes belong to the service; a job leases a slot of one
+POOL_NODES_KEY = "pool:nodes"  # set: ids of the pool's nodes (launching, booting, ready, stopping): MAX_NODES caps it
+POOL_NODE_KEY = "pool:node:{id}"  # hash: one pool node (type, state, workload, node, times, its time accounts)
+POOL_LEASES_KEY = "pool:leases:{id}"  # hash: job id -> JSON {worker, service, since, share}: the jobs on a node
+POOL_STATS_KEY = "pool:stats"  # hash: boot:<type>, service:<service> estimates; idle_since:<type>
+POOL_GAPS_KEY = "pool:gaps:{type}"  # list: recent idle gaps of a node type (seconds), newest last
+POOL_MAINTAINER_KEY = "pool:maintainer"  # string with a TTL: the worker that looks after idle nodes now
+NODE_TIME_KEY = "stats:node_time"  # hash: booting | busy | idle -> node-seconds, for /metrics
 NODES_TO_STOP_KEY = "nodes:to_stop"  # hash: workload -> node whose stop call failed; the sweep retries
-NODES_OWNED_KEY = "nodes:owned"  # hash: workload -> JSON {worker, type, node, launched_at}: nodes we launched
+NODES_OWNED_KEY = "nodes:owned"  # hash: workload -> JSON {id, worker, type, node, launched_at}: nodes we launched
 LAUNCH_INTENTS_KEY = "nodes:launching"  # hash: intent id -> JSON launch window (worker, type, before, times)
 WEBHOOK_OUTBOX_KEY = "webhooks:outbox"  # list: webhook deliveries waiting for a sender
 WEBHOOK_INFLIGHT_KEY = "webhooks:inflight:{worker}"  # list: deliveries a worker is sending
@@ -43,7 +51,6 @@ IDEMPOTENCY_KEY = "idem:{client}:{key}"  # string: job id and body hash of an Id
 NODE_SECONDS_KEY = "stats:node_seconds"  # float: node-seconds used by all workers (launch to stop)
 NODE_LOG_KEY = "stats:nodes"  # list: one JSON line per node stop (workload, worker, seconds)
 NODE_SECONDS_DAY_KEY = "stats:node_seconds:{day}"  # float: node-seconds of nodes stopped that UTC day
-SWEEP_WORKER_KEY = "sweep:{worker}"  # string with a TTL: a sweeper's claim on a dead worker's nodes
 SWEEP_WORKLOAD_KEY = "sweep:workload:{workload}"  # string with a TTL: a sweeper's claim on stopping a workload
 FILE_URL_SECRET_KEY = "config:file_url_secret"  # noqa: S105 string: signs /files URLs if FILE_URL_SECRET is unset
 # GET /jobs: time-ordered indexes (sorted sets of job ids scored by created_at), trimmed like the records
@@ -142,6 +149,72 @@ def _schedule(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
     return delays
 
 
+NODE_POLICIES = ("adaptive", "fixed")
+SERVICES = JOB_TYPES  # a node runs each job type as a service of its own (NODE_SLOTS counts per service)
+
+
+def _node_policy(name: str, default: str) -> str:
+    raw = _env(name, default).lower()
+    if raw not in NODE_POLICIES:
+        raise SystemExit(f"configuration error: {name} must be one of {', '.join(NODE_POLICIES)}, got {raw!r}")
+    return raw
+
+
+def _node_slots(name: str, default: str) -> str:
+    """NODE_SLOTS: "csm:1,whisper:1,portrait:1,analyze:1" (jobs of each service a node runs at once), and
+    optionally a bare number, the most jobs a node runs at once in all ("1" alone: one job per node)."""
+    raw = _env(name, default).replace(" ", "")
+    try:
+        parse_node_slots(raw)
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {name}: {exc}; e.g. csm:1,whisper:1,portrait:1,analyze:1 "
+                         f"or 1 (one job per node), got {raw!r}") from None
+    return raw
+
+
+def parse_node_slots(text: str) -> tuple[dict[str, int], int]:
+    """(slots per service, most jobs at once) of a NODE_SLOTS value; a service not named gets 1 slot."""
+    slots = dict.fromkeys(SERVICES, 1)
+    total = 0
+    for item in filter(None, text.split(",")):
+        service, sep, count = item.partition(":")
+        if not sep:
+            service, count = "", service
+        if service and service not in SERVICES:
+            raise ValueError(f"unknown service {service!r} (one of {', '.join(SERVICES)})")
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{item!r} is not a whole number of slots, 1 or more")
+        if service:
+            slots[service] = int(count)
+        else:
+            total = int(count)
+    return slots, total or sum(slots.values())
+
+
+def _prices(name: str, default: str) -> str:
+    """C3_PRICE_PER_HOUR: one price per node-hour for every type ("1.10") or per type
+    ("media:fast=1.10,ollama_webui:fast=0.80"); empty = unknown (no cost is shown)."""
+    raw = _env(name, default).replace(" ", "")
+    try:
+        parse_prices(raw)
+    except ValueError:
+        raise SystemExit(f"configuration error: {name} must be a price per node-hour (e.g. 1.10) or "
+                         f"<type>=<price> pairs (e.g. media:fast=1.10,ollama_webui:fast=0.80), got {raw!r}") from None
+    return raw
+
+
+def parse_prices(text: str) -> dict[str, float]:
+    """{node type: price per hour} of a C3_PRICE_PER_HOUR value; "*" is the price of every other type."""
+    prices: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        node_type, sep, price = item.rpartition("=")
+        value = float(price)
+        if value < 0 or value != value:
+            raise ValueError(item)
+        prices[node_type if sep else "*"] = value
+    return prices
+
+
 def _redis_url(name: str, default: str) -> str:
     """REDIS_URL, or the older REDIS_HOST / REDIS_PORT pair, or the default."""
     if os.environ.get(name, "").strip():
@@ -215,6 +288,13 @@ class Settings:
     node_check_ttl_s: float = setting(30.0, "NODE_CHECK_TTL")
     ollama_model: str = setting("llama3.2-vision:11b", "OLLAMA_MODEL")
     max_nodes: int = setting(4, "MAX_NODES")
+    # The node pool: what a node runs at once, how idle nodes are kept, what a node-hour costs
+    node_policy: str = setting("adaptive", "NODE_POLICY", _node_policy)
+    node_slots: str = setting("csm:1,whisper:1,portrait:1,analyze:1", "NODE_SLOTS", _node_slots)
+    min_warm_nodes: int = setting(0, "MIN_WARM_NODES")
+    node_boot_estimate_s: float = setting(120.0, "NODE_BOOT_ESTIMATE_S")  # until boots are measured
+    job_time_estimate_s: float = setting(60.0, "JOB_TIME_ESTIMATE_S")  # until jobs are measured
+    price_per_hour: str = setting("", "C3_PRICE_PER_HOUR", _prices)
     node_boot_timeout_s: float = setting(600.0, "NODE_BOOT_TIMEOUT")
     node_max_age_s: float = setting(3600.0, "NODE_MAX_AGE")
     node_expires_margin_s: float = setting(900.0, "NODE_EXPIRES_MARGIN")

@@ -24,6 +24,11 @@ def today() -> str:
     return datetime.now(tz=UTC).strftime("%Y-%m-%d")
 
 
+def midnight() -> float:
+    """Unix time of today's start (UTC)."""
+    return datetime.now(tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
 def counters(r: redis.Redis) -> dict[str, Any]:
     """Queue depth, job counters, duration histograms, node and webhook totals, in one round trip."""
     pipe = r.pipeline(transaction=False)
@@ -38,9 +43,10 @@ def counters(r: redis.Redis) -> dict[str, Any]:
     pipe.hgetall(config.WEBHOOK_OUTCOMES_KEY)
     pipe.zcard(config.JOBS_BY_STATUS_KEY.format(status="running"))
     pipe.zcount(config.FINISHED_RECENT_KEY, time.time() - 3600, "+inf")
+    pipe.zcount(config.FINISHED_RECENT_KEY, midnight(), "+inf")
     depth, totals, *rest = pipe.execute()
     durations = dict(zip(jobspec.JOB_TYPES, rest[:len(jobspec.JOB_TYPES)], strict=True))
-    node_seconds, node_seconds_day, webhooks, running, finished_hour = rest[len(jobspec.JOB_TYPES):]
+    node_seconds, node_seconds_day, webhooks, running, finished_hour, finished_today = rest[len(jobspec.JOB_TYPES):]
     jobs_total: dict[tuple[str, str], int] = {}
     for label, count in totals.items():
         job_type, _, status = label.partition("|")
@@ -49,6 +55,7 @@ def counters(r: redis.Redis) -> dict[str, Any]:
         "queue_depth": int(depth),
         "running": int(running),
         "finished_last_hour": int(finished_hour),
+        "finished_today": int(finished_today),
         "jobs_total": jobs_total,
         "durations": {t: {k: float(v) for k, v in d.items()} for t, d in durations.items()},
         "node_seconds_total": float(node_seconds or 0),
@@ -67,62 +74,73 @@ def histogram_buckets(duration: dict[str, float]) -> list[tuple[str, float]]:
     return buckets
 
 
-def workers(r: redis.Redis) -> list[dict[str, Any]]:
-    """Every registered worker (or node holder): last heartbeat, its nodes (one per workload type it
-    holds) and the job it has taken."""
-    slots = [nodestore.split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY)]
-    ids = sorted(set(r.smembers(config.WORKERS_KEY)) | {worker for worker, _ in slots})
-    node_types = {worker: sorted(t for w, t in slots if w == worker and t and t != nodestore.RESERVED)
-                  for worker in ids}
+def pool(r: redis.Redis) -> list[dict[str, Any]]:
+    """The pool's nodes as /overview shows them: id, type, state, node, workload, launched_at, idle_since,
+    solo, and the jobs on them (job, service, worker, since)."""
+    found = []
+    for record in nodestore.pool_nodes(r):
+        node = {k: record[k] for k in ("id", "type", "state", "node", "workload") if record.get(k)}
+        for name in ("launched_at", "idle_since", "ready_at"):
+            if record.get(name):
+                node[name] = float(record[name])
+        node["solo"] = record.get("solo") == "1"
+        node["jobs"] = [{"job": job, "service": lease.get("service"), "worker": lease.get("worker"),
+                         "since": lease.get("since")} for job, lease in sorted(record["leases"].items())]
+        found.append(node)
+    return found
+
+
+def workers(r: redis.Redis, nodes: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every registered worker (or lease holder): last heartbeat, the pool nodes it runs jobs on and the
+    job it has taken."""
+    nodes = pool(r) if nodes is None else nodes
+    holders = {job["worker"] for node in nodes for job in node["jobs"] if job.get("worker")}
+    ids = sorted(set(r.smembers(config.WORKERS_KEY)) | holders)
     pipe = r.pipeline(transaction=False)
     for worker in ids:
         pipe.get(jobstore.heartbeat_key(worker))
         pipe.lrange(jobstore.processing_key(worker), 0, -1)
-        for node_type in node_types[worker]:
-            pipe.hgetall(nodestore.node_key(worker, node_type))
     answers = iter(pipe.execute())
     now = time.time()
     found = []
     for worker in ids:
         beat, taken = next(answers), next(answers)
-        nodes = []
-        for node_type in node_types[worker]:
-            node = next(answers)
-            if node:
-                nodes.append({"type": node_type, **{k: node[k] for k in ("state", "node", "workload", "launched_at",
-                                                                          "since") if k in node}})
+        held = [{k: node[k] for k in ("id", "type", "state", "node", "workload", "launched_at") if k in node}
+                for node in nodes if any(job.get("worker") == worker for job in node["jobs"])]
         found.append({
             "id": worker,
             "alive": beat is not None,
             "heartbeat_age_s": round(now - float(beat), 1) if beat else None,
-            "nodes": nodes,
+            "nodes": held,
             "jobs": [json.loads(entry)["id"] for entry in taken],
         })
     return found
 
 
-def nodes_running(found_workers: list[dict[str, Any]]) -> int:
-    """Nodes launched and not yet stopped (booting or running): the ones being paid for."""
-    return sum(1 for w in found_workers for node in w["nodes"] if node.get("state") in ("booting", "running"))
+def nodes_running(nodes: list[dict[str, Any]]) -> int:
+    """Pool nodes launched and not yet stopped (launching, booting, ready, stopping): the ones paid for."""
+    return sum(1 for node in nodes if node.get("workload"))
 
 
-def live_node_seconds(found_workers: list[dict[str, Any]], since: float = 0.0) -> float:
-    """Node-seconds that nodes still held by workers have run since `since` (unix time)."""
+def live_node_seconds(nodes: list[dict[str, Any]], since: float = 0.0) -> float:
+    """Node-seconds that the pool's nodes have run since `since` (unix time)."""
     now = time.time()
-    live = 0.0
-    for worker in found_workers:
-        for node in worker["nodes"]:
-            if node.get("launched_at"):
-                live += max(0.0, now - max(float(node["launched_at"]), since))
-    return live
+    return sum(max(0.0, now - max(float(node["launched_at"]), since)) for node in nodes
+               if node.get("workload") and node.get("launched_at"))
 
 
-def node_seconds_today(stats: dict[str, Any], found_workers: list[dict[str, Any]]) -> float:
+def node_seconds_today(stats: dict[str, Any], nodes: list[dict[str, Any]]) -> float:
     """Node-seconds of nodes stopped today plus the part of today that live nodes have run so far."""
-    midnight = datetime.now(tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-    return round(stats["node_seconds_stopped_today"] + live_node_seconds(found_workers, midnight), 1)
+    return round(stats["node_seconds_stopped_today"] + live_node_seconds(nodes, midnight()), 1)
 
 
-def node_seconds_total(stats: dict[str, Any], found_workers: list[dict[str, Any]]) -> float:
+def node_seconds_total(stats: dict[str, Any], nodes: list[dict[str, Any]]) -> float:
     """Node-seconds of every node stopped so far plus what live nodes have run (so total >= today)."""
-    return round(stats["node_seconds_total"] + live_node_seconds(found_workers), 1)
+    return round(stats["node_seconds_total"] + live_node_seconds(nodes), 1)
+
+
+def node_time(r: redis.Redis) -> dict[str, float]:
+    """Node-seconds by kind: booting, busy (jobs ran), idle, unattributed (idle time of nodes that ran no job)."""
+    found = {kind: 0.0 for kind in ("booting", "busy", "idle", "unattributed")}
+    found.update({k: float(v) for k, v in r.hgetall(config.NODE_TIME_KEY).items()})
+    return found

@@ -21,7 +21,7 @@ from config.py; the scripts are lua/*.lua, run through redis_lua.py):
   the pub/sub wake-ups of /events: all kept by the same scripts that change a job (lua/lib/job_changed.lua,
   lua/lib/job_finished.lua).
 
-The node bookkeeping (slots, node records, launches) is nodestore.py's; the webhook delivery state is
+The node bookkeeping (the pool, launches) is nodestore.py's; the webhook delivery state is
 webhook_state.py's.
 """
 
@@ -291,7 +291,7 @@ def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
 
 def dead_workers(r: redis.Redis) -> list[str]:
     """Registered workers whose heartbeat key has expired."""
-    workers = sorted(r.smembers(config.WORKERS_KEY) | nodestore.slot_holders(r))
+    workers = sorted(r.smembers(config.WORKERS_KEY) | nodestore.lease_holders(r))
     if not workers:
         return []
     pipe = r.pipeline(transaction=False)
@@ -308,6 +308,7 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
     several workers at once: every step is atomic and a second run finds nothing left to move.
     """
     summary: dict[str, Any] = {"workers": [], "requeued": 0, "failed": []}
+    holders = nodestore.lease_holders(r)
     for worker in dead_workers(r):
         summary["workers"].append(worker)
         requeued, failed = requeue_processing(r, settings, worker)
@@ -315,7 +316,7 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
         summary["failed"] += failed
         # webhook deliveries the dead worker was sending go back to the outbox (same webhook-id)
         webhook_state.return_inflight(r, worker)
-        if r.llen(processing_key(worker)) == 0 and not nodestore.slot_types(r, worker):
+        if r.llen(processing_key(worker)) == 0 and worker not in holders:
             r.srem(config.WORKERS_KEY, worker)
     return summary
 

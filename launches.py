@@ -61,10 +61,10 @@ def launch_candidates(settings: config.Settings, intent: dict[str, Any], running
     return sorted(found, key=lambda w: abs(float(w["created"]) - intent["started_at"]))
 
 
-def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
+def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str, node_id: str,
                       intent_id: str, intent: dict[str, Any],
                       sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
-    """After a launch whose answer was lost: find the workload it created and make it ours."""
+    """After a launch whose answer was lost: find the workload it created and make it pool node node_id's."""
     intent = dict(intent, ended_at=time.time())
     for wait_s in LOST_ANSWER_WAITS_S:
         sleep(wait_s)
@@ -75,21 +75,23 @@ def adopt_lost_launch(settings: config.Settings, r: redis.Redis, worker_id: str,
             continue
         for workload in launch_candidates(settings, intent, running, nodestore.owned_nodes(r)):
             launched_at = float(workload["created"])
-            if nodestore.own_node(r, worker_id, node_type, workload["workload"], str(workload["node"]),
-                                 launched_at, intent_id):
+            expires = float(workload.get("expires") or launched_at + settings.node_max_age_s)
+            if nodestore.own_node(r, node_id, worker_id, node_type, workload["workload"], str(workload["node"]),
+                                  launched_at, expires, intent_id):
                 log.warning("launch answer lost; adopted workload %s that appeared in the launch window",
                             workload["workload"])
                 return {"workload": workload["workload"], "node": workload["node"], "launched_at": launched_at,
-                        "adopted": True}
+                        "expires": expires, "adopted": True}
     # Nothing seen (most failed launches create nothing): the sweep watches the window until it closes.
     nodestore.orphan_launch(r, intent_id, intent["ended_at"])
     return None
 
 
-def launch_in_window(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
-                         expires: int, sleep: Callable[[float], None]) -> dict[str, Any]:
-    """One launch inside a recorded launch window: the node becomes this worker's (booting), or the one
-    a lost answer hid is adopted; C3Error otherwise (a refusal closes the window: nothing was created)."""
+def launch_in_window(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str, node_id: str,
+                     expires: int, sleep: Callable[[float], None]) -> dict[str, Any]:
+    """One launch inside a recorded launch window: the workload becomes pool node node_id's (booting), or
+    the one a lost answer hid is adopted; C3Error otherwise (a refusal closes the window: nothing was
+    created)."""
     before = [str(w.get("workload")) for w in comput3.get_running_workloads(settings)]
     started = time.time()
     intent_id = nodestore.begin_launch(r, worker_id, node_type, before, started)
@@ -100,37 +102,39 @@ def launch_in_window(settings: config.Settings, r: redis.Redis, worker_id: str, 
         if not exc.retryable and exc.status is not None:
             nodestore.close_launch(r, intent_id)  # refused (4xx): nothing was created
             raise
-        adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
+        adopted = adopt_lost_launch(settings, r, worker_id, node_type, node_id, intent_id, intent, sleep)
         if adopted:
             return adopted
         raise exc from None
     launched_at = time.time()
-    if nodestore.own_node(r, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
-                         launched_at, intent_id):
-        return {**answer, "launched_at": launched_at}
-    # Another launcher took our workload for its own lost launch; ours is then its node.
-    adopted = adopt_lost_launch(settings, r, worker_id, node_type, intent_id, intent, sleep)
+    if nodestore.own_node(r, node_id, worker_id, node_type, str(answer["workload"]), str(answer["node"]),
+                          launched_at, expires, intent_id):
+        return {**answer, "launched_at": launched_at, "expires": expires}
+    # Another launcher took our workload for its own lost launch (or our pool node was given up).
+    adopted = adopt_lost_launch(settings, r, worker_id, node_type, node_id, intent_id, intent, sleep)
     if adopted:
         return adopted
     raise C3Error("Comput3 launch: the launched workload was claimed by another launch", retryable=True)
 
 
-def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str,
-                sleep: Callable[[float], None] = time.sleep, expires: int | None = None) -> dict[str, Any]:
-    """Launch (or adopt) a node of node_type for this worker, leak-proof; it is recorded in Redis as this
-    worker's node (booting) when this returns. Retried LAUNCH_ATTEMPTS times with exponential backoff on
-    5xx, timeouts and non-JSON answers (each time after looking for the node a lost answer hid)."""
+def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str, node_id: str,
+                sleep: Callable[[float], None] = time.sleep, expires: int | None = None,
+                attempts: int | None = None) -> dict[str, Any]:
+    """Launch (or adopt) a node of node_type for pool node node_id (reserved by the caller), leak-proof; it
+    is recorded in Redis as booting when this returns. Retried LAUNCH_ATTEMPTS (or attempts) times with
+    exponential backoff on 5xx, timeouts and non-JSON answers (each time after looking for the node a
+    lost answer hid)."""
     expires = expires or default_expires(settings)
     last: C3Error | None = None
-    for attempt in range(1, settings.launch_attempts + 1):
+    attempts = attempts or settings.launch_attempts
+    for attempt in range(1, attempts + 1):
         try:
-            return launch_in_window(settings, r, worker_id, node_type, expires, sleep)
+            return launch_in_window(settings, r, worker_id, node_type, node_id, expires, sleep)
         except C3Error as exc:
             last = exc
-            if not exc.retryable or attempt == settings.launch_attempts:
+            if not exc.retryable or attempt == attempts:
                 break
             delay = settings.launch_backoff_s * 2 ** (attempt - 1)
-            log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt,
-                        settings.launch_attempts, exc, delay)
+            log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt, attempts, exc, delay)
             sleep(delay)
     raise C3Error(f"could not launch a {node_type} GPU node: {last}")

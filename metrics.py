@@ -30,7 +30,8 @@ class RedisCollector:
 
     def collect(self) -> Iterator[Metric]:
         stats = jobstats.counters(self.r)
-        workers = jobstats.workers(self.r)
+        nodes = jobstats.pool(self.r)
+        workers = jobstats.workers(self.r, nodes)
         yield GaugeMetricFamily("c3_render_queue_depth", "Jobs waiting in the queue.", value=stats["queue_depth"])
         yield GaugeMetricFamily("c3_render_jobs_running", "Jobs running now.", value=stats["running"])
         jobs = CounterMetricFamily("c3_render_jobs", "Jobs submitted (status queued) and finished, by final "
@@ -47,9 +48,15 @@ class RedisCollector:
                                  sum_value=duration.get("sum", 0.0))
         yield durations
         yield GaugeMetricFamily("c3_render_nodes_running", "GPU nodes launched and not stopped (booting or "
-                                "running).", value=jobstats.nodes_running(workers))
+                                "running).", value=jobstats.nodes_running(nodes))
         yield CounterMetricFamily("c3_render_node_seconds", "Node-seconds of stopped nodes, launch to stop.",
                                   value=stats["node_seconds_total"])
+        node_time = CounterMetricFamily("c3_render_node_time_seconds", "Node-seconds by what the nodes did: "
+                                        "booting, busy (running jobs), idle; unattributed: idle time of nodes "
+                                        "that ran no job.", labels=["kind"])
+        for kind, seconds in jobstats.node_time(self.r).items():
+            node_time.add_metric([kind], seconds)
+        yield node_time
         yield GaugeMetricFamily("c3_render_workers_alive", "Workers with a live heartbeat.",
                                 value=sum(1 for w in workers if w["alive"]))
         hooks = CounterMetricFamily("c3_render_webhook_deliveries", "Webhook delivery attempts by outcome.",

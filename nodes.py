@@ -1,13 +1,14 @@
-"""The GPU nodes a worker holds, from launch to stop, and running a job's engine on one.
+"""One pool node's life, as the worker that touches it sees it: launch, boot, services ready, health,
+drain and stop.
 
-A worker holds at most one node of each workload type (media:fast for csm/whisper/portrait, the analyze
-type for analyze; `node_type_for`), each with its own idle timer; all of them count against MAX_NODES
-(slots in Redis, taken atomically). `ensure_node` gives the node for the next job: the held one while
-`node_usable` says so, else a fresh one (a free slot, or the slot of this worker's idle node of the other
-type), launched leak-proof (launches.py) and waited for until it boots. `wait_service_ready` waits once
-per node for each service before its first use. `run_on_node` runs an engine there and retries a job
-whose node failed on a fresh node. `drain_node` keeps a node that still works on a stopped job from the
-next one. Every stop goes through `stop_or_remember`: a stop Comput3 refuses is remembered for the sweep.
+The pool (pool.py) decides which node a job leases and when one is launched or stopped; these are the
+steps on one node. `launch_pool_node` launches a reserved node leak-proof (launches.py); `wait_booted`
+waits until it answers its health check (any worker holding a lease on it may see it first);
+`wait_service_ready` waits once per node for each service before its first job; `node_problem` tells
+whether a node can take the next job (NODE_CHECK_TTL spares back-to-back jobs the provider calls);
+`drain_node` keeps a node that still works on a stopped job from the next one; `stop_pool_node` claims
+the stop, stops the workload (a stop Comput3 refuses is remembered for the sweep: `stop_or_remember`)
+and forgets the node, settling its time accounts.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 import redis
@@ -28,14 +28,15 @@ import config
 import launches
 import nodestore
 from comput3 import C3Error
-from engine_api import EngineError, JobContext, JobStopped, NodeUrls, Phase, ShouldStop, no_phase, node_urls
+from engine_api import JobStopped, NodeUrls, ShouldStop, node_urls
 
 log = logging.getLogger("c3-render.worker")
 
-# The readiness check of each service: its name on HeldNode.ready and the path that answers 200 when ready.
+# The readiness check of each service: the NodeUrls field it lives under and the path that answers 200.
 READY_CHECKS = {"csm": ("csm", "config"), "whisper": ("whisper", "config"),
                 "portrait": ("comfyui", "/system_stats"), "analyze": ("ollama", "/api/tags")}
 READY_ROOT_CHECK_S = 10.0  # while a service is not ready, check this often that the node itself answers
+BOOT_CHECK_S = 1.0  # while a node boots, check its health this often
 
 
 class NodeFailed(Exception):
@@ -47,15 +48,18 @@ class NodeDown(Exception):
 
 
 @dataclass
-class HeldNode:
-    workload: str
-    node: str
-    launched_at: float
-    urls: NodeUrls
-    type: str = config.Settings.workload_type
-    last_used: float = field(default_factory=time.time)
-    checked_at: float = 0.0  # last time the node was known good (a health check, or a job it ran)
-    ready: set[str] = field(default_factory=set)  # services seen ready (csm, whisper, comfyui, ollama)
+class Lease:
+    """A job's slot on a pool node (nodestore's lease), with what the worker needs to reach the node."""
+
+    node_id: str
+    type: str
+    job_id: str
+    service: str
+    leased_at: float
+    workload: str = ""  # '' while the node is launching
+    node: str = ""  # the node's host name
+    urls: NodeUrls | None = None
+    ran_s: float | None = None  # how long the engine ran (the service's job-time estimate learns from it)
 
 
 class NodeHolder(Protocol):
@@ -64,9 +68,8 @@ class NodeHolder(Protocol):
     settings: config.Settings
     r: redis.Redis
     worker_id: str
-    nodes: dict[str, HeldNode]  # workload type -> node
     stopping: threading.Event
-    node_seconds: float
+    node_seconds: float  # of the nodes this worker stopped
     redis_lost: str  # on the way out: why Redis did not answer ('' while it does); its steps are skipped
     unrecorded_stops: int  # nodes stopped on the way out whose records Redis could not take
     unstopped_nodes: int  # nodes whose Comput3 stop failed on the way out, with Redis gone
@@ -80,6 +83,154 @@ def node_type_for(settings: config.Settings, job_type: str) -> str:
 def urls_of(settings: config.Settings, node: str) -> NodeUrls:
     return node_urls(node, settings.c3_api_key, settings.c3_node_url, settings.c3_comfyui_url,
                      settings.c3_ollama_url)
+
+
+def fill_lease(settings: config.Settings, lease: Lease, record: dict[str, str]) -> Lease:
+    """The lease with the node's workload and URLs, once the node has them (after its launch)."""
+    if record.get("workload") and not lease.workload:
+        lease.workload, lease.node = record["workload"], record.get("node", "")
+        lease.urls = urls_of(settings, lease.node)
+    return lease
+
+
+# --- launching and booting ---------------------------------------------------------------------
+
+def launch_pool_node(state: NodeHolder, node_id: str, node_type: str, attempts: int | None = None,
+                     min_life_s: float = 0.0) -> None:
+    """Launch the workload of a pool node this worker reserved, to live NODE_MAX_AGE (or min_life_s, the
+    job's max_time, if longer) plus NODE_EXPIRES_MARGIN; it boots on its own after. A launch that fails
+    gives its place in the pool back (NodeFailed)."""
+    settings = state.settings
+    expires = int(time.time() + max(settings.node_max_age_s, min_life_s) + settings.node_expires_margin_s)
+    try:
+        answer = launches.launch_node(settings, state.r, state.worker_id, node_type, node_id, expires=expires,
+                                      attempts=attempts)
+    except C3Error as exc:
+        nodestore.forget_node(state.r, node_id, time.time())
+        raise NodeFailed(str(exc)) from None
+    except BaseException:
+        nodestore.forget_node(state.r, node_id, time.time())  # whatever stopped us: the place goes back
+        raise
+    log.info("%s node %s (workload %s, %s) for the pool; it boots", "adopted" if answer.get("adopted") else
+             "launched", answer["node"], answer["workload"], node_type)
+
+
+def wait_booted(state: NodeHolder, lease: Lease, should_stop: ShouldStop) -> Lease:
+    """Wait until the leased node is ready: launched (by whichever worker reserved it) and answering its
+    health check (whoever sees it first marks it ready). NODE_BOOT_TIMEOUT after its launch it is stopped."""
+    settings = state.settings
+    while True:
+        record = nodestore.get_pool_node(state.r, lease.node_id)
+        if record is None or record.get("state") == "stopping":
+            raise NodeFailed("the GPU node was stopped before it booted")
+        fill_lease(settings, lease, record)
+        if record.get("state") == "ready":
+            return lease
+        if lease.urls is not None and comput3.check_node_health(lease.urls, timeout_s=5.0):
+            boot = nodestore.mark_ready(state.r, lease.node_id, time.time())
+            if boot is not None:
+                log.info("node %s is up after %.1f s", lease.node, boot)
+            return lease
+        if time.time() - float(record.get("launched_at") or time.time()) > settings.node_boot_timeout_s:
+            stop_pool_node(state, lease.node_id, "did not boot", force=True)
+            raise NodeFailed(f"GPU node did not become healthy within {settings.node_boot_timeout_s:g} s "
+                             "(NODE_BOOT_TIMEOUT)")
+        reason = should_stop()
+        if reason:
+            raise JobStopped(reason)
+        time.sleep(BOOT_CHECK_S)
+
+
+def wait_service_ready(state: NodeHolder, lease: Lease, job_type: str, should_stop: ShouldStop) -> None:
+    """Before a node's service is first used: wait until it answers (ComfyUI answers 404/502 for minutes
+    after the node's root is up), checking every READY_ROOT_CHECK_S that the node itself still answers.
+    Once seen ready (by any worker), a service is not checked again on that node."""
+    field, path = READY_CHECKS[job_type]
+    record = nodestore.get_pool_node(state.r, lease.node_id) or {}
+    if record.get(f"ready:{field}") == "1":
+        return
+    assert lease.urls is not None  # noqa: S101 - wait_booted filled it
+    url = getattr(lease.urls, field) + path
+    timeout_s = state.settings.service_ready_timeout_s
+    deadline = time.time() + timeout_s
+    last = ""
+    root_checked = 0.0
+    while True:
+        try:
+            response = requests.get(url, headers=lease.urls.headers(), timeout=(5, 15))
+            if response.status_code == 200:
+                nodestore.mark_service_ready(state.r, lease.node_id, field)
+                if last:
+                    log.info("%s on node %s is ready", field, lease.node)
+                return
+            answer = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            answer = type(exc).__name__
+        if not last:
+            log.info("waiting for %s on node %s to be ready (%s)", field, lease.node, answer)
+        last = answer
+        if time.time() - root_checked >= READY_ROOT_CHECK_S:  # a node that died is not waited for
+            root_checked = time.time()
+            if not comput3.check_node_health(lease.urls):
+                raise NodeDown(f"the node stopped answering while {field} was starting ({answer})")
+        reason = should_stop()
+        if reason:
+            raise JobStopped(reason)
+        if time.time() > deadline:
+            raise NodeFailed(f"{field} on the GPU node was not ready within {timeout_s:g} s "
+                             f"(SERVICE_READY_TIMEOUT; last answer: {last})")
+        time.sleep(2.0)
+
+
+# --- health ------------------------------------------------------------------------------------
+
+def node_problem(state: NodeHolder, lease: Lease, force: bool = False) -> str:
+    """'' when the leased node can take (or go on with) a job, else why it must be replaced.
+
+    A node known good within NODE_CHECK_TTL (a check, or a job it just ran, by any worker) is not asked
+    again, so back-to-back jobs cost no provider call; force (after an error) always asks the provider
+    and the node."""
+    settings = state.settings
+    record = nodestore.get_pool_node(state.r, lease.node_id)
+    if record is None or record.get("state") == "stopping":
+        return "it was stopped"
+    if time.time() - float(record.get("launched_at") or 0) > settings.node_max_age_s:
+        return "older than NODE_MAX_AGE"
+    if not force and time.time() - float(record.get("checked_at") or 0) < settings.node_check_ttl_s:
+        return ""
+    listed = True
+    try:
+        running = {w.get("workload") for w in comput3.get_running_workloads(settings)}
+    except C3Error as exc:
+        log.warning("could not list workloads (%s); relying on the health check", exc)
+        running, listed = {lease.workload}, False
+    if lease.workload not in running:
+        return "no longer in the workloads list"
+    if lease.urls is None or not comput3.check_node_health(lease.urls):
+        return "failed its health check"
+    if listed:
+        nodestore.mark_checked(state.r, lease.node_id, time.time())
+    return ""
+
+
+def drain_node(state: NodeHolder, lease: Lease, job_id: str, busy: Callable[[NodeUrls], bool | None] | None) -> None:
+    """After a stopped job (already reported), keep its slot while the node still works on the stopped
+    job (busy(urls) tells; None: nothing tells): wait up to NODE_DRAIN_TIMEOUT (node time of the stopped
+    job), else stop the node."""
+    if lease.urls is None or busy is None:
+        return
+    started = time.time()
+    while busy(lease.urls):
+        if state.stopping.is_set():
+            return
+        if time.time() - started > state.settings.node_drain_timeout_s:
+            stop_pool_node(state, lease.node_id, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
+                           f"({state.settings.node_drain_timeout_s:g} s)", force=True)
+            return
+        time.sleep(1.0)
+    if time.time() - started >= 1.0:
+        log.info("job %s: node %s finished the work it could not stop after %.1f s more (node time of the "
+                 "stopped job)", job_id, lease.node, time.time() - started)
 
 
 # --- stopping ----------------------------------------------------------------------------------
@@ -101,286 +252,36 @@ def stop_or_remember(settings: config.Settings, r: redis.Redis | None, workload:
     return False
 
 
-def stop_node(state: NodeHolder, node_type: str, reason: str, release_slot: bool = True) -> None:
-    """Stop the held node of node_type (if any), log its node-seconds, and free its slot (unless the
-    worker reuses the slot at once: then it keeps it, so waiting workers cannot take it meanwhile)."""
-    held = state.nodes.pop(node_type, None)
-    if held is None:
-        return
-    seconds = time.time() - held.launched_at
-    stopped = stop_or_remember(state.settings, None if state.redis_lost else state.r, held.workload, held.node,
-                               reason)
-    state.node_seconds += seconds
-    log.info("%s node %s (workload %s, %s, %s) after %.1f node-seconds; this worker's total %.1f",
-             "stopped" if stopped else "let go of (its stop failed)", held.node, held.workload, held.type,
-             reason, seconds, state.node_seconds)
-    if state.redis_lost:  # on the way out without Redis: shut_down says so once, the sweep tidies up
-        if stopped:
-            state.unrecorded_stops += 1
-        else:
-            state.unstopped_nodes += 1
-        return
-    nodestore.record_node_stop(state.r, held.workload, state.worker_id, seconds, reason)
-    try:
-        nodestore.release_node(state.r, state.worker_id, node_type, keep_slot=not release_slot,
-                              workload=held.workload)
-    except redis.RedisError as exc:
-        if state.stopping.is_set():
-            state.redis_lost = type(exc).__name__
-            state.unrecorded_stops += 1
-        else:
-            log.warning("could not update the node record in Redis; the recovery sweep will")
+def stop_pool_node(state: NodeHolder, node_id: str, reason: str, force: bool = False, state_seen: str = "",
+                   idle_since: str = "") -> bool:
+    """Stop one pool node if this worker gets the stop (no job leases it, unless force; it is still as it
+    was seen: state_seen, idle_since), and forget it: its node-seconds are counted and its time
+    accounts settled. True when this worker stopped it."""
+    now = time.time()
+    if not nodestore.claim_stop(state.r, node_id, state.worker_id, now, state_seen, idle_since, force):
+        return False
+    record = nodestore.get_pool_node(state.r, node_id) or {}
+    workload = record.get("workload", "")
+    stopped = not workload or stop_or_remember(state.settings, state.r, workload, record.get("node", ""), reason)
+    forgotten = nodestore.forget_node(state.r, node_id, time.time())
+    if workload:
+        seconds = time.time() - float(record.get("launched_at") or now)
+        state.node_seconds += seconds
+        nodestore.record_node_stop(state.r, workload, state.worker_id, seconds, reason)
+        log.info("%s node %s (workload %s, %s, %s) after %.1f node-seconds", "stopped" if stopped else
+                 "let go of (its stop failed)", record.get("node"), workload, record.get("type"), reason, seconds)
+    elif forgotten:
+        log.info("gave up pool node %s before its launch (%s)", node_id, reason)
+    return True
 
 
-def stop_all_nodes(state: NodeHolder, reason: str) -> None:
-    for node_type in list(state.nodes):
-        stop_node(state, node_type, reason)
-
-
-def stop_idle_nodes(state: NodeHolder) -> None:
-    """Stop each held node idle for GPU_IDLE_TIMEOUT (each node has its own idle timer)."""
-    timeout = state.settings.gpu_idle_timeout_s
-    for node_type, held in list(state.nodes.items()):
-        if time.time() - held.last_used > timeout:
-            stop_node(state, node_type, f"idle for {timeout:g} s")
-
-
-def forget_unheld_nodes(state: NodeHolder) -> None:
-    """After a Redis error cut a launch or a stop short, this worker's records in Redis can name nodes
-    it does not hold: a slot and a node record ("launching", or a node it owns), and an open launch
-    intent. Left so, the slot is never free again (with MAX_NODES slots all taken that way no worker
-    takes a job) and a node the launch created runs until it expires, since the sweep leaves a live
-    worker's launches alone. So: stop an owned node we do not hold, free those slots and records, and
-    leave each open launch window to the sweep (orphaned), which stops what it created unless owned."""
-    r = state.r
-    for kind in nodestore.slot_types(r, state.worker_id):
-        if kind in state.nodes or kind == nodestore.RESERVED:
+def stop_idle_on_exit(state: NodeHolder, reason: str) -> int:
+    """The last worker leaving stops every pool node no job leases (nobody would stop them after);
+    the count stopped. With Redis gone, nothing (the sweep of the next worker does it)."""
+    stopped = 0
+    for record in nodestore.pool_nodes(state.r):
+        if record["leases"] or record.get("state") == "stopping":
             continue
-        record = nodestore.get_node(r, state.worker_id, kind) or {}
-        workload = record.get("workload", "")
-        if workload:
-            stop_or_remember(state.settings, r, workload, record.get("node", ""), "left by a Redis error")
-        nodestore.release_node(r, state.worker_id, kind, workload=workload)
-        log.info("freed this worker's %s slot%s, left by a Redis error", kind,
-                 f" and stopped its node (workload {workload})" if workload else "")
-    for intent_id, intent in nodestore.launch_intents(r).items():
-        if intent.get("worker") == state.worker_id and not intent.get("orphan"):
-            nodestore.orphan_launch(r, intent_id, time.time())
-
-
-# --- the node for the next job -----------------------------------------------------------------
-
-def node_usable(state: NodeHolder, node_type: str, force: bool = False) -> str:
-    """'' when the held node of node_type can take the next job, else why it must be replaced.
-
-    A node known good within NODE_CHECK_TTL (a check, or a job it just ran) is not asked again, so
-    back-to-back jobs cost no provider call; force (after any error) always asks the provider and the node.
-    """
-    held = state.nodes.get(node_type)
-    settings = state.settings
-    if held is None:
-        return "no node"
-    if time.time() - held.launched_at > settings.node_max_age_s:
-        return "older than NODE_MAX_AGE"
-    if not force and time.time() - held.checked_at < settings.node_check_ttl_s:
-        return ""
-    held.checked_at = 0.0  # invalidated until this check succeeds in full
-    listed = True
-    try:
-        running = {w.get("workload") for w in comput3.get_running_workloads(settings)}
-    except C3Error as exc:
-        log.warning("could not list workloads (%s); relying on the health check", exc)
-        running, listed = {held.workload}, False
-    if held.workload not in running:
-        return "no longer in the workloads list"
-    if not comput3.check_node_health(held.urls):
-        return "failed its health check"
-    if listed:
-        held.checked_at = time.time()
-    return ""
-
-
-def take_slot(state: NodeHolder, node_type: str, should_stop: ShouldStop) -> None:
-    """Hold a MAX_NODES slot for a node of node_type: the worker's reservation, a free slot, or the slot
-    of its own idle node of another type (stopped: an idle node is not kept for a job of the other type,
-    and a job never waits behind it)."""
-    settings = state.settings
-    waited = False
-    while True:
-        if nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
-                                      convert_from=nodestore.RESERVED):
-            return
-        others = sorted((held.last_used, kind) for kind, held in state.nodes.items() if kind != node_type)
-        if others:
-            other = others[0][1]
-            stop_node(state, other, f"idle; its slot is needed for a {node_type} node", release_slot=False)
-            if nodestore.acquire_node_slot(state.r, state.worker_id, settings.max_nodes, node_type,
-                                          convert_from=other):
-                return
-            continue
-        if not waited:
-            log.info("MAX_NODES (%d) nodes are running; waiting for a slot", settings.max_nodes)
-            waited = True
-        reason = should_stop()
-        if reason:
-            raise JobStopped(reason)
-        time.sleep(1.0)
-
-
-def launch_held_node(state: NodeHolder, node_type: str) -> HeldNode:
-    """Launch a node of node_type into the slot this worker holds for it; it is held (booting) after."""
-    settings = state.settings
-    nodestore.record_node(state.r, state.worker_id, node_type,
-                         {"state": "launching", "worker": state.worker_id, "type": node_type, "since": time.time()})
-    try:
-        answer = launches.launch_node(settings, state.r, state.worker_id, node_type)
-    except C3Error as exc:
-        nodestore.release_node(state.r, state.worker_id, node_type)
-        raise NodeFailed(str(exc)) from None
-    held = HeldNode(workload=str(answer["workload"]), node=str(answer["node"]), launched_at=answer["launched_at"],
-                    type=node_type, urls=urls_of(settings, str(answer["node"])))
-    state.nodes[node_type] = held
-    log.info("%s node %s (workload %s, %s); waiting for it to boot",
-             "adopted" if answer.get("adopted") else "launched", held.node, held.workload, node_type)
-    return held
-
-
-def wait_booted(state: NodeHolder, held: HeldNode, should_stop: ShouldStop) -> None:
-    """Wait until a launched node answers its health check (NODE_BOOT_TIMEOUT); stopped on failure."""
-    settings = state.settings
-    deadline = time.time() + settings.node_boot_timeout_s
-    while not comput3.check_node_health(held.urls, timeout_s=5.0):
-        reason = should_stop()
-        if reason:
-            stop_node(state, held.type, "job stopped while the node booted")
-            raise JobStopped(reason)
-        if time.time() > deadline:
-            stop_node(state, held.type, "did not boot")
-            raise NodeFailed(f"GPU node did not become healthy within {settings.node_boot_timeout_s:g} s "
-                             "(NODE_BOOT_TIMEOUT)")
-        time.sleep(1.0)
-    held.checked_at = time.time()
-    nodestore.record_node(state.r, state.worker_id, held.type, {"state": "running"})
-    log.info("node %s is up after %.1f s", held.node, time.time() - held.launched_at)
-
-
-def ensure_node(state: NodeHolder, should_stop: ShouldStop, node_type: str | None = None,
-                phase: Phase = no_phase) -> HeldNode:
-    """The node of node_type for the next job: the held one when usable, else a fresh one (waiting for a
-    slot, or taking the slot of this worker's idle node of the other type)."""
-    node_type = node_type or state.settings.workload_type
-    if node_type in state.nodes:
-        problem = node_usable(state, node_type)
-        if not problem:
-            return state.nodes[node_type]
-        log.info("replacing node %s: %s", state.nodes[node_type].node, problem)
-        stop_node(state, node_type, problem, release_slot=False)
-    take_slot(state, node_type, should_stop)
-    held = launch_held_node(state, node_type)
-    phase("booting_node")
-    wait_booted(state, held, should_stop)
-    return held
-
-
-def wait_service_ready(state: NodeHolder, held: HeldNode, job_type: str, should_stop: ShouldStop) -> None:
-    """Before a node's service is first used: wait until it answers (ComfyUI answers 404/502 for minutes
-    after the node's root is up), checking every READY_ROOT_CHECK_S that the node itself still answers.
-    Once seen ready, a service is not checked again on that node."""
-    service, path = READY_CHECKS[job_type]
-    if service in held.ready:
-        return
-    url = getattr(held.urls, service) + path
-    timeout_s = state.settings.service_ready_timeout_s
-    deadline = time.time() + timeout_s
-    last = ""
-    root_checked = 0.0
-    while True:
-        try:
-            response = requests.get(url, headers=held.urls.headers(), timeout=(5, 15))
-            if response.status_code == 200:
-                held.ready.add(service)
-                if last:
-                    log.info("%s on node %s is ready", service, held.node)
-                return
-            answer = f"HTTP {response.status_code}"
-        except requests.RequestException as exc:
-            answer = type(exc).__name__
-        if not last:
-            log.info("waiting for %s on node %s to be ready (%s)", service, held.node, answer)
-        last = answer
-        if time.time() - root_checked >= READY_ROOT_CHECK_S:  # a node that died is not waited for
-            root_checked = time.time()
-            if not comput3.check_node_health(held.urls):
-                raise NodeDown(f"the node stopped answering while {service} was starting ({answer})")
-        reason = should_stop()
-        if reason:
-            raise JobStopped(reason)
-        if time.time() > deadline:
-            raise NodeFailed(f"{service} on the GPU node was not ready within {timeout_s:g} s "
-                             f"(SERVICE_READY_TIMEOUT; last answer: {last})")
-        time.sleep(2.0)
-
-
-# --- running the engine ------------------------------------------------------------------------
-
-def run_on_node(state: NodeHolder, job_type: str, engine: Callable[[JobContext], Path | str],
-                context: Callable[..., JobContext], should_stop: ShouldStop, phase: Phase) -> Path | str:
-    """Get a node of the job's type and run the engine on it (`context(node=urls)` is the job as the
-    engine sees it); a node failure is retried on a fresh node NODE_FAILURE_RETRIES times."""
-    node_type = node_type_for(state.settings, job_type)
-    tries = 1 + max(0, state.settings.node_failure_retries)
-    for attempt in range(1, tries + 1):
-        phase("waiting_for_node")
-        held = ensure_node(state, should_stop, node_type, phase)
-        held.last_used = time.time()
-        try:
-            try:
-                wait_service_ready(state, held, job_type, should_stop)
-            except NodeFailed:
-                stop_node(state, node_type, "a service never became ready")
-                raise
-            job = context(node=held.urls)
-            output = engine(job)
-            held.checked_at = time.time()  # it just did a job: known good for NODE_CHECK_TTL
-            return output
-        except (JobStopped, NodeFailed):
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure (NodeDown included): was it the node?
-            detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
-            problem = node_usable(state, node_type, force=True)
-            if not problem:
-                if isinstance(exc, EngineError):
-                    raise
-                raise EngineError(f"{job_type} failed: {detail}") from None
-            log.warning("node %s failed during job %s (%s): %s", held.node, job.job_id, problem, detail)
-            stop_node(state, node_type, f"failed during a job: {problem}", release_slot=attempt == tries)
-            if attempt == tries:
-                raise NodeFailed(f"the GPU node failed during the job ({problem})") from None
-            log.info("retrying job %s on a new node", job.job_id)
-        finally:
-            if node_type in state.nodes:
-                state.nodes[node_type].last_used = time.time()
-    raise NodeFailed("the GPU node failed during the job")
-
-
-def drain_node(state: NodeHolder, job_type: str, job_id: str, busy: Callable[[NodeUrls], bool | None] | None) -> None:
-    """After a stopped job (already reported), keep the node from the next job while it still works on
-    the stopped one (busy(urls) tells; None: nothing tells): wait up to NODE_DRAIN_TIMEOUT (node time of
-    the stopped job), else replace it."""
-    node_type = node_type_for(state.settings, job_type)
-    held = state.nodes.get(node_type)
-    if held is None or busy is None:
-        return
-    started = time.time()
-    while busy(held.urls):
-        if state.stopping.is_set():
-            return  # the worker stops the node on its way out
-        if time.time() - started > state.settings.node_drain_timeout_s:
-            stop_node(state, node_type, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
-                             f"({state.settings.node_drain_timeout_s:g} s)")
-            return
-        time.sleep(1.0)
-    if time.time() - started >= 1.0:
-        log.info("job %s: node %s finished the work it could not stop after %.1f s more (node time of the "
-                 "stopped job)", job_id, held.node, time.time() - started)
-    held.last_used = time.time()
+        if stop_pool_node(state, record["id"], reason):
+            stopped += 1
+    return stopped

@@ -1,20 +1,27 @@
 """The GPU node bookkeeping in Redis, shared by all workers (key names come from config.py):
 
-- the MAX_NODES cap: `nodes:slots` (NODE_SLOTS_KEY), a set of "<worker>|<type>" members, one per node a
-  worker holds or launches; RESERVED is the type of a slot taken before the worker knew which node its
-  job needs.
-- node records: `node:<worker>:<type>` (NODE_KEY), a hash per node a worker holds (state, workload, node,
-  launched_at).
+- the node pool: nodes belong to the service, not to a worker. `pool:nodes` (POOL_NODES_KEY) holds the
+  ids of the pool's nodes; its size is what MAX_NODES caps. Each node is a hash `pool:node:<id>`
+  (POOL_NODE_KEY: type, state launching | booting | ready | stopping, workload, node, launched_at,
+  expires, the services seen ready, solo after an out-of-memory error, its time accounts) and its jobs
+  a hash `pool:leases:<id>` (POOL_LEASES_KEY: job id -> worker, service, since, share). The scripts
+  lua/pool_*.lua change them: a job leases a free slot (pool_lease), a launch reserves a place first
+  (pool_reserve), a stop is claimed by one worker (pool_claim_stop) before the node is forgotten
+  (pool_forget). Every second of a node's life is shared among the jobs that lease it, or kept pending
+  (boot, idle) for the next job to lease it, or the last job it ran (lua/lib/node_time.lua): a job's
+  `node_seconds` is its share, and the shares add up to the node's bill.
+- the measured estimates of the pool policy: `pool:stats` (POOL_STATS_KEY: boot:<type>,
+  service:<service>, idle_since:<type>) and the idle gaps `pool:gaps:<type>` (POOL_GAPS_KEY).
 - leak-proof launches: the launch intents `nodes:launching` (LAUNCH_INTENTS_KEY), one launch window each,
   and the registry of the nodes this service launched, `nodes:owned` (NODES_OWNED_KEY). The provider lets
   no client label a workload (docs/node-protocols.md, Comput3 control API): our nodes are known by the ids
   stored there and, for a launch whose answer never arrived, by its recorded window (who launched which
   type when, and which workloads were running before).
 - the to-stop list `nodes:to_stop` (NODES_TO_STOP_KEY): workloads whose stop call failed, retried by the
-  sweep.
-- sweep claims: `sweep:<worker>` (SWEEP_WORKER_KEY) and `sweep:workload:<workload>` (SWEEP_WORKLOAD_KEY),
-  so that one sweeper at a time handles a dead worker's nodes or stops an unheld workload.
-- the node-stop statistics: node-seconds in total and per UTC day, and a log line per stop.
+  sweep; the sweep's claim on stopping a workload nobody holds, `sweep:workload:<workload>`
+  (SWEEP_WORKLOAD_KEY); the maintainer's turn `pool:maintainer` (POOL_MAINTAINER_KEY).
+- the node statistics: node-seconds in total and per UTC day (launch to stop), a log line per stop, and
+  node time by kind (booting, busy, idle, unattributed) in `stats:node_time` (NODE_TIME_KEY).
 """
 
 from __future__ import annotations
@@ -29,72 +36,145 @@ import redis
 import config
 import redis_lua
 
-RESERVED = "*"  # the slot type of a worker that reserved a slot before it knew which node its job needs
-DEAD_NODES_CLAIM_S = 120  # how long one sweeper holds a dead worker's nodes before another may try
+DEFAULT_MAX_GAPS = 100  # idle gaps kept per node type (pool_policy.MAX_GAPS)
 
 
-# --- the MAX_NODES slots ------------------------------------------------------------------------
-
-def acquire_node_slot(r: redis.Redis, worker_id: str, max_nodes: int, node_type: str = RESERVED,
-                      convert_from: str = "") -> bool:
-    """Take one of the MAX_NODES slots for this worker's node of node_type (atomic); True if it holds one.
-
-    convert_from names another slot type of the same worker (its reservation, or a node it has just
-    stopped) that is turned into this one when no slot is free, so the slot never goes back to the pool.
-    """
-    convert = slot_member(worker_id, convert_from) if convert_from else ""
-    return bool(redis_lua.run(r, "acquire_slot", (config.NODE_SLOTS_KEY,), slot_member(worker_id, node_type),
-                              max_nodes, convert))
+def node_key(node_id: str) -> str:
+    return config.POOL_NODE_KEY.format(id=node_id)
 
 
-def slot_types(r: redis.Redis, worker_id: str) -> list[str]:
-    """The slot types a worker holds (node types, or RESERVED)."""
-    members = (split_slot_member(m) for m in r.smembers(config.NODE_SLOTS_KEY))
-    return sorted(node_type for worker, node_type in members if worker == worker_id)
+def leases_key(node_id: str) -> str:
+    return config.POOL_LEASES_KEY.format(id=node_id)
 
 
-def slot_holders(r: redis.Redis) -> set[str]:
-    """The workers that hold at least one slot."""
-    return {split_slot_member(m)[0] for m in r.smembers(config.NODE_SLOTS_KEY)}
+def new_node_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
-def slot_member(worker_id: str, node_type: str) -> str:
-    return f"{worker_id}|{node_type}" if node_type else worker_id
+def lease_json(worker_id: str, service: str, since: float) -> str:
+    return json.dumps({"worker": worker_id, "service": service, "since": since})
 
 
-def split_slot_member(member: str) -> tuple[str, str]:
-    """(worker, node type); a member without a type (written by an older worker) is (worker, '')."""
-    worker, sep, node_type = member.rpartition("|")
-    return (worker, node_type) if sep else (member, "")
+# --- the pool ---------------------------------------------------------------------------------------
+
+def reserve_node(r: redis.Redis, node_id: str, node_type: str, worker_id: str, max_nodes: int, now: float,
+                 job_id: str = "", service: str = "") -> bool:
+    """Take a place in the pool for a node of node_type about to be launched (with a lease for job_id on
+    it); False when MAX_NODES nodes are in the pool."""
+    return bool(redis_lua.run(r, "pool_reserve", (config.POOL_NODES_KEY, node_key(node_id), leases_key(node_id)),
+                              node_id, node_type, worker_id, repr(now), max_nodes, job_id,
+                              lease_json(worker_id, service, now)))
 
 
-# --- node records ---------------------------------------------------------------------------------
-
-def node_key(worker_id: str, node_type: str) -> str:
-    return config.NODE_KEY.format(worker=worker_id, type=node_type)
-
-
-def record_node(r: redis.Redis, worker_id: str, node_type: str, node: dict[str, Any]) -> None:
-    r.hset(node_key(worker_id, node_type), mapping={k: str(v) for k, v in node.items()})
-
-
-def get_node(r: redis.Redis, worker_id: str, node_type: str) -> dict[str, str] | None:
-    return r.hgetall(node_key(worker_id, node_type)) or None
+def lease_slot(r: redis.Redis, node_id: str, node_type: str, job_id: str, worker_id: str, service: str,
+               slots: int, total: int, now: float, min_expires: float | None = None) -> str:
+    """Lease a slot of a pool node for a job: 'ok', or why not ('gone', 'stopping', 'full', 'short')."""
+    return str(redis_lua.run(
+        r, "pool_lease", (node_key(node_id), leases_key(node_id), config.POOL_STATS_KEY,
+                          config.POOL_GAPS_KEY.format(type=node_type)),
+        job_id, lease_json(worker_id, service, now), service, slots, total, repr(now),
+        "" if min_expires is None else repr(min_expires), DEFAULT_MAX_GAPS))
 
 
-def release_node(r: redis.Redis, worker_id: str, node_type: str | None = None, keep_slot: bool = False,
-                 workload: str = "") -> None:
-    """The worker's node of node_type (None: every one) is stopped or never launched: forget its record,
-    its entry in the registry of our nodes (workload), and free its slot unless keep_slot."""
-    types = slot_types(r, worker_id) if node_type is None else [node_type]
-    pipe = r.pipeline(transaction=True)
-    for kind in types:
-        pipe.delete(node_key(worker_id, kind))
-        if not keep_slot:
-            pipe.srem(config.NODE_SLOTS_KEY, slot_member(worker_id, kind))
-    if workload:
-        pipe.hdel(config.NODES_OWNED_KEY, workload)
-    pipe.execute()
+def release_lease(r: redis.Redis, node_id: str, job_id: str, now: float,
+                  job_seconds: float | None = None) -> float | None:
+    """End a job's lease: its share of the node's time (node-seconds) goes to its record; None when it held
+    no lease on that node."""
+    share = float(redis_lua.run(r, "pool_release", (node_key(node_id), leases_key(node_id),
+                                                     config.JOB_KEY.format(id=job_id), config.POOL_NODES_KEY,
+                                                     config.POOL_STATS_KEY),
+                                job_id, repr(now), "" if job_seconds is None else repr(job_seconds)))
+    return None if share < 0 else share
+
+
+def mark_booting(r: redis.Redis, node_id: str, fields: dict[str, Any]) -> None:
+    r.hset(node_key(node_id), mapping={k: str(v) for k, v in fields.items()})
+
+
+def mark_ready(r: redis.Redis, node_id: str, now: float) -> float | None:
+    """A booting node answers: ready (its boot time noted for the estimate). The boot seconds, or None
+    when it was not booting (another worker saw it first)."""
+    boot = redis_lua.run(r, "pool_ready", (node_key(node_id), leases_key(node_id), config.POOL_STATS_KEY), repr(now))
+    return float(boot) if boot else None
+
+
+def mark_checked(r: redis.Redis, node_id: str, now: float) -> None:
+    """The node passed a health check (workloads list and root) at `now` (NODE_CHECK_TTL counts from it)."""
+    r.hset(node_key(node_id), "checked_at", repr(now))
+
+
+def mark_service_ready(r: redis.Redis, node_id: str, service: str) -> None:
+    r.hset(node_key(node_id), f"ready:{service}", "1")
+
+
+def make_solo(r: redis.Redis, node_id: str) -> None:
+    """From now on the node runs one job at a time (an engine ran out of memory while it shared it)."""
+    r.hset(node_key(node_id), "solo", "1")
+
+
+def claim_stop(r: redis.Redis, node_id: str, worker_id: str, now: float, state: str = "", idle_since: str = "",
+               force: bool = False) -> bool:
+    """Make this worker the one that stops the node (no job may lease it after); False when a job leases
+    it (unless force), another worker stops it, or it changed since it was seen (state, idle_since)."""
+    return bool(redis_lua.run(r, "pool_claim_stop", (node_key(node_id), leases_key(node_id)), worker_id,
+                              repr(now), state, idle_since, "force" if force else ""))
+
+
+def forget_node(r: redis.Redis, node_id: str, now: float) -> dict[str, str]:
+    """A node was stopped (or never launched): settle its time accounts and remove it from the pool.
+    Returns its workload, node, type and launched_at ({} when it was not in the pool)."""
+    values = redis_lua.run(r, "pool_forget", (node_key(node_id), leases_key(node_id), config.POOL_NODES_KEY,
+                                              config.NODES_OWNED_KEY), node_id, repr(now))
+    return dict(zip(("workload", "node", "type", "launched_at"), values, strict=True)) if values else {}
+
+
+def pool_nodes(r: redis.Redis) -> list[dict[str, Any]]:
+    """Every pool node's record, with its leases under "leases" (job id -> lease), in two round trips."""
+    ids = sorted(r.smembers(config.POOL_NODES_KEY))
+    if not ids:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for node_id in ids:
+        pipe.hgetall(node_key(node_id))
+        pipe.hgetall(leases_key(node_id))
+    answers = pipe.execute()
+    found = []
+    for node_id, record, leases in zip(ids, answers[::2], answers[1::2], strict=True):
+        if record:
+            found.append({**record, "id": node_id, "leases": {job: json.loads(raw) for job, raw in leases.items()}})
+    return found
+
+
+def get_pool_node(r: redis.Redis, node_id: str) -> dict[str, str] | None:
+    return r.hgetall(node_key(node_id)) or None
+
+
+def pool_stats(r: redis.Redis, node_types: list[str]) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """The estimates hash and each node type's recent idle gaps (one round trip)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(config.POOL_STATS_KEY)
+    for node_type in node_types:
+        pipe.lrange(config.POOL_GAPS_KEY.format(type=node_type), 0, -1)
+    stats, *gaps = pipe.execute()
+    return stats, {t: [float(g) for g in found] for t, found in zip(node_types, gaps, strict=True)}
+
+
+def take_maintainer_turn(r: redis.Redis, worker_id: str, ttl_s: float) -> bool:
+    """Whether this worker looks after the idle nodes now (one worker at a time, for ttl_s)."""
+    key = config.POOL_MAINTAINER_KEY
+    if r.set(key, worker_id, nx=True, px=int(ttl_s * 1000)):
+        return True
+    return r.get(key) == worker_id
+
+
+def lease_holders(r: redis.Redis) -> set[str]:
+    """The workers that hold a lease or launch a node (the sweep looks at their heartbeats too)."""
+    holders = set()
+    for node in pool_nodes(r):
+        holders |= {lease.get("worker", "") for lease in node["leases"].values()}
+        if node.get("state") in ("launching", "stopping"):
+            holders.add(node.get("launcher" if node["state"] == "launching" else "stopper", ""))
+    return holders - {""}
 
 
 # --- launch windows and the registry of the nodes this service launched ---------------------------
@@ -124,17 +204,20 @@ def launch_intents(r: redis.Redis) -> dict[str, dict[str, Any]]:
     return {k: json.loads(v) for k, v in r.hgetall(config.LAUNCH_INTENTS_KEY).items()}
 
 
-def own_node(r: redis.Redis, worker_id: str, node_type: str, workload: str, node: str, launched_at: float,
-             intent_id: str = "") -> bool:
-    """Make a launched (or adopted) workload this worker's node: registry entry, node record and the
-    end of the launch intent, in one step. False when someone else claimed that workload first."""
-    owned = json.dumps({"worker": worker_id, "type": node_type, "node": node, "launched_at": launched_at})
+def own_node(r: redis.Redis, node_id: str, worker_id: str, node_type: str, workload: str, node: str,
+             launched_at: float, expires: float, intent_id: str = "") -> bool:
+    """Make a launched (or adopted) workload the workload of pool node node_id (booting from now): registry
+    entry, node record and the end of the launch intent, in one step. False when someone else claimed
+    that workload first, or the pool node is gone."""
+    owned = json.dumps({"id": node_id, "worker": worker_id, "type": node_type, "node": node,
+                        "launched_at": launched_at})
+    # its time is counted from the launch: what came before (listing workloads) is not billed
     record = {"state": "booting", "workload": workload, "node": node, "launched_at": repr(launched_at),
-              "worker": worker_id, "type": node_type}
+              "acct_at": repr(launched_at), "expires": repr(expires)}
     argv: list[Any] = [workload, owned, intent_id]
     for key, value in record.items():
         argv += [key, value]
-    return bool(redis_lua.run(r, "own_node", (config.NODES_OWNED_KEY, node_key(worker_id, node_type),
+    return bool(redis_lua.run(r, "own_node", (config.NODES_OWNED_KEY, node_key(node_id),
                                               config.LAUNCH_INTENTS_KEY), *argv))
 
 
@@ -172,21 +255,6 @@ def to_stop_count(r: redis.Redis) -> int:
 
 
 # --- the recovery sweep's claims ---------------------------------------------------------------------
-
-def claim_dead_nodes(r: redis.Redis, worker_id: str) -> list[tuple[str, dict[str, str]]] | None:
-    """For the recovery sweep: (type, node record) of each slot of a dead worker, claimed by one
-    sweeper at a time (None when the worker is alive or another sweeper has it)."""
-    if r.exists(config.HEARTBEAT_KEY.format(worker=worker_id)):  # (jobstore imports this module, not back)
-        return None
-    if not r.set(config.SWEEP_WORKER_KEY.format(worker=worker_id), "1", nx=True, ex=DEAD_NODES_CLAIM_S):
-        return None
-    return [(kind, get_node(r, worker_id, kind) or {}) for kind in slot_types(r, worker_id)]
-
-
-def unclaim_dead_nodes(r: redis.Redis, worker_id: str) -> None:
-    """Give up a claim_dead_nodes claim, so that the next sweep tries again."""
-    r.delete(config.SWEEP_WORKER_KEY.format(worker=worker_id))
-
 
 def claim_workload_stop(r: redis.Redis, workload: str, ttl_s: int) -> bool:
     """Claim stopping an unheld workload for ttl_s seconds; False when another sweeper has it."""

@@ -3,9 +3,10 @@
 `sweep_dead_workers` does one pass: stop again the workloads whose stop failed earlier; then (once Redis
 has been up a full HEARTBEAT_TTL) the cleanup (`cleanup`: in-flight webhooks of vanished workers back to
 the outbox; at most every CLEANUP_INTERVAL_S, expired local results and leftover work dirs), the jobs of
-workers whose heartbeat expired back to the queue (jobstore.requeue_abandoned), their nodes stopped, and
-the nodes of launches whose answer or record was lost (launch windows, launches.py) or whose owner died
-stopped. Every step is safe to run from several workers at once: claims in Redis let one sweeper act.
+workers whose heartbeat expired back to the queue (jobstore.requeue_abandoned), their leases of pool
+nodes ended (the nodes stay in the pool), and the nodes of launches whose answer or record was lost
+(launch windows, launches.py) or that no pool node holds stopped. Every step is safe to run from
+several workers at once: claims in Redis let one sweeper act.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _next_cleanup = [0.0]  # per process: when the directory walks run next
 
 
 def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, Any]:
-    """Recovery: requeue the jobs of workers whose heartbeat expired, stop their nodes, and stop the nodes
+    """Recovery: requeue the jobs of workers whose heartbeat expired, end their leases, and stop the nodes
     of launches whose answer or record was lost."""
     retry_failed_stops(settings, r)
     if int(r.info("server").get("uptime_in_seconds", 0)) < settings.heartbeat_ttl_s:
@@ -43,9 +44,8 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
         return {"workers": [], "requeued": 0, "failed": []}
     cleanup(settings, r)
     summary = jobstore.requeue_abandoned(r, settings)
-    for worker in summary["workers"]:
-        stop_dead_workers_nodes(settings, r, worker)
-    summary["stopped_unrecorded"] = resolve_launch_intents(settings, r) + stop_nodes_of_dead_owners(settings, r)
+    summary["leases_released"] = release_dead_workers_leases(settings, r)
+    summary["stopped_unrecorded"] = resolve_launch_intents(settings, r) + stop_unowned_workloads(settings, r)
     if summary["requeued"] or summary["failed"]:
         log.info("recovery sweep: %d job(s) requeued, %d failed after MAX_ATTEMPTS, dead workers %s",
                  summary["requeued"], len(summary["failed"]), ", ".join(summary["workers"]))
@@ -66,42 +66,44 @@ def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
     return nodestore.to_stop_count(r)
 
 
-# --- the nodes nobody holds any more -------------------------------------------------------------
+# --- the pool nodes and leases of dead workers ---------------------------------------------------
 
-def stop_dead_workers_nodes(settings: config.Settings, r: redis.Redis, worker: str) -> None:
-    """Stop the recorded nodes of a dead worker and free their slots (one sweeper at a time); a node whose
-    stop failed, and that is still running, keeps its slot and is tried again by the next sweep."""
-    claimed = nodestore.claim_dead_nodes(r, worker)
-    if claimed is None:
-        return
-    retry = False
-    for node_type, record in claimed:
-        workload = record.get("workload", "")
-        if workload and not stop_dead_workers_node(settings, r, worker, record):
-            retry = True
-            continue
-        nodestore.release_node(r, worker, node_type, workload=workload)
-    if retry:
-        nodestore.unclaim_dead_nodes(r, worker)  # let the next sweep try again
+def release_dead_workers_leases(settings: config.Settings, r: redis.Redis) -> int:
+    """The pool after dead workers: their jobs' leases end (the jobs went back to the queue; the node
+    stays in the pool, health-checked before its next job), the launches they reserved and never made
+    are given up (their launch windows show what they created), and a stop they claimed and did not finish
+    is done again after SWEEP_CLAIM_S. Returns how many leases were released."""
+    now = time.time()
+    released = 0
+    for record in nodestore.pool_nodes(r):
+        node_id = record["id"]
+        for job_id, lease in record["leases"].items():
+            if not alive(r, lease.get("worker", "")):
+                nodestore.release_lease(r, node_id, job_id, now)
+                nodestore.mark_checked(r, node_id, 0.0)  # the job may have died with its node: check first
+                released += 1
+        if record.get("state") == "launching" and not alive(r, record.get("launcher", "")):
+            nodestore.forget_node(r, node_id, now)
+            log.info("gave up pool node %s: its launching worker %s died", node_id, record.get("launcher"))
+        elif record.get("state") == "stopping" and not alive(r, record.get("stopper", "")) \
+                and now - float(record.get("stop_claimed_at") or 0) > SWEEP_CLAIM_S:
+            finish_stop(settings, r, record, f"its stopping worker {record.get('stopper')} died")
+    return released
 
 
-def stop_dead_workers_node(settings: config.Settings, r: redis.Redis, worker: str, record: dict[str, str]) -> bool:
-    """Stop the recorded node of a dead worker; False when that failed and must be tried again."""
+def alive(r: redis.Redis, worker: str) -> bool:
+    return bool(worker) and bool(r.exists(jobstore.heartbeat_key(worker)))
+
+
+def finish_stop(settings: config.Settings, r: redis.Redis, record: dict[str, Any], why: str) -> None:
+    """Stop a pool node whose stop a dead worker claimed, and forget it (a failed stop is remembered)."""
+    workload = record.get("workload", "")
     seconds = time.time() - float(record.get("launched_at") or time.time())
-    if nodes.stop_or_remember(settings, None, record["workload"], record.get("node", ""), f"worker {worker} died"):
-        log.info("stopped node %s of dead worker %s after %.1f node-seconds", record.get("node"), worker, seconds)
-    else:
-        # A node already stopped, expired or dead may answer stop with an error: when it is gone, its
-        # record and MAX_NODES slot must go too (retrying forever would leak the slot).
-        try:
-            gone = record["workload"] not in {w.get("workload") for w in comput3.get_running_workloads(settings)}
-        except C3Error:
-            gone = False
-        if not gone:
-            return False
-        log.info("node %s of dead worker %s was already gone", record.get("node"), worker)
-    nodestore.record_node_stop(r, record["workload"], worker, seconds, "worker died")
-    return True
+    if workload and nodes.stop_or_remember(settings, r, workload, record.get("node", ""), why):
+        log.info("stopped node %s (workload %s): %s", record.get("node"), workload, why)
+    nodestore.forget_node(r, record["id"], time.time())
+    if workload:
+        nodestore.record_node_stop(r, workload, "sweep", seconds, why)
 
 
 def stop_unheld(settings: config.Settings, r: redis.Redis, workload: dict[str, Any], why: str) -> None:
@@ -151,19 +153,20 @@ def resolve_launch_intents(settings: config.Settings, r: redis.Redis, now: float
     return stopped
 
 
-def stop_nodes_of_dead_owners(settings: config.Settings, r: redis.Redis) -> int:
-    """Stop every node in the registry of our nodes whose worker is dead (its record may be gone)."""
+def stop_unowned_workloads(settings: config.Settings, r: redis.Redis) -> int:
+    """Stop every workload in the registry of our nodes that no pool node has (its record went; a
+    sweeper's claim is taken over after SWEEP_CLAIM_S)."""
     stopped = 0
+    in_pool = set(r.smembers(config.POOL_NODES_KEY))
     for workload, owner in nodestore.owned_nodes(r).items():
-        worker = owner.get("worker", "")
-        if worker == "sweep":  # being stopped by a sweeper; taken over if that sweeper died meanwhile
+        if owner.get("worker") == "sweep":  # being stopped by a sweeper; taken over if that sweeper died
             if time.time() - float(owner.get("since") or 0) < SWEEP_CLAIM_S:
                 continue
-        elif r.exists(jobstore.heartbeat_key(worker)):
+        elif owner.get("id") in in_pool:
             continue
         if nodestore.claim_workload_stop(r, workload, SWEEP_CLAIM_S):  # one sweeper at a time
             stop_unheld(settings, r, {"workload": workload, "node": owner.get("node"),
-                                      "created": owner.get("launched_at")}, f"its worker {worker} died")
+                                      "created": owner.get("launched_at")}, "no pool node holds it")
             stopped += 1
     return stopped
 

@@ -249,6 +249,8 @@ def _run_sonic_sampler(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | Non
         raise RuntimeError("dev node fault injection: comfyui engine_error is set")
     if fault == "hang":
         _hang_until_interrupted(wl)
+    if (oom := faults.out_of_memory(wl.name, "comfyui")) is not None:
+        raise RuntimeError(oom)  # torch's OutOfMemoryError reaches the client as its message
     data = inputs["data_dict"]
     fps = float(inputs["fps"])
     steps = int(inputs["inference_steps"])
@@ -464,7 +466,8 @@ def _worker_loop(wl: Workload) -> None:
     while (task := _next_task(wl)) is not None:
         _broadcast_status(wl)
         try:
-            outputs, status = _execute(wl, task)
+            with faults.busy(wl.name, "comfyui"):
+                outputs, status = _execute(wl, task)
         except Exception as exc:  # noqa: BLE001 - keep the worker alive whatever happens
             log.exception("dev node comfy worker failed on %s", task.prompt_id)
             outputs, status = {}, _crash_status(task, exc)

@@ -16,6 +16,14 @@ Set from the environment at start-up (DEVNODE_FAULTS, a JSON object) or at run t
                               root is up (a real cold start: minutes while models load)
 - engine_error: list[str]     engines that answer with an error: "csm", "whisper", "comfyui", "ollama"
 - engine_hang: list[str]      engines that never finish (until stopped/interrupted/cancelled)
+- oom_when_shared: list[str]  engines ("csm", "whisper", "comfyui") that run out of GPU memory when they
+                              start while another service of the same node is busy, answering as the real
+                              app does (CSM "Generation failed: CUDA out of memory...", WhisperX
+                              "Error: CUDA failed with error out of memory", ComfyUI an execution_error)
+
+Each node's services run one request at a time (`serving`), as each real node's apps do, while the
+services of different nodes run side by side (the Gradio apps are shared by every node of the process);
+`serving` also notes which services of a node are busy, for oom_when_shared.
 
 Engines that hang call `hang()` (async) or `hang_blocking()` (threads): both end when the node that
 runs the request is gone (the server registers that check with `set_node_gone_check`), when the
@@ -31,7 +39,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 _LOCK = threading.Lock()
 LOG = logging.getLogger("devnode.faults")
@@ -44,6 +53,7 @@ DEFAULTS: dict = {
     "comfyui_warmup_s": 0.0,
     "engine_error": [],
     "engine_hang": [],
+    "oom_when_shared": [],
 }
 FAULTS: dict = dict(DEFAULTS)
 SHUTDOWN = threading.Event()
@@ -150,3 +160,48 @@ def workload_of(request: object) -> str | None:
     if isinstance(scope, dict):
         return scope.get("devnode_workload")
     return None
+
+
+# --- each node's services: one request at a time, and which are busy ------------------------------
+
+_BUSY: dict[str, dict[str, int]] = {}  # workload -> service -> requests running
+_TURNS: dict[tuple[str, str], asyncio.Lock] = {}
+OUT_OF_MEMORY = {"csm": "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)",
+                 "whisper": "CUDA failed with error out of memory",
+                 "comfyui": "CUDA out of memory. Tried to allocate 1.50 GiB"}
+
+
+@contextmanager
+def busy(workload: str | None, service: str) -> Iterator[None]:
+    """Note that a service of a node runs a request (for oom_when_shared)."""
+    key = workload or ""
+    with _LOCK:
+        services = _BUSY.setdefault(key, {})
+        services[service] = services.get(service, 0) + 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            services[service] -= 1
+            if not any(_BUSY[key].values()):
+                _BUSY.pop(key, None)
+
+
+@asynccontextmanager
+async def serving(workload: str | None, service: str) -> AsyncIterator[None]:
+    """A request of a node's service: it waits for the one before it on the same node, then runs busy."""
+    with _LOCK:
+        turn = _TURNS.setdefault((workload or "", service), asyncio.Lock())
+    async with turn:
+        with busy(workload, service):
+            yield
+
+
+def out_of_memory(workload: str | None, service: str) -> str | None:
+    """The out-of-memory message when oom_when_shared names this engine and another service of the same
+    node is busy; None otherwise."""
+    with _LOCK:
+        if service not in FAULTS["oom_when_shared"]:
+            return None
+        others = {name for name, count in _BUSY.get(workload or "", {}).items() if count and name != service}
+    return OUT_OF_MEMORY[service] if others else None

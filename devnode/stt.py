@@ -154,6 +154,12 @@ async def transcribe_audio(
     Failures come back as ("Error: <message>", []), the way the real app reports them
     (docs/node-protocols.md, WhisperX).
     """
+    async with faults.serving(faults.workload_of(request), "whisper"):
+        return await _transcribe(audio_file, model, task, language, word_timestamps, request)
+
+
+async def _transcribe(audio_file: str | None, model: str, task: str, language: str, word_timestamps: bool,
+                      request: gr.Request) -> tuple[str, list[str]]:
     fault = faults.engine_fault("whisper")
     if fault == "hang":
         await faults.hang(faults.workload_of(request), engine="whisper")
@@ -161,6 +167,8 @@ async def transcribe_audio(
     try:
         if fault == "error":
             raise RuntimeError("dev node fault: whisper engine error")
+        if (oom := faults.out_of_memory(faults.workload_of(request), "whisper")) is not None:
+            raise RuntimeError(oom)
         if model not in MODELS:  # the real app's model loader refuses unknown sizes
             raise ValueError(f"Invalid model size '{model}', expected one of: {', '.join(MODELS)}")
         if not audio_file:
@@ -205,5 +213,6 @@ def build_blocks() -> gr.Blocks:
             ],
             outputs=[transcript, outputs],
             api_name="transcribe_audio",
+            concurrency_limit=None,  # one at a time per node (faults.serving), nodes side by side
         )  # fmt: skip
     return blocks

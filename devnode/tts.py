@@ -177,6 +177,13 @@ async def generate_monologue_audio(
     request: gr.Request,
 ) -> str:
     """The Gradio handler of `/generate_monologue_audio` (argument names are the API's keywords)."""
+    async with faults.serving(faults.workload_of(request), "csm"):
+        return await _generate(speaker_voice, speaker_audio, monologue_json, temperature, max_audio_length,
+                               pause_duration, request)
+
+
+async def _generate(speaker_voice: str, speaker_audio: str | None, monologue_json: str, temperature: float,
+                    max_audio_length: float, pause_duration: float, request: gr.Request) -> str:
     fault = faults.engine_fault("csm")
     if fault == "hang":
         await faults.hang(faults.workload_of(request), engine="csm")
@@ -184,6 +191,8 @@ async def generate_monologue_audio(
     try:
         if fault == "error":
             raise RuntimeError("dev node fault: csm engine error")
+        if (oom := faults.out_of_memory(faults.workload_of(request), "csm")) is not None:
+            raise RuntimeError(oom)
         sentences = parse_monologue(monologue_json)
         if speaker_voice not in STYLES:
             raise KeyError(speaker_voice)
@@ -220,5 +229,6 @@ def build_blocks() -> gr.Blocks:
             ],
             outputs=output,
             api_name="generate_monologue_audio",
+            concurrency_limit=None,  # one at a time per node (faults.serving), nodes side by side
         )  # fmt: skip
     return blocks

@@ -23,8 +23,9 @@ C3_KEY = "system-test-c3-key"
 
 
 def service_env(redis_url: str, devnode_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment shared by the API and the workers in a system test."""
-    return clean_env(
+    """The environment shared by the API and the workers in a system test. Idle nodes stop after
+    GPU_IDLE_TIMEOUT (NODE_POLICY=fixed) unless a test asks for the adaptive policy."""
+    return clean_env(**{**dict(
         REDIS_URL=redis_url,
         C3_API_KEY=C3_KEY,
         C3_API_URL=f"{devnode_url}/api/v0",
@@ -42,8 +43,8 @@ def service_env(redis_url: str, devnode_url: str, tmp_path: Path, **extra: str) 
         LAUNCH_BACKOFF_S="0.2",
         GRADIO_ANALYTICS_ENABLED="False",
         HF_HUB_OFFLINE="1",
-        **extra,
-    )
+        NODE_POLICY="fixed",
+    ), **extra})
 
 
 @dataclasses.dataclass
