@@ -29,6 +29,7 @@ import events
 import jobspec
 import jobstats
 import jobstore
+import localfiles
 import metrics
 import storage
 import webhook_state
@@ -331,15 +332,15 @@ def update_job(job_id: str) -> Response:
 
 @api.get("/files/<name>")
 def files(name: str) -> Response:
-    secret = storage.file_url_secret(store(), settings().file_url_secret)
+    secret = localfiles.file_url_secret(store(), settings().file_url_secret)
     expires = request.args.get("expires", "")
     signature = request.args.get("sig", "")
-    if not storage.verify_file_signature(name, expires, signature, secret):
+    if not localfiles.verify_file_signature(name, expires, signature, secret):
         raise ApiError(403, "invalid or expired file link")
-    path = storage.local_file_path(settings(), name)
+    path = localfiles.local_file_path(settings(), name)
     if path is None:
         raise ApiError(404, "file not found")
-    return send_file(path, mimetype=storage.content_type_for(name), conditional=True)
+    return send_file(path, mimetype=localfiles.content_type_for(name), conditional=True)
 
 
 # --- service routes ----------------------------------------------------------------------------

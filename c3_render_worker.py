@@ -44,7 +44,6 @@ import storage
 import sweep
 import webhooks
 import whisper
-from comput3 import C3Error
 from engine_api import EngineError, JobContext, JobStopped, ShouldStop
 from nodes import HeldNode
 
@@ -55,12 +54,6 @@ ENGINES = {"csm": csm.run, "whisper": whisper.run, "portrait": comfyui.run, "ana
 # /queue shows the SONIC sampler, which ignores /interrupt; Gradio's queue does not show a cancelled
 # CSM generation that runs on in its thread, so csm/whisper have no check (README: "What a cancel costs").
 BUSY_CHECKS = {"portrait": comfyui.node_busy}
-RESULT_NAMES = {"csm": "{id}.mp3", "portrait": "{id}.mp4", "whisper": "{id}.txt", "analyze": "{id}.txt"}
-# The input URLs each job type downloads and checks before any GPU time: (role, field, kind).
-INPUTS = {"whisper": [("audio", "audio_url", "audio")],
-          "portrait": [("image", "image_url", "image"), ("audio", "audio_url", "audio")],
-          "analyze": [("image", "image_url", "image")]}
-CLONE_INPUT = ("reference_audio", "reference_audio_url", "audio")  # csm with voice "clone"
 CANCEL_REASON = "cancelled by request"
 SHUTDOWN_REASON = "worker shutting down"
 # On the way out, one Redis call may take this long: a Redis that is frozen or cut off by the network
@@ -166,13 +159,15 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
     try:
         phase("downloading")
         storage.wait_for_free_space(settings, should_stop)  # before inputs and outputs are written
-        inputs = fetch_inputs(settings, job, should_stop)
+        inputs = media_check.fetch_inputs(settings, job.type, job.params, job.id, job.work_dir)
+        if reason := should_stop():
+            raise JobStopped(reason)
         context = functools.partial(JobContext, job_id=job.id, params=job.params, inputs=inputs,
                                     work_dir=job.work_dir, settings=settings, should_stop=should_stop,
                                     progress=job_progress(state, job.id), phase=phase)
         output = nodes.run_on_node(state, job.type, ENGINES[job.type], context, should_stop, phase)
         phase("storing")
-        fields = store_result(state, job, output)
+        fields = storage.store_result(settings, state.r, job.type, job.id, output, job.work_dir)
         log.info("job %s succeeded in %.1f s", job.id, time.time() - job.started)
         return Outcome("success", fields)
     except redis.RedisError:
@@ -230,41 +225,6 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     if not done:
         log.info("job %s: result dropped, the job is already %s", job.id, now_status)
     jobstore.ack(state.r, state.worker_id, job.entry)
-
-
-def fetch_inputs(settings: config.Settings, job: ClaimedJob, should_stop: ShouldStop) -> dict[str, Path]:
-    """Download the job's input URLs and check them, before any GPU time is spent."""
-    wanted = list(INPUTS.get(job.type, []))
-    if job.type == "csm" and job.params.get("voice") == "clone":
-        wanted.append(CLONE_INPUT)
-    inputs: dict[str, Path] = {}
-    for role, name, kind in wanted:
-        dest = job.work_dir / f"{job.id}_download_{role}"
-        netfetch.download(job.params[name], dest, field=name, max_bytes=settings.max_input_bytes,
-                          allowlist=settings.url_allowlist, total_timeout=settings.download_timeout_s)
-        if kind == "image":
-            media_check.check_image(dest, field=name, max_pixels=settings.max_image_pixels)
-        else:
-            media_check.check_audio(dest, field=name, max_seconds=settings.max_audio_seconds)
-        inputs[role] = dest
-    reason = should_stop()
-    if reason:
-        raise JobStopped(reason)
-    return inputs
-
-
-def store_result(state: WorkerState, job: ClaimedJob, output: Path | str) -> dict[str, str]:
-    """Upload the engine's output (a media file, or text kept as {id}.txt); the fields that record it."""
-    settings = state.settings
-    secret = storage.file_url_secret(state.r, settings.file_url_secret)
-    if isinstance(output, str):
-        text_path = job.work_dir / f"{job.id}.txt"
-        if not text_path.exists():
-            text_path.write_text(output, encoding="utf-8")
-        storage.upload_with_retry(settings, text_path, f"{job.id}.txt", secret, settings.result_ttl_s)
-        return {"text": output}
-    name = RESULT_NAMES[job.type].format(id=job.id)
-    return {"result_url": storage.upload_with_retry(settings, Path(output), name, secret, settings.result_ttl_s)}
 
 
 def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: int, complete_by: float) -> ShouldStop:
@@ -419,29 +379,6 @@ def check_startup(settings: config.Settings) -> None:
         raise SystemExit(f"storage error: {exc}") from None
 
 
-def check_workload_types(settings: config.Settings) -> list[str]:
-    """Ask the provider which workload types it offers (GET /types) and say clearly in the log when a
-    configured one is not among them; return the missing ones. A provider without /types is no error."""
-    try:
-        offered = comput3.get_workload_types(settings)
-    except C3Error as exc:
-        if exc.status in (404, 405):
-            log.info("Comput3 offers no list of workload types (GET /types: %s); not checked", exc)
-        else:
-            log.warning("could not ask Comput3 which workload types it offers (%s); not checked", exc)
-        return []
-    wanted = {"C3_WORKLOAD_TYPE": settings.workload_type, "C3_ANALYZE_WORKLOAD_TYPE": settings.analyze_workload_type}
-    missing = []
-    for name, kind in wanted.items():
-        if kind not in offered:
-            missing.append(kind)
-            log.error("%s=%s is not offered by Comput3 (offered: %s): jobs that need it will fail at launch",
-                      name, kind, ", ".join(offered) or "none")
-    if not missing:
-        log.info("Comput3 offers the configured workload types %s", ", ".join(sorted(set(wanted.values()))))
-    return missing
-
-
 def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhooks.Senders) -> None:
     """After work(): stop the held nodes, hand the in-flight webhooks back and retire the worker, in
     bounded time even when Redis is gone. The Redis steps use a client with short timeouts and are
@@ -516,7 +453,7 @@ def run() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("worker %s started; queue %s, Comput3 API %s", worker_id, config.QUEUE_KEY, settings.c3_api_url)
-    check_workload_types(settings)
+    comput3.check_workload_types(settings)
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
     senders = webhooks.start_delivery(settings, worker_id, webhook_stop)
     work(state)

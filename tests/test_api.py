@@ -12,6 +12,7 @@ import pytest
 import app as api
 import config
 import jobstore
+import localfiles
 import storage
 import webhook_state
 
@@ -259,7 +260,7 @@ def test_rate_limit(settings, r):
 
 
 def test_local_files_signed_urls(client, settings, r, tmp_path):
-    secret = storage.file_url_secret(r, settings.file_url_secret)
+    secret = localfiles.file_url_secret(r, settings.file_url_secret)
     source = tmp_path / "x.mp3"
     source.write_bytes(b"ID3 fake mp3 bytes")
     url = storage.upload_result(settings, source, "abc.mp3", secret)
@@ -270,7 +271,7 @@ def test_local_files_signed_urls(client, settings, r, tmp_path):
     assert answer.mimetype == "audio/mpeg"
     tampered = path.replace("sig=", "sig=0")
     assert client.get(tampered).status_code == 403
-    expired = storage.signed_file_url(settings, "abc.mp3", secret, 1, now=time.time() - 100)
+    expired = localfiles.signed_file_url(settings, "abc.mp3", secret, 1, now=time.time() - 100)
     assert client.get(expired[len("http://127.0.0.1:8000"):]).status_code == 403
     assert client.get("/files/..%2Fsecret?expires=1&sig=0").status_code in (403, 404)
 

@@ -14,8 +14,8 @@ from conftest import ROOT, wait_for
 import config
 import jobspec
 import jobstore
+import localfiles
 import nodestore
-import storage
 import webhook_state
 
 
@@ -198,9 +198,9 @@ def test_a_launched_workload_is_owned_once(r):
 
 
 def test_file_url_secret_made_once(r):
-    first = storage.file_url_secret(r, "")
-    assert len(first) == 64 and storage.file_url_secret(r, "") == first
-    assert storage.file_url_secret(r, "configured") == b"configured"
+    first = localfiles.file_url_secret(r, "")
+    assert len(first) == 64 and localfiles.file_url_secret(r, "") == first
+    assert localfiles.file_url_secret(r, "configured") == b"configured"
 
 
 @pytest.mark.parametrize("value", ["", "x", "123e4567-e89b-12d3-a456-426614174000"])

@@ -13,6 +13,7 @@ import requests
 import responses
 
 import c3_render_worker as worker
+import comput3
 import config
 import engine_api
 import jobstore
@@ -197,13 +198,13 @@ def test_node_type_is_a_property_of_the_job_type(s):
 def test_workload_types_checked_at_start_up(s, caplog):
     responses.get(f"{API}/types", json=["media:fast", "ollama_webui:large"])
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
-        assert worker.check_workload_types(s) == ["ollama_webui:fast"]
+        assert comput3.check_workload_types(s) == ["ollama_webui:fast"]
     assert "C3_ANALYZE_WORKLOAD_TYPE=ollama_webui:fast is not offered by Comput3" in caplog.text
     assert responses.calls[0].request.headers["X-C3-API-KEY"] == "sekrit-key"
     responses.replace(responses.GET, f"{API}/types", status=404, json={"error": "not found"})
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
-        assert worker.check_workload_types(s) == []
+        assert comput3.check_workload_types(s) == []
     assert "not checked" in caplog.text and "sekrit-key" not in caplog.text
 
 
