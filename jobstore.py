@@ -277,7 +277,8 @@ def ack(r: redis.Redis, worker_id: str, entry: str) -> None:
 
 def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
     """Give back an entry taken but not started: from the processing list to the head of the queue
-    (dropped instead if its job was cancelled meanwhile)."""
+    (dropped instead if its job was cancelled meanwhile). Nothing is pushed when the entry is no longer
+    in the processing list: the sweep, taking this worker for dead, gave it back already."""
     job_id = json.loads(entry)["id"]
     redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS), entry, "",
                   repr(time.time()))

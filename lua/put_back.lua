@@ -1,6 +1,7 @@
 -- put_back: move an entry from a worker's processing list back to the front of the queue if its job
 -- is queued (taken, not started) or running on that worker (put back: the attempt is not counted);
--- otherwise (cancelled meanwhile, or finished) the entry is only dropped.
+-- otherwise (cancelled meanwhile, or finished) the entry is only dropped. A job that stayed queued goes
+-- back only when its entry was in the processing list: one the sweep gave back already is in the queue.
 --
 -- KEYS: [1] job hash (JOB_KEY)  [2] the worker's processing list (PROCESSING_KEY)  [3] queue (QUEUE_KEY)
 --       [4] pushes (QUEUE_PUSHES_KEY)  [5] requeued (QUEUE_REQUEUED_KEY)  [6] cancelled (QUEUE_CANCELLED_KEY)
@@ -10,8 +11,9 @@
 --! uses: job_changed, queue_slots
 local Q = {KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
 local status = redis.call('HGET', KEYS[1], 'status')
+local removed = redis.call('LREM', KEYS[2], 1, ARGV[1])
 local back = 0
-if status == 'queued' and ARGV[2] == '' then
+if status == 'queued' and ARGV[2] == '' and removed > 0 then
   back = 1
 elseif status == 'running' and ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'worker') == ARGV[2] then
   redis.call('HSET', KEYS[1], 'status', 'queued')
@@ -19,7 +21,6 @@ elseif status == 'running' and ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'wo
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
   back = 2
 end
-redis.call('LREM', KEYS[2], 1, ARGV[1])
 if back > 0 then
   local id = cjson.decode(ARGV[1])['id']
   push_front(Q, KEYS[1], id, ARGV[1])

@@ -140,6 +140,30 @@ def test_long_seeded_sequence_with_deep_queue(r, settings):
     assert r.llen(config.QUEUE_KEY) > 200
 
 
+
+def test_an_entry_the_sweep_gave_back_already_is_not_given_back_again(r, settings):
+    """A worker took an entry and gives it back (told to stop) after the sweep took it for dead and gave
+    that entry back already: one entry per job stays in the queue, positions count right, and a drain
+    takes each job once."""
+    first, second, third = new_job(r), new_job(r), new_job(r)
+    entry = jobstore.take(r, "w1", 1)
+    assert json.loads(entry)["id"] == first
+    r.sadd(config.WORKERS_KEY, "w1")  # registered, and its heartbeat expired
+    assert jobstore.requeue_abandoned(r, settings)["requeued"] == 1
+    jobstore.return_entry(r, "w1", entry)
+    assert r.llen(config.QUEUE_KEY) == 3 and r.llen(jobstore.processing_key("w1")) == 0
+    assert [jobstore.queue_position(r, jobstore.get_job(r, j)) for j in (first, second, third)] == [1, 2, 3]
+    check_positions(r, [first, second, third])
+    taken = []
+    while (entry := r.lmove(config.QUEUE_KEY, jobstore.processing_key("w2"), "RIGHT", "LEFT")) is not None:
+        job_id = json.loads(entry)["id"]
+        taken.append(job_id)
+        assert jobstore.transition(r, settings, job_id, "running", {"worker": "w2"})[0]
+        assert jobstore.transition(r, settings, job_id, "success", {"text": "ok"}, worker_id="w2")[0]
+        jobstore.ack(r, "w2", entry)
+    assert taken == [first, second, third]
+
+
 def list_scans(r) -> dict[str, int]:
     """Calls of commands that walk the queue list (O(N)) since the last CONFIG RESETSTAT."""
     stats = r.info("commandstats")
