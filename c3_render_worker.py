@@ -45,6 +45,7 @@ import sweep
 import webhooks
 import whisper
 from engine_api import EngineError, JobContext, JobStopped, ShouldStop
+from jobspec import FINISHED_STATUSES
 from nodes import HeldNode
 
 log = logging.getLogger("c3-render.worker")
@@ -86,6 +87,7 @@ class ClaimedJob:
     id: str
     type: str
     entry: str
+    attempt: int  # what the claim produced: every later change of the job names this worker and it
     record: dict[str, str]
     params: dict[str, Any]
     started: float
@@ -115,8 +117,10 @@ def run_job(state: WorkerState, entry: str) -> None:
         return
     outcome = refused_before_start(job) or execute(state, job)
     if not outcome.status:
-        jobstore.put_back(state.r, state.worker_id, job.id, entry)
-        log.info("job %s put back on the queue (%s)", job.id, outcome.fields["why"])
+        if jobstore.put_back(state.r, state.worker_id, job.id, entry, job.attempt):
+            log.info("job %s put back on the queue (%s)", job.id, outcome.fields["why"])
+        else:
+            log.info("job %s not put back: it is no longer this worker's (finished, or given back)", job.id)
         return
     settle(state, job, outcome)
     if outcome.drain:
@@ -124,16 +128,21 @@ def run_job(state: WorkerState, entry: str) -> None:
 
 
 def claim(state: WorkerState, entry: str) -> ClaimedJob | None:
-    """Move the entry's job to running on this worker; None (entry dropped) when it is no longer queued."""
+    """Move the entry's job to running on this worker; None (entry dropped) when it is no longer queued,
+    or when the sweep gave the entry back to the queue meanwhile (the next taker runs it)."""
     job_id = json.loads(entry)["id"]
-    changed, status = jobstore.transition(state.r, state.settings, job_id, "running", {"worker": state.worker_id})
-    if not changed:
-        log.info("job %s is %s; skipping it", job_id, status)
+    attempt, status = jobstore.claim(state.r, state.settings, state.worker_id, entry)
+    if not attempt:
+        if status == "queued":
+            log.warning("job %s: the recovery sweep gave its entry back to the queue; left to the next taker",
+                        job_id)
+        else:
+            log.info("job %s is %s; skipping it", job_id, status)
         jobstore.ack(state.r, state.worker_id, entry)
         return None
     record = jobstore.get_job(state.r, job_id) or {}
     started = time.time()
-    return ClaimedJob(id=job_id, type=record.get("type", ""), entry=entry, record=record,
+    return ClaimedJob(id=job_id, type=record.get("type", ""), entry=entry, attempt=attempt, record=record,
                       params=jobstore.job_params(record), started=started,
                       complete_by=float(record.get("complete_by") or started + 3600),
                       work_dir=Path(state.settings.work_dir) / job_id)
@@ -152,10 +161,10 @@ def refused_before_start(job: ClaimedJob) -> Outcome | None:
 def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
     """Prepare the inputs, run the engine on a node and store the result: how the job ended."""
     settings = state.settings
-    log.info("job %s (%s) started, attempt %s", job.id, job.type, job.record.get("attempts"))
+    log.info("job %s (%s) started, attempt %d", job.id, job.type, job.attempt)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     should_stop = make_should_stop(state, job.id, job.started, int(job.params["max_time"]), job.complete_by)
-    phase = job_phase(state, job.id)
+    phase = job_phase(state, job)
     try:
         phase("downloading")
         storage.wait_for_free_space(settings, should_stop)  # before inputs and outputs are written
@@ -164,7 +173,7 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
             raise JobStopped(reason)
         context = functools.partial(JobContext, job_id=job.id, params=job.params, inputs=inputs,
                                     work_dir=job.work_dir, settings=settings, should_stop=should_stop,
-                                    progress=job_progress(state, job.id), phase=phase)
+                                    progress=job_progress(state, job), phase=phase)
         output = nodes.run_on_node(state, job.type, ENGINES[job.type], context, should_stop, phase)
         phase("storing")
         fields = storage.store_result(settings, state.r, job.type, job.id, output, job.work_dir)
@@ -213,7 +222,7 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     for wait_s in (0.5, 1, 2, 4, 8, 0):
         try:
             done, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
-                                                   worker_id=state.worker_id)
+                                                   worker_id=state.worker_id, attempt=job.attempt)
             break
         except redis.RedisError:
             past_grace = state.shutdown_deadline is not None and time.time() + wait_s > state.shutdown_deadline
@@ -222,8 +231,11 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
             log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job.id,
                         outcome.status, wait_s)
             time.sleep(wait_s)
-    if not done:
+    if not done and now_status in FINISHED_STATUSES:
         log.info("job %s: result dropped, the job is already %s", job.id, now_status)
+    elif not done:  # the sweep took this worker for dead and gave the job back: it runs again elsewhere
+        log.warning("job %s: result dropped, attempt %d is no longer this worker's (the job is %s)", job.id,
+                    job.attempt, now_status)
     jobstore.ack(state.r, state.worker_id, job.entry)
 
 
@@ -255,9 +267,9 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
     return should_stop
 
 
-def job_phase(state: WorkerState, job_id: str):
-    """phase(name) for one job: recorded on its record for /status (best effort, like progress); a
-    repeat of the last name (engines report it at each poll) costs no Redis call."""
+def job_phase(state: WorkerState, job: ClaimedJob):
+    """phase(name) for one job: recorded on its record for /status while this attempt owns it (best
+    effort, like progress); a repeat of the last name (engines report it at each poll) costs no Redis call."""
     last = [""]
 
     def phase(name: str) -> None:
@@ -265,18 +277,19 @@ def job_phase(state: WorkerState, job_id: str):
             return
         last[0] = name
         try:
-            jobstore.set_phase(state.r, job_id, name)
+            jobstore.set_phase(state.r, job.id, name, worker_id=state.worker_id, attempt=job.attempt)
         except redis.RedisError:
             pass
     return phase
 
 
-def job_progress(state: WorkerState, job_id: str):
-    """progress(percent) for one job: recorded on its record for /status (best effort)."""
+def job_progress(state: WorkerState, job: ClaimedJob):
+    """progress(percent) for one job: recorded on its record for /status while this attempt owns it
+    (best effort)."""
 
     def progress(percent: int) -> None:
         try:
-            jobstore.set_progress(state.r, job_id, percent)
+            jobstore.set_progress(state.r, job.id, percent, worker_id=state.worker_id, attempt=job.attempt)
         except redis.RedisError:
             pass
     return progress

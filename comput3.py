@@ -6,6 +6,8 @@ them the two listings the worker needs: `get_running_workloads()` (POST /workloa
 configured type the provider does not offer). One call, one answer: retries and leak-proof launches are
 launches.py's, what a node is for is nodes.py's. `check_node_health` is the one node health check, used
 by the worker and by the engines (to tell a node that went away from a service that answered badly).
+`get_running_workloads` is the one place that checks the shape of the workloads list: its callers read
+every record it returns as an object with a string `workload`.
 """
 
 from __future__ import annotations
@@ -74,11 +76,21 @@ def launch_workload(settings: config.Settings, workload_type: str, expires: int)
 
 
 def get_running_workloads(settings: config.Settings) -> list[dict[str, Any]]:
-    """The account's running workloads (records with workload, node, type, status, created, expires)."""
+    """The account's running workloads (records with workload, node, type, status, created, expires).
+
+    Every record returned is an object with a non-empty string `workload`: any other item of the list (a
+    string, null, a number, a record without an id) is dropped, and one warning says how many, so that
+    one odd record neither aborts the sweep nor a launch.
+    """
     answer = call(settings, "POST", "workloads", {"running": True})
     if not isinstance(answer, list):
         raise C3Error("Comput3 workloads: answer is not a list")
-    return answer
+    records = [item for item in answer if isinstance(item, dict) and isinstance(item.get("workload"), str)
+               and item["workload"]]
+    if len(records) < len(answer):
+        log.warning("Comput3 workloads: dropped %d of %d records that are not an object with a workload id",
+                    len(answer) - len(records), len(answer))
+    return records
 
 
 def get_workload_types(settings: config.Settings) -> list[str]:

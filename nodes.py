@@ -234,9 +234,11 @@ def launch_held_node(state: NodeHolder, node_type: str) -> HeldNode:
                          {"state": "launching", "worker": state.worker_id, "type": node_type, "since": time.time()})
     try:
         answer = launches.launch_node(settings, state.r, state.worker_id, node_type)
-    except C3Error as exc:
+    except Exception as exc:  # any failure (not only C3Error) frees the slot and the "launching" record
         nodestore.release_node(state.r, state.worker_id, node_type)
-        raise NodeFailed(str(exc)) from None
+        if isinstance(exc, C3Error):
+            raise NodeFailed(str(exc)) from None
+        raise
     held = HeldNode(workload=str(answer["workload"]), node=str(answer["node"]), launched_at=answer["launched_at"],
                     type=node_type, urls=urls_of(settings, str(answer["node"])))
     state.nodes[node_type] = held

@@ -63,8 +63,8 @@ def test_status_shapes_and_queue_position(client, r):
 def finish_job(r, settings, job_id, status, fields, worker="w1"):
     entry = jobstore.take(r, worker, 1)
     assert json.loads(entry)["id"] == job_id
-    assert jobstore.transition(r, settings, job_id, "running", {"worker": worker}) == (True, "running")
-    assert jobstore.transition(r, settings, job_id, status, fields, worker_id=worker)[0]
+    assert jobstore.claim(r, settings, worker, entry) == (1, "running")
+    assert jobstore.transition(r, settings, job_id, status, fields, worker_id=worker, attempt=1)[0]
     jobstore.ack(r, worker, entry)
 
 
@@ -121,16 +121,15 @@ def test_cancel_older_form(client):
 
 def test_cancel_running_job_flags_it(client, r, settings):
     job_id = submit(client).get_json()["id"]
-    jobstore.take(r, "w1", 1)
-    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    attempt, _status = jobstore.claim(r, settings, "w1", jobstore.take(r, "w1", 1))
     answer = client.post(f"/cancel/{job_id}").get_json()
     assert answer == {"id": job_id, "status": "running", "cancel_requested": True}
     assert jobstore.stop_requested(r, job_id)
     # a late success after the worker saw the cancel and finished it as cancelled is dropped
     assert jobstore.transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"},
-                               worker_id="w1") == (True, "cancelled")
+                               worker_id="w1", attempt=attempt) == (True, "cancelled")
     assert jobstore.transition(r, settings, job_id, "success", {"result_url": "http://x"},
-                               worker_id="w1") == (False, "cancelled")
+                               worker_id="w1", attempt=attempt) == (False, "cancelled")
     assert client.get(f"/result/{job_id}").get_json()["status"] == "cancelled"
 
 
