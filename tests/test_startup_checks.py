@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, clean_env, free_port
-from moto.server import ThreadedMotoServer
 
 BAD_SECRET_BODY = "c2VjcmV0-_c2VjcmV0"  # URL-safe base64: Python's decoder would drop '-' and '_'
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - what a container's gunicorn binds; the warning is about it
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
 
 
 def worker_env(redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
