@@ -19,6 +19,7 @@ import math
 import time
 from typing import Any
 
+import click
 import redis
 from flask import Blueprint, Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
@@ -45,8 +46,17 @@ OPEN_ROUTES = ("/", "/healthz", "/readyz", "/openapi.json")
 api = Blueprint("api", __name__)
 
 
+def flask_run_host() -> str | None:
+    """The address `flask run` binds (its --host) when it is what calls create_app, else None (gunicorn's
+    addresses are checked by gunicorn.conf.py)."""
+    context = click.get_current_context(silent=True)
+    return context.params.get("host") if context is not None and context.info_name == "run" else None
+
+
 def create_app(app_settings: config.Settings | None = None) -> Flask:
     app_settings = app_settings or config.load()
+    if warning := config.keyless_exposure_warning(app_settings, [host for host in [flask_run_host()] if host]):
+        log.warning(warning)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = app_settings.max_content_length
     app.json.sort_keys = False

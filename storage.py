@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import time
-import urllib.parse
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -43,6 +42,7 @@ from minio.commonconfig import ENABLED, Filter
 from minio.error import MinioException, S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
+import config
 import localfiles
 from config import Settings
 from jobspec import RESULT_NAMES
@@ -71,16 +71,12 @@ def uses_minio(settings: Settings) -> bool:
 
 
 def _split_endpoint(value: str, default_secure: bool) -> tuple[str, bool]:
-    """'host:port' or 'http(s)://host:port[/]' -> ('host:port', secure)."""
-    value = value.strip()
-    if "://" not in value:
-        value = ("https://" if default_secure else "http://") + value
-    url = urllib.parse.urlsplit(value)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise StorageError(f"invalid S3 endpoint {value!r}: expected host:port or http(s)://host:port")
-    if url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
-        raise StorageError(f"invalid S3 endpoint {value!r}: no path, query or user info allowed")
-    return url.netloc, url.scheme == "https"
+    """'host:port' or 'http(s)://host:port[/]' -> ('host:port', secure); config.split_s3_url's rule, which
+    also checks MINIO_ENDPOINT and MINIO_PUBLIC_URL when the settings are loaded."""
+    try:
+        return config.split_s3_url(value, default_secure)
+    except ValueError as exc:
+        raise StorageError(f"invalid S3 endpoint: {exc}") from None
 
 
 def _region(settings: Settings) -> str:

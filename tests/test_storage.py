@@ -17,7 +17,6 @@ import pytest
 import requests
 from conftest import fill_disk
 from minio import Minio
-from moto.server import ThreadedMotoServer
 
 import config
 import localfiles
@@ -26,15 +25,6 @@ import storage
 ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "test-secret-key-do-not-leak-0123456789"
 FILE_SECRET = b"file-url-secret-for-tests"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture()
