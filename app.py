@@ -19,6 +19,7 @@ import math
 import time
 from typing import Any
 
+import click
 import redis
 from flask import Blueprint, Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
@@ -30,6 +31,7 @@ import events
 import jobspec
 import jobstats
 import jobstore
+import localfiles
 import metrics
 import storage
 import webhook_state
@@ -45,8 +47,17 @@ OPEN_ROUTES = ("/", "/healthz", "/readyz", "/openapi.json")
 api = Blueprint("api", __name__)
 
 
+def flask_run_host() -> str | None:
+    """The address `flask run` binds (its --host) when it is what calls create_app, else None (gunicorn's
+    addresses are checked by gunicorn.conf.py)."""
+    context = click.get_current_context(silent=True)
+    return context.params.get("host") if context is not None and context.info_name == "run" else None
+
+
 def create_app(app_settings: config.Settings | None = None) -> Flask:
     app_settings = app_settings or config.load()
+    if warning := config.keyless_exposure_warning(app_settings, [host for host in [flask_run_host()] if host]):
+        log.warning(warning)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = app_settings.max_content_length
     app.json.sort_keys = False
@@ -340,15 +351,15 @@ def update_job(job_id: str) -> Response:
 
 @api.get("/files/<name>")
 def files(name: str) -> Response:
-    secret = storage.file_url_secret(store(), settings().file_url_secret)
+    secret = localfiles.file_url_secret(store(), settings().file_url_secret)
     expires = request.args.get("expires", "")
     signature = request.args.get("sig", "")
-    if not storage.verify_file_signature(name, expires, signature, secret):
+    if not localfiles.verify_file_signature(name, expires, signature, secret):
         raise ApiError(403, "invalid or expired file link")
-    path = storage.local_file_path(settings(), name)
+    path = localfiles.local_file_path(settings(), name)
     if path is None:
         raise ApiError(404, "file not found")
-    return send_file(path, mimetype=storage.content_type_for(name), conditional=True)
+    return send_file(path, mimetype=localfiles.content_type_for(name), conditional=True)
 
 
 # --- service routes ----------------------------------------------------------------------------

@@ -45,8 +45,8 @@ import storage
 import sweep
 import webhooks
 import whisper
-from comput3 import C3Error
 from engine_api import EngineError, JobContext, JobStopped, ShouldStop
+from jobspec import FINISHED_STATUSES
 from nodes import Lease
 
 log = logging.getLogger("c3-render.worker")
@@ -56,12 +56,6 @@ ENGINES = {"csm": csm.run, "whisper": whisper.run, "portrait": comfyui.run, "ana
 # /queue shows the SONIC sampler, which ignores /interrupt; Gradio's queue does not show a cancelled
 # CSM generation that runs on in its thread, so csm/whisper have no check (README: "What a cancel costs").
 BUSY_CHECKS = {"portrait": comfyui.node_busy}
-RESULT_NAMES = {"csm": "{id}.mp3", "portrait": "{id}.mp4", "whisper": "{id}.txt", "analyze": "{id}.txt"}
-# The input URLs each job type downloads and checks before any GPU time: (role, field, kind).
-INPUTS = {"whisper": [("audio", "audio_url", "audio")],
-          "portrait": [("image", "image_url", "image"), ("audio", "audio_url", "audio")],
-          "analyze": [("image", "image_url", "image")]}
-CLONE_INPUT = ("reference_audio", "reference_audio_url", "audio")  # csm with voice "clone"
 NODE_LIFE_MARGIN_S = 60  # a job takes a node that lives at least its max_time and this long after
 CANCEL_REASON = "cancelled by request"
 SHUTDOWN_REASON = "worker shutting down"
@@ -95,6 +89,7 @@ class ClaimedJob:
     id: str
     type: str
     entry: str
+    attempt: int  # what the claim produced: every later change of the job names this worker and it
     record: dict[str, str]
     params: dict[str, Any]
     started: float
@@ -126,8 +121,10 @@ def run_job(state: WorkerState, entry: str) -> None:
     if not outcome.drain:  # the job's share of the node's time is on its record when it is settled
         let_go(state)
     if not outcome.status:
-        jobstore.put_back(state.r, state.worker_id, job.id, entry)
-        log.info("job %s put back on the queue (%s)", job.id, outcome.fields["why"])
+        if jobstore.put_back(state.r, state.worker_id, job.id, entry, job.attempt):
+            log.info("job %s put back on the queue (%s)", job.id, outcome.fields["why"])
+        else:
+            log.info("job %s not put back: it is no longer this worker's (finished, or given back)", job.id)
     else:
         settle(state, job, outcome)
     if state.lease is not None:  # the node may still work on the stopped job: its slot is kept meanwhile
@@ -142,16 +139,21 @@ def let_go(state: WorkerState) -> None:
 
 
 def claim(state: WorkerState, entry: str) -> ClaimedJob | None:
-    """Move the entry's job to running on this worker; None (entry dropped) when it is no longer queued."""
+    """Move the entry's job to running on this worker; None (entry dropped) when it is no longer queued,
+    or when the sweep gave the entry back to the queue meanwhile (the next taker runs it)."""
     job_id = json.loads(entry)["id"]
-    changed, status = jobstore.transition(state.r, state.settings, job_id, "running", {"worker": state.worker_id})
-    if not changed:
-        log.info("job %s is %s; skipping it", job_id, status)
+    attempt, status = jobstore.claim(state.r, state.settings, state.worker_id, entry)
+    if not attempt:
+        if status == "queued":
+            log.warning("job %s: the recovery sweep gave its entry back to the queue; left to the next taker",
+                        job_id)
+        else:
+            log.info("job %s is %s; skipping it", job_id, status)
         jobstore.ack(state.r, state.worker_id, entry)
         return None
     record = jobstore.get_job(state.r, job_id) or {}
     started = time.time()
-    return ClaimedJob(id=job_id, type=record.get("type", ""), entry=entry, record=record,
+    return ClaimedJob(id=job_id, type=record.get("type", ""), entry=entry, attempt=attempt, record=record,
                       params=jobstore.job_params(record), started=started,
                       complete_by=float(record.get("complete_by") or started + 3600),
                       work_dir=Path(state.settings.work_dir) / job_id)
@@ -170,21 +172,23 @@ def refused_before_start(job: ClaimedJob) -> Outcome | None:
 def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
     """Prepare the inputs, run the engine on a node and store the result: how the job ended."""
     settings = state.settings
-    log.info("job %s (%s) started, attempt %s", job.id, job.type, job.record.get("attempts"))
+    log.info("job %s (%s) started, attempt %d", job.id, job.type, job.attempt)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     should_stop = make_should_stop(state, job.id, job.started, int(job.params["max_time"]), job.complete_by)
-    phase = job_phase(state, job.id)
+    phase = job_phase(state, job)
     try:
         phase("downloading")
         storage.wait_for_free_space(settings, should_stop)  # before inputs and outputs are written
-        inputs = fetch_inputs(settings, job, should_stop)
+        inputs = media_check.fetch_inputs(settings, job.type, job.params, job.id, job.work_dir)
+        if reason := should_stop():
+            raise JobStopped(reason)
         context = functools.partial(JobContext, job_id=job.id, params=job.params, inputs=inputs,
                                     work_dir=job.work_dir, settings=settings, should_stop=should_stop,
-                                    progress=job_progress(state, job.id), phase=phase)
+                                    progress=job_progress(state, job), phase=phase)
         output = pool.run_on_node(state, job.id, job.type, ENGINES[job.type], context, should_stop, phase,
                                   min_life_s=job.params["max_time"] + NODE_LIFE_MARGIN_S)
         phase("storing")
-        fields = store_result(state, job, output)
+        fields = storage.store_result(settings, state.r, job.type, job.id, output, job.work_dir)
         log.info("job %s succeeded in %.1f s", job.id, time.time() - job.started)
         return Outcome("success", fields)
     except redis.RedisError:
@@ -232,7 +236,7 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     for wait_s in (0.5, 1, 2, 4, 8, 0):
         try:
             done, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
-                                                   worker_id=state.worker_id)
+                                                   worker_id=state.worker_id, attempt=job.attempt)
             break
         except redis.RedisError:
             past_grace = state.shutdown_deadline is not None and time.time() + wait_s > state.shutdown_deadline
@@ -241,44 +245,12 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
             log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job.id,
                         outcome.status, wait_s)
             time.sleep(wait_s)
-    if not done:
+    if not done and now_status in FINISHED_STATUSES:
         log.info("job %s: result dropped, the job is already %s", job.id, now_status)
+    elif not done:  # the sweep took this worker for dead and gave the job back: it runs again elsewhere
+        log.warning("job %s: result dropped, attempt %d is no longer this worker's (the job is %s)", job.id,
+                    job.attempt, now_status)
     jobstore.ack(state.r, state.worker_id, job.entry)
-
-
-def fetch_inputs(settings: config.Settings, job: ClaimedJob, should_stop: ShouldStop) -> dict[str, Path]:
-    """Download the job's input URLs and check them, before any GPU time is spent."""
-    wanted = list(INPUTS.get(job.type, []))
-    if job.type == "csm" and job.params.get("voice") == "clone":
-        wanted.append(CLONE_INPUT)
-    inputs: dict[str, Path] = {}
-    for role, name, kind in wanted:
-        dest = job.work_dir / f"{job.id}_download_{role}"
-        netfetch.download(job.params[name], dest, field=name, max_bytes=settings.max_input_bytes,
-                          allowlist=settings.url_allowlist, total_timeout=settings.download_timeout_s)
-        if kind == "image":
-            media_check.check_image(dest, field=name, max_pixels=settings.max_image_pixels)
-        else:
-            media_check.check_audio(dest, field=name, max_seconds=settings.max_audio_seconds)
-        inputs[role] = dest
-    reason = should_stop()
-    if reason:
-        raise JobStopped(reason)
-    return inputs
-
-
-def store_result(state: WorkerState, job: ClaimedJob, output: Path | str) -> dict[str, str]:
-    """Upload the engine's output (a media file, or text kept as {id}.txt); the fields that record it."""
-    settings = state.settings
-    secret = storage.file_url_secret(state.r, settings.file_url_secret)
-    if isinstance(output, str):
-        text_path = job.work_dir / f"{job.id}.txt"
-        if not text_path.exists():
-            text_path.write_text(output, encoding="utf-8")
-        storage.upload_with_retry(settings, text_path, f"{job.id}.txt", secret, settings.result_ttl_s)
-        return {"text": output}
-    name = RESULT_NAMES[job.type].format(id=job.id)
-    return {"result_url": storage.upload_with_retry(settings, Path(output), name, secret, settings.result_ttl_s)}
 
 
 def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: int, complete_by: float) -> ShouldStop:
@@ -309,9 +281,9 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
     return should_stop
 
 
-def job_phase(state: WorkerState, job_id: str):
-    """phase(name) for one job: recorded on its record for /status (best effort, like progress); a
-    repeat of the last name (engines report it at each poll) costs no Redis call."""
+def job_phase(state: WorkerState, job: ClaimedJob):
+    """phase(name) for one job: recorded on its record for /status while this attempt owns it (best
+    effort, like progress); a repeat of the last name (engines report it at each poll) costs no Redis call."""
     last = [""]
 
     def phase(name: str) -> None:
@@ -319,18 +291,19 @@ def job_phase(state: WorkerState, job_id: str):
             return
         last[0] = name
         try:
-            jobstore.set_phase(state.r, job_id, name)
+            jobstore.set_phase(state.r, job.id, name, worker_id=state.worker_id, attempt=job.attempt)
         except redis.RedisError:
             pass
     return phase
 
 
-def job_progress(state: WorkerState, job_id: str):
-    """progress(percent) for one job: recorded on its record for /status (best effort)."""
+def job_progress(state: WorkerState, job: ClaimedJob):
+    """progress(percent) for one job: recorded on its record for /status while this attempt owns it
+    (best effort)."""
 
     def progress(percent: int) -> None:
         try:
-            jobstore.set_progress(state.r, job_id, percent)
+            jobstore.set_progress(state.r, job.id, percent, worker_id=state.worker_id, attempt=job.attempt)
         except redis.RedisError:
             pass
     return progress
@@ -430,29 +403,6 @@ def check_startup(settings: config.Settings) -> None:
         raise SystemExit(f"storage error: {exc}") from None
 
 
-def check_workload_types(settings: config.Settings) -> list[str]:
-    """Ask the provider which workload types it offers (GET /types) and say clearly in the log when a
-    configured one is not among them; return the missing ones. A provider without /types is no error."""
-    try:
-        offered = comput3.get_workload_types(settings)
-    except C3Error as exc:
-        if exc.status in (404, 405):
-            log.info("Comput3 offers no list of workload types (GET /types: %s); not checked", exc)
-        else:
-            log.warning("could not ask Comput3 which workload types it offers (%s); not checked", exc)
-        return []
-    wanted = {"C3_WORKLOAD_TYPE": settings.workload_type, "C3_ANALYZE_WORKLOAD_TYPE": settings.analyze_workload_type}
-    missing = []
-    for name, kind in wanted.items():
-        if kind not in offered:
-            missing.append(kind)
-            log.error("%s=%s is not offered by Comput3 (offered: %s): jobs that need it will fail at launch",
-                      name, kind, ", ".join(offered) or "none")
-    if not missing:
-        log.info("Comput3 offers the configured workload types %s", ", ".join(sorted(set(wanted.values()))))
-    return missing
-
-
 def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhooks.Senders) -> None:
     """After work(): stop the held nodes, hand the in-flight webhooks back and retire the worker, in
     bounded time even when Redis is gone. The Redis steps use a client with short timeouts and are
@@ -546,7 +496,7 @@ def run() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("worker %s started; queue %s, Comput3 API %s", worker_id, config.QUEUE_KEY, settings.c3_api_url)
-    check_workload_types(settings)
+    comput3.check_workload_types(settings)
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
     senders = webhooks.start_delivery(settings, worker_id, webhook_stop)
     work(state)

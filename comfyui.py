@@ -57,18 +57,37 @@ RETRY_PAUSE_S = 2.0  # before the one retry of a 5xx answer
 
 
 def format_prompt_error(body: Any) -> str:
-    """EngineError text for a 400 answer to POST /prompt (node_errors first, else error)."""
+    """EngineError text for a 400 answer to POST /prompt (node_errors first, else error).
+
+    ComfyUI's execution.py fills an error's `message` and `details` by kind. A range error
+    (value_smaller_than_min / value_bigger_than_max), a missing input or a bad link has only the input
+    name in `details` and the rest in `message` ("Value 2147483648 bigger than max of 2147483647"): the
+    name leads. value_not_in_list and custom_validation_failed have a generic `message` and everything
+    in `details` ("format: 'x' not in [...]", "image - Invalid image file: x.png"): `details` alone.
+    The others (return_type_mismatch, invalid_input_type, exception_during_validation ...) need both,
+    given as ComfyUI's own log line gives them, "<message>: <details>"."""
+
+    def reason(err: Any) -> str:
+        if not isinstance(err, dict):
+            return str(err)
+        message, details = str(err.get("message") or "").strip(), str(err.get("details") or "").strip()
+        extra = err.get("extra_info") if isinstance(err.get("extra_info"), dict) else {}
+        if not details or details in message:
+            return message or "invalid"
+        if not message:
+            return details
+        if details == extra.get("input_name") or (not extra and details.isidentifier()):
+            return f"{details}: {message}"
+        if err.get("type") in ("value_not_in_list", "custom_validation_failed"):
+            return details
+        return f"{message}: {details}"
+
     parts: list[str] = []
     node_errors = body.get("node_errors") if isinstance(body, dict) else None
     if isinstance(node_errors, dict):
         for node_id, info in node_errors.items():
             info = info if isinstance(info, dict) else {}
-            messages = []
-            for err in info.get("errors") or []:
-                if isinstance(err, dict):
-                    messages.append(str(err.get("details") or err.get("message") or "invalid"))
-                else:
-                    messages.append(str(err))
+            messages = [reason(err) for err in info.get("errors") or []]
             parts.append(f"node {node_id} ({info.get('class_type', '?')}): {'; '.join(messages) or 'invalid'}")
     if not parts:
         error = body.get("error") if isinstance(body, dict) else body

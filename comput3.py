@@ -2,19 +2,25 @@
 
 `launch_workload()`, `check_node_health()` and `stop_workload()` are the spec's three functions; beside
 them the two listings the worker needs: `get_running_workloads()` (POST /workloads) and
-`get_workload_types()` (GET /types). One call, one answer: retries and leak-proof launches are
+`get_workload_types()` (GET /types, and `check_workload_types()`, the start-up check that names a
+configured type the provider does not offer). One call, one answer: retries and leak-proof launches are
 launches.py's, what a node is for is nodes.py's. `check_node_health` is the one node health check, used
 by the worker and by the engines (to tell a node that went away from a service that answered badly).
+`get_running_workloads` is the one place that checks the shape of the workloads list: its callers read
+every record it returns as an object with a string `workload`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import requests
 
 import config
 from engine_api import NodeUrls
+
+log = logging.getLogger("c3-render.worker")
 
 CONNECT_TIMEOUT_S = 10  # the read timeout is C3_READ_TIMEOUT
 
@@ -70,11 +76,21 @@ def launch_workload(settings: config.Settings, workload_type: str, expires: int)
 
 
 def get_running_workloads(settings: config.Settings) -> list[dict[str, Any]]:
-    """The account's running workloads (records with workload, node, type, status, created, expires)."""
+    """The account's running workloads (records with workload, node, type, status, created, expires).
+
+    Every record returned is an object with a non-empty string `workload`: any other item of the list (a
+    string, null, a number, a record without an id) is dropped, and one warning says how many, so that
+    one odd record neither aborts the sweep nor a launch.
+    """
     answer = call(settings, "POST", "workloads", {"running": True})
     if not isinstance(answer, list):
         raise C3Error("Comput3 workloads: answer is not a list")
-    return answer
+    records = [item for item in answer if isinstance(item, dict) and isinstance(item.get("workload"), str)
+               and item["workload"]]
+    if len(records) < len(answer):
+        log.warning("Comput3 workloads: dropped %d of %d records that are not an object with a workload id",
+                    len(answer) - len(records), len(answer))
+    return records
 
 
 def get_workload_types(settings: config.Settings) -> list[str]:
@@ -111,3 +127,26 @@ def stop_workload(settings: config.Settings, workload_id: str) -> dict[str, Any]
             return {"already_stopped": True}
         raise
     return answer if isinstance(answer, dict) else {}
+
+
+def check_workload_types(settings: config.Settings) -> list[str]:
+    """Ask the provider which workload types it offers (GET /types) and say clearly in the log when a
+    configured one is not among them; return the missing ones. A provider without /types is no error."""
+    try:
+        offered = get_workload_types(settings)
+    except C3Error as exc:
+        if exc.status in (404, 405):
+            log.info("Comput3 offers no list of workload types (GET /types: %s); not checked", exc)
+        else:
+            log.warning("could not ask Comput3 which workload types it offers (%s); not checked", exc)
+        return []
+    wanted = {"C3_WORKLOAD_TYPE": settings.workload_type, "C3_ANALYZE_WORKLOAD_TYPE": settings.analyze_workload_type}
+    missing = []
+    for name, kind in wanted.items():
+        if kind not in offered:
+            missing.append(kind)
+            log.error("%s=%s is not offered by Comput3 (offered: %s): jobs that need it will fail at launch",
+                      name, kind, ", ".join(offered) or "none")
+    if not missing:
+        log.info("Comput3 offers the configured workload types %s", ", ".join(sorted(set(wanted.values()))))
+    return missing

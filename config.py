@@ -11,8 +11,12 @@ and nowhere else; `load()` walks the fields.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -215,6 +219,77 @@ def parse_prices(text: str) -> dict[str, float]:
     return prices
 
 
+_BASE64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")  # the standard alphabet (RFC 4648 section 4), padding optional
+
+
+def webhook_secret_key(secret: str) -> bytes:
+    """The HMAC key of a webhook secret, as the Standard Webhooks libraries read it: "whsec_<base64>" is the
+    decoded bytes (standard alphabet; the padding may be left out, as the Python library allows), any other
+    text its UTF-8 bytes. ValueError (naming no part of the secret) for a whsec_ secret they would not read
+    alike: URL-safe or other characters (Python's decoder drops them, JavaScript's refuses), or empty."""
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    body = secret[len("whsec_"):]
+    if not _BASE64_RE.fullmatch(body):
+        raise ValueError("starts with whsec_ but what follows is not standard base64 (A-Z a-z 0-9 + / and "
+                         "'=' padding; URL-safe '-' and '_' are not read alike by Standard Webhooks verifiers)")
+    unpadded = body.rstrip("=")
+    try:
+        key = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("starts with whsec_ but what follows is not whole base64 (its length is wrong)") from None
+    if not key:
+        raise ValueError("starts with whsec_ but holds no key bytes")
+    return key
+
+
+def _webhook_secret(name: str, default: str) -> str:
+    secret = _env(name, default)
+    try:
+        webhook_secret_key(secret)
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {name} {exc}; without the whsec_ prefix the text itself "
+                         "is the key") from None
+    return secret
+
+
+def split_s3_url(value: str, default_secure: bool) -> tuple[str, bool]:
+    """'host:port' or 'http(s)://host:port[/]' -> ('host:port', secure); ValueError for anything else. No
+    path: an S3 signature (SigV4) covers the path the S3 server receives, and buckets live at its root."""
+    value = value.strip()
+    if "://" not in value:
+        value = ("https://" if default_secure else "http://") + value
+    url = urlsplit(value)
+    if url.username or url.password:  # the value is not repeated: it may hold a password
+        raise ValueError("has user info; only http(s)://host:port is allowed (the S3 keys are settings)")
+    try:
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{value!r} is not host:port or http(s)://host:port")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ValueError(
+            f"{value!r} has a path, query or fragment; only http(s)://host:port is allowed: buckets are at the "
+            "S3 server's root and a result link's signature (SigV4) covers the path the server receives, so a "
+            "prefix (a CDN or proxy serving the bucket under /something) would break every link; give the S3 "
+            "server, or a proxy that passes the Host header and the path on unchanged, its own host name")
+    return url.netloc, url.scheme == "https"
+
+
+def _s3_address(name: str, default: str) -> str:
+    """MINIO_ENDPOINT / MINIO_PUBLIC_URL: checked at load, so the API and the worker refuse to start
+    instead of failing when a finished job's result is stored or presigned."""
+    url = _url(name, default)
+    if not url:
+        return url
+    try:
+        split_s3_url(url, False)
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {name} {exc}") from None
+    return url
+
+
 def _redis_url(name: str, default: str) -> str:
     """REDIS_URL, or the older REDIS_HOST / REDIS_PORT pair, or the default."""
     if os.environ.get(name, "").strip():
@@ -244,6 +319,8 @@ class Settings:
     sweep_interval_s: float = setting(15.0, "SWEEP_INTERVAL_S")
     # API
     api_keys: tuple[str, ...] = setting((), "C3_RENDER_API_KEYS", _names, secret=True)
+    # on: the API and the worker refuse to start without C3_RENDER_API_KEYS (compose's worker-comput3 sets it)
+    require_api_keys: bool = setting(False, "REQUIRE_API_KEYS")
     max_content_length: int = setting(1024 * 1024, "MAX_CONTENT_LENGTH")
     public_base_url: str = setting("http://127.0.0.1:8000", "PUBLIC_BASE_URL", _url)
     rate_limit_per_minute: int = setting(0, "RATE_LIMIT_PER_MINUTE")  # 0 = off
@@ -254,15 +331,15 @@ class Settings:
     # Result storage
     output_dir: str = setting("var/output", "OUTPUT_DIR")
     file_url_secret: str = setting("", "FILE_URL_SECRET", secret=True)
-    minio_endpoint: str = setting("", "MINIO_ENDPOINT")
+    minio_endpoint: str = setting("", "MINIO_ENDPOINT", _s3_address)
     minio_access_key: str = setting("", "MINIO_ACCESS_KEY", secret=True)
     minio_secret_key: str = setting("", "MINIO_SECRET_KEY", secret=True)
     minio_bucket: str = setting("c3-render-output", "MINIO_BUCKET")
     minio_secure: bool = setting(False, "MINIO_SECURE")
-    minio_public_url: str = setting("", "MINIO_PUBLIC_URL", _url)
+    minio_public_url: str = setting("", "MINIO_PUBLIC_URL", _s3_address)
     minio_region: str = setting("us-east-1", "MINIO_REGION")
     # Webhooks
-    webhook_secret: str = setting("", "WEBHOOK_SECRET", secret=True)
+    webhook_secret: str = setting("", "WEBHOOK_SECRET", _webhook_secret, secret=True)
     webhook_attempts: int = setting(5, "WEBHOOK_ATTEMPTS")
     webhook_interval_s: float = setting(5.0, "WEBHOOK_INTERVAL_S")
     webhook_timeout_s: float = setting(10.0, "WEBHOOK_TIMEOUT_S")
@@ -323,8 +400,39 @@ class Settings:
 
 
 def load() -> Settings:
-    """Read every setting from the environment (see .env.example for the documented list)."""
-    return Settings(**{f.name: f.metadata["read"](f.metadata["env"], f.default) for f in fields(Settings)})
+    """Read every setting from the environment (see .env.example for the documented list); a value that
+    cannot work ends the process with one "configuration error: NAME ..." line (SystemExit)."""
+    settings = Settings(**{f.name: f.metadata["read"](f.metadata["env"], f.default) for f in fields(Settings)})
+    if settings.require_api_keys and not settings.api_keys:
+        raise SystemExit("configuration error: C3_RENDER_API_KEYS is empty and REQUIRE_API_KEYS is on (docker "
+                         "compose's worker-comput3 sets it: it launches paid GPU nodes for whoever reaches the "
+                         "API); set C3_RENDER_API_KEYS to one or more comma-separated keys for the API and workers")
+    return settings
+
+
+def keyless_exposure_warning(settings: Settings, addresses: Iterable[str]) -> str | None:
+    """The API's start-up warning when it asks for no key (C3_RENDER_API_KEYS empty) and listens beyond
+    loopback; `addresses` ("host", "host:port", "[v6]:port") are where it listens. None when keys are on or
+    every address is loopback."""
+    if settings.api_keys:
+        return None
+    beyond = [address for address in addresses if not _is_loopback(address)]
+    if not beyond:
+        return None
+    return (f"API keys are off (C3_RENDER_API_KEYS is empty) and the API listens on {', '.join(beyond)}, beyond "
+            "loopback: whoever reaches it can submit jobs, which launch GPU nodes, and read every job; set "
+            "C3_RENDER_API_KEYS, or bind to 127.0.0.1")
+
+
+def _is_loopback(address: str) -> bool:
+    bare_ipv6 = address.count(":") > 1 and not address.startswith("[")
+    host = address if bare_ipv6 else urlsplit(f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve beyond loopback
+        return False
 
 
 # Variables earlier versions read, and what replaces each: set, they are named at the worker's start.

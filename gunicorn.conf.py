@@ -11,6 +11,7 @@ checks it against a real gunicorn, so a gunicorn that changes this function fail
 from __future__ import annotations
 
 import json
+import socket
 
 from gunicorn import util
 
@@ -23,3 +24,26 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 
 
 util.write_error = write_json_error
+
+
+def on_starting(server) -> None:
+    """In the master, before any worker forks: a configuration error ends gunicorn with its one line and
+    status 1 (raised in each worker instead, it would make gunicorn boot workers again and again)."""
+    import config
+
+    config.load()
+
+
+def when_ready(server) -> None:
+    """Once the master listens: one warning line when API keys are off and an address is beyond loopback."""
+    import config
+
+    addresses = [_address(listener.sock.getsockname()) for listener in server.LISTENERS
+                 if listener.sock.family in (socket.AF_INET, socket.AF_INET6)]  # a Unix socket stays on this host
+    if warning := config.keyless_exposure_warning(config.load(), addresses):
+        server.log.warning(warning)
+
+
+def _address(sockname: tuple) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

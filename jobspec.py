@@ -44,6 +44,13 @@ URL_PATTERN = r"^https?://([^/?#@]*@)?[^/?#:@]+"  # documented form: http(s), th
 
 JOB_TYPES = ("csm", "portrait", "whisper", "analyze")
 MEDIA_JOB_TYPES = ("csm", "portrait")  # their result is a file (result_url); the others give text
+# The result's file name per job type (SPEC.md, File Storage); text results are kept as {id}.txt too.
+RESULT_NAMES = {"csm": "{id}.mp3", "portrait": "{id}.mp4", "whisper": "{id}.txt", "analyze": "{id}.txt"}
+# The input URLs each job type downloads and checks before any GPU time: (role, field, kind).
+INPUT_URLS = {"whisper": (("audio", "audio_url", "audio"),),
+              "portrait": (("image", "image_url", "image"), ("audio", "audio_url", "audio")),
+              "analyze": (("image", "image_url", "image"),)}
+CLONE_INPUT = ("reference_audio", "reference_audio_url", "audio")  # csm with voice "clone"
 STATUSES = ("queued", "running", "success", "failed", "cancelled")
 FINISHED_STATUSES = ("success", "failed", "cancelled")
 JOBS_PAGE_DEFAULT = 50  # GET /jobs: jobs per page unless limit says otherwise

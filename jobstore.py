@@ -4,6 +4,10 @@ from config.py; the scripts are lua/*.lua, run through redis_lua.py):
 - `job:<id>` hashes (JOB_KEY), one per job; every status change goes through `transition()` (the
   transition script), which refuses to change a finished job and queues the job's one final webhook
   (webhook_state.py) atomically.
+- ownership: a worker starts a job with `claim()`, which gives it the attempt number; every later change
+  it makes (its final status, a put back, progress and phase) names the worker and that attempt and is
+  refused unless the job still runs there in that attempt: a worker the sweep took for dead, whose job
+  went back to the queue (and maybe to another worker), changes nothing.
 - `queue:jobs` (QUEUE_KEY), the one queue: submit LPUSHes, workers take from the right with BLMOVE into
   their own `processing:<worker>` list (PROCESSING_KEY) and acknowledge by removing the entry. Entries
   leave the queue only from the right: a cancel marks the job cancelled and leaves its entry (a
@@ -202,24 +206,53 @@ def transition(
     fields: dict[str, Any] | None = None,
     *,
     worker_id: str = "",
+    attempt: int = 0,
     now: float | None = None,
 ) -> tuple[bool, str]:
     """Move a job to new_status if that is allowed; return (changed, status now).
 
-    A finished job never changes again, so a late result after a cancel is dropped. With worker_id,
-    a running job only changes if that worker holds it. A queued job that finishes (a cancel) leaves
-    its entry in the queue for the worker that takes it to drop. Moving to a finished status queues
-    the job's final webhook in the same script.
+    A finished job never changes again, so a late result after a cancel is dropped. A worker names
+    itself and the attempt its claim() returned (worker_id, attempt): the change is refused unless the
+    job runs on that worker in that attempt. Without worker_id the change is the API's or the sweep's.
+    A queued job that finishes (a cancel) leaves its entry in the queue for the worker that takes it to
+    drop. Moving to a finished status queues the job's final webhook in the same script.
     """
+    check_owner(worker_id, attempt)
+    if worker_id and new_status == "running":
+        raise ValueError("a worker starts a job with claim()")
+    return run_transition(r, settings, job_id, new_status, fields, worker_id, attempt, "", now)[:2]
+
+
+def claim(r: redis.Redis, settings: config.Settings, worker_id: str, entry: str,
+          now: float | None = None) -> tuple[int, str]:
+    """Start the job of a queue entry this worker took (the entry is in its processing list): (the attempt
+    number, 'running'), the number every later change the worker makes to the job names. (0, status now)
+    when refused: the job is no longer queued (cancelled, say), or the entry is no longer in the processing
+    list (the sweep took the worker for dead and gave it back: the next taker runs it)."""
+    job_id = json.loads(entry)["id"]
+    changed, status, attempt = run_transition(r, settings, job_id, "running", {}, worker_id, 0, entry, now)
+    return (attempt if changed else 0), status
+
+
+def run_transition(r: redis.Redis, settings: config.Settings, job_id: str, new_status: str,
+                   fields: dict[str, Any] | None, worker_id: str, attempt: int, entry: str,
+                   now: float | None) -> tuple[bool, str, int]:
+    """One call of the transition script: (changed, status now, the record's attempts when changed)."""
     fields = dict(fields or {})
     now = time.time() if now is None else now
     body = webhook_state.webhook_body(job_id, new_status, fields) if new_status in FINISHED_STATUSES else ""
-    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, "", body]
+    argv: list[Any] = [job_id, new_status, repr(now), settings.result_ttl_s, worker_id, attempt, entry, body]
     for key, value in fields.items():
         argv += [key, "" if value is None else str(value)]
-    changed, status = redis_lua.run(r, "transition", (job_key(job_id), *QUEUE_KEYS, config.WEBHOOK_OUTBOX_KEY),
-                                    *argv)
-    return bool(changed), status
+    answer = redis_lua.run(r, "transition", (job_key(job_id), *QUEUE_KEYS, config.WEBHOOK_OUTBOX_KEY,
+                                             processing_key(worker_id)), *argv)
+    return bool(answer[0]), answer[1], int(answer[2]) if answer[0] else 0
+
+
+def check_owner(worker_id: str, attempt: int) -> None:
+    """A worker's change names its attempt too (what claim() returned); a change without a worker none."""
+    if worker_id and attempt < 1:
+        raise ValueError(f"worker {worker_id!r} names no attempt (claim() returns it)")
 
 
 def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
@@ -277,16 +310,19 @@ def ack(r: redis.Redis, worker_id: str, entry: str) -> None:
 
 def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
     """Give back an entry taken but not started: from the processing list to the head of the queue
-    (dropped instead if its job was cancelled meanwhile)."""
+    (dropped instead if its job was cancelled meanwhile). Nothing is pushed when the entry is no longer
+    in the processing list: the sweep, taking this worker for dead, gave it back already."""
     job_id = json.loads(entry)["id"]
     redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS), entry, "",
                   repr(time.time()))
 
 
-def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
-    """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted."""
+def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str, attempt: int) -> bool:
+    """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted.
+    False (the entry only dropped) when the job no longer runs on this worker in that attempt."""
+    check_owner(worker_id, attempt)
     return bool(redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS),
-                              entry, worker_id, repr(time.time())))
+                              entry, worker_id, repr(time.time()), attempt))
 
 
 def dead_workers(r: redis.Redis) -> list[str]:
@@ -326,10 +362,13 @@ def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -
 
     For a dead worker (the sweep), or for a live worker itself when it runs no job: after a Redis error
     cut a job short, its entry is left in the processing list and nobody else would ever give it back.
+    Either way none of that worker's attempts is live, so a job goes back when it is queued or runs on
+    that worker (any attempt); an entry of a job another worker runs now is only dropped.
     Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
     """
     requeued, over = redis_lua.run(r, "requeue", (processing_key(worker), *QUEUE_KEYS),
-                                   settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()))
+                                   settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()),
+                                   worker)
     failed = []
     for entry in over:
         job_id = json.loads(entry)["id"]
@@ -348,9 +387,11 @@ def stop_requested(r: redis.Redis, job_id: str) -> bool:
     return r.hget(job_key(job_id), "cancel_requested") == "1"
 
 
-def set_progress(r: redis.Redis, job_id: str, percent: int) -> None:
-    """Record a running job's percentage (only while it runs)."""
-    redis_lua.run(r, "set_progress", (job_key(job_id),), str(int(percent)), job_id)
+def set_progress(r: redis.Redis, job_id: str, percent: int, *, worker_id: str = "", attempt: int = 0) -> None:
+    """Record a running job's percentage (only while it runs; with worker_id, only while it runs there in
+    that attempt, as for transition())."""
+    check_owner(worker_id, attempt)
+    redis_lua.run(r, "set_progress", (job_key(job_id),), str(int(percent)), job_id, worker_id, attempt)
 
 
 def notify_changed(r: redis.Redis, job_id: str) -> None:
@@ -358,12 +399,16 @@ def notify_changed(r: redis.Redis, job_id: str) -> None:
     redis_lua.run(r, "notify_changed", (job_key(job_id),), job_id)
 
 
-def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None) -> None:
+def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None, *, worker_id: str = "",
+              attempt: int = 0) -> None:
     """Record what a running job is doing now and since when (only while it runs: finished jobs never
-    change). A new phase drops the percentage, which belonged to the phase it was measured in."""
+    change; with worker_id, only while it runs there in that attempt, as for transition()). A new phase
+    drops the percentage, which belonged to the phase it was measured in."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")
-    redis_lua.run(r, "set_phase", (job_key(job_id),), phase, repr(time.time() if now is None else now), job_id)
+    check_owner(worker_id, attempt)
+    redis_lua.run(r, "set_phase", (job_key(job_id),), phase, repr(time.time() if now is None else now), job_id,
+                  worker_id, attempt)
 
 
 # --- connections and key names ---------------------------------------------------------------------

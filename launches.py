@@ -91,11 +91,25 @@ def launch_in_window(settings: config.Settings, r: redis.Redis, worker_id: str, 
                      expires: int, sleep: Callable[[float], None]) -> dict[str, Any]:
     """One launch inside a recorded launch window: the workload becomes pool node node_id's (booting), or
     the one a lost answer hid is adopted; C3Error otherwise (a refusal closes the window: nothing was
-    created)."""
-    before = [str(w.get("workload")) for w in comput3.get_running_workloads(settings)]
+    created). Any other failure leaves the window to the sweep (orphaned), which stops what the launch
+    created."""
+    before = [w["workload"] for w in comput3.get_running_workloads(settings)]
     started = time.time()
     intent_id = nodestore.begin_launch(r, worker_id, node_type, before, started)
     intent = {"worker": worker_id, "type": node_type, "before": before, "started_at": started}
+    try:
+        return launch_recorded(settings, r, worker_id, node_type, node_id, expires, sleep, intent_id, intent)
+    except C3Error:
+        raise  # its window is closed, adopted or orphaned already
+    except Exception:
+        nodestore.orphan_launch(r, intent_id, time.time())
+        raise
+
+
+def launch_recorded(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str, node_id: str,
+                    expires: int, sleep: Callable[[float], None], intent_id: str,
+                    intent: dict[str, Any]) -> dict[str, Any]:
+    """The launch call of a recorded launch intent, and what its answer (or its loss) means."""
     try:
         answer = comput3.launch_workload(settings, node_type, expires)
     except C3Error as exc:

@@ -24,6 +24,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+import netfetch
+from config import Settings
+from jobspec import CLONE_INPUT, INPUT_URLS
+
 FFPROBE_TIMEOUT_S = 30.0
 DRAFT_SCALE = 8  # JPEG check: decode at 1/8 scale (DCT scaling); every byte is still decoded
 # Decoded images larger than this (width x height x bands) are decoded in a child process when their
@@ -381,3 +385,23 @@ def check_audio(path: Path | str, *, field: str, max_seconds: float) -> AudioInf
         format_name=format_name,
         has_video=has_video,
     )
+
+
+def fetch_inputs(settings: Settings, job_type: str, params: dict[str, Any], job_id: str,
+                 work_dir: Path) -> dict[str, Path]:
+    """Download a job's input URLs (jobspec.INPUT_URLS) into work_dir and check each, before any GPU time
+    is spent; the local files by role ("audio", "image", "reference_audio")."""
+    wanted = list(INPUT_URLS.get(job_type, ()))
+    if job_type == "csm" and params.get("voice") == "clone":
+        wanted.append(CLONE_INPUT)
+    inputs: dict[str, Path] = {}
+    for role, name, kind in wanted:
+        dest = work_dir / f"{job_id}_download_{role}"
+        netfetch.download(params[name], dest, field=name, max_bytes=settings.max_input_bytes,
+                          allowlist=settings.url_allowlist, total_timeout=settings.download_timeout_s)
+        if kind == "image":
+            check_image(dest, field=name, max_pixels=settings.max_image_pixels)
+        else:
+            check_audio(dest, field=name, max_seconds=settings.max_audio_seconds)
+        inputs[role] = dest
+    return inputs

@@ -1,45 +1,35 @@
 """Result storage: where finished job outputs go and the URL a client fetches them from.
 
-This module owns the result files and their URLs, and nothing else (no job logic; Redis only keeps the
-file URL secret, see `file_url_secret`):
+This module owns putting a result somewhere a client can fetch it (no job logic):
 
 - MinIO / S3 mode (MINIO_ENDPOINT set): the file is uploaded to MINIO_BUCKET under the spec's
   object name ({job_id}.mp3, {job_id}.mp4, {job_id}.txt) and the result URL is a presigned GET,
   valid at most 7 days (the S3 signature limit). With MINIO_PUBLIC_URL the URL is signed for that
   public host; presigning is pure computation (the region is always given to the client, so no
   GetBucketLocation request is made) and never contacts either host.
-- Local mode: the file is copied into OUTPUT_DIR and the result URL is
-  {PUBLIC_BASE_URL}/files/{name}?expires=..&sig=.., an HMAC-SHA256 signature the API checks
-  with verify_file_signature() before serving local_file_path(). Never a file:// URL. The secret is
-  FILE_URL_SECRET, or one made once and kept in Redis (`config:file_url_secret`, FILE_URL_SECRET_KEY)
-  so that every API process and worker signs alike.
+- Local mode: localfiles.py (OUTPUT_DIR, signed /files links).
 
-Secrets (S3 keys, the file URL secret) never appear in exceptions or logs, and errors meant for
-clients name no server path (`scrub_paths`). `upload_with_retry` keeps trying a transient failure
-(full or unwritable disk, S3 unreachable) with back-off for STORAGE_RETRY_S while the output stays
-in the work directory.
+`store_result` is what the worker calls: it names the file (jobspec.RESULT_NAMES) and uploads it with
+`upload_with_retry`, which keeps trying a transient failure (full or unwritable disk, S3 unreachable)
+with back-off for STORAGE_RETRY_S while the output stays in the work directory. Secrets (S3 keys, the
+file URL secret) never appear in exceptions or logs, and errors meant for clients name no server path
+(`scrub_paths`).
 
-The disk does not fill up by design: `cleanup_results` deletes local result files once their links
-have expired (RESULT_TTL), `set_expiry_rule` gives the bucket a lifecycle rule that expires objects
-after RESULT_TTL (rounded up to whole days, the S3 unit), `cleanup_work_dirs` removes the work
-directories that killed workers left, and `free_space_problem` / `wait_for_free_space` check free
-disk against MIN_FREE_DISK_MB before a job writes anything (the API's /readyz reports it too).
+The disk does not fill up by design: `set_expiry_rule` gives the bucket a lifecycle rule that expires
+objects after RESULT_TTL (rounded up to whole days, the S3 unit), localfiles.cleanup_results deletes
+expired local files, `cleanup_work_dirs` removes the work directories that killed workers left, and
+`free_space_problem` / `wait_for_free_space` check free disk against MIN_FREE_DISK_MB before a job
+writes anything (the API's /readyz reports it too).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import hmac
 import logging
 import math
 import os
 import re
-import secrets
 import shutil
-import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -52,7 +42,11 @@ from minio.commonconfig import ENABLED, Filter
 from minio.error import MinioException, S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
-from config import FILE_URL_SECRET_KEY, Settings
+import config
+import localfiles
+from config import Settings
+from jobspec import RESULT_NAMES
+from localfiles import StorageError
 
 if TYPE_CHECKING:
     import redis
@@ -61,48 +55,11 @@ log = logging.getLogger(__name__)
 
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # S3 SigV4 presigned URLs are valid 7 days at most
 EXPIRY_RULE_ID = "c3-render-result-expiry"  # the bucket lifecycle rule this service owns
-UPLOAD_TMP_MAX_AGE_S = 3600  # a partial upload (.upload-*.tmp) older than this was cut short
 WORK_DIR_MIN_AGE_S = 300  # a finished job's work directory is left alone this long (its worker cleans it)
 
-# A stored file's name: one path component, no leading dot, only these characters.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
-_EXPIRES_RE = re.compile(r"[0-9]{1,12}")
 # An absolute path of two or more parts, not part of a URL or of a path already scrubbed.
 _ABSOLUTE_PATH_RE = re.compile(r"(?<![\w:/.~>-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
-_CONTENT_TYPES = {
-    ".mp3": "audio/mpeg",
-    ".mp4": "video/mp4",
-    ".txt": "text/plain; charset=utf-8",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-    ".wav": "audio/wav",
-    ".json": "application/json",
-}
-
-
-class StorageError(Exception):
-    """Result storage is unreachable or refused an operation (message names no secret)."""
-
-
-# --- names and content types ------------------------------------------------------------------
-
-
-def content_type_for(name: str) -> str:
-    """The Content-Type of a result file, from its extension."""
-    return _CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
-
-
-def valid_name(name: str) -> bool:
-    """True when name is a plain file name this module will store or serve."""
-    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
-
-
-def _check_name(name: str) -> None:
-    if not valid_name(name):
-        raise ValueError(f"invalid result file name {name!r}")
 
 
 # --- MinIO / S3 ---------------------------------------------------------------------------------
@@ -114,16 +71,12 @@ def uses_minio(settings: Settings) -> bool:
 
 
 def _split_endpoint(value: str, default_secure: bool) -> tuple[str, bool]:
-    """'host:port' or 'http(s)://host:port[/]' -> ('host:port', secure)."""
-    value = value.strip()
-    if "://" not in value:
-        value = ("https://" if default_secure else "http://") + value
-    url = urllib.parse.urlsplit(value)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise StorageError(f"invalid S3 endpoint {value!r}: expected host:port or http(s)://host:port")
-    if url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
-        raise StorageError(f"invalid S3 endpoint {value!r}: no path, query or user info allowed")
-    return url.netloc, url.scheme == "https"
+    """'host:port' or 'http(s)://host:port[/]' -> ('host:port', secure); config.split_s3_url's rule, which
+    also checks MINIO_ENDPOINT and MINIO_PUBLIC_URL when the settings are loaded."""
+    try:
+        return config.split_s3_url(value, default_secure)
+    except ValueError as exc:
+        raise StorageError(f"invalid S3 endpoint: {exc}") from None
 
 
 def _region(settings: Settings) -> str:
@@ -249,7 +202,7 @@ def _upload_minio(settings: Settings, path: Path, object_name: str, ttl_s: int) 
     endpoint = settings.minio_endpoint.strip()
     bucket = settings.minio_bucket
     client = _client(settings, endpoint, settings.minio_secure)
-    content_type = content_type_for(object_name)
+    content_type = localfiles.content_type_for(object_name)
     for attempt in (1, 2):
         try:
             client.fput_object(bucket, object_name, str(path), content_type=content_type)
@@ -269,87 +222,6 @@ def _upload_minio(settings: Settings, path: Path, object_name: str, ttl_s: int) 
     return _presigned_url(settings, object_name, ttl_s)
 
 
-# --- local files ----------------------------------------------------------------------------------
-
-
-def _upload_local(settings: Settings, path: Path, object_name: str) -> None:
-    out_dir = Path(settings.output_dir)
-    tmp_name = ""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The temporary name starts with a dot, so local_file_path() never serves a partial file.
-        fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".upload-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, out_dir / object_name)
-        tmp_name = ""
-    except OSError as exc:
-        reason = "no space left" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or "error")
-        raise StorageError(f"cannot store {object_name} in the output directory (OUTPUT_DIR): "
-                           f"{reason}") from None
-    finally:
-        if tmp_name:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-    log.info("stored %s in %s", object_name, out_dir)
-
-
-def file_url_secret(r: redis.Redis, configured: str) -> bytes:
-    """The secret that signs local /files URLs: FILE_URL_SECRET, or one made once and kept in Redis."""
-    if configured:
-        return configured.encode()
-    r.set(FILE_URL_SECRET_KEY, secrets.token_hex(32), nx=True)
-    return r.get(FILE_URL_SECRET_KEY).encode()
-
-
-def _signature(name: str, expires: int, secret: bytes) -> str:
-    return hmac.new(secret, f"{name}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-
-def signed_file_url(
-    settings: Settings, name: str, secret: bytes, ttl_s: int, now: float | None = None
-) -> str:
-    """{PUBLIC_BASE_URL}/files/{name}?expires=<unix>&sig=<hex HMAC-SHA256(secret, name\\nexpires)>."""
-    _check_name(name)
-    if not secret:
-        raise ValueError("the file URL secret is empty")
-    expires = int(time.time() if now is None else now) + int(ttl_s)
-    sig = _signature(name, expires, secret)
-    base = settings.public_base_url.rstrip("/")
-    return f"{base}/files/{name}?expires={expires}&sig={sig}"
-
-
-def verify_file_signature(name: str, expires: str, sig: str, secret: bytes, now: float | None = None) -> bool:
-    """True when sig is the signature of name and expires, and expires has not passed."""
-    if not secret or not valid_name(name):
-        return False
-    if not isinstance(expires, str) or not isinstance(sig, str):
-        return False
-    if not _EXPIRES_RE.fullmatch(expires) or not _SIG_RE.fullmatch(sig):
-        return False
-    expires_at = int(expires)
-    if expires_at < (time.time() if now is None else now):
-        return False
-    expected = _signature(name, expires_at, secret)
-    return hmac.compare_digest(expected, sig.lower())
-
-
-def local_file_path(settings: Settings, name: str) -> Path | None:
-    """The stored file called name inside OUTPUT_DIR, or None (missing, or not a safe plain name)."""
-    if not valid_name(name):
-        return None
-    base = Path(settings.output_dir).resolve()
-    candidate = (base / name).resolve()
-    if candidate.parent != base or not candidate.is_file():
-        return None
-    return candidate
-
-
 # --- the one entry point the worker uses -----------------------------------------------------------
 
 
@@ -358,7 +230,7 @@ def upload_result(
 ) -> str:
     """Store the result file at path under object_name and return the URL a client fetches it from,
     valid ttl_s seconds (default: RESULT_TTL, the life of the job record)."""
-    _check_name(object_name)
+    localfiles.check_name(object_name)
     ttl_s = settings.result_ttl_s if ttl_s is None else ttl_s
     if ttl_s < 1:
         raise ValueError("ttl_s must be at least 1 second")
@@ -368,8 +240,8 @@ def upload_result(
         return _upload_minio(settings, Path(path), object_name, ttl_s)
     if not file_secret:
         raise ValueError("the file URL secret is empty")
-    _upload_local(settings, Path(path), object_name)
-    return signed_file_url(settings, object_name, file_secret, ttl_s)
+    localfiles.store(settings, Path(path), object_name)
+    return localfiles.signed_file_url(settings, object_name, file_secret, ttl_s)
 
 
 def upload_with_retry(settings: Settings, path: Path, object_name: str, file_secret: bytes,
@@ -394,6 +266,21 @@ def upload_with_retry(settings: Settings, path: Path, object_name: str, file_sec
 
 
 # --- keeping paths out of errors, and the disk from filling up ---------------------------------------
+
+
+def store_result(settings: Settings, r: redis.Redis, job_type: str, job_id: str, output: Path | str,
+                 work_dir: Path) -> dict[str, str]:
+    """Upload an engine's output (a media file, or text, kept as {id}.txt too) under the spec's name
+    (jobspec.RESULT_NAMES); the fields that record it on the job: result_url, or text."""
+    secret = localfiles.file_url_secret(r, settings.file_url_secret)
+    if isinstance(output, str):
+        text_path = work_dir / f"{job_id}.txt"
+        if not text_path.exists():
+            text_path.write_text(output, encoding="utf-8")
+        upload_with_retry(settings, text_path, f"{job_id}.txt", secret, settings.result_ttl_s)
+        return {"text": output}
+    name = RESULT_NAMES[job_type].format(id=job_id)
+    return {"result_url": upload_with_retry(settings, Path(output), name, secret, settings.result_ttl_s)}
 
 
 def scrub_paths(settings: Settings, text: str) -> str:
@@ -451,33 +338,6 @@ def wait_for_free_space(settings: Settings, should_stop: Callable[[], str | None
         sleep(delay)
         waited += delay
         delay = min(delay * 2, 15.0)
-
-
-def cleanup_results(settings: Settings, now: float | None = None) -> int:
-    """Local mode: delete result files in OUTPUT_DIR whose links expired (written more than RESULT_TTL
-    ago) and partial uploads older than an hour. Returns how many files were deleted."""
-    if uses_minio(settings):
-        return 0
-    now = time.time() if now is None else now
-    removed = 0
-    try:
-        entries = list(os.scandir(settings.output_dir))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-            partial = entry.name.startswith(".upload-")
-            if (partial and age > UPLOAD_TMP_MAX_AGE_S) or (not partial and age > settings.result_ttl_s):
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue
-    if removed:
-        log.info("deleted %d expired result file(s) from the output directory", removed)
-    return removed
 
 
 def cleanup_work_dirs(settings: Settings, job_is_active: Callable[[str], bool], now: float | None = None) -> int:

@@ -21,6 +21,7 @@ import comput3
 import config
 import jobstore
 import launches
+import localfiles
 import nodes
 import nodestore
 import storage
@@ -188,6 +189,6 @@ def cleanup(settings: config.Settings, r: redis.Redis, now: float | None = None)
     now = time.time() if now is None else now
     if now >= _next_cleanup[0]:
         _next_cleanup[0] = now + CLEANUP_INTERVAL_S
-        done["results_deleted"] = storage.cleanup_results(settings, now)
+        done["results_deleted"] = localfiles.cleanup_results(settings, now)
         done["work_dirs_removed"] = storage.cleanup_work_dirs(settings, lambda name: job_is_active(r, name), now)
     return done

@@ -22,7 +22,8 @@ says how many it left in flight).
 Signatures follow the Standard Webhooks scheme: headers webhook-id (the job id, the same on every
 attempt so receivers can drop copies), webhook-timestamp and webhook-signature
 "v1,<base64 HMAC-SHA256(secret, id.timestamp.body)>". A secret written "whsec_<base64>" is decoded
-as the standard says; any other secret is used as its UTF-8 bytes.
+as the standard says; any other secret is used as its UTF-8 bytes (config.webhook_secret_key, which
+refuses at start-up a whsec_ secret that is not standard base64).
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ TAKE_WAIT_S = 0.2
 SLOW_ATTEMPT_S = 2.0  # an attempt running longer marks its host slow (one thread for it from then on)
 
 def secret_bytes(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        return base64.b64decode(secret[len("whsec_"):])
-    return secret.encode()
+    """The HMAC key of WEBHOOK_SECRET: config.webhook_secret_key, the rule the settings were checked with."""
+    return config.webhook_secret_key(secret)
 
 
 def sign(secret: str, webhook_id: str, timestamp: int, body: str) -> str:

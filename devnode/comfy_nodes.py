@@ -19,8 +19,9 @@ from devnode.comfy_state import Workload, _upload_path
 MAX_RESOLUTION = 16384
 
 # --- node classes ---------------------------------------------------------------------------
-# Input spec: (type, options). type is a ComfyUI type name ("INT", "IMAGE", ...; "FLOAT,INT" accepts
-# either, as ComfyUI's type unions do) or a list of allowed values; options may hold min/max.
+# Input spec: (type, options). type is a ComfyUI type name ("INT", "IMAGE", ...) or a list of allowed
+# values; options may hold min/max. NodeDef.link_types names the inputs that also take links of other
+# types (VHS's MultiInput: /object_info shows its first type, a widget value is converted to it).
 # "UPLOAD" marks LoadImage/LoadAudio file names; "MODEL_FILES" a choice of the files in a model folder
 # (options: folder, and fixed choices listed first), read at validation time like folder_paths does.
 
@@ -33,17 +34,41 @@ _RESIZE_CONDITIONS = [
     "if bigger area",
     "if smaller area",
 ]
+# VideoCombine's formats: image/gif and image/webp, then "video/" + each of VHS's video_formats/*.json
+# (13 files; gifski only where the gifski binary is, which a node lacks). The real order is the folder's.
 _VHS_FORMATS = [
     "image/gif",
     "image/webp",
+    "video/16bit-png",
+    "video/8bit-png",
+    "video/ProRes",
+    "video/av1-webm",
+    "video/ffmpeg-gif",
+    "video/ffv1-mkv",
     "video/h264-mp4",
     "video/h265-mp4",
-    "video/webm",
+    "video/nvenc_av1-mp4",
     "video/nvenc_h264-mp4",
+    "video/nvenc_hevc-mp4",
+    "video/webm",
 ]
 # The model files a media:fast node carries, created as empty placeholders in the dev node's model
 # folders (the dev node renders without them); the choices come from the folders, as on a real node.
-MODEL_FILES = {"checkpoints": ("svd_xt.safetensors",), "sonic": ("unet.pth",)}
+# models/sonic holds what ComfyUI_Sonic's README lists; its folder has no extension filter, so every file
+# under it (subfolders too) is a sonic_unet choice.
+MODEL_FILES = {
+    "checkpoints": ("svd_xt.safetensors",),
+    "sonic": (
+        "audio2bucket.pth",
+        "audio2token.pth",
+        "unet.pth",
+        "yoloface_v5m.pt",
+        "whisper-tiny/config.json",
+        "whisper-tiny/model.safetensors",
+        "whisper-tiny/preprocessor_config.json",
+        "RIFE/flownet.pkl",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,7 @@ class NodeDef:
     returns: tuple[str, ...]
     optional: dict[str, tuple[Any, dict]] = field(default_factory=dict)
     output_node: bool = False
+    link_types: dict[str, tuple[str, ...]] = field(default_factory=dict)  # input -> every type it links to
 
 
 NODE_DEFS: dict[str, NodeDef] = {
@@ -111,16 +137,17 @@ NODE_DEFS: dict[str, NodeDef] = {
     "VHS_VideoCombine": NodeDef(
         {
             "images": ("IMAGE", {}),
-            "frame_rate": ("FLOAT,INT", {"min": 1}),
+            "frame_rate": ("FLOAT", {"min": 1}),
             "loop_count": ("INT", {"min": 0, "max": 100}),
             "filename_prefix": ("STRING", {}),
             "format": (_VHS_FORMATS, {}),
             "pingpong": ("BOOLEAN", {}),
             "save_output": ("BOOLEAN", {}),
         },
-        (),
-        optional={"audio": ("AUDIO", {}), "vae": ("VAE", {})},
+        ("VHS_FILENAMES",),
+        optional={"audio": ("AUDIO", {}), "meta_batch": ("VHS_BatchManager", {}), "vae": ("VAE", {})},
         output_node=True,
+        link_types={"frame_rate": ("FLOAT", "INT")},
     ),
     "PreviewImage": NodeDef({"images": ("IMAGE", {})}, (), output_node=True),
 }
@@ -128,17 +155,18 @@ NODE_DEFS: dict[str, NodeDef] = {
 
 
 def model_choices(wl: Workload, opts: dict) -> list[str]:
-    """The choices of a model-file input: its fixed ones, then the files in its model folder."""
+    """The choices of a model-file input: its fixed ones, then every file under its model folder as a
+    relative path, sorted (folder_paths.get_filename_list searches the folder recursively)."""
     folder = wl.models / opts["folder"]
-    files = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return list(opts.get("fixed", [])) + files
 
 
 def create_model_files(models: Path) -> None:
     """The model folders of a media:fast node with empty placeholder files (see MODEL_FILES)."""
     for folder, names in MODEL_FILES.items():
-        (models / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
+            (models / folder / name).parent.mkdir(parents=True, exist_ok=True)
             (models / folder / name).touch(exist_ok=True)
 
 
@@ -177,11 +205,6 @@ def _check_value(wl: Workload, name: str, spec: tuple[Any, dict], value: Any) ->
     if type_input == "MODEL_FILES":
         type_input = model_choices(wl, opts)
     config = [type_input if not isinstance(type_input, list) else list(type_input), opts]
-    if isinstance(type_input, str) and "," in type_input:  # a type union: no conversion, ranges apply
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return value, _input_error("invalid_input_type", f"Failed to convert an input value to a {type_input} "
-                                       "value", f"{name}, {value}", name, config, value)
-        type_input = "FLOAT" if isinstance(value, float) else "INT"
     if type_input == "UPLOAD":
         if _upload_path(wl, value) is None:
             what = "image" if opts.get("kind") == "image" else "audio"
@@ -236,7 +259,7 @@ def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tup
             continue
         value = inputs[name]
         if isinstance(value, list):
-            error = _link_error(prompt, name, spec, value)
+            error = _link_error(prompt, name, spec, value, definition.link_types.get(name, (spec[0],)))
             if error is not None:
                 errors.append(error)
             elif not _validate_node(wl, prompt, str(value[0]), memo):
@@ -251,9 +274,9 @@ def _validate_node(wl: Workload, prompt: dict, node_id: str, memo: dict[str, tup
     return memo[node_id][0]
 
 
-def _link_error(prompt: dict, name: str, spec: tuple[Any, dict], value: list) -> dict | None:
+def _link_error(prompt: dict, name: str, spec: tuple[Any, dict], value: list, accepted: tuple[str, ...]) -> dict | None:
     """What is wrong with input `name` linked as `value` ([node_id, slot]), or None: the link's shape,
-    the node it names, the slot and the type of what that slot returns."""
+    the node it names, the slot and the type of what that slot returns (one of `accepted`)."""
     if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
         return _node_error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                            name, input_name=name, received_value=value)
@@ -269,7 +292,7 @@ def _link_error(prompt: dict, name: str, spec: tuple[Any, dict], value: list) ->
         return _node_error("bad_linked_input", f"Linked output index {slot} out of range for {source['class_type']}",
                            f"{name}, {source['class_type']} has {len(returns)} outputs", input_name=name,
                            linked_node=value)
-    if returns[slot] not in str(spec[0]).split(","):
+    if returns[slot] not in accepted:
         return _node_error("return_type_mismatch", "Return type mismatch between linked nodes",
                            f"{name}, received_type({returns[slot]}) mismatch input_type({spec[0]})",
                            input_name=name, received_type=returns[slot], linked_node=value)

@@ -299,6 +299,27 @@ def _next_counter(directory: Path, base: str) -> int:
     return max(found, default=0) + 1
 
 
+# ProRes.json's profiles; the 4444 ones are 4:4:4 (no alpha here: the frames have none)
+_PRORES_PROFILES = {"lt": None, "standard": None, "hq": None, "4444": "yuv444p10le", "4444xq": "yuv444p10le"}
+
+
+def _video_format(inputs: dict) -> tuple[str, list[str], list[str]]:
+    """(extension, video args, audio args) of the VHS format asked for, as its video_formats/*.json
+    says; the dev node renders two of them: h264-mp4 (its sampler's own encoding, copied) and ProRes."""
+    name = inputs["format"]
+    if name == "video/h264-mp4":
+        if inputs.get("pix_fmt", "yuv420p") != "yuv420p":
+            raise ValueError(f"the dev node renders only yuv420p, not {inputs['pix_fmt']}")
+        return "mp4", ["-c:v", "copy", "-movflags", "+faststart"], ["-c:a", "aac", "-b:a", "192k"]
+    if name == "video/ProRes":
+        profile = str(inputs.get("profile", "hq"))
+        if profile not in _PRORES_PROFILES:
+            raise ValueError(f"ProRes profile {profile!r} is not one of {', '.join(_PRORES_PROFILES)}")
+        pix_fmt = ["-pix_fmt", _PRORES_PROFILES[profile]] if _PRORES_PROFILES[profile] else []
+        return "mov", ["-c:v", "prores_ks", "-profile:v", profile, *pix_fmt], ["-c:a", "pcm_s16le"]
+    raise ValueError(f"the dev node renders video/h264-mp4 and video/ProRes only, not {name}")
+
+
 def _run_video_combine(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | None]:
     """Mux the frames and the audio; the one node that reports progress (frame by frame, as VHS does)."""
     wl, task = ctx.wl, ctx.task
@@ -313,24 +334,21 @@ def _run_video_combine(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | Non
             sent = value
             _emit(wl, "progress", _progress(task, ctx.node_id, value, frames), _client(task))
 
-    if inputs["format"] != "video/h264-mp4":
-        raise ValueError(f"the dev node renders only video/h264-mp4, not {inputs['format']}")
-    if inputs.get("pix_fmt", "yuv420p") != "yuv420p":
-        raise ValueError(f"the dev node renders only yuv420p, not {inputs['pix_fmt']}")
+    extension, video_args, audio_args = _video_format(inputs)
     kind = "output" if inputs.get("save_output", True) else "temp"
     directory, subfolder, base = _output_target(wl, inputs["filename_prefix"], kind)
     with wl.cond:  # two prompts never run at once in one workload; the lock is for /view readers
-        filename = f"{base}_{_next_counter(directory, base):05}.mp4"
+        filename = f"{base}_{_next_counter(directory, base):05}.{extension}"
     target = directory / filename
     audio = inputs.get("audio")
     args = ["-i", str(video["path"])]
     if audio is not None:
-        args += ["-i", str(audio["path"]), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"]
+        args += ["-i", str(audio["path"]), "-map", "0:v:0", "-map", "1:a:0", *audio_args]
         if inputs.get("trim_to_audio", False):
             args += ["-t", f"{audio['duration']:.3f}", "-shortest"]
     else:
         args += ["-map", "0:v:0"]
-    args += ["-c:v", "copy", "-movflags", "+faststart", "-stats_period", "0.1", str(target)]
+    args += [*video_args, "-stats_period", "0.1", str(target)]
     _run_ffmpeg(wl, args, on_frame)
     on_frame(frames)
     Path(video["path"]).unlink(missing_ok=True)
@@ -342,7 +360,7 @@ def _run_video_combine(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | Non
         "frame_rate": float(inputs["frame_rate"]),
         "fullpath": str(target.resolve()),
     }
-    return (), {"gifs": [entry]}
+    return ((kind == "output", [str(target.resolve())]),), {"gifs": [entry]}  # VHS_FILENAMES, the preview
 
 
 def _run_preview(ctx: RunContext, inputs: dict) -> tuple[tuple, dict | None]:

@@ -1,10 +1,12 @@
--- requeue: give every entry of a worker's processing list back to the queue, as the next to run.
--- Finished jobs' entries are dropped; jobs that used up their attempts are left in the list and
+-- requeue: give every entry of a worker's processing list back to the queue, as the next to run: jobs
+-- still queued (taken, not started) and jobs running on that worker. The entries of finished jobs and of
+-- jobs another worker runs now are dropped; jobs that used up their attempts are left in the list and
 -- returned, for the caller to fail through transition.
 --
 -- KEYS: [1] the worker's processing list (PROCESSING_KEY)  [2] queue (QUEUE_KEY)
 --       [3] pushes (QUEUE_PUSHES_KEY)  [4] requeued (QUEUE_REQUEUED_KEY)  [5] cancelled (QUEUE_CANCELLED_KEY)
--- ARGV: [1] max attempts  [2] job key prefix (JOB_KEY without its id)  [3] now
+-- ARGV: [1] max attempts  [2] job key prefix (JOB_KEY without its id)  [3] now  [4] the worker whose
+--       list it is
 -- Returns: {entries requeued, {entries of jobs out of attempts}}
 -- Names: none
 --! uses: job_changed, queue_slots
@@ -17,6 +19,9 @@ for i = #entries, 1, -1 do
   local id = cjson.decode(entry)['id']
   local key = ARGV[2] .. id
   local status = redis.call('HGET', key, 'status')
+  if status == 'running' and redis.call('HGET', key, 'worker') ~= ARGV[4] then
+    status = 'not ours'  -- a stale entry: the job was given back and another worker runs it
+  end
   if status == 'running' or status == 'queued' then
     local attempts = tonumber(redis.call('HGET', key, 'attempts') or '0')
     if attempts >= tonumber(ARGV[1]) then

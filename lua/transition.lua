@@ -1,15 +1,22 @@
 -- transition: move a job to a new status if that is allowed; the one place a status changes.
 -- A finished job never changes again. A queued job that finishes (a cancel) leaves its entry in the
 -- queue as a tombstone, noted in the cancelled set. Finishing queues the job's one final webhook.
+-- A worker's change names the worker and, past the claim, the attempt its claim produced: a claim is
+-- refused unless the entry is in that worker's processing list, any other change unless the job runs on
+-- that worker in that attempt (a stale worker whose job the sweep gave back changes nothing). Without a
+-- worker the change is the API's or the sweep's.
 --
 -- KEYS: [1] job hash (JOB_KEY)  [2] queue (QUEUE_KEY)  [3] pushes (QUEUE_PUSHES_KEY)
 --       [4] requeued (QUEUE_REQUEUED_KEY)  [5] cancelled (QUEUE_CANCELLED_KEY)
---       [6] webhook outbox (WEBHOOK_OUTBOX_KEY)
--- ARGV: [1] job id  [2] new status  [3] now  [4] result ttl (s)  [5] worker that must hold a running
---       job ('' = any)  [6] unused  [7] webhook body ('' = none)  [8...] field, value pairs to set
--- Returns: {1, new status} when changed, {0, current status or 'missing'} when refused.
+--       [6] webhook outbox (WEBHOOK_OUTBOX_KEY)  [7] the worker's processing list (PROCESSING_KEY; any
+--       key without a worker)
+-- ARGV: [1] job id  [2] new status  [3] now  [4] result ttl (s)  [5] worker ('' = none: the API, the
+--       sweep)  [6] the worker's attempt (a change after its claim)  [7] queue entry (a worker's claim)
+--       [8] webhook body ('' = none)  [9...] field, value pairs to set
+-- Returns: {1, new status, attempts} when changed (attempts: the record's, so a claim's attempt number),
+--          {0, current status or 'missing'} when refused.
 -- Names: none
---! uses: job_changed, job_finished, queue_slots
+--! uses: job_changed, job_finished, queue_slots, owned_by
 local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, 'missing'} end
@@ -20,8 +27,13 @@ local allowed = {
   running = {success = true, failed = true, cancelled = true, queued = true},
 }
 if not allowed[cur] or not allowed[cur][new] then return {0, cur} end
-if ARGV[5] ~= '' and cur == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then
-  return {0, cur}
+local worker = ARGV[5]
+if worker ~= '' then
+  if new == 'running' then  -- the claim: the worker holds the entry (the sweep may have given it back)
+    if not redis.call('LPOS', KEYS[7], ARGV[7]) then return {0, cur} end
+  elseif not owned_by(KEYS[1], worker, ARGV[6]) then
+    return {0, cur}
+  end
 end
 local finishing = new == 'success' or new == 'failed' or new == 'cancelled'
 if cur == 'queued' and finishing then
@@ -31,13 +43,14 @@ if cur == 'queued' and finishing then
     redis.call('ZADD', KEYS[5], slot, ARGV[1])
   end
 end
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', KEYS[1], 'status', new)
 job_changed(KEYS[1], ARGV[1], cur, new, ARGV[3])
 if new == 'running' then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
+  if worker ~= '' then redis.call('HSET', KEYS[1], 'worker', worker) end
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   trim_slots(Q)
 end
@@ -46,10 +59,10 @@ if finishing then
   redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress', 'phase', 'phase_since')
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
   local url = redis.call('HGET', KEYS[1], 'notify_url')
-  if url and url ~= '' and ARGV[7] ~= '' then
+  if url and url ~= '' and ARGV[8] ~= '' then
     redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
-    redis.call('LPUSH', KEYS[6], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[7], attempt = 0}))
+    redis.call('LPUSH', KEYS[6], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[8], attempt = 0}))
   end
   job_finished(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4])
 end
-return {1, new}
+return {1, new, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}

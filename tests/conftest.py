@@ -143,6 +143,18 @@ def settings(redis_url: str, tmp_path: Path) -> config.Settings:
     )
 
 
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto, in-process, loopback) for one test module: its host:port."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a child process: ours without c3-render settings, plus extra."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("C3_", "MINIO_", "REDIS_"))}

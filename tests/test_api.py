@@ -12,6 +12,7 @@ import pytest
 import app as api
 import config
 import jobstore
+import localfiles
 import storage
 import webhook_state
 
@@ -62,8 +63,8 @@ def test_status_shapes_and_queue_position(client, r):
 def finish_job(r, settings, job_id, status, fields, worker="w1"):
     entry = jobstore.take(r, worker, 1)
     assert json.loads(entry)["id"] == job_id
-    assert jobstore.transition(r, settings, job_id, "running", {"worker": worker}) == (True, "running")
-    assert jobstore.transition(r, settings, job_id, status, fields, worker_id=worker)[0]
+    assert jobstore.claim(r, settings, worker, entry) == (1, "running")
+    assert jobstore.transition(r, settings, job_id, status, fields, worker_id=worker, attempt=1)[0]
     jobstore.ack(r, worker, entry)
 
 
@@ -120,16 +121,15 @@ def test_cancel_older_form(client):
 
 def test_cancel_running_job_flags_it(client, r, settings):
     job_id = submit(client).get_json()["id"]
-    jobstore.take(r, "w1", 1)
-    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
+    attempt, _status = jobstore.claim(r, settings, "w1", jobstore.take(r, "w1", 1))
     answer = client.post(f"/cancel/{job_id}").get_json()
     assert answer == {"id": job_id, "status": "running", "cancel_requested": True}
     assert jobstore.stop_requested(r, job_id)
     # a late success after the worker saw the cancel and finished it as cancelled is dropped
     assert jobstore.transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"},
-                               worker_id="w1") == (True, "cancelled")
+                               worker_id="w1", attempt=attempt) == (True, "cancelled")
     assert jobstore.transition(r, settings, job_id, "success", {"result_url": "http://x"},
-                               worker_id="w1") == (False, "cancelled")
+                               worker_id="w1", attempt=attempt) == (False, "cancelled")
     assert client.get(f"/result/{job_id}").get_json()["status"] == "cancelled"
 
 
@@ -259,7 +259,7 @@ def test_rate_limit(settings, r):
 
 
 def test_local_files_signed_urls(client, settings, r, tmp_path):
-    secret = storage.file_url_secret(r, settings.file_url_secret)
+    secret = localfiles.file_url_secret(r, settings.file_url_secret)
     source = tmp_path / "x.mp3"
     source.write_bytes(b"ID3 fake mp3 bytes")
     url = storage.upload_result(settings, source, "abc.mp3", secret)
@@ -270,7 +270,7 @@ def test_local_files_signed_urls(client, settings, r, tmp_path):
     assert answer.mimetype == "audio/mpeg"
     tampered = path.replace("sig=", "sig=0")
     assert client.get(tampered).status_code == 403
-    expired = storage.signed_file_url(settings, "abc.mp3", secret, 1, now=time.time() - 100)
+    expired = localfiles.signed_file_url(settings, "abc.mp3", secret, 1, now=time.time() - 100)
     assert client.get(expired[len("http://127.0.0.1:8000"):]).status_code == 403
     assert client.get("/files/..%2Fsecret?expires=1&sig=0").status_code in (403, 404)
 

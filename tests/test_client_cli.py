@@ -37,7 +37,10 @@ def stand_in_worker(r: redis.Redis, result_url: str, stop: threading.Event) -> N
         job_id = json.loads(entry)["id"]
         record = jobstore.get_job(r, job_id)
         text = json.loads(record["params"]).get("text") or ""
-        jobstore.transition(r, SETTINGS, job_id, "running", {"worker": worker}, worker_id=worker)
+        attempt, _status = jobstore.claim(r, SETTINGS, worker, entry)
+        if not attempt:  # cancelled while queued
+            jobstore.ack(r, worker, entry)
+            continue
         jobstore.set_progress(r, job_id, 50)
         if "slow" in text:
             for _ in range(40):
@@ -48,14 +51,16 @@ def stand_in_worker(r: redis.Redis, result_url: str, stop: threading.Event) -> N
             time.sleep(0.3)
         if jobstore.stop_requested(r, job_id):
             jobstore.transition(r, SETTINGS, job_id, "cancelled", {"error": "cancelled by request"},
-                                worker_id=worker)
+                                worker_id=worker, attempt=attempt)
         elif "fail" in text:
             jobstore.transition(r, SETTINGS, job_id, "failed", {"error": "engine exploded on purpose"},
-                                worker_id=worker)
+                                worker_id=worker, attempt=attempt)
         elif record["type"] == "csm":
-            jobstore.transition(r, SETTINGS, job_id, "success", {"result_url": result_url}, worker_id=worker)
+            jobstore.transition(r, SETTINGS, job_id, "success", {"result_url": result_url}, worker_id=worker,
+                                attempt=attempt)
         else:
-            jobstore.transition(r, SETTINGS, job_id, "success", {"text": "a transcript"}, worker_id=worker)
+            jobstore.transition(r, SETTINGS, job_id, "success", {"text": "a transcript"}, worker_id=worker,
+                                attempt=attempt)
         jobstore.ack(r, worker, entry)
 
 

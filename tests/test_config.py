@@ -3,6 +3,7 @@ both; every variable is documented in .env.example and the README."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import tomllib
@@ -23,6 +24,8 @@ def other_value(name: str, default: typing.Any) -> tuple[str, typing.Any]:
     """A valid value different from the default, as (environment text, the value load() must give)."""
     if name == "log_level":  # a level name, in any case
         return "debug", "DEBUG"
+    if name in ("minio_endpoint", "minio_public_url"):  # host[:port] or http(s)://host[:port]
+        return "https://s3.example:9000", "https://s3.example:9000"
     kind = TYPES[name]
     if kind is bool:
         return ("false", False) if default else ("true", True)
@@ -68,6 +71,8 @@ def test_unset_gives_the_field_default_and_set_gives_the_value(setting, monkeypa
     assert getattr(config.load(), setting.name) == setting.default
     text, expected = other_value(setting.name, setting.default)
     assert expected != setting.default
+    if setting.name == "require_api_keys":  # on, it needs keys to load
+        monkeypatch.setenv("C3_RENDER_API_KEYS", "k1")
     monkeypatch.setenv(setting.metadata["env"], text)
     assert getattr(config.load(), setting.name) == expected
     monkeypatch.setenv(setting.metadata["env"], f"  {text}  ")  # surrounding blanks are ignored
@@ -140,3 +145,97 @@ def test_a_retired_variable_is_named_with_its_replacement(monkeypatch):
 
 def test_version_matches_pyproject():
     assert config.VERSION == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+# --- values that cannot work stop the start (tests/test_startup_checks.py runs the processes) ----------
+
+KEY = (bytes([0xFB, 0xFF, 0xFE]) * 11)[:32]  # base64 "+//+...=": padded, with "+" and "/"
+STANDARD = base64.b64encode(KEY).decode()  # has '+' and '/': the URL-safe alphabet writes them '-' and '_'
+
+
+@pytest.mark.parametrize(("secret", "key"), [
+    ("whsec_" + STANDARD, KEY),
+    ("whsec_" + STANDARD.rstrip("="), KEY),  # unpadded: the Python library adds the padding itself
+    ("plain text secret", b"plain text secret"),  # no prefix: the text's bytes
+])
+def test_a_webhook_secret_gives_the_key_the_standard_webhooks_libraries_use(secret, key, monkeypatch):
+    monkeypatch.setenv("WEBHOOK_SECRET", secret)
+    assert config.load().webhook_secret == secret
+    assert config.webhook_secret_key(secret) == key
+    import webhooks
+    assert webhooks.secret_bytes(secret) == key  # the signer reads it by the same rule
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (base64.urlsafe_b64encode(KEY).decode(), "not standard base64"),  # Python's decoder drops '-' '_': another key
+    ("c2VjcmV0 c2VjcmV0", "not standard base64"),
+    ("abcde", "length is wrong"),
+    ("", "no key bytes"),
+])
+def test_a_whsec_secret_the_libraries_would_not_read_alike_is_a_configuration_error(body, why, monkeypatch):
+    monkeypatch.setenv("WEBHOOK_SECRET", "whsec_" + body)
+    with pytest.raises(SystemExit) as stopped:
+        config.load()
+    message = str(stopped.value.code)
+    assert message.startswith("configuration error: WEBHOOK_SECRET ") and why in message
+    assert not body or body not in message
+    with pytest.raises(ValueError):
+        config.webhook_secret_key("whsec_" + body)
+
+
+@pytest.mark.parametrize("name", ["MINIO_PUBLIC_URL", "MINIO_ENDPOINT"])
+@pytest.mark.parametrize(("value", "why"), [
+    ("https://cdn.example.com/media", "has a path"),
+    ("https://cdn.example.com/media/", "has a path"),
+    ("http://s3.example:9000/?x=1", "query"),
+    ("ftp://s3.example", "is not host:port"),
+    ("http://s3.example:ninety", "invalid port"),
+])
+def test_an_s3_address_with_a_path_or_no_host_is_a_configuration_error(name, value, why, monkeypatch):
+    clear_env(monkeypatch)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        config.load()
+    assert str(stopped.value.code).startswith(f"configuration error: {name} ") and why in str(stopped.value.code)
+
+
+def test_an_s3_address_with_a_password_is_refused_without_repeating_it(monkeypatch):
+    monkeypatch.setenv("MINIO_PUBLIC_URL", "https://user:pa55word@cdn.example.com")
+    with pytest.raises(SystemExit) as stopped:
+        config.load()
+    assert "user info" in str(stopped.value.code) and "pa55word" not in str(stopped.value.code)
+
+
+@pytest.mark.parametrize("value", ["cdn.example.com", "https://cdn.example.com/", "http://127.0.0.1:9000"])
+def test_an_s3_address_of_host_and_port_loads(value, monkeypatch):
+    monkeypatch.setenv("MINIO_PUBLIC_URL", value)
+    assert config.load().minio_public_url == value.rstrip("/")
+
+
+def test_require_api_keys_needs_keys(monkeypatch):
+    clear_env(monkeypatch)
+    monkeypatch.setenv("REQUIRE_API_KEYS", "1")
+    with pytest.raises(SystemExit, match="^configuration error: C3_RENDER_API_KEYS is empty and REQUIRE_API_KEYS"):
+        config.load()
+    monkeypatch.setenv("C3_RENDER_API_KEYS", " , ")  # set, but no key in it
+    with pytest.raises(SystemExit):
+        config.load()
+    monkeypatch.setenv("C3_RENDER_API_KEYS", "k1,k2")
+    assert config.load().api_keys == ("k1", "k2")
+
+
+@pytest.mark.parametrize(("addresses", "warned"), [
+    (["127.0.0.1:8000"], []), (["[::1]:8000", "localhost:5000", "127.0.0.2"], []),
+    (["0.0.0.0:8000"], ["0.0.0.0:8000"]), (["127.0.0.1:8000", "[::]:8000"], ["[::]:8000"]),
+    (["192.168.1.20:8000"], ["192.168.1.20:8000"]), (["render.example"], ["render.example"]),
+])
+def test_the_keyless_warning_names_the_addresses_beyond_loopback(addresses, warned):
+    warning = config.keyless_exposure_warning(config.Settings(), addresses)
+    if not warned:
+        assert warning is None
+    else:
+        assert warning.startswith("API keys are off (C3_RENDER_API_KEYS is empty)")
+        assert all(address in warning for address in warned)
+        assert not any(address in warning for address in addresses if address not in warned)
+    with_keys = dataclasses.replace(config.Settings(), api_keys=("k",))
+    assert config.keyless_exposure_warning(with_keys, addresses) is None

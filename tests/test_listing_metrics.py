@@ -32,10 +32,13 @@ def submit(client, route="/csm", body=None) -> str:
 
 def run(r, settings, job_id, outcome="success", fields=None, now=None):
     """Run a job to its end as a worker does: off the queue, running, finished."""
-    r.lrem(config.QUEUE_KEY, 1, jobstore.get_job(r, job_id)["queue_entry"])
-    assert jobstore.transition(r, settings, job_id, "running", {"worker": "w1"}, now=now)[0]
+    entry = jobstore.get_job(r, job_id)["queue_entry"]
+    r.lrem(config.QUEUE_KEY, 1, entry)
+    r.lpush(jobstore.processing_key("w1"), entry)
+    attempt, _status = jobstore.claim(r, settings, "w1", entry, now=now)
+    assert attempt
     assert jobstore.transition(r, settings, job_id, outcome, fields or {"result_url": "http://x/y.mp3"},
-                               worker_id="w1", now=None if now is None else now + 42)[0]
+                               worker_id="w1", attempt=attempt, now=None if now is None else now + 42)[0]
 
 
 def all_pages(client, query="", limit=3):
@@ -137,7 +140,7 @@ def test_job_detail_has_history_and_result(client, r, settings):
     job_id = submit(client)
     jobstore.transition(r, settings, job_id, "running", {"worker": "w1"})
     jobstore.set_progress(r, job_id, 30)
-    jobstore.put_back(r, "w1", job_id, jobstore.queue_entry(job_id, "csm"))  # worker shut down: requeued
+    jobstore.put_back(r, "w1", job_id, jobstore.queue_entry(job_id, "csm"), 1)  # worker shut down: requeued
     run(r, settings, job_id)
     detail = client.get(f"/jobs/{job_id}").json
     assert [h["status"] for h in detail["history"]] == ["queued", "running", "queued", "running", "success"]

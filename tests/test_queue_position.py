@@ -1,8 +1,9 @@
 """Queue positions and cancels without scanning the queue, against a real redis-server.
 
 Random sequences of submit / take / start / finish / cancel / put back / give back / requeue of a
-dead worker's jobs, over several workers, compare `jobstore.queue_position` after every step with the
-truth read from the list itself (the job's place among the entries of jobs still queued).
+dead worker's jobs / requeue of a worker the sweep takes for dead while it carries on, over several
+workers, compare `jobstore.queue_position` after every step with the truth read from the list itself (the
+job's place among the entries of jobs still queued); a worker that lost its job changes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import jobspec
 import jobstore
 
 WORKERS = ("w1", "w2", "w3")
-OPS = ("submit", "submit", "submit", "take", "start", "finish", "cancel", "put_back", "give_back", "crash")
+OPS = ("submit", "submit", "submit", "take", "start", "finish", "cancel", "put_back", "give_back", "crash",
+       "lose")
 
 
 def new_job(r) -> str:
@@ -56,41 +58,60 @@ def check_positions(r, jobs: list[str]) -> None:
         assert with_position == record
 
 
-def step(r, cfg, op: str, worker: str, pick: int, jobs: list[str], held: dict[str, str]) -> None:
+@dataclasses.dataclass
+class Workers:
+    """What the model's workers hold: the entry each took, the attempt each started, and which of them
+    the sweep took for dead while they still work (their entry given back: every later change refused)."""
+
+    held: dict[str, str] = dataclasses.field(default_factory=dict)
+    started: dict[str, int] = dataclasses.field(default_factory=dict)
+    lost: set[str] = dataclasses.field(default_factory=set)
+
+    def drop(self, worker: str) -> str:
+        self.started.pop(worker, None)
+        self.lost.discard(worker)
+        return self.held.pop(worker)
+
+
+def step(r, cfg, op: str, worker: str, pick: int, jobs: list[str], workers: Workers) -> None:
     """One action of the protocol, done the way the API and the worker do it."""
+    held, started, lost = workers.held, workers.started, workers.lost
     if op == "submit":
         jobs.append(new_job(r))
     elif op == "take" and worker not in held:
         entry = r.lmove(config.QUEUE_KEY, jobstore.processing_key(worker), "RIGHT", "LEFT")  # BLMOVE, no wait
         if entry:
             held[worker] = entry
-    elif op == "start" and worker in held:
+    elif op == "start" and worker in held and worker not in started:
+        attempt, _status = jobstore.claim(r, cfg, worker, held[worker])
+        if worker in lost:
+            assert not attempt  # its entry is back in the queue: the next taker runs the job
+        if attempt:
+            started[worker] = attempt
+        else:  # cancelled while held, or given back by the sweep: the worker drops the entry
+            jobstore.ack(r, worker, workers.drop(worker))
+    elif op == "finish" and worker in started:
         job_id = json.loads(held[worker])["id"]
-        if r.hget(jobstore.job_key(job_id), "status") == "queued":
-            changed, _ = jobstore.transition(r, cfg, job_id, "running", {"worker": worker})
-            if not changed:  # cancelled while held: the worker drops the entry
-                jobstore.ack(r, worker, held.pop(worker))
-        elif r.hget(jobstore.job_key(job_id), "status") != "running":
-            jobstore.ack(r, worker, held.pop(worker))
-    elif op == "finish" and worker in held:
-        job_id = json.loads(held[worker])["id"]
-        if r.hget(jobstore.job_key(job_id), "status") != "running":
-            return  # the worker finishes only what it started
-        jobstore.transition(r, cfg, job_id, "success", {"text": "ok"}, worker_id=worker)
-        jobstore.ack(r, worker, held.pop(worker))
+        status, fields = ("success", {"text": "ok"}) if pick % 2 else ("failed", {"error": "it broke"})
+        changed, _status = jobstore.transition(r, cfg, job_id, status, fields, worker_id=worker,
+                                               attempt=started[worker])
+        assert changed == (worker not in lost)
+        jobstore.ack(r, worker, workers.drop(worker))
     elif op == "cancel" and jobs:
         jobstore.cancel(r, cfg, jobs[pick % len(jobs)])
-    elif op == "put_back" and worker in held:
+    elif op == "put_back" and worker in started:
         job_id = json.loads(held[worker])["id"]
-        if r.hget(jobstore.job_key(job_id), "status") == "running":
-            jobstore.put_back(r, worker, job_id, held.pop(worker))
-    elif op == "give_back" and worker in held:
-        job_id = json.loads(held[worker])["id"]
-        if r.hget(jobstore.job_key(job_id), "status") == "queued":  # taken, not started
-            jobstore.return_entry(r, worker, held.pop(worker))
+        assert jobstore.put_back(r, worker, job_id, held[worker], started[worker]) == (worker not in lost)
+        workers.drop(worker)
+    elif op == "give_back" and worker in held and worker not in started:  # taken, not started
+        jobstore.return_entry(r, worker, workers.drop(worker))
     elif op == "crash" and worker in held:  # the worker died: the sweep gives its entries back
-        held.pop(worker)
+        workers.drop(worker)
         jobstore.requeue_processing(r, cfg, worker)
+    elif op == "lose" and worker in held and worker not in lost:
+        # the sweep takes the worker for dead while it still works: its entry goes back, it carries on
+        jobstore.requeue_processing(r, cfg, worker)
+        lost.add(worker)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -101,19 +122,20 @@ def test_queue_position_is_exact_under_random_protocol_sequences(redis_url, sett
     r.flushall()
     cfg = dataclasses.replace(settings, max_attempts=1000)
     jobs: list[str] = []
-    held: dict[str, str] = {}
+    workers = Workers()
     for op, worker, pick in actions:
-        step(r, cfg, op, worker, pick, jobs, held)
+        step(r, cfg, op, worker, pick, jobs, workers)
         check_positions(r, jobs)
     # drain: every queued job still runs exactly once, tombstones are dropped, nothing is lost
-    for worker in list(held):
-        step(r, cfg, "crash", worker, 0, jobs, held)
+    for worker in list(workers.held):
+        step(r, cfg, "crash", worker, 0, jobs, workers)
     ran = []
     while (entry := r.lmove(config.QUEUE_KEY, jobstore.processing_key("w1"), "RIGHT", "LEFT")) is not None:
         job_id = json.loads(entry)["id"]
-        if jobstore.transition(r, cfg, job_id, "running", {"worker": "w1"})[0]:
+        attempt, _status = jobstore.claim(r, cfg, "w1", entry)
+        if attempt:
             ran.append(job_id)
-            jobstore.transition(r, cfg, job_id, "success", {"text": "ok"}, worker_id="w1")
+            jobstore.transition(r, cfg, job_id, "success", {"text": "ok"}, worker_id="w1", attempt=attempt)
         jobstore.ack(r, "w1", entry)
         check_positions(r, jobs)
     assert len(ran) == len(set(ran))
@@ -130,14 +152,39 @@ def test_long_seeded_sequence_with_deep_queue(r, settings):
     rng = random.Random(9)
     cfg = dataclasses.replace(settings, max_attempts=1000)
     jobs: list[str] = []
-    held: dict[str, str] = {}
+    workers = Workers()
     ops = OPS + ("submit",) * 3
     for index in range(3000):
-        step(r, cfg, rng.choice(ops), rng.choice(WORKERS), rng.randrange(1000), jobs, held)
+        step(r, cfg, rng.choice(ops), rng.choice(WORKERS), rng.randrange(1000), jobs, workers)
         if index % 50 == 0:
             check_positions(r, jobs)
     check_positions(r, jobs)
     assert r.llen(config.QUEUE_KEY) > 200
+
+
+
+def test_an_entry_the_sweep_gave_back_already_is_not_given_back_again(r, settings):
+    """A worker took an entry and gives it back (told to stop) after the sweep took it for dead and gave
+    that entry back already: one entry per job stays in the queue, positions count right, and a drain
+    takes each job once."""
+    first, second, third = new_job(r), new_job(r), new_job(r)
+    entry = jobstore.take(r, "w1", 1)
+    assert json.loads(entry)["id"] == first
+    r.sadd(config.WORKERS_KEY, "w1")  # registered, and its heartbeat expired
+    assert jobstore.requeue_abandoned(r, settings)["requeued"] == 1
+    jobstore.return_entry(r, "w1", entry)
+    assert r.llen(config.QUEUE_KEY) == 3 and r.llen(jobstore.processing_key("w1")) == 0
+    assert [jobstore.queue_position(r, jobstore.get_job(r, j)) for j in (first, second, third)] == [1, 2, 3]
+    check_positions(r, [first, second, third])
+    taken = []
+    while (entry := r.lmove(config.QUEUE_KEY, jobstore.processing_key("w2"), "RIGHT", "LEFT")) is not None:
+        job_id = json.loads(entry)["id"]
+        taken.append(job_id)
+        attempt, _status = jobstore.claim(r, settings, "w2", entry)
+        assert attempt
+        assert jobstore.transition(r, settings, job_id, "success", {"text": "ok"}, worker_id="w2", attempt=attempt)[0]
+        jobstore.ack(r, "w2", entry)
+    assert taken == [first, second, third]
 
 
 def list_scans(r) -> dict[str, int]:

@@ -17,23 +17,14 @@ import pytest
 import requests
 from conftest import fill_disk
 from minio import Minio
-from moto.server import ThreadedMotoServer
 
 import config
+import localfiles
 import storage
 
 ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "test-secret-key-do-not-leak-0123456789"
 FILE_SECRET = b"file-url-secret-for-tests"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture()
@@ -111,7 +102,7 @@ def sigv4_query_valid(url: str, secret_key: str) -> bool:
     ],
 )
 def test_content_type_for(name: str, expected: str) -> None:
-    assert storage.content_type_for(name) == expected
+    assert localfiles.content_type_for(name) == expected
 
 
 def test_uses_minio(tmp_path: Path) -> None:
@@ -306,8 +297,8 @@ def test_local_upload_and_signed_url(tmp_path: Path) -> None:
     stored = Path(settings.output_dir) / "job-1.mp3"
     assert stored.read_bytes() == b"mp3 bytes"
     assert sorted(p.name for p in Path(settings.output_dir).iterdir()) == ["job-1.mp3"]  # no temp left
-    assert storage.verify_file_signature("job-1.mp3", match["exp"], match["sig"], FILE_SECRET)
-    assert storage.local_file_path(settings, "job-1.mp3") == stored.resolve()
+    assert localfiles.verify_file_signature("job-1.mp3", match["exp"], match["sig"], FILE_SECRET)
+    assert localfiles.local_file_path(settings, "job-1.mp3") == stored.resolve()
 
     # a second upload under the same name replaces the file
     src.write_bytes(b"new bytes")
@@ -335,22 +326,22 @@ def test_local_upload_requires_secret_and_safe_name(tmp_path: Path) -> None:
 
 def test_signed_file_url_shape(tmp_path: Path) -> None:
     settings = local_settings(tmp_path, public_base_url="http://127.0.0.1:8000/")
-    url = storage.signed_file_url(settings, "j.txt", b"k", 60, now=1_000_000)
+    url = localfiles.signed_file_url(settings, "j.txt", b"k", 60, now=1_000_000)
     expected_sig = hmac.new(b"k", b"j.txt\n1000060", hashlib.sha256).hexdigest()
     assert url == f"http://127.0.0.1:8000/files/j.txt?expires=1000060&sig={expected_sig}"
     with pytest.raises(ValueError):
-        storage.signed_file_url(settings, "j.txt", b"", 60)
+        localfiles.signed_file_url(settings, "j.txt", b"", 60)
     with pytest.raises(ValueError):
-        storage.signed_file_url(settings, "../j.txt", b"k", 60)
+        localfiles.signed_file_url(settings, "../j.txt", b"k", 60)
 
 
 def test_verify_file_signature_cases(tmp_path: Path) -> None:
     settings = local_settings(tmp_path)
     now = 1_700_000_000
-    url = storage.signed_file_url(settings, "job.mp4", FILE_SECRET, 100, now=now)
+    url = localfiles.signed_file_url(settings, "job.mp4", FILE_SECRET, 100, now=now)
     m = URL_RE.fullmatch(url)
     exp, sig = m["exp"], m["sig"]
-    verify = storage.verify_file_signature
+    verify = localfiles.verify_file_signature
 
     assert verify("job.mp4", exp, sig, FILE_SECRET, now=now)
     assert verify("job.mp4", exp, sig, FILE_SECRET, now=now + 100)  # last valid second
@@ -385,12 +376,12 @@ def test_verify_file_signature_cases(tmp_path: Path) -> None:
 
 def test_verify_uses_current_time_by_default(tmp_path: Path) -> None:
     settings = local_settings(tmp_path)
-    url = storage.signed_file_url(settings, "a.mp3", FILE_SECRET, 60)
+    url = localfiles.signed_file_url(settings, "a.mp3", FILE_SECRET, 60)
     m = URL_RE.fullmatch(url)
-    assert storage.verify_file_signature("a.mp3", m["exp"], m["sig"], FILE_SECRET)
-    old = storage.signed_file_url(settings, "a.mp3", FILE_SECRET, 60, now=time.time() - 120)
+    assert localfiles.verify_file_signature("a.mp3", m["exp"], m["sig"], FILE_SECRET)
+    old = localfiles.signed_file_url(settings, "a.mp3", FILE_SECRET, 60, now=time.time() - 120)
     m = URL_RE.fullmatch(old)
-    assert not storage.verify_file_signature("a.mp3", m["exp"], m["sig"], FILE_SECRET)
+    assert not localfiles.verify_file_signature("a.mp3", m["exp"], m["sig"], FILE_SECRET)
 
 
 @pytest.mark.parametrize(
@@ -404,7 +395,7 @@ def test_local_file_path_refuses(tmp_path: Path, name: str) -> None:
     (out / "a" / "b").write_text("nested")
     (out / ".hidden").write_text("hidden")
     (tmp_path / "x").write_text("outside")
-    assert storage.local_file_path(settings, name) is None
+    assert localfiles.local_file_path(settings, name) is None
 
 
 def test_local_file_path_found_missing_and_symlink(tmp_path: Path) -> None:
@@ -416,10 +407,10 @@ def test_local_file_path_found_missing_and_symlink(tmp_path: Path) -> None:
     (out / "link.txt").symlink_to(tmp_path / "secret.txt")
     (out / "dir.txt").mkdir()
 
-    assert storage.local_file_path(settings, "job.txt") == (out / "job.txt").resolve()
-    assert storage.local_file_path(settings, "missing.txt") is None
-    assert storage.local_file_path(settings, "link.txt") is None  # points outside output_dir
-    assert storage.local_file_path(settings, "dir.txt") is None  # not a file
+    assert localfiles.local_file_path(settings, "job.txt") == (out / "job.txt").resolve()
+    assert localfiles.local_file_path(settings, "missing.txt") is None
+    assert localfiles.local_file_path(settings, "link.txt") is None  # points outside output_dir
+    assert localfiles.local_file_path(settings, "dir.txt") is None  # not a file
 
 
 # --- issue 12: transient failures retried, no server paths, the disk does not fill up ------------------
@@ -483,9 +474,9 @@ def test_cleanup_results_deletes_only_expired_files(tmp_path: Path) -> None:
         os.utime(out / name, (now - age, now - age))
     (out / "subdir").mkdir()
     os.utime(out / "subdir", (now - 10**6, now - 10**6))
-    assert storage.cleanup_results(settings, now) == 2
+    assert localfiles.cleanup_results(settings, now) == 2
     assert sorted(p.name for p in out.iterdir()) == [".upload-y.tmp", "fresh.mp3", "subdir"]
-    assert storage.cleanup_results(dataclasses.replace(settings, minio_endpoint="s3:9000"), now + 10**6) == 0
+    assert localfiles.cleanup_results(dataclasses.replace(settings, minio_endpoint="s3:9000"), now + 10**6) == 0
 
 
 def test_cleanup_work_dirs_keeps_active_and_recent(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import requests
 import responses
 
 import c3_render_worker as worker
+import comput3
 import config
 import engine_api
 import jobstore
@@ -197,13 +198,13 @@ def test_node_type_is_a_property_of_the_job_type(s):
 def test_workload_types_checked_at_start_up(s, caplog):
     responses.get(f"{API}/types", json=["media:fast", "ollama_webui:large"])
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
-        assert worker.check_workload_types(s) == ["ollama_webui:fast"]
+        assert comput3.check_workload_types(s) == ["ollama_webui:fast"]
     assert "C3_ANALYZE_WORKLOAD_TYPE=ollama_webui:fast is not offered by Comput3" in caplog.text
     assert responses.calls[0].request.headers["X-C3-API-KEY"] == "sekrit-key"
     responses.replace(responses.GET, f"{API}/types", status=404, json={"error": "not found"})
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
-        assert worker.check_workload_types(s) == []
+        assert comput3.check_workload_types(s) == []
     assert "not checked" in caplog.text and "sekrit-key" not in caplog.text
 
 
@@ -289,3 +290,65 @@ def test_recovery_leaves_the_nodes_a_worker_holds(state, r):
     nodes.forget_unheld_nodes(state)
     assert nodestore.slot_types(r, "w1") == ["media:fast"] and set(nodestore.owned_nodes(r)) == {"wl-1"}
     assert len(responses.calls) == 0  # no stop call
+
+
+ODD_RECORDS = ["wl-junk", None, 5, {"workload": 7}, {"node": "x.gpu"}, {"workload": ""}]  # all but objects with an id
+
+
+@responses.activate
+def test_the_workloads_list_keeps_only_objects_with_a_workload_id(s, caplog):
+    responses.post(f"{API}/workloads", json=[row("wl-1", time.time()), *ODD_RECORDS])
+    with caplog.at_level(logging.WARNING, logger="c3-render.worker"):
+        assert [w["workload"] for w in comput3.get_running_workloads(s)] == ["wl-1"]
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert warnings == ["Comput3 workloads: dropped 6 of 7 records that are not an object with a workload id"]
+
+
+@responses.activate
+def test_odd_workload_records_stop_neither_a_launch_nor_a_held_node(state):
+    listing = responses.post(f"{API}/workloads", json=[row("foreign", time.time() - 300), *ODD_RECORDS])
+    responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
+    responses.get("https://wl-1.gpu/", body="ok")
+    held = nodes.ensure_node(state, lambda: None)
+    assert held.workload == "wl-1" and nodestore.get_node(state.r, "w1", "media:fast")["state"] == "running"
+    listing.body = json.dumps([*ODD_RECORDS, row("wl-1", time.time())])
+    assert nodes.node_usable(state, "media:fast", force=True) == ""
+
+
+@responses.activate
+@pytest.mark.parametrize("failure", [RuntimeError("unexpected"), KeyError("node")])
+def test_any_failure_inside_a_launch_frees_the_slot_and_the_launching_record(state, r, failure):
+    """Not only a C3Error: whatever a launch raises, its slot and "launching" record go (else, with
+    MAX_NODES slots held so, no worker takes a job again), and its window is left to the sweep."""
+    responses.post(f"{API}/workloads", json=[])
+    responses.post(f"{API}/launch", body=failure)  # raised by the HTTP call itself
+    assert nodestore.acquire_node_slot(r, "w1", state.settings.max_nodes)  # the worker's reservation
+    with pytest.raises(type(failure)):
+        nodes.ensure_node(state, lambda: None)
+    assert nodestore.slot_types(r, "w1") == [] and nodestore.get_node(r, "w1", "media:fast") is None
+    assert not state.nodes
+    [intent] = nodestore.launch_intents(r).values()
+    assert intent["worker"] == "w1" and intent["orphan"] is True  # the sweep stops what it may have made
+
+
+@responses.activate
+def test_odd_workload_records_do_not_stop_the_sweep_before_it_stops_dead_owners_nodes(s, r):
+    t = time.time() - 5
+    nodestore.begin_launch(r, "dead-launcher", "media:fast", [], t)
+    nodestore.own_node(r, "dead-owner", "media:fast", "wl-dead-owner", "wl-dead-owner.gpu", t - 60)
+    nodestore.acquire_node_slot(r, "dead-worker", 4, "media:fast")
+    nodestore.record_node(r, "dead-worker", "media:fast", {"workload": "wl-gone", "node": "wl-gone.gpu",
+                                                           "launched_at": t - 60})
+    responses.post(f"{API}/workloads", json=[*ODD_RECORDS, row("ours-lost", t + 1), row("wl-dead-owner", t - 60)])
+
+    def stop_answer(request):  # the dead worker's node is gone already: its stop fails
+        failed = json.loads(request.body)["workload"] == "wl-gone"
+        return (502, {}, '{"error": "bad gateway"}') if failed else (200, {}, '{"stopped": 1}')
+
+    responses.add_callback(responses.POST, f"{API}/stop", callback=stop_answer)
+    summary = sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
+    assert summary["workers"] == ["dead-worker"] and summary["stopped_unrecorded"] == 2
+    stopped = [json.loads(c.request.body)["workload"] for c in responses.calls if c.request.url.endswith("/stop")]
+    assert sorted(stopped) == ["ours-lost", "wl-dead-owner", "wl-gone"]
+    assert not r.smembers(config.NODE_SLOTS_KEY) and not r.exists("node:dead-worker:media:fast")
+    assert nodestore.owned_nodes(r) == {}
