@@ -451,6 +451,8 @@ def leave_pool(state: WorkerState) -> None:
         return
     try:
         pool.release(state, lease)
+        # without our heartbeat first: of workers stopping together, the last to look sees nobody left
+        state.r.delete(jobstore.heartbeat_key(state.worker_id))
         if not pool.other_workers_alive(state):
             nodes.stop_idle_on_exit(state, "the last worker is shutting down")
     except redis.RedisError as exc:

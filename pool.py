@@ -229,7 +229,7 @@ def maintain(state: NodeHolder) -> None:
     types = sorted({settings.workload_type, settings.analyze_workload_type} | {n.type for n in view})
     est = estimates(settings, r, types)
     cfg = policy_config(settings)
-    queued = {t: 1 for t in {nodes.node_type_for(settings, job) for job in _queued_types(r)}}
+    queued = dict.fromkeys(_queued_types(r), 1)  # by service: an idle node a queued job will take stays
     for node_id, why in pool_policy.idle_nodes_to_stop(view, now, est, cfg, queued):
         node = next(n for n in view if n.id == node_id)
         nodes.stop_pool_node(state, node_id, why, state_seen="ready",

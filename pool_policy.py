@@ -132,7 +132,7 @@ def place(nodes: list[NodeView], node_type: str, service: str, now: float, est: 
     idle_other = [n for n in nodes if n.type != node_type and n.state == "ready" and not running(n)]
     if idle_other:
         return Placement("make_room", min(idle_other, key=lambda n: n.idle_since or now).id,
-                         f"MAX_NODES reached; an idle node of another type makes room for a {node_type} node")
+                         f"idle; its slot is needed for a {node_type} node (MAX_NODES reached)")
     return Placement("wait", "", f"MAX_NODES ({cfg.max_nodes}) nodes are running")
 
 

@@ -70,19 +70,24 @@ def retry_failed_stops(settings: config.Settings, r: redis.Redis) -> int:
 # --- the pool nodes and leases of dead workers ---------------------------------------------------
 
 def release_dead_workers_leases(settings: config.Settings, r: redis.Redis) -> int:
-    """The pool after dead workers: their jobs' leases end (the jobs went back to the queue; the node
-    stays in the pool, health-checked before its next job), the launches they reserved and never made
-    are given up (their launch windows show what they created), and a stop they claimed and did not finish
-    is done again after SWEEP_CLAIM_S. Returns how many leases were released."""
+    """The pool after dead workers: their jobs' leases end (the jobs went back to the queue) and a node
+    left with no job is stopped (its service may still work on the dead worker's request: CSM and WhisperX
+    go on when their client is gone, and nothing tells when they end); a node other jobs hold stays,
+    health-checked before its next job. The launches dead workers reserved and never made are given up
+    (their launch windows show what they created), and a stop they claimed and did not finish is done again
+    after SWEEP_CLAIM_S. Returns how many leases were released."""
     now = time.time()
     released = 0
     for record in nodestore.pool_nodes(r):
         node_id = record["id"]
-        for job_id, lease in record["leases"].items():
-            if not alive(r, lease.get("worker", "")):
-                nodestore.release_lease(r, node_id, job_id, now)
-                nodestore.mark_checked(r, node_id, 0.0)  # the job may have died with its node: check first
-                released += 1
+        dead = [job for job, lease in record["leases"].items() if not alive(r, lease.get("worker", ""))]
+        for job_id in dead:
+            nodestore.release_lease(r, node_id, job_id, now)
+            nodestore.mark_checked(r, node_id, 0.0)  # the job may have died with its node: check first
+            released += 1
+        if dead and len(dead) == len(record["leases"]) and record.get("state") in ("booting", "ready") \
+                and nodestore.claim_stop(r, node_id, "sweep", now, record["state"]):
+            finish_stop(settings, r, record, "its job's worker died")
         if record.get("state") == "launching" and not alive(r, record.get("launcher", "")):
             nodestore.forget_node(r, node_id, now)
             log.info("gave up pool node %s: its launching worker %s died", node_id, record.get("launcher"))

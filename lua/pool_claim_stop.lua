@@ -10,6 +10,9 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'stopping' then return 0 end
 if ARGV[3] ~= '' and state ~= ARGV[3] then return 0 end
 if ARGV[5] ~= 'force' and redis.call('HLEN', KEYS[2]) > 0 then return 0 end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'idle_since') ~= ARGV[4] then return 0 end
+if ARGV[4] ~= '' then  -- (times compared as numbers: Lua writes them with fewer digits than Python)
+  local seen = tonumber(redis.call('HGET', KEYS[1], 'idle_since') or '')
+  if not seen or math.abs(seen - tonumber(ARGV[4])) > 0.001 then return 0 end
+end
 redis.call('HSET', KEYS[1], 'state', 'stopping', 'stopper', ARGV[1], 'stop_claimed_at', ARGV[2])
 return 1

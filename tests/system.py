@@ -239,3 +239,17 @@ def reset_faults(devnode_url: str) -> None:
 def running_nodes(devnode_url: str) -> list[dict]:
     return [n for n in devnode_nodes(devnode_url) if n.get("state") in ("booting", "running")]
 
+
+
+def job_node(r, job_id: str) -> dict | None:
+    """The pool node a job holds a lease on (its record, with its id), or None."""
+    for node_id in r.smembers("pool:nodes"):
+        if r.hexists(f"pool:leases:{node_id}", job_id):
+            return {**r.hgetall(f"pool:node:{node_id}"), "id": node_id}
+    return None
+
+
+def wait_job_node_ready(r, job_id: str, timeout: float = 30) -> dict:
+    """The ready pool node a running job holds a lease on (waits for it to boot)."""
+    return wait_for(lambda: (node := job_node(r, job_id)) and node.get("state") == "ready" and node, timeout,
+                    what=f"job {job_id}'s node to be ready")

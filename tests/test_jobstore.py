@@ -7,8 +7,11 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
+import redis
 from conftest import ROOT, wait_for
 
 import config
@@ -159,47 +162,116 @@ def test_put_back_on_shutdown(r, settings):
     assert r.llen(jobstore.processing_key("w1")) == 0
 
 
-def test_node_slots_are_capped(r):
-    assert nodestore.acquire_node_slot(r, "a", 2)
-    assert nodestore.acquire_node_slot(r, "a", 2)  # already held
-    assert nodestore.acquire_node_slot(r, "b", 2)
-    assert not nodestore.acquire_node_slot(r, "c", 2)
-    nodestore.release_node(r, "a")
-    assert nodestore.acquire_node_slot(r, "c", 2)
+def test_the_pool_holds_at_most_max_nodes(r):
+    assert nodestore.reserve_node(r, "n1", "media:fast", "a", 2, 100.0)
+    assert nodestore.reserve_node(r, "n2", "ollama_webui:fast", "b", 2, 100.0)
+    assert not nodestore.reserve_node(r, "n3", "media:fast", "c", 2, 100.0)  # every type counts
+    nodestore.forget_node(r, "n1", 101.0)
+    assert nodestore.reserve_node(r, "n3", "media:fast", "c", 2, 102.0)
+    assert r.smembers(config.POOL_NODES_KEY) == {"n2", "n3"}
 
 
-def test_dead_worker_node_claimed_once(r):
-    nodestore.acquire_node_slot(r, "gone", 4, "media:fast")
-    nodestore.record_node(r, "gone", "media:fast", {"workload": "wl1", "node": "n1"})
-    nodestore.acquire_node_slot(r, "gone", 4, "ollama_webui:fast")
-    assert jobstore.dead_workers(r) == ["gone"]
-    claimed = dict(nodestore.claim_dead_nodes(r, "gone"))
-    assert claimed["media:fast"]["workload"] == "wl1" and claimed["ollama_webui:fast"] == {}
-    assert nodestore.claim_dead_nodes(r, "gone") is None  # another sweeper is on it
+def test_a_slot_is_leased_only_while_the_node_has_one_free(r):
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w", 4, 100.0, "job-a", "csm")
+    nodestore.mark_booting(r, "n1", {"state": "ready", "workload": "wl1", "node": "n1.gpu"})
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-b", "w", "csm", 1, 3, 101.0) == "full"  # csm:1
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-b", "w", "whisper", 1, 3, 101.0) == "ok"
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-c", "w", "portrait", 1, 2, 101.0) == "full"  # 2 in all
+    nodestore.make_solo(r, "n1")  # after an out-of-memory error: one job at a time
+    nodestore.release_lease(r, "n1", "job-a", 102.0)
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-c", "w", "portrait", 1, 3, 103.0) == "full"
+    nodestore.release_lease(r, "n1", "job-b", 104.0)
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-c", "w", "portrait", 1, 3, 105.0) == "ok"
+    assert nodestore.claim_stop(r, "n1", "w", 106.0, force=True)
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-d", "w", "csm", 1, 3, 107.0) == "stopping"
+    nodestore.forget_node(r, "n1", 108.0)
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-d", "w", "csm", 1, 3, 109.0) == "gone"
 
 
-def test_one_slot_per_node_type_and_conversion_keeps_the_slot(r):
-    assert nodestore.acquire_node_slot(r, "a", 2, "media:fast")
-    assert nodestore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")  # a second node of the same worker
-    assert not nodestore.acquire_node_slot(r, "b", 2)  # both slots are a's
-    assert nodestore.slot_types(r, "a") == ["media:fast", "ollama_webui:fast"]
-    # the slot of a's media node becomes the slot of its next node without ever being free
-    nodestore.release_node(r, "a", "ollama_webui:fast")
-    assert nodestore.acquire_node_slot(r, "b", 2, "media:fast")
-    assert not nodestore.acquire_node_slot(r, "a", 2, "ollama_webui:fast")
-    assert nodestore.acquire_node_slot(r, "a", 2, "ollama_webui:fast", convert_from="media:fast")
-    assert nodestore.slot_types(r, "a") == ["ollama_webui:fast"]
+def test_leases_never_overfill_a_node_under_concurrent_workers(r):
+    """Eight threads (workers) lease the two csm slots of one node at once, release and lease again:
+    never more than the slots at one time (the check and the write are one Lua step)."""
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w0", 4, time.time())
+    nodestore.mark_booting(r, "n1", {"state": "ready", "workload": "wl1"})
+    most, lock = [0], threading.Lock()
+
+    def worker(n: int) -> None:
+        client = redis.Redis(connection_pool=r.connection_pool)  # a client per thread, one pool
+        for i in range(30):
+            job = f"job-{n}-{i}"
+            if nodestore.lease_slot(client, "n1", "media:fast", job, f"w{n}", "csm", 2, 3, time.time()) == "ok":
+                held = client.hlen(nodestore.leases_key("n1"))
+                with lock:
+                    most[0] = max(most[0], held)
+                nodestore.release_lease(client, "n1", job, time.time())
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= most[0] <= 2 and r.hlen(nodestore.leases_key("n1")) == 0
+
+
+def test_node_time_is_shared_among_its_jobs_and_adds_up_to_its_life(r):
+    """Boot and idle time go to the next job (the last job takes the idle time before the stop), time
+    with jobs is split among them: the shares add up to launch-to-stop exactly."""
+    for job in ("job-a", "job-b", "job-c"):
+        r.hset(f"job:{job}", "status", "running")
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w", 4, 0.0, "job-a", "csm")  # launched at 0
+    nodestore.mark_booting(r, "n1", {"state": "booting", "workload": "wl1"})
+    assert nodestore.mark_ready(r, "n1", 10.0) == 10.0  # booted in 10 s, job-a waiting for it
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-b", "w", "whisper", 1, 3, 20.0) == "ok"
+    nodestore.release_lease(r, "n1", "job-a", 30.0)  # job-a: 20 s alone + 10 s shared with job-b = 25
+    nodestore.release_lease(r, "n1", "job-b", 40.0)  # job-b: 10/2 + 10 = 15
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-c", "w", "csm", 1, 3, 50.0) == "ok"  # 10 s idle
+    nodestore.release_lease(r, "n1", "job-c", 55.0)  # job-c: 10 idle + 5 = 15, then 5 idle before the stop
+    assert nodestore.claim_stop(r, "n1", "w", 60.0)
+    forgotten = nodestore.forget_node(r, "n1", 60.0)
+    assert forgotten["type"] == "media:fast"
+    shares = {job: float(r.hget(f"job:{job}", "node_seconds")) for job in ("job-a", "job-b", "job-c")}
+    assert shares == pytest.approx({"job-a": 25.0, "job-b": 15.0, "job-c": 20.0})
+    assert sum(shares.values()) == pytest.approx(60.0)
+    kinds = {k: float(v) for k, v in r.hgetall(config.NODE_TIME_KEY).items()}
+    assert kinds == pytest.approx({"booting": 10.0, "busy": 35.0, "idle": 15.0})
+    assert float(r.hget(config.POOL_STATS_KEY, "boot:media:fast")) == 10.0
+    assert r.lrange(config.POOL_GAPS_KEY.format(type="media:fast"), 0, -1) == ["10"]  # 40 -> 50
+
+
+def test_a_node_that_ran_no_job_is_unattributed(r):
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w", 4, 0.0)  # a pre-warm: no job
+    nodestore.mark_booting(r, "n1", {"state": "booting"})
+    nodestore.mark_ready(r, "n1", 5.0)
+    assert nodestore.claim_stop(r, "n1", "w", 8.0)
+    nodestore.forget_node(r, "n1", 8.0)
+    assert float(r.hget(config.NODE_TIME_KEY, "unattributed")) == pytest.approx(8.0)
+
+
+def test_a_stop_is_claimed_once_and_never_under_a_job(r):
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w", 4, 0.0, "job-a", "csm")
+    nodestore.mark_booting(r, "n1", {"state": "ready"})
+    assert not nodestore.claim_stop(r, "n1", "w", 1.0)  # a job leases it
+    nodestore.release_lease(r, "n1", "job-a", 2.0)
+    idle_since = r.hget(nodestore.node_key("n1"), "idle_since")
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-b", "w", "csm", 1, 3, 3.0) == "ok"
+    nodestore.release_lease(r, "n1", "job-b", 4.0)
+    assert not nodestore.claim_stop(r, "n1", "w", 5.0, "ready", idle_since)  # used since it was seen idle
+    assert nodestore.claim_stop(r, "n1", "w", 5.0, "ready", r.hget(nodestore.node_key("n1"), "idle_since"))
+    assert not nodestore.claim_stop(r, "n1", "other", 5.0)  # stopping already
 
 
 def test_a_launched_workload_is_owned_once(r):
     intent = nodestore.begin_launch(r, "a", "media:fast", ["old"], 100.0)
     assert nodestore.launch_intents(r)[intent] == {"worker": "a", "type": "media:fast", "before": ["old"],
                                                   "started_at": 100.0}
-    assert nodestore.own_node(r, "a", "media:fast", "wl1", "n1", 101.0, intent)
+    assert nodestore.reserve_node(r, "n1", "media:fast", "a", 4, 100.0)
+    assert nodestore.own_node(r, "n1", "a", "media:fast", "wl1", "n1.gpu", 101.0, 3701.0, intent)
     assert not nodestore.launch_intents(r)  # the intent ends with the record, in one step
-    assert nodestore.get_node(r, "a", "media:fast")["workload"] == "wl1"
-    assert not nodestore.own_node(r, "b", "media:fast", "wl1", "n1", 101.0)  # claimed already
-    assert nodestore.get_node(r, "b", "media:fast") is None
+    assert nodestore.get_pool_node(r, "n1")["workload"] == "wl1"
+    assert nodestore.reserve_node(r, "n2", "media:fast", "b", 4, 100.0)
+    assert not nodestore.own_node(r, "n2", "b", "media:fast", "wl1", "n1.gpu", 101.0, 3701.0)  # claimed already
+    assert not nodestore.own_node(r, "n-gone", "b", "media:fast", "wl2", "n2.gpu", 101.0, 3701.0)  # no node
+    assert nodestore.get_pool_node(r, "n2").get("workload") is None
     assert set(nodestore.owned_nodes(r)) == {"wl1"}
 
 

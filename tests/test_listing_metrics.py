@@ -168,8 +168,10 @@ def test_metrics_count_from_redis_the_same_in_every_process(settings, r):
         r.lpush(webhook_state.webhook_inflight_key("w1"), raw)
         assert webhook_state.settle_webhook(r, "w1", raw, ids[0], outcome, attempt, "HTTP 500" if attempt == 1 else "")
     r.incrbyfloat(config.NODE_SECONDS_KEY, 125.5)
-    nodestore.acquire_node_slot(r, "w1", 4, "media:fast")
-    nodestore.record_node(r, "w1", "media:fast", {"state": "running", "node": "n-1", "launched_at": now - 10})
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w1", 4, now - 10)
+    nodestore.mark_booting(r, "n1", {"state": "booting", "node": "n-1", "workload": "wl-1"})
+    nodestore.mark_ready(r, "n1", now - 5)  # 5 s booting, then 5 s idle so far: counted at the next change
+    assert nodestore.lease_slot(r, "n1", "media:fast", "job-x", "w1", "csm", 1, 4, now) == "ok"
     texts = [c.get("/metrics") for c in (first, second)]
     assert texts[0].status_code == 200 and texts[0].content_type.startswith("text/plain")
     samples = metric_samples(texts[0].data.decode())
@@ -186,6 +188,9 @@ def test_metrics_count_from_redis_the_same_in_every_process(settings, r):
     assert samples[("c3_render_job_duration_seconds_sum", (("type", "csm"),))] == pytest.approx(42, abs=0.01)
     assert samples[("c3_render_nodes_running", ())] == 1
     assert samples[("c3_render_node_seconds_total", ())] == 125.5
+    assert samples[("c3_render_node_time_seconds_total", (("kind", "booting"),))] == pytest.approx(5, abs=0.01)
+    assert samples[("c3_render_node_time_seconds_total", (("kind", "idle"),))] == pytest.approx(5, abs=0.01)
+    assert samples[("c3_render_node_time_seconds_total", (("kind", "busy"),))] == 0
     assert samples[("c3_render_webhook_deliveries_total", (("outcome", "delivered"),))] == 1
     assert samples[("c3_render_webhook_deliveries_total", (("outcome", "retrying"),))] == 1
     assert samples[("c3_render_webhook_deliveries_total", (("outcome", "failed"),))] == 0
@@ -219,9 +224,8 @@ def test_overview_shows_workers_nodes_and_throughput(client, r, settings):
     run(r, settings, ids[0])
     jobstore.heartbeat(r, "worker-a", 30)
     r.lpush(jobstore.processing_key("worker-a"), jobstore.queue_entry(ids[1], "csm"))
-    nodestore.acquire_node_slot(r, "worker-a", 4, "media:fast")
-    nodestore.record_node(r, "worker-a", "media:fast", {"state": "running", "node": "node-7", "workload": "wl-7",
-                                                       "launched_at": time.time() - 100})
+    assert nodestore.reserve_node(r, "n7", "media:fast", "worker-a", 4, time.time() - 100, ids[1], "csm")
+    nodestore.mark_booting(r, "n7", {"state": "ready", "node": "node-7", "workload": "wl-7"})
     r.incrbyfloat(config.NODE_SECONDS_DAY_KEY.format(day=time.strftime("%Y-%m-%d", time.gmtime())), 50)
     view = client.get("/overview").json
     assert view["queue_depth"] == 2 and view["finished_last_hour"] == 1 and view["nodes_running"] == 1
@@ -230,9 +234,13 @@ def test_overview_shows_workers_nodes_and_throughput(client, r, settings):
     assert 99 <= view["node_seconds_total"] <= 110
     [worker] = view["workers"]
     assert worker["id"] == "worker-a" and worker["alive"] and worker["heartbeat_age_s"] < 5
-    assert worker["nodes"] == [{"type": "media:fast", "state": "running", "node": "node-7", "workload": "wl-7",
-                                "launched_at": worker["nodes"][0]["launched_at"]}]
+    assert worker["nodes"] == [{"id": "n7", "type": "media:fast", "state": "ready", "node": "node-7",
+                                "workload": "wl-7", "launched_at": worker["nodes"][0]["launched_at"]}]
     assert worker["jobs"] == [ids[1]]
+    [node] = view["nodes"]  # the pool, with the job on each node
+    assert node["id"] == "n7" and node["jobs"] == [{"job": ids[1], "service": "csm", "worker": "worker-a",
+                                                    "since": node["jobs"][0]["since"]}]
+    assert view["finished_today"] == 1 and view["node_seconds_per_job_today"] == view["node_seconds_today"]
 
 
 def test_docs_are_served_locally(client):

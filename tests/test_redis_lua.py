@@ -37,7 +37,7 @@ def section(head: list[str], label: str) -> str:
 def test_the_scripts_and_pieces_are_there():
     assert {"submit", "transition", "requeue", "put_back", "position", "record_with_position", "set_progress",
             "set_phase", "notify_changed", "flag_cancel", "settle_webhook", "resend_webhook", "return_inflight",
-            "acquire_slot", "own_node", "move_due_webhooks"} <= set(SCRIPTS)
+            "pool_reserve", "pool_lease", "own_node", "move_due_webhooks"} <= set(SCRIPTS)
     assert {"job_changed", "job_finished", "queue_slots", "position_of", "add_history"} <= set(PIECES)
 
 
@@ -122,13 +122,15 @@ def test_a_call_loads_the_script_again_after_script_flush(r):
 
 def test_the_pipeline_form_loads_the_script_again_after_script_flush(r):
     r.script_flush()
-    calls = [((config.NODE_SLOTS_KEY,), (f"w{n}|media", 2, "")) for n in range(3)]
-    assert redis_lua.run_many(r, "acquire_slot", calls) == [1, 1, 0]
-    assert r.script_exists(redis_lua.script("acquire_slot").sha) == [True]
-    assert r.smembers(config.NODE_SLOTS_KEY) == {"w0|media", "w1|media"}
+    def reserve(node: str, max_nodes: object) -> tuple[tuple[str, ...], tuple[object, ...]]:
+        keys = (config.POOL_NODES_KEY, config.POOL_NODE_KEY.format(id=node), config.POOL_LEASES_KEY.format(id=node))
+        return keys, (node, "media", "w", "1.0", max_nodes, "", "{}")
+
+    assert redis_lua.run_many(r, "pool_reserve", [reserve(f"n{n}", 2) for n in range(3)]) == [1, 1, 0]
+    assert r.script_exists(redis_lua.script("pool_reserve").sha) == [True]
+    assert r.smembers(config.POOL_NODES_KEY) == {"n0", "n1"}
     # an error comes back as its exception, in its place
-    results = redis_lua.run_many(r, "acquire_slot", [((config.NODE_SLOTS_KEY,), ("w9|x", "many", "")),
-                                                     ((config.NODE_SLOTS_KEY,), ("w0|media", 2, ""))])
+    results = redis_lua.run_many(r, "pool_reserve", [reserve("n9", "many"), reserve("n0", 3)])
     assert isinstance(results[0], redis.ResponseError) and results[1] == 1
 
 

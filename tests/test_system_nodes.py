@@ -82,14 +82,16 @@ def submit(stack, route: str, body: dict) -> str:
     return answer["id"]
 
 
-def start_one_taker_and_one_sweeper(stack, doomed_id: str, sweeper_id: str):
-    """Two workers with MAX_NODES=1: the first holds the only slot (and so takes the next job), the
-    second can only sweep until the first is gone."""
+def start_one_taker_and_one_sweeper(stack, doomed_id: str, sweeper_id: str, job: tuple[str, dict]):
+    """Two workers with MAX_NODES=1: the first takes the job (it is alone when the job comes), the second
+    starts once it has: it can only sweep until the first is gone. Returns (doomed, sweeper, job id)."""
     doomed = stack["worker"](doomed_id, MAX_NODES="1")
-    wait_for(lambda: stack["r"].smembers(config.NODE_SLOTS_KEY), 20, what="the first worker to reserve the slot")
+    wait_for(lambda: "started" in doomed.log(), 20, what="the first worker to start")
+    job_id = submit(stack, *job)
+    wait_for(lambda: stack["r"].llen(f"processing:{doomed_id}"), 20, what="the first worker to take the job")
     sweeper = stack["worker"](sweeper_id, MAX_NODES="1")
     wait_for(lambda: "started" in sweeper.log(), 20, what="the second worker to start")
-    return doomed, sweeper
+    return doomed, sweeper, job_id
 
 
 def kill_in_launch_window(stack, doomed, t0: float) -> tuple[str, float]:
@@ -98,7 +100,7 @@ def kill_in_launch_window(stack, doomed, t0: float) -> tuple[str, float]:
     node = wait_for(lambda: [n for n in running_nodes(stack["devnode"])
                              if n["launched_at"] >= t0 and n["workload"] not in stack["foreign"]], 20,
                     what="the launch to create a node")[0]
-    recorded = [r.hgetall(key) for key in r.scan_iter("node:*")]
+    recorded = [r.hgetall(key) for key in r.scan_iter("pool:node:*")]
     assert node["workload"] not in [record.get("workload") for record in recorded]  # not recorded yet
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.proc.wait(10)
@@ -108,8 +110,8 @@ def kill_in_launch_window(stack, doomed, t0: float) -> tuple[str, float]:
 def test_sigkill_in_the_launch_window_the_sweep_stops_the_node(stack):
     t0 = time.time()
     set_faults(stack["devnode"], launch_answer_delay_s=8)  # the node exists 8 s before the answer
-    doomed, sweeper = start_one_taker_and_one_sweeper(stack, "w-doomed", "w-sweeper")
-    job_id = submit(stack, "/csm", {"text": "Killed in the launch window."})
+    doomed, sweeper, job_id = start_one_taker_and_one_sweeper(stack, "w-doomed", "w-sweeper",
+                                                              ("/csm", {"text": "Killed in the launch window."}))
     workload, killed_at = kill_in_launch_window(stack, doomed, t0)
     reset_faults(stack["devnode"])
     # a dead worker is seen after HEARTBEAT_TTL; its node goes within two sweep intervals after that
@@ -132,7 +134,8 @@ def test_lost_launch_answer_gives_exactly_one_node(stack):
     mine = [n for n in devnode_nodes(stack["devnode"]) if n["launched_at"] >= t0]
     assert len(mine) == 1, mine  # the node of the lost answer was adopted, not launched again
     assert "adopted workload" in worker.log()
-    assert stack["r"].hget("node:w-lost:media:fast", "workload") == mine[0]["workload"]
+    pool = [stack["r"].hget(key, "workload") for key in stack["r"].scan_iter("pool:node:*")]
+    assert pool == [mine[0]["workload"]]  # the adopted node is the pool's
     worker.stop()
     assert not running_nodes(stack["devnode"]), "a node was left running"
 
@@ -143,8 +146,8 @@ def test_foreign_workloads_are_never_stopped(stack):
     t0 = time.time()
     time.sleep(1.5)
     set_faults(stack["devnode"], launch_answer_delay_s=8)
-    doomed, sweeper = start_one_taker_and_one_sweeper(stack, "w-doomed2", "w-sweeper2")
-    job_id = submit(stack, "/csm", {"text": "Someone else shares this account."})
+    doomed, sweeper, job_id = start_one_taker_and_one_sweeper(
+        stack, "w-doomed2", "w-sweeper2", ("/csm", {"text": "Someone else shares this account."}))
     ours, _killed_at = kill_in_launch_window(stack, doomed, t0)
     other_type = launch_foreign(stack, "ollama_webui:fast")  # inside our window, but not what we launched
     reset_faults(stack["devnode"])
@@ -154,7 +157,7 @@ def test_foreign_workloads_are_never_stopped(stack):
     wait_for(lambda: not stack["r"].hlen(config.LAUNCH_INTENTS_KEY), 30, what="our launch windows to close")
     after = launch_foreign(stack)
     time.sleep(HEARTBEAT_TTL_S + 3 * SWEEP_INTERVAL_S)
-    sweeper.stop()  # a clean stop stops the sweeper's own node only
+    sweeper.stop()  # the last worker's clean stop stops the pool's idle nodes: ours only
     for workload in (before, other_type, after):
         assert node_row(stack["devnode"], workload)["state"] in ("booting", "running"), workload
     assert {n["workload"] for n in running_nodes(stack["devnode"])} == {before, other_type, after}
@@ -178,7 +181,8 @@ def test_analyze_runs_on_a_vision_node_and_takes_the_slot_of_the_idle_media_node
         # the idle media node was stopped at once for the vision node (no wait for its idle timer)
         assert node_row(stack["devnode"], media[0]["workload"])["stopped_at"] - started < 5
         vision = [n for n in running_nodes(stack["devnode"]) if n["type"] == "ollama_webui:fast"]
-        assert len(vision) == 1 and stack["r"].smembers(config.NODE_SLOTS_KEY) == {"w-types|ollama_webui:fast"}
+        pool = [stack["r"].hget(key, "type") for key in stack["r"].scan_iter("pool:node:*")]
+        assert len(vision) == 1 and pool == ["ollama_webui:fast"]
         assert "its slot is needed for a ollama_webui:fast node" in worker.log()
         assert "offers the configured workload types" in worker.log()
     finally:

@@ -24,6 +24,7 @@ from system import (
     start_receiver,
     start_worker,
     wait_finished,
+    wait_job_node_ready,
 )
 
 import jobspec
@@ -76,10 +77,7 @@ def test_sigkill_mid_job_another_worker_finishes_one_webhook_node_stopped(stack)
     doomed = stack["worker"]("doomed")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    key = "node:doomed:media:fast"
-    node = wait_for(lambda: (r.hgetall(key) or {}).get("workload") and r.hgetall(key), 30,
-                    what="the doomed worker's node record")
-    wait_for(lambda: r.hget("node:doomed:media:fast", "state") == "running", 30, what="its node to boot")
+    node = wait_job_node_ready(r, job_id)
     time.sleep(1.0)  # the engine call is in flight on the node
     doomed.signal(signal.SIGKILL)
     doomed.proc.wait(10)
@@ -88,10 +86,10 @@ def test_sigkill_mid_job_another_worker_finishes_one_webhook_node_stopped(stack)
     final = wait_finished(stack["api"], job_id, 120)
     assert final["status"] == "success", final
     assert final["attempts"] == 2
-    # the dead worker's node was stopped by the recovery sweep, not left billing
+    # the dead worker's node (no other job on it) was stopped by the recovery sweep, not left billing
     states = {n["workload"]: n["state"] for n in devnode_nodes(stack["devnode"])}
     assert states[node["workload"]] == "stopped"
-    assert not r.exists("node:doomed:media:fast") and r.llen("processing:doomed") == 0
+    assert not r.exists(f"pool:node:{node['id']}") and r.llen("processing:doomed") == 0
     wait_for(lambda: stack["receiver"].for_job(job_id), 20, what="the webhook")
     time.sleep(2)
     assert len(stack["receiver"].for_job(job_id)) == 1  # exactly one final webhook
@@ -125,7 +123,7 @@ def test_cancel_of_a_running_job(stack):
     stack["worker"]("w-cancel")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    wait_for(lambda: stack["r"].hget("node:w-cancel:media:fast", "state") == "running", 30, what="node up")
+    wait_job_node_ready(stack["r"], job_id)
     time.sleep(1)
     status, body = http_json("POST", f"{stack['api']}/cancel/{job_id}")
     assert status == 200 and body["cancel_requested"] is True
@@ -170,7 +168,7 @@ def test_workers_never_share_a_job_and_respect_max_nodes(stack):
         running += delta
         peak = max(peak, running)
     assert peak <= 2
-    assert len(r.smembers("nodes:slots")) <= 2
+    assert len(r.smembers("pool:nodes")) <= 2
     wait_for(lambda: len(stack["receiver"].bodies()) >= 6, 20, what="webhooks")
     assert sorted(b["id"] for b in stack["receiver"].bodies()) == sorted(ids)
 
@@ -195,7 +193,7 @@ def test_heartbeat_lasts_while_a_stopping_worker_finishes_its_job(stack):
     worker = stack["worker"]("w-beat", WORKER_GRACE_S="8", HEARTBEAT_TTL="2")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    wait_for(lambda: r.hget("node:w-beat:media:fast", "state") == "running", 30, what="node up")
+    wait_job_node_ready(r, job_id)
     worker.signal(signal.SIGTERM)
     alive = []
     for _ in range(5):  # 5 s after the SIGTERM: more than twice the heartbeat's TTL
@@ -213,7 +211,7 @@ def test_sigterm_puts_a_long_job_back(stack):
     worker = stack["worker"]("w-term2", WORKER_GRACE_S="2")
     job_id = submit_csm(stack)
     wait_status(stack, job_id, "running", 60)
-    wait_for(lambda: r.hget("node:w-term2:media:fast", "state") == "running", 30, what="node up")
+    wait_job_node_ready(r, job_id)
     worker.signal(signal.SIGTERM)
     assert worker.proc.wait(60) == 0
     record = r.hgetall(f"job:{job_id}")

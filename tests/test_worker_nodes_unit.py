@@ -1,5 +1,6 @@
-"""Unit tests of the worker's node handling: leak-proof launches, the sweep's launch-window rule,
-the node check cache, service readiness and the workload-type check (responses for HTTP, real redis)."""
+"""Unit tests of the worker's node handling in the pool: leak-proof launches, the sweep's launch-window
+rule, the node check cache, service readiness, recovery after Redis errors and the workload-type check
+(responses for HTTP, a real redis-server)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import jobstore
 import launches
 import nodes
 import nodestore
+import pool
 import sweep
 
 API = "https://api.comput3.test/api/v0"
@@ -37,6 +39,22 @@ def s():
 @pytest.fixture
 def state(s, r):
     return worker.WorkerState(settings=s, r=r, worker_id="w1")
+
+
+def leased(state, job_id: str = "job-1", job_type: str = "csm"):
+    """A slot for a job, its node booted (what run_on_node has before it waits for the service)."""
+    lease = pool.acquire(state, job_id, job_type, lambda: None, engine_api.no_phase)
+    return nodes.wait_booted(state, lease, lambda: None)
+
+
+def pool_node(r, node_id: str, worker: str, workload: str, launched_at: float, state: str = "ready",
+              job: str = "") -> None:
+    """A pool node as a launch by `worker` leaves it (with a lease for `job` when given)."""
+    assert nodestore.reserve_node(r, node_id, "media:fast", worker, 8, launched_at, job, "csm")
+    if workload:
+        assert nodestore.own_node(r, node_id, worker, "media:fast", workload, f"{workload}.gpu", launched_at,
+                                  launched_at + 3600)
+    nodestore.mark_booting(r, node_id, {"state": state})
 
 
 def row(workload: str, created: float, node_type: str = "media:fast") -> dict:
@@ -63,11 +81,11 @@ def test_launch_answer_timed_out_after_the_node_was_created_is_adopted(state, mo
                 listing.body = json.dumps([row("foreign-old", now - 300), row("wl-1", time.time())])
 
     monkeypatch.setattr(requests, "request", provider)
-    held = nodes.ensure_node(state, lambda: None)
-    launches = [c for c in responses.calls if c.request.url.endswith("/launch")]
-    assert len(launches) == 1  # never launched again while the first node ran
-    assert held.workload == "wl-1" and held.node == "wl-1.gpu"
-    assert state.r.hget("node:w1:media:fast", "workload") == "wl-1"
+    lease = leased(state)
+    launches_made = [c for c in responses.calls if c.request.url.endswith("/launch")]
+    assert len(launches_made) == 1  # never launched again while the first node ran
+    assert lease.workload == "wl-1" and lease.node == "wl-1.gpu"
+    assert [n["workload"] for n in nodestore.pool_nodes(state.r)] == ["wl-1"]
     assert set(nodestore.owned_nodes(state.r)) == {"wl-1"} and not nodestore.launch_intents(state.r)
 
 
@@ -81,7 +99,8 @@ def test_launch_intent_is_recorded_before_the_launch_call(state):
         return 200, {}, json.dumps({"workload": "wl-1", "node": "wl-1.gpu"})
 
     responses.add_callback(responses.POST, f"{API}/launch", callback=capture)
-    answer = launches.launch_node(state.settings, state.r, "w1", "media:fast")
+    assert nodestore.reserve_node(state.r, "n-1", "media:fast", "w1", 4, time.time())
+    answer = launches.launch_node(state.settings, state.r, "w1", "media:fast", "n-1")
     assert answer["workload"] == "wl-1"
     (intent,) = seen.values()
     assert intent["worker"] == "w1" and intent["type"] == "media:fast" and intent["before"] == ["foreign-old"]
@@ -93,13 +112,13 @@ def test_launch_intent_is_recorded_before_the_launch_call(state):
 def test_sweep_stops_only_what_a_dead_launch_created(s, r):
     t = time.time() - 5
     dead_intent = nodestore.begin_launch(r, "dead", "media:fast", ["foreign-before"], t)
-    nodestore.own_node(r, "alive", "media:fast", "ours-held", "ours-held.gpu", t + 1)
+    pool_node(r, "n-held", "alive", "ours-held", t + 1)
     r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
     listing = responses.post(f"{API}/workloads", json=[
         row("foreign-before", t - 1),  # running before the launch (listed in its intent)
         row("ours-lost", t + 1),  # created in the window, never recorded: the dead worker's
         row("foreign-other-type", t + 1, "ollama_webui:fast"),  # in the window, but not the type launched
-        row("ours-held", t + 1),  # in the window, but a live worker holds it
+        row("ours-held", t + 1),  # in the window, but a pool node of ours has it
         row("foreign-later", t + 200),  # created after the window closed
         row("foreign-earlier", t - 120),  # long before
     ])
@@ -124,14 +143,14 @@ def test_sweep_leaves_a_workload_a_live_launch_may_own(s, r):
 
 
 @responses.activate
-def test_sweep_stops_registered_nodes_of_dead_workers(s, r):
-    nodestore.own_node(r, "gone", "media:fast", "wl-g", "wl-g.gpu", time.time() - 60)
-    nodestore.own_node(r, "alive", "media:fast", "wl-a", "wl-a.gpu", time.time() - 60)
-    r.set(jobstore.heartbeat_key("alive"), "1", ex=30)
+def test_sweep_stops_registered_workloads_no_pool_node_holds(s, r):
+    pool_node(r, "n-kept", "gone", "wl-kept", time.time() - 60)  # its launcher died: the pool keeps it
+    nodestore.claim_workload(r, "wl-orphan", {"id": "n-forgotten", "worker": "gone", "node": "wl-orphan.gpu",
+                                              "launched_at": time.time() - 60})  # its pool node went
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert sweep.stop_nodes_of_dead_owners(s, r) == 1
-    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-g"]
-    assert set(nodestore.owned_nodes(r)) == {"wl-a"}
+    assert sweep.stop_unowned_workloads(s, r) == 1
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-orphan"]
+    assert set(nodestore.owned_nodes(r)) == {"wl-kept"}
 
 
 @responses.activate
@@ -140,21 +159,25 @@ def test_a_node_checked_recently_costs_no_provider_call(state):
     listing = responses.post(f"{API}/workloads", json=[])
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     health = responses.get("https://wl-1.gpu/", body="ok")
-    held = nodes.ensure_node(state, lambda: None)
+    lease = leased(state)
+    pool.release(state, lease)
     listing.body = json.dumps([row("wl-1", time.time())])
     calls = len(responses.calls)
-    for _ in range(5):
-        assert nodes.ensure_node(state, lambda: None) is held
+    for n in range(5):
+        lease = leased(state, f"job-{n + 2}")
+        assert lease.workload == "wl-1" and nodes.node_problem(state, lease) == ""
+        pool.release(state, lease)
     assert len(responses.calls) == calls  # checked at boot: no call for the next jobs
-    assert nodes.node_usable(state, "media:fast", force=True) == ""  # after any error: asked again
+    assert nodes.node_problem(state, lease, force=True) == ""  # after any error: asked again
     assert len(responses.calls) == calls + 2
-    # a failed list invalidates the cache: the next job checks again
+    # a failed list is not a check: the next job checks again once the cache runs out
     listing.status = 502
-    nodes.node_usable(state, "media:fast", force=True)
-    assert state.nodes["media:fast"].checked_at == 0.0
+    state.r.hset(nodestore.node_key(lease.node_id), "checked_at", "0")
+    nodes.node_problem(state, lease)
+    assert float(state.r.hget(nodestore.node_key(lease.node_id), "checked_at")) == 0.0
     listing.status = 200
     health_calls = len(health.calls)
-    nodes.ensure_node(state, lambda: None)
+    nodes.node_problem(state, lease)
     assert len(health.calls) == health_calls + 1
 
 
@@ -165,10 +188,10 @@ def test_service_readiness_waited_for_once_per_node(state, monkeypatch):
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     responses.get("https://wl-1.gpu/", body="ok")
     stats = responses.get("https://ui-wl-1.gpu/system_stats", status=502)
-    held = nodes.ensure_node(state, lambda: None)
+    lease = leased(state, job_type="portrait")
     state.settings = dataclasses.replace(state.settings, service_ready_timeout_s=0)
     with pytest.raises(nodes.NodeFailed, match="comfyui on the GPU node was not ready.*SERVICE_READY_TIMEOUT.*502"):
-        nodes.wait_service_ready(state, held, "portrait", lambda: None)
+        nodes.wait_service_ready(state, lease, "portrait", lambda: None)
     state.settings = dataclasses.replace(state.settings, service_ready_timeout_s=60)
     responses.replace(responses.GET, "https://ui-wl-1.gpu/system_stats", status=404)
     responses.add(responses.GET, "https://ui-wl-1.gpu/system_stats", json={"system": {}})
@@ -177,10 +200,10 @@ def test_service_readiness_waited_for_once_per_node(state, monkeypatch):
         return len([c for c in responses.calls if c.request.url.endswith("/system_stats")])
 
     before = stats_calls()
-    nodes.wait_service_ready(state, held, "portrait", lambda: None)
+    nodes.wait_service_ready(state, lease, "portrait", lambda: None)
     assert stats_calls() - before == 2  # a 404 (the node itself still answers), then ready
-    nodes.wait_service_ready(state, held, "portrait", lambda: None)
-    assert stats_calls() - before == 2  # not asked again on this node
+    nodes.wait_service_ready(state, lease, "portrait", lambda: None)
+    assert stats_calls() - before == 2  # not asked again on this node (by any worker: it is in Redis)
     assert stats.calls
 
 
@@ -213,7 +236,7 @@ def test_a_workload_claimed_by_a_sweeper_that_died_is_taken_over(s, r):
     nodestore.claim_workload(r, "wl-fresh", {"worker": "sweep", "node": "f.gpu", "since": time.time()})
     nodestore.claim_workload(r, "wl-stale", {"worker": "sweep", "node": "s.gpu", "since": time.time() - 600})
     stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert sweep.stop_nodes_of_dead_owners(s, r) == 1
+    assert sweep.stop_unowned_workloads(s, r) == 1
     assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-stale"]
     assert set(nodestore.owned_nodes(r)) == {"wl-fresh"}
 
@@ -229,66 +252,63 @@ def test_a_node_that_dies_while_a_service_starts_is_not_waited_for(state, monkey
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     root = responses.get("https://wl-1.gpu/", body="ok")
     responses.get(ready_url, status=404)
-    held = nodes.ensure_node(state, lambda: None)
+    lease = leased(state, job_type=job_type)
     root.status = 404  # the provider stopped the node: everything on it answers 404 now
     started = time.monotonic()
     with pytest.raises(nodes.NodeDown, match=f"stopped answering while {service} was starting"):
-        nodes.wait_service_ready(state, held, job_type, lambda: None)
+        nodes.wait_service_ready(state, lease, job_type, lambda: None)
     assert time.monotonic() - started < 5  # not SERVICE_READY_TIMEOUT (480 s)
 
 
 @responses.activate
 @pytest.mark.parametrize("stop_answer", [200, 502])
 def test_stops_on_the_way_out_without_redis_are_told_apart(state, r, stop_answer, monkeypatch, caplog):
-    """With Redis gone at shutdown, a node whose Comput3 stop failed is not reported as stopped (the
-    sweep stops it from the registry of our nodes), and nothing is tried on Redis for it."""
+    """With Redis gone at shutdown, the node of the job cut short is stopped through Comput3; one whose
+    stop failed is not reported as stopped (the sweep stops it from the registry of our nodes), and nothing
+    is tried on Redis for it."""
     monkeypatch.setattr(time, "sleep", lambda _s: None)
-    responses.post(f"{API}/stop", json={"stopped": 1} if stop_answer == 200 else {"error": "bad gateway"},
-                   status=stop_answer)
-    nodestore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time() - 60)
-    state.nodes["media:fast"] = nodes.HeldNode("wl-1", "wl-1.gpu", time.time() - 60,
-                                                engine_api.node_urls("wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui",
-                                                                 "https://{node}"))
+    stop = responses.post(f"{API}/stop", json={"stopped": 1} if stop_answer == 200 else {"error": "bad gateway"},
+                          status=stop_answer)
+    pool_node(r, "n-1", "w1", "wl-1", time.time() - 60, job="job-1")
+    state.lease = nodes.Lease("n-1", "media:fast", "job-1", "csm", time.time() - 30, "wl-1", "wl-1.gpu",
+                              nodes.urls_of(state.settings, "wl-1.gpu"))
     state.redis_lost = "TimeoutError"
     with caplog.at_level(logging.INFO, logger="c3-render.worker"):
-        nodes.stop_node(state, "media:fast", "worker shutting down")
+        worker.leave_pool(state)
+    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-1"]
     assert (state.unrecorded_stops, state.unstopped_nodes) == ((1, 0) if stop_answer == 200 else (0, 1))
-    assert ("stopped node wl-1.gpu" in caplog.text) == (stop_answer == 200)
     assert r.hlen(config.NODES_TO_STOP_KEY) == 0 and set(nodestore.owned_nodes(r)) == {"wl-1"}
 
 
 @responses.activate
 def test_records_left_by_a_redis_error_in_a_launch_are_freed(state, r, monkeypatch):
-    """A Redis error inside a launch left a slot, a "launching" record and an open launch intent (and,
-    for a second type, a node owned but never held): with MAX_NODES slots all taken that way the worker
-    could never take a job again. Recovery frees them, stops the owned node, and orphans the window."""
+    """A Redis error inside a launch left a reserved place ("launching") and an open launch intent, and
+    a lease of a job that went back: with MAX_NODES places all taken that way no job could get a node
+    again. Recovery releases them and orphans the window (the sweep stops what it may have made)."""
     monkeypatch.setattr(time, "sleep", lambda _s: None)
     state.settings = dataclasses.replace(state.settings, max_nodes=2)
-    stop = responses.post(f"{API}/stop", json={"stopped": 1})
-    assert nodestore.acquire_node_slot(r, "w1", 2, "media:fast")
-    nodestore.record_node(r, "w1", "media:fast", {"state": "launching", "worker": "w1", "type": "media:fast"})
+    assert nodestore.reserve_node(r, "n-launching", "media:fast", "w1", 2, time.time(), "job-a", "csm")
     intent_id = nodestore.begin_launch(r, "w1", "media:fast", [], time.time())
     other = nodestore.begin_launch(r, "w2", "media:fast", [], time.time())  # another worker's: untouched
-    assert nodestore.acquire_node_slot(r, "w1", 2, "ollama_webui:fast")
-    nodestore.own_node(r, "w1", "ollama_webui:fast", "wl-9", "wl-9.gpu", time.time())
-    assert not nodestore.acquire_node_slot(r, "w1", 2)  # the state the soak found: no slot for a job
-    nodes.forget_unheld_nodes(state)
-    assert nodestore.slot_types(r, "w1") == []
-    assert nodestore.get_node(r, "w1", "media:fast") is None and nodestore.owned_nodes(r) == {}
-    assert [json.loads(c.request.body)["workload"] for c in stop.calls] == ["wl-9"]
+    pool_node(r, "n-ready", "w2", "wl-9", time.time(), job="job-b")
+    nodestore.release_lease(r, "n-ready", "job-b", time.time())
+    assert nodestore.lease_slot(r, "n-ready", "media:fast", "job-c", "w1", "csm", 1, 4, time.time()) == "ok"
+    assert not nodestore.reserve_node(r, "n-x", "media:fast", "w1", 2, time.time())  # the pool is full
+    pool.release_stale(state, None)
+    records = {n["id"]: n for n in nodestore.pool_nodes(r)}
+    assert set(records) == {"n-ready"} and records["n-ready"]["leases"] == {}  # the node stays in the pool
+    assert not [c for c in responses.calls if c.request.url.endswith("/stop")]
     intents = nodestore.launch_intents(r)
     assert intents[intent_id].get("orphan") is True and not intents[other].get("orphan")
-    assert nodestore.acquire_node_slot(r, "w1", 2)  # the worker can take a job again
+    assert nodestore.reserve_node(r, "n-x", "media:fast", "w1", 2, time.time())  # a place again
 
 
 @responses.activate
-def test_recovery_leaves_the_nodes_a_worker_holds(state, r):
-    assert nodestore.acquire_node_slot(r, "w1", 2, "media:fast")
-    nodestore.own_node(r, "w1", "media:fast", "wl-1", "wl-1.gpu", time.time())
-    state.nodes["media:fast"] = nodes.HeldNode("wl-1", "wl-1.gpu", time.time(), engine_api.node_urls(
-        "wl-1.gpu", "k", "https://{node}", "https://{node}/comfyui", "https://{node}"))
-    nodes.forget_unheld_nodes(state)
-    assert nodestore.slot_types(r, "w1") == ["media:fast"] and set(nodestore.owned_nodes(r)) == {"wl-1"}
+def test_recovery_leaves_the_lease_of_the_running_job(state, r):
+    pool_node(r, "n-1", "w1", "wl-1", time.time(), job="job-1")
+    lease = nodes.Lease("n-1", "media:fast", "job-1", "csm", time.time(), "wl-1", "wl-1.gpu")
+    pool.release_stale(state, lease)
+    assert list(nodestore.pool_nodes(r)[0]["leases"]) == ["job-1"]
     assert len(responses.calls) == 0  # no stop call
 
 
@@ -305,50 +325,41 @@ def test_the_workloads_list_keeps_only_objects_with_a_workload_id(s, caplog):
 
 
 @responses.activate
-def test_odd_workload_records_stop_neither_a_launch_nor_a_held_node(state):
+def test_odd_workload_records_stop_neither_a_launch_nor_a_node(state):
     listing = responses.post(f"{API}/workloads", json=[row("foreign", time.time() - 300), *ODD_RECORDS])
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "wl-1.gpu"})
     responses.get("https://wl-1.gpu/", body="ok")
-    held = nodes.ensure_node(state, lambda: None)
-    assert held.workload == "wl-1" and nodestore.get_node(state.r, "w1", "media:fast")["state"] == "running"
+    lease = leased(state)
+    assert lease.workload == "wl-1" and nodestore.get_pool_node(state.r, lease.node_id)["state"] == "ready"
     listing.body = json.dumps([*ODD_RECORDS, row("wl-1", time.time())])
-    assert nodes.node_usable(state, "media:fast", force=True) == ""
+    assert nodes.node_problem(state, lease, force=True) == ""
 
 
 @responses.activate
 @pytest.mark.parametrize("failure", [RuntimeError("unexpected"), KeyError("node")])
-def test_any_failure_inside_a_launch_frees_the_slot_and_the_launching_record(state, r, failure):
-    """Not only a C3Error: whatever a launch raises, its slot and "launching" record go (else, with
-    MAX_NODES slots held so, no worker takes a job again), and its window is left to the sweep."""
+def test_any_failure_inside_a_launch_gives_its_place_back(state, r, failure):
+    """Not only a C3Error: whatever a launch raises, its place in the pool goes back (else, with MAX_NODES
+    places held so, no job gets a node again), and its window is left to the sweep."""
     responses.post(f"{API}/workloads", json=[])
     responses.post(f"{API}/launch", body=failure)  # raised by the HTTP call itself
-    assert nodestore.acquire_node_slot(r, "w1", state.settings.max_nodes)  # the worker's reservation
     with pytest.raises(type(failure)):
-        nodes.ensure_node(state, lambda: None)
-    assert nodestore.slot_types(r, "w1") == [] and nodestore.get_node(r, "w1", "media:fast") is None
-    assert not state.nodes
+        pool.acquire(state, "job-1", "csm", lambda: None, engine_api.no_phase)
+    assert not r.smembers(config.POOL_NODES_KEY)
     [intent] = nodestore.launch_intents(r).values()
     assert intent["worker"] == "w1" and intent["orphan"] is True  # the sweep stops what it may have made
 
 
 @responses.activate
-def test_odd_workload_records_do_not_stop_the_sweep_before_it_stops_dead_owners_nodes(s, r):
+def test_odd_workload_records_do_not_stop_the_sweep_before_it_stops_dead_workers_nodes(s, r):
     t = time.time() - 5
     nodestore.begin_launch(r, "dead-launcher", "media:fast", [], t)
-    nodestore.own_node(r, "dead-owner", "media:fast", "wl-dead-owner", "wl-dead-owner.gpu", t - 60)
-    nodestore.acquire_node_slot(r, "dead-worker", 4, "media:fast")
-    nodestore.record_node(r, "dead-worker", "media:fast", {"workload": "wl-gone", "node": "wl-gone.gpu",
-                                                           "launched_at": t - 60})
+    nodestore.claim_workload(r, "wl-dead-owner", {"id": "n-gone", "worker": "dead-owner", "node": "x.gpu",
+                                                  "launched_at": t - 60})
+    pool_node(r, "n-dead", "dead-worker", "wl-gone", t - 60, job="job-dead")
     responses.post(f"{API}/workloads", json=[*ODD_RECORDS, row("ours-lost", t + 1), row("wl-dead-owner", t - 60)])
-
-    def stop_answer(request):  # the dead worker's node is gone already: its stop fails
-        failed = json.loads(request.body)["workload"] == "wl-gone"
-        return (502, {}, '{"error": "bad gateway"}') if failed else (200, {}, '{"stopped": 1}')
-
-    responses.add_callback(responses.POST, f"{API}/stop", callback=stop_answer)
+    stop = responses.post(f"{API}/stop", json={"stopped": 1})
     summary = sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
     assert summary["workers"] == ["dead-worker"] and summary["stopped_unrecorded"] == 2
-    stopped = [json.loads(c.request.body)["workload"] for c in responses.calls if c.request.url.endswith("/stop")]
+    stopped = [json.loads(c.request.body)["workload"] for c in stop.calls]
     assert sorted(stopped) == ["ours-lost", "wl-dead-owner", "wl-gone"]
-    assert not r.smembers(config.NODE_SLOTS_KEY) and not r.exists("node:dead-worker:media:fast")
-    assert nodestore.owned_nodes(r) == {}
+    assert not r.smembers(config.POOL_NODES_KEY) and nodestore.owned_nodes(r) == {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,6 +19,8 @@ import engine_api
 import launches
 import nodes
 import nodestore
+import pool
+import pool_policy
 import sweep
 
 API = "https://api.comput3.test/api/v0"
@@ -31,14 +35,21 @@ def s():
     )
 
 
+def reserve(r, node_id: str = "n-1", node_type: str = "media:fast") -> str:
+    """A place in the pool for a node about to be launched (what pool.acquire takes before a launch)."""
+    assert nodestore.reserve_node(r, node_id, node_type, "w1", 4, time.time())
+    return node_id
+
+
 @responses.activate
 def test_request_shapes_and_headers(s, r):
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "abc.comput3.ai"})
     responses.post(f"{API}/workloads", json=[{"workload": "wl-1", "node": "abc.comput3.ai", "type": "media:fast"}])
     responses.post(f"{API}/stop", json={"stopped": 1700000000, "refund_amount": 0.5})
     responses.get("https://abc.comput3.ai/", body="ok")
-    answer = launches.launch_node(s, r, "w1", "media:fast", expires=1234)
+    answer = launches.launch_node(s, r, "w1", "media:fast", reserve(r), expires=1234)
     assert answer["workload"] == "wl-1"
+    assert r.hget(nodestore.node_key("n-1"), "workload") == "wl-1"  # the pool node's workload now
     assert comput3.get_running_workloads(s)[0]["node"] == "abc.comput3.ai"
     assert comput3.check_node_health(nodes.urls_of(s, "abc.comput3.ai"))
     assert comput3.stop_workload(s, "wl-1")["refund_amount"] == 0.5
@@ -58,9 +69,30 @@ def test_default_expires_leaves_a_margin_beyond_max_age(s, r):
     responses.post(f"{API}/workloads", json=[])
     launch = responses.post(f"{API}/launch", json={"workload": "w", "node": "n"})
     before = time.time()
-    launches.launch_node(s, r, "w1", "media:fast")
+    launches.launch_node(s, r, "w1", "media:fast", reserve(r))
     expires = json.loads(launch.calls[0].request.body)["expires"]
     assert expires >= before + s.node_max_age_s + s.node_expires_margin_s - 1
+
+
+@responses.activate
+def test_a_node_launched_for_a_long_job_lives_past_its_max_time(s, make_state):
+    """Defect 4: a node is launched to outlive the job's max_time, and a job never takes a node whose
+    provider expiry comes before its max_time would end."""
+    responses.post(f"{API}/workloads", json=[])
+    launch = responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
+    state = make_state(s)
+    long_job = s.node_max_age_s + 3600  # longer than NODE_MAX_AGE
+    before = time.time()
+    lease = pool.acquire(state, "job-long", "csm", lambda: None, engine_api.no_phase, min_life_s=long_job)
+    expires = json.loads(launch.calls[0].request.body)["expires"]
+    assert expires >= before + long_job + s.node_expires_margin_s - 1
+    nodestore.release_lease(state.r, lease.node_id, "job-long", time.time())
+    nodestore.mark_booting(state.r, lease.node_id, {"expires": time.time() + 600})  # 10 minutes left
+    view = pool.views(s, nodestore.pool_nodes(state.r))
+    est = pool.estimates(s, state.r, ["media:fast"])
+    cfg = pool.policy_config(s)
+    assert pool_policy.place(view, "media:fast", "csm", time.time(), est, cfg, min_life_s=1200).action == "launch"
+    assert pool_policy.place(view, "media:fast", "csm", time.time(), est, cfg, min_life_s=300).action == "lease"
 
 
 @responses.activate
@@ -73,7 +105,7 @@ def test_launch_retried_on_5xx_html_and_timeouts(s, r):
     responses.post(f"{API}/launch", status=500, json={"error": "x"})
     responses.post(f"{API}/launch", json={"workload": "wl-9", "node": "n9"})
     slept = []
-    assert launches.launch_node(s, r, "w1", "media:fast", sleep=slept.append)["workload"] == "wl-9"
+    assert launches.launch_node(s, r, "w1", "media:fast", reserve(r), sleep=slept.append)["workload"] == "wl-9"
     assert len([c for c in responses.calls if c.request.url.endswith("/launch")]) == 5
     looked = list(launches.LOST_ANSWER_WAITS_S)  # after each failure: look for a node the answer hid
     assert slept == [*looked, 0.01, *looked, 0.02, *looked, 0.04, *looked, 0.08]  # exponential backoff
@@ -84,7 +116,7 @@ def test_launch_gives_up_after_attempts_with_clear_message(s, r):
     responses.post(f"{API}/workloads", json=[])
     launch = responses.post(f"{API}/launch", status=503, body="<html>down</html>", content_type="text/html")
     with pytest.raises(comput3.C3Error) as info:
-        launches.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
+        launches.launch_node(s, r, "w1", "media:fast", reserve(r), sleep=lambda _s: None)
     assert len(launch.calls) == 5
     assert "could not launch a media:fast GPU node" in str(info.value) and "HTTP 503" in str(info.value)
     assert "sekrit-key" not in str(info.value)
@@ -95,7 +127,7 @@ def test_launch_not_retried_on_401(s, r):
     responses.post(f"{API}/workloads", json=[])
     launch = responses.post(f"{API}/launch", status=401, json={"error": "bad key"})
     with pytest.raises(comput3.C3Error, match="check C3_API_KEY"):
-        launches.launch_node(s, r, "w1", "media:fast", sleep=lambda _s: None)
+        launches.launch_node(s, r, "w1", "media:fast", reserve(r), sleep=lambda _s: None)
     assert len(launch.calls) == 1
     assert not nodestore.launch_intents(r)  # a refused launch created nothing: no window to watch
 
@@ -107,6 +139,23 @@ def make_state(r):
     return make
 
 
+def lease_for(state, job_id: str, job_type: str = "csm", should_stop=lambda: None):
+    """A slot for a job, its node booted: what run_on_node has before it calls the engine."""
+    lease = pool.acquire(state, job_id, job_type, should_stop, engine_api.no_phase)
+    return nodes.wait_booted(state, lease, should_stop)
+
+
+def run_job_on_node(state, job_id: str, engine, job_type: str = "csm"):
+    """pool.run_on_node with a stand-in engine, then the lease released as the worker does."""
+    context = functools.partial(engine_api.JobContext, job_id=job_id, params={}, inputs={}, work_dir=Path("."),
+                                settings=state.settings, should_stop=lambda: None)
+    try:
+        return pool.run_on_node(state, job_id, job_type, engine, context, lambda: None, engine_api.no_phase)
+    finally:
+        pool.release(state, state.lease)
+        state.lease = None
+
+
 @responses.activate
 def test_node_reused_while_healthy_and_replaced_when_not(s, make_state):
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
@@ -115,18 +164,24 @@ def test_node_reused_while_healthy_and_replaced_when_not(s, make_state):
     stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
     health1 = responses.get("https://n1/", body="ok")
     responses.get("https://n2/", body="ok")
+    responses.get("https://n1/csm/config", body="{}")
+    responses.get("https://n2/csm/config", body="{}")
     state = make_state(s)
-    first = nodes.ensure_node(state, lambda: None)
-    assert first.workload == "wl-1"
-    assert nodes.ensure_node(state, lambda: None) is first  # reused
-    assert state.r.hget("node:w1:media:fast", "workload") == "wl-1"
-    # the node starts failing its health check: it is stopped and a new one launched
+    assert run_job_on_node(state, "job-1", lambda job: job.node.base) == "https://n1"
+    assert run_job_on_node(state, "job-2", lambda job: job.node.base) == "https://n1"  # reused
+    assert [r["workload"] for r in nodestore.pool_nodes(state.r)] == ["wl-1"]
+    # the node starts failing its health check under a job: it is stopped and the job runs on a new one
     health1.status = 502
     workloads.body = json.dumps([{"workload": "wl-1"}, {"workload": "wl-2"}])
-    second = nodes.ensure_node(state, lambda: None)
-    assert second.workload == "wl-2"
+
+    def engine(job):
+        if job.node.base == "https://n1":
+            raise requests.ConnectionError("the node went away")
+        return job.node.base
+
+    assert run_job_on_node(state, "job-3", engine) == "https://n2"
     assert json.loads(stop.calls[0].request.body) == {"workload": "wl-1"}
-    assert state.r.hget("node:w1:media:fast", "workload") == "wl-2"
+    assert [r["workload"] for r in nodestore.pool_nodes(state.r)] == ["wl-2"]
 
 
 @responses.activate
@@ -138,9 +193,8 @@ def test_node_replaced_when_gone_from_workloads_list(s, make_state):
     responses.get("https://n1/", body="ok")
     responses.get("https://n2/", body="ok")
     state = make_state(s)
-    nodes.ensure_node(state, lambda: None)
-    assert nodes.node_usable(state, "media:fast") == "no longer in the workloads list"
-    assert nodes.ensure_node(state, lambda: None).workload == "wl-2"
+    lease = lease_for(state, "job-1")
+    assert nodes.node_problem(state, lease) == "no longer in the workloads list"
 
 
 @responses.activate
@@ -152,20 +206,21 @@ def test_node_that_never_boots_is_stopped(s, make_state):
     responses.get("https://n1/", status=503)
     state = make_state(s)
     with pytest.raises(nodes.NodeFailed, match="did not become healthy"):
-        nodes.ensure_node(state, lambda: None)
-    assert len(stop.calls) == 1 and not state.nodes
-    assert not state.r.exists("node:w1:media:fast") and not state.r.smembers(config.NODE_SLOTS_KEY)
+        lease_for(state, "job-1")
+    assert len(stop.calls) == 1
+    assert not state.r.smembers(config.POOL_NODES_KEY)  # its place in the pool went back
 
 
 @responses.activate
 def test_idle_node_stopped_after_timeout(s, make_state):
+    s = dataclasses.replace(s, node_policy="fixed")
     responses.post(f"{API}/workloads", json=[])  # the list taken before each launch
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
     stop = responses.post(f"{API}/stop", json={"stopped": 1, "refund_amount": 0})
     responses.get("https://n1/", body="ok")
     state = make_state(s)
-    nodes.ensure_node(state, lambda: None)
-    state.nodes["media:fast"].last_used = time.time()
+    lease = lease_for(state, "job-1")
+    pool.release(state, lease)
 
     def stop_soon():
         time.sleep(1.8)  # the loop blocks up to 1 s on an empty queue between idle checks
@@ -175,8 +230,8 @@ def test_idle_node_stopped_after_timeout(s, make_state):
 
     threading.Thread(target=stop_soon).start()
     worker.work(state)
-    assert len(stop.calls) == 1  # stopped by the idle timeout, before the loop ended
-    assert not state.nodes
+    assert len(stop.calls) == 1  # stopped by the idle timeout (0.2 s), before the loop ended
+    assert not state.r.smembers(config.POOL_NODES_KEY)
     assert float(state.r.get(config.NODE_SECONDS_KEY)) > 0
 
 
@@ -184,7 +239,8 @@ def test_idle_node_stopped_after_timeout(s, make_state):
 def test_slot_cap_waits_and_honours_stop(s, make_state):
     s = dataclasses.replace(s, max_nodes=1)
     state = make_state(s)
-    state.r.sadd(config.NODE_SLOTS_KEY, "someone-else|media:fast")
+    assert nodestore.reserve_node(state.r, "theirs", "media:fast", "someone-else", 1, time.time(), "their-job",
+                                  "csm")
     calls = []
 
     def should_stop():
@@ -192,7 +248,7 @@ def test_slot_cap_waits_and_honours_stop(s, make_state):
         return "cancelled by request" if len(calls) > 1 else None
 
     with pytest.raises(engine_api.JobStopped, match="cancelled"):
-        nodes.ensure_node(state, should_stop)
+        pool.acquire(state, "job-1", "csm", should_stop, engine_api.no_phase)
     assert not [c for c in responses.calls if c.request.url.endswith("/launch")]
 
 
@@ -226,15 +282,16 @@ def test_should_stop_reasons(s, make_state):
 
 
 @responses.activate
-def test_sweep_releases_the_slot_of_a_dead_workers_vanished_node(s, r):
-    responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})
-    nodestore.acquire_node_slot(r, "dead", 4, "media:fast")
-    nodestore.record_node(r, "dead", "media:fast",
-                          {"workload": "wl-gone", "node": "n", "launched_at": time.time() - 10})
+def test_sweep_releases_the_lease_of_a_dead_worker_and_stops_its_node(s, r):
+    responses.post(f"{API}/stop", status=404, json={"error": "unknown workload"})  # gone already
+    assert nodestore.reserve_node(r, "n-dead", "media:fast", "dead", 4, time.time() - 10, "job-x", "csm")
+    nodestore.mark_booting(r, "n-dead", {"state": "ready", "workload": "wl-gone", "node": "n"})
+    r.hset("job:job-x", "status", "running")
     summary = sweep.sweep_dead_workers(dataclasses.replace(s, heartbeat_ttl_s=0), r)
-    assert summary["workers"] == ["dead"]
-    assert not r.exists("node:dead:media:fast") and not r.smembers(config.NODE_SLOTS_KEY)
+    assert summary["leases_released"] == 1
+    assert not r.smembers(config.POOL_NODES_KEY) and not r.exists(nodestore.node_key("n-dead"))
     assert json.loads(responses.calls[0].request.body) == {"workload": "wl-gone"}
+    assert float(r.hget("job:job-x", "node_seconds")) >= 10  # its share of the node went to the job
 
 
 @responses.activate
@@ -244,8 +301,9 @@ def test_failed_stop_is_retried_by_the_sweep(s, make_state, r):
     responses.get("https://n1/", body="ok")
     stop = responses.post(f"{API}/stop", status=502, body="<html>bad gateway</html>", content_type="text/html")
     state = make_state(s)
-    nodes.ensure_node(state, lambda: None)
-    nodes.stop_node(state, "media:fast", "test")
+    lease = lease_for(state, "job-1")
+    pool.release(state, lease)
+    assert nodes.stop_pool_node(state, lease.node_id, "test")
     assert r.hgetall(config.NODES_TO_STOP_KEY) == {"wl-1": "n1"}
     stop.status, stop.body, stop.content_type = 200, json.dumps({"stopped": 1}), "application/json"
     assert sweep.retry_failed_stops(s, r) == 0
@@ -253,29 +311,28 @@ def test_failed_stop_is_retried_by_the_sweep(s, make_state, r):
 
 
 @responses.activate
-def test_replacing_a_node_keeps_the_slot(s, make_state, r):
+def test_a_job_whose_node_failed_gets_another_within_max_nodes(s, make_state, r):
     s = dataclasses.replace(s, max_nodes=1)
     responses.post(f"{API}/launch", json={"workload": "wl-1", "node": "n1"})
     responses.post(f"{API}/launch", json={"workload": "wl-2", "node": "n2"})
-    responses.post(f"{API}/workloads", json=[])  # wl-1 vanished
+    workloads = responses.post(f"{API}/workloads", json=[])
     responses.post(f"{API}/stop", json={"stopped": 1})
     responses.get("https://n1/", body="ok")
     responses.get("https://n2/", body="ok")
+    responses.get("https://n1/csm/config", body="{}")
+    responses.get("https://n2/csm/config", body="{}")
     state = make_state(s)
-    nodes.ensure_node(state, lambda: None)
-    real_stop = comput3.stop_workload
+    seen = []
 
-    def stop_and_race(settings, workload):  # another worker tries to take the slot mid-replacement
-        answer = real_stop(settings, workload)
-        assert not nodestore.acquire_node_slot(r, "other", 1, "media:fast")
-        return answer
+    def engine(job):
+        seen.append(len(r.smembers(config.POOL_NODES_KEY)))
+        if job.node.base == "https://n1":
+            workloads.body = json.dumps([{"workload": "wl-2"}])  # wl-1 vanished
+            raise requests.ConnectionError("gone")
+        return job.node.base
 
-    comput3.stop_workload = stop_and_race
-    try:
-        assert nodes.ensure_node(state, lambda: None).workload == "wl-2"
-    finally:
-        comput3.stop_workload = real_stop
-    assert r.smembers(config.NODE_SLOTS_KEY) == {"w1|media:fast"}
+    assert run_job_on_node(state, "job-1", engine) == "https://n2"
+    assert seen == [1, 1]  # never more than MAX_NODES nodes in the pool
 
 
 def test_sweep_waits_after_a_redis_restart(s, r, monkeypatch):
