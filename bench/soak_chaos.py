@@ -25,6 +25,7 @@ The kinds (CHAOS_KINDS, in the order the table shows them):
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import signal
 import threading
@@ -255,14 +256,14 @@ class Chaos:
             return 0
 
     def launching_workers(self) -> list[str]:
-        """Workers whose node record says they called launch and have not recorded its answer yet."""
+        """Workers whose pool node says they called launch and have not recorded its answer yet."""
         assert self.stack.r is not None
         found = []
         try:
-            for key in self.stack.r.scan_iter("node:*", count=100):
+            for key in self.stack.r.scan_iter("pool:node:*", count=100):
                 record = self.stack.r.hgetall(key)
-                if record.get("state") == "launching" and record.get("worker"):
-                    found.append(record["worker"])
+                if record.get("state") == "launching" and record.get("launcher"):
+                    found.append(record["launcher"])
         except redis.RedisError:
             return []
         return found
@@ -383,12 +384,15 @@ class Chaos:
                   f"their nodes stopped: {stopped}")
 
     def workload_of(self, worker: str) -> str:
+        """The workload of a pool node the worker runs a job on ('' when none)."""
         assert self.stack.r is not None
         try:
-            for key in self.stack.r.scan_iter(f"node:{worker}*"):
-                workload = self.stack.r.hget(key, "workload")
-                if workload:
-                    return str(workload)
+            for node_id in self.stack.r.smembers("pool:nodes"):
+                leases = self.stack.r.hvals(f"pool:leases:{node_id}")
+                if any(json.loads(lease).get("worker") == worker for lease in leases):
+                    workload = self.stack.r.hget(f"pool:node:{node_id}", "workload")
+                    if workload:
+                        return str(workload)
         except redis.RedisError:
             pass
         return ""

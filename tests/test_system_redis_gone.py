@@ -17,12 +17,19 @@ import time
 import pytest
 import redis
 from conftest import RedisServer, free_port, wait_for
-from system import reset_faults, running_nodes, service_env, set_faults, start_receiver, start_worker
+from system import (
+    reset_faults,
+    running_nodes,
+    service_env,
+    set_faults,
+    start_receiver,
+    start_worker,
+    wait_job_node_ready,
+)
 
 import config
 import jobspec
 import jobstore
-import nodestore
 import webhook_state
 
 pytestmark = pytest.mark.e2e
@@ -116,8 +123,7 @@ def test_sigterm_with_redis_frozen_during_a_job_stops_the_node_and_exits_after_t
     rescuer = None
     try:
         job_id, _ = jobstore.submit(r, "csm", jobspec.validate("csm", {"text": "Never ends."}))
-        wait_for(lambda: r.hget(nodestore.node_key("w-job", "media:fast"), "state") == "running", 60,
-                 what="the worker's node to boot")
+        wait_job_node_ready(r, job_id, 60)
         time.sleep(1.5)  # the engine call is under way; the AOF has the running job
         take_redis_away(own_redis, "frozen")
         worker.signal(signal.SIGTERM)
