@@ -133,9 +133,10 @@ def run_job(state: WorkerState, entry: str) -> None:
 
 
 def let_go(state: WorkerState) -> None:
-    """Release the running job's slot (the node stays in the pool for the next job)."""
-    lease, state.lease = state.lease, None
-    pool.release(state, lease)
+    """Release the running job's slot (the node stays in the pool for the next job). A Redis error keeps
+    it in state.lease: on the way out the node is then stopped through Comput3 (leave_pool)."""
+    pool.release(state, state.lease)
+    state.lease = None
 
 
 def claim(state: WorkerState, entry: str) -> ClaimedJob | None:

@@ -1,5 +1,6 @@
 -- pool_release: a job's lease of a pool node ends. Its share of the node's time goes to the job's record
--- (node_seconds, node_type), the node notes it as its last job, the service's job-time estimate moves,
+-- (node_seconds, node_type; with its engine's run time, engine_seconds), the node notes it as its last
+-- job, the service's job-time estimate moves,
 -- and a node left with no job is idle from now (its type too when no node of the type runs a job).
 --
 -- KEYS: [1] the node (POOL_NODE_KEY)  [2] its leases (POOL_LEASES_KEY)  [3] the job (JOB_KEY)
@@ -34,6 +35,9 @@ if redis.call('HLEN', KEYS[2]) == 0 then
   if not busy then redis.call('HSET', KEYS[5], 'idle_since:' .. node_type, now) end
 end
 if ARGV[3] ~= '' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('HINCRBYFLOAT', KEYS[3], 'engine_seconds', tonumber(ARGV[3]))
+  end
   local name = 'service:' .. lease['service']
   local old = tonumber(redis.call('HGET', KEYS[5], name) or '')
   local sample = tonumber(ARGV[3])
