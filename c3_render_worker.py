@@ -2,10 +2,11 @@
 
 Its loop (`work`) has four steps: maintenance (the pool's idle nodes, one worker at a time; after a
 Redis error, give back what was cut short), dequeue (`jobstore.take`, into this worker's processing
-list), execute (`run_job`) and, in a thread of its own, the heartbeat with the recovery sweep
-(`heartbeat_loop`, sweep.py). `run_job` runs one job as named steps: claim it, prepare its inputs, run
-its engine on a slot of a pool node (pool.py), store the result, settle it (the final status and its
-webhook in one Redis step), let the slot go. On SIGTERM the running job gets WORKER_GRACE_S to finish,
+list), execute (`run_job`), and in threads of their own the heartbeat (`heartbeat_loop`: a Redis
+write, nothing that waits on the network) and the recovery sweep (`sweep_loop`, sweep.py). `run_job`
+runs one job as named steps: claim it, prepare its inputs, run its engine on a slot of a pool node
+(pool.py), store the result, settle it (the final status and its webhook in one Redis step), let the
+slot go. On SIGTERM the running job gets WORKER_GRACE_S to finish,
 then `shut_down` lets its slot go (the last worker also stops the idle nodes) and hands back what is in
 flight, in bounded time even when Redis is gone.
 
@@ -74,7 +75,7 @@ class WorkerState:
     lease: Lease | None = None  # the running job's slot on a pool node
     stopping: threading.Event = field(default_factory=threading.Event)
     settled: threading.Event = field(default_factory=threading.Event)  # after SIGTERM: no job left running
-    shutdown_deadline: float | None = None
+    shutdown_deadline: float | None = None  # time.monotonic() when WORKER_GRACE_S after the SIGTERM ends
     node_seconds: float = 0.0
     entry: str | None = None  # the queue entry taken and not yet settled in Redis (acked, put back, requeued)
     redis_lost: str = ""  # on the way out: why Redis did not answer ('' while it does); its steps are skipped
@@ -92,9 +93,10 @@ class ClaimedJob:
     attempt: int  # what the claim produced: every later change of the job names this worker and it
     record: dict[str, str]
     params: dict[str, Any]
-    started: float
+    started: float  # wall clock (compared with complete_by, an absolute time)
     complete_by: float
     work_dir: Path
+    started_mono: float = field(default_factory=time.monotonic)  # max_time is measured from here
 
 
 @dataclass
@@ -175,7 +177,7 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
     settings = state.settings
     log.info("job %s (%s) started, attempt %d", job.id, job.type, job.attempt)
     job.work_dir.mkdir(parents=True, exist_ok=True)
-    should_stop = make_should_stop(state, job.id, job.started, int(job.params["max_time"]), job.complete_by)
+    should_stop = make_should_stop(state, job.id, job.started_mono, int(job.params["max_time"]), job.complete_by)
     phase = job_phase(state, job)
     try:
         phase("downloading")
@@ -189,8 +191,8 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
         output = pool.run_on_node(state, job.id, job.type, ENGINES[job.type], context, should_stop, phase,
                                   min_life_s=job.params["max_time"] + NODE_LIFE_MARGIN_S)
         phase("storing")
-        fields = storage.store_result(settings, state.r, job.type, job.id, output, job.work_dir)
-        log.info("job %s succeeded in %.1f s", job.id, time.time() - job.started)
+        fields = storage.store_result(settings, state.r, job.type, job.id, output, job.work_dir, should_stop)
+        log.info("job %s succeeded in %.1f s", job.id, time.monotonic() - job.started_mono)
         return Outcome("success", fields)
     except redis.RedisError:
         raise  # the entry stays in our processing list; the main loop requeues it once Redis answers
@@ -240,7 +242,8 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
                                                    worker_id=state.worker_id, attempt=job.attempt)
             break
         except redis.RedisError:
-            past_grace = state.shutdown_deadline is not None and time.time() + wait_s > state.shutdown_deadline
+            past_grace = state.shutdown_deadline is not None and \
+                time.monotonic() + wait_s > state.shutdown_deadline
             if not wait_s or past_grace:
                 raise  # the main loop gives the entry back to the queue once Redis answers
             log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job.id,
@@ -255,15 +258,17 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
 
 
 def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: int, complete_by: float) -> ShouldStop:
-    """should_stop() for one job: cancel (polled from Redis each second), max_time, complete_by, shutdown."""
-    last_poll = [0.0]
+    """should_stop() for one job: cancel (polled from Redis each second), max_time (from `started`, a
+    time.monotonic(): a step of the wall clock neither ends a job early nor lets it run on), complete_by
+    (an absolute wall-clock time) and the end of the shutdown's grace."""
+    last_poll = [-1.0]
     cancelled = [False]
 
     def should_stop() -> str | None:
-        now = time.time()
+        now = time.monotonic()
         if not cancelled[0] and state.shutdown_deadline is not None and now > state.shutdown_deadline:
             return SHUTDOWN_REASON  # without one more poll: a Redis that does not answer would delay it
-        if now - last_poll[0] >= 1.0:
+        if last_poll[0] < 0 or now - last_poll[0] >= 1.0:
             last_poll[0] = now
             try:
                 cancelled[0] = jobstore.stop_requested(state.r, job_id)
@@ -273,7 +278,7 @@ def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: 
             return CANCEL_REASON
         if now - started > max_time:
             return f"max_time of {max_time} s exceeded (the job ran too long and was stopped)"
-        if now > complete_by:
+        if time.time() > complete_by:
             return "complete_by deadline passed (the job was stopped unfinished)"
         if state.shutdown_deadline is not None and now > state.shutdown_deadline:
             return SHUTDOWN_REASON
@@ -366,23 +371,34 @@ def dequeue(state: WorkerState) -> str | None:
 
 
 def heartbeat_loop(state: WorkerState) -> None:
-    """Keep the heartbeat alive and run the recovery sweep every SWEEP_INTERVAL_S. After a SIGTERM the
-    heartbeat goes on (no more sweeps) until the running job is settled: a job finishing within
-    WORKER_GRACE_S must not look abandoned to other workers' sweeps, which would run it again."""
+    """Keep the heartbeat alive: a Redis write every HEARTBEAT_TTL / 3 and nothing else (never a call that
+    can wait on the network: a heartbeat that expires makes other workers run this worker's job again).
+    After a SIGTERM it goes on until the running job is settled, so a job finishing within WORKER_GRACE_S
+    does not look abandoned to other workers' sweeps."""
     r = jobstore.connect(state.settings.redis_url)
     interval = max(0.2, state.settings.heartbeat_ttl_s / 3)
-    next_sweep = 0.0
     while not state.settled.is_set():
         try:
             jobstore.heartbeat(r, state.worker_id, state.settings.heartbeat_ttl_s)
-            if time.time() >= next_sweep and not state.stopping.is_set():
-                next_sweep = time.time() + state.settings.sweep_interval_s
-                sweep.sweep_dead_workers(state.settings, r)
         except redis.RedisError as exc:
             log.warning("heartbeat: Redis unavailable (%s)", type(exc).__name__)
         except Exception:  # noqa: BLE001 - the heartbeat thread must not die
-            log.exception("heartbeat/sweep error")
+            log.exception("heartbeat error")
         state.settled.wait(interval)
+
+
+def sweep_loop(state: WorkerState) -> None:
+    """The recovery sweep every SWEEP_INTERVAL_S, in a thread of its own (it calls Comput3, which may take a
+    minute), until the worker is asked to stop."""
+    r = jobstore.connect(state.settings.redis_url)
+    while not state.stopping.is_set():
+        try:
+            sweep.sweep_dead_workers(state.settings, r, state.worker_id)
+        except redis.RedisError as exc:
+            log.warning("recovery sweep: Redis unavailable (%s)", type(exc).__name__)
+        except Exception:  # noqa: BLE001 - the sweep thread must not die
+            log.exception("recovery sweep error")
+        state.stopping.wait(state.settings.sweep_interval_s)
 
 
 def check_startup(settings: config.Settings) -> None:
@@ -491,7 +507,7 @@ def run() -> int:
         if state.shutdown_deadline is None:
             log.info("signal %d: finishing the running job (up to WORKER_GRACE_S=%g s), then exiting",
                      signum, settings.worker_grace_s)
-            state.shutdown_deadline = time.time() + settings.worker_grace_s
+            state.shutdown_deadline = time.monotonic() + settings.worker_grace_s
             # From now on the job's Redis calls wait at most EXIT_REDIS_TIMEOUT_S each (a frozen Redis)
             state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
         state.stopping.set()
@@ -501,6 +517,7 @@ def run() -> int:
     log.info("worker %s started; queue %s, Comput3 API %s", worker_id, config.QUEUE_KEY, settings.c3_api_url)
     comput3.check_workload_types(settings)
     threading.Thread(target=heartbeat_loop, args=(state,), name="heartbeat", daemon=True).start()
+    threading.Thread(target=sweep_loop, args=(state,), name="sweep", daemon=True).start()
     senders = webhooks.start_delivery(settings, worker_id, webhook_stop)
     work(state)
     shut_down(state, webhook_stop, senders)

@@ -25,6 +25,7 @@ Engines never touch Redis or storage; they return a local file path (media) or t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,3 +102,16 @@ class JobStopped(Exception):
 
 class EngineError(Exception):
     """The engine's service answered with an error; str() is the message the client sees."""
+
+
+def pause(seconds: float, should_stop: ShouldStop | None, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Wait `seconds` (a retry's back-off); with should_stop, in half-second steps, ending early with
+    JobStopped when it gives a reason (a cancel is not held up by a long back-off)."""
+    if should_stop is None:
+        sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if reason := should_stop():
+            raise JobStopped(reason)
+        sleep(min(0.5, left))

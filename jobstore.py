@@ -337,8 +337,9 @@ def dead_workers(r: redis.Redis) -> list[str]:
     return [w for w, a in zip(workers, alive, strict=True) if not a]
 
 
-def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, Any]:
-    """Give the jobs of dead workers back to the queue; fail those out of attempts.
+def requeue_abandoned(r: redis.Redis, settings: config.Settings, me: str = "") -> dict[str, Any]:
+    """Give the jobs of dead workers back to the queue; fail those out of attempts. The sweeping worker
+    (me) is never one of them, nor is any worker whose heartbeat key exists when its list would move.
 
     Returns {"workers": [dead worker ids], "requeued": n, "failed": [job ids]}. Safe to run from
     several workers at once: every step is atomic and a second run finds nothing left to move.
@@ -346,8 +347,10 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
     summary: dict[str, Any] = {"workers": [], "requeued": 0, "failed": []}
     holders = nodestore.lease_holders(r)
     for worker in dead_workers(r):
+        if worker == me:
+            continue
         summary["workers"].append(worker)
-        requeued, failed = requeue_processing(r, settings, worker)
+        requeued, failed = requeue_processing(r, settings, worker, dead=True)
         summary["requeued"] += requeued
         summary["failed"] += failed
         # webhook deliveries the dead worker was sending go back to the outbox (same webhook-id)
@@ -357,18 +360,22 @@ def requeue_abandoned(r: redis.Redis, settings: config.Settings) -> dict[str, An
     return summary
 
 
-def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -> tuple[int, list[str]]:
+def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str,
+                       dead: bool = False) -> tuple[int, list[str]]:
     """Give every entry of one worker's processing list back to the queue (jobs out of attempts fail).
 
     For a dead worker (the sweep), or for a live worker itself when it runs no job: after a Redis error
     cut a job short, its entry is left in the processing list and nobody else would ever give it back.
     Either way none of that worker's attempts is live, so a job goes back when it is queued or runs on
-    that worker (any attempt); an entry of a job another worker runs now is only dropped.
+    that worker (any attempt); an entry of a job another worker runs now is only dropped. With dead (the
+    sweep), nothing moves while the worker's heartbeat exists (checked in the same step).
     Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
     """
-    requeued, over = redis_lua.run(r, "requeue", (processing_key(worker), *QUEUE_KEYS),
+    requeued, over = redis_lua.run(r, "requeue", (processing_key(worker), *QUEUE_KEYS, heartbeat_key(worker)),
                                    settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()),
-                                   worker)
+                                   worker, "dead" if dead else "")
+    if int(requeued) < 0:
+        return 0, []
     failed = []
     for entry in over:
         job_id = json.loads(entry)["id"]

@@ -22,6 +22,7 @@ import comput3
 import config
 import nodestore
 from comput3 import C3Error
+from engine_api import JobStopped, ShouldStop, pause
 
 log = logging.getLogger("c3-render.worker")
 
@@ -133,22 +134,30 @@ def launch_recorded(settings: config.Settings, r: redis.Redis, worker_id: str, n
 
 def launch_node(settings: config.Settings, r: redis.Redis, worker_id: str, node_type: str, node_id: str,
                 sleep: Callable[[float], None] = time.sleep, expires: int | None = None,
-                attempts: int | None = None) -> dict[str, Any]:
+                attempts: int | None = None, should_stop: ShouldStop | None = None) -> dict[str, Any]:
     """Launch (or adopt) a node of node_type for pool node node_id (reserved by the caller), leak-proof; it
     is recorded in Redis as booting when this returns. Retried LAUNCH_ATTEMPTS (or attempts) times with
     exponential backoff on 5xx, timeouts and non-JSON answers (each time after looking for the node a
-    lost answer hid)."""
+    lost answer hid). A stop of the job (should_stop: its cancel, max_time) is seen between the
+    attempts, during the backoff and while a lost answer's node is looked for, not only when they are
+    over: JobStopped, no more launches, and the open launch window is left to the sweep."""
     expires = expires or default_expires(settings)
     last: C3Error | None = None
     attempts = attempts or settings.launch_attempts
+
+    def wait(seconds: float) -> None:
+        pause(seconds, should_stop, sleep)
+
     for attempt in range(1, attempts + 1):
+        if should_stop is not None and (reason := should_stop()):
+            raise JobStopped(reason)
         try:
-            return launch_in_window(settings, r, worker_id, node_type, node_id, expires, sleep)
+            return launch_in_window(settings, r, worker_id, node_type, node_id, expires, wait)
         except C3Error as exc:
             last = exc
             if not exc.retryable or attempt == attempts:
                 break
             delay = settings.launch_backoff_s * 2 ** (attempt - 1)
             log.warning("launch attempt %d/%d failed (%s); retrying in %.1f s", attempt, attempts, exc, delay)
-            sleep(delay)
+            wait(delay)
     raise C3Error(f"could not launch a {node_type} GPU node: {last}")

@@ -96,7 +96,7 @@ def fill_lease(settings: config.Settings, lease: Lease, record: dict[str, str]) 
 # --- launching and booting ---------------------------------------------------------------------
 
 def launch_pool_node(state: NodeHolder, node_id: str, node_type: str, attempts: int | None = None,
-                     min_life_s: float = 0.0) -> None:
+                     min_life_s: float = 0.0, should_stop: ShouldStop | None = None) -> None:
     """Launch the workload of a pool node this worker reserved, to live NODE_MAX_AGE (or min_life_s, the
     job's max_time, if longer) plus NODE_EXPIRES_MARGIN; it boots on its own after. A launch that fails
     gives its place in the pool back (NodeFailed)."""
@@ -104,7 +104,7 @@ def launch_pool_node(state: NodeHolder, node_id: str, node_type: str, attempts: 
     expires = int(time.time() + max(settings.node_max_age_s, min_life_s) + settings.node_expires_margin_s)
     try:
         answer = launches.launch_node(settings, state.r, state.worker_id, node_type, node_id, expires=expires,
-                                      attempts=attempts)
+                                      attempts=attempts, should_stop=should_stop)
     except C3Error as exc:
         nodestore.forget_node(state.r, node_id, time.time())
         raise NodeFailed(str(exc)) from None
@@ -119,11 +119,15 @@ def wait_booted(state: NodeHolder, lease: Lease, should_stop: ShouldStop) -> Lea
     """Wait until the leased node is ready: launched (by whichever worker reserved it) and answering its
     health check (whoever sees it first marks it ready). NODE_BOOT_TIMEOUT after its launch it is stopped."""
     settings = state.settings
+    deadline: float | None = None  # time.monotonic() when NODE_BOOT_TIMEOUT after the launch is over
     while True:
         record = nodestore.get_pool_node(state.r, lease.node_id)
         if record is None or record.get("state") == "stopping":
             raise NodeFailed("the GPU node was stopped before it booted")
         fill_lease(settings, lease, record)
+        if deadline is None:  # the launch time is shared (wall clock); the wait is counted here
+            launched_ago = max(0.0, time.time() - float(record.get("launched_at") or time.time()))
+            deadline = time.monotonic() + settings.node_boot_timeout_s - launched_ago
         if record.get("state") == "ready":
             return lease
         if lease.urls is not None and comput3.check_node_health(lease.urls, timeout_s=5.0):
@@ -131,7 +135,7 @@ def wait_booted(state: NodeHolder, lease: Lease, should_stop: ShouldStop) -> Lea
             if boot is not None:
                 log.info("node %s is up after %.1f s", lease.node, boot)
             return lease
-        if time.time() - float(record.get("launched_at") or time.time()) > settings.node_boot_timeout_s:
+        if time.monotonic() > deadline:
             stop_pool_node(state, lease.node_id, "did not boot", force=True)
             raise NodeFailed(f"GPU node did not become healthy within {settings.node_boot_timeout_s:g} s "
                              "(NODE_BOOT_TIMEOUT)")
@@ -152,9 +156,9 @@ def wait_service_ready(state: NodeHolder, lease: Lease, job_type: str, should_st
     assert lease.urls is not None  # noqa: S101 - wait_booted filled it
     url = getattr(lease.urls, field) + path
     timeout_s = state.settings.service_ready_timeout_s
-    deadline = time.time() + timeout_s
+    deadline = time.monotonic() + timeout_s
     last = ""
-    root_checked = 0.0
+    root_checked = -READY_ROOT_CHECK_S
     while True:
         try:
             response = requests.get(url, headers=lease.urls.headers(), timeout=(5, 15))
@@ -169,14 +173,14 @@ def wait_service_ready(state: NodeHolder, lease: Lease, job_type: str, should_st
         if not last:
             log.info("waiting for %s on node %s to be ready (%s)", field, lease.node, answer)
         last = answer
-        if time.time() - root_checked >= READY_ROOT_CHECK_S:  # a node that died is not waited for
-            root_checked = time.time()
+        if time.monotonic() - root_checked >= READY_ROOT_CHECK_S:  # a node that died is not waited for
+            root_checked = time.monotonic()
             if not comput3.check_node_health(lease.urls):
                 raise NodeDown(f"the node stopped answering while {field} was starting ({answer})")
         reason = should_stop()
         if reason:
             raise JobStopped(reason)
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             raise NodeFailed(f"{field} on the GPU node was not ready within {timeout_s:g} s "
                              f"(SERVICE_READY_TIMEOUT; last answer: {last})")
         time.sleep(2.0)
@@ -219,18 +223,18 @@ def drain_node(state: NodeHolder, lease: Lease, job_id: str, busy: Callable[[Nod
     job), else stop the node."""
     if lease.urls is None or busy is None:
         return
-    started = time.time()
+    started = time.monotonic()
     while busy(lease.urls):
         if state.stopping.is_set():
             return
-        if time.time() - started > state.settings.node_drain_timeout_s:
+        if time.monotonic() - started > state.settings.node_drain_timeout_s:
             stop_pool_node(state, lease.node_id, f"still busy with stopped job {job_id} after NODE_DRAIN_TIMEOUT "
                            f"({state.settings.node_drain_timeout_s:g} s)", force=True)
             return
         time.sleep(1.0)
-    if time.time() - started >= 1.0:
+    if time.monotonic() - started >= 1.0:
         log.info("job %s: node %s finished the work it could not stop after %.1f s more (node time of the "
-                 "stopped job)", job_id, lease.node, time.time() - started)
+                 "stopped job)", job_id, lease.node, time.monotonic() - started)
 
 
 # --- stopping ----------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def acquire(state: NodeHolder, job_id: str, job_type: str, should_stop: ShouldSt
             if nodestore.reserve_node(r, node_id, node_type, state.worker_id, settings.max_nodes, now, job_id,
                                       job_type):
                 phase("booting_node")
-                nodes.launch_pool_node(state, node_id, node_type, min_life_s=min_life_s)
+                nodes.launch_pool_node(state, node_id, node_type, min_life_s=min_life_s, should_stop=should_stop)
                 return Lease(node_id, node_type, job_id, job_type, now)
             continue
         if decision.action == "make_room":
@@ -165,9 +165,9 @@ def run_on_node(state: NodeHolder, job_id: str, job_type: str, engine: Callable[
         try:
             nodes.wait_booted(state, lease, should_stop)
             nodes.wait_service_ready(state, lease, job_type, should_stop)
-            started = time.time()
+            started = time.monotonic()
             output = engine(context(node=lease.urls))
-            lease.ran_s = time.time() - started
+            lease.ran_s = time.monotonic() - started
             nodestore.mark_checked(state.r, lease.node_id, time.time())  # it just did a job: known good
             return output
         except JobStopped:

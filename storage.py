@@ -45,6 +45,7 @@ from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 import config
 import localfiles
 from config import Settings
+from engine_api import pause
 from jobspec import RESULT_NAMES
 from localfiles import StorageError
 
@@ -245,10 +246,12 @@ def upload_result(
 
 
 def upload_with_retry(settings: Settings, path: Path, object_name: str, file_secret: bytes,
-                      ttl_s: int | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
+                      ttl_s: int | None = None, sleep: Callable[[float], None] = time.sleep,
+                      should_stop: Callable[[], str | None] | None = None) -> str:
     """upload_result(), retried with back-off (1, 2, 4 ... 15 s) for STORAGE_RETRY_S: a full or
     unwritable disk or an unreachable S3 is often fixed in that time, and the output is kept in the
-    work directory meanwhile. The final StorageError says what failed, without server paths."""
+    work directory meanwhile. The final StorageError says what failed, without server paths. A stop of the
+    job (should_stop: its cancel) is seen between the tries: JobStopped, and no more tries."""
     start = time.monotonic()
     delay, waited, tries = 1.0, 0.0, 0
     while True:
@@ -260,7 +263,7 @@ def upload_with_retry(settings: Settings, path: Path, object_name: str, file_sec
                 raise StorageError(f"could not store the result after {tries} tries: "
                                    f"{scrub_paths(settings, str(exc))}") from None
             log.warning("storing %s failed (%s); retrying in %.0f s", object_name, exc, delay)
-        sleep(delay)
+        pause(delay, should_stop, sleep)
         waited += delay
         delay = min(delay * 2, 15.0)
 
@@ -269,7 +272,7 @@ def upload_with_retry(settings: Settings, path: Path, object_name: str, file_sec
 
 
 def store_result(settings: Settings, r: redis.Redis, job_type: str, job_id: str, output: Path | str,
-                 work_dir: Path) -> dict[str, str]:
+                 work_dir: Path, should_stop: Callable[[], str | None] | None = None) -> dict[str, str]:
     """Upload an engine's output (a media file, or text, kept as {id}.txt too) under the spec's name
     (jobspec.RESULT_NAMES); the fields that record it on the job: result_url, or text."""
     secret = localfiles.file_url_secret(r, settings.file_url_secret)
@@ -277,10 +280,12 @@ def store_result(settings: Settings, r: redis.Redis, job_type: str, job_id: str,
         text_path = work_dir / f"{job_id}.txt"
         if not text_path.exists():
             text_path.write_text(output, encoding="utf-8")
-        upload_with_retry(settings, text_path, f"{job_id}.txt", secret, settings.result_ttl_s)
+        upload_with_retry(settings, text_path, f"{job_id}.txt", secret, settings.result_ttl_s,
+                          should_stop=should_stop)
         return {"text": output}
     name = RESULT_NAMES[job_type].format(id=job_id)
-    return {"result_url": upload_with_retry(settings, Path(output), name, secret, settings.result_ttl_s)}
+    return {"result_url": upload_with_retry(settings, Path(output), name, secret, settings.result_ttl_s,
+                                            should_stop=should_stop)}
 
 
 def scrub_paths(settings: Settings, text: str) -> str:

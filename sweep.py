@@ -35,7 +35,7 @@ CLEANUP_INTERVAL_S = 300.0
 _next_cleanup = [0.0]  # per process: when the directory walks run next
 
 
-def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, Any]:
+def sweep_dead_workers(settings: config.Settings, r: redis.Redis, me: str = "") -> dict[str, Any]:
     """Recovery: requeue the jobs of workers whose heartbeat expired, end their leases, and stop the nodes
     of launches whose answer or record was lost."""
     retry_failed_stops(settings, r)
@@ -44,7 +44,7 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis) -> dict[str, A
         # live workers have had a full TTL to announce themselves before calling anyone dead.
         return {"workers": [], "requeued": 0, "failed": []}
     cleanup(settings, r)
-    summary = jobstore.requeue_abandoned(r, settings)
+    summary = jobstore.requeue_abandoned(r, settings, me)
     summary["leases_released"] = release_dead_workers_leases(settings, r)
     summary["stopped_unrecorded"] = resolve_launch_intents(settings, r) + stop_unowned_workloads(settings, r)
     if summary["requeued"] or summary["failed"]:

@@ -9,6 +9,7 @@ Set from the environment at start-up (DEVNODE_FAULTS, a JSON object) or at run t
 - launch_answer_delay_s: float  every launch creates its node at once and holds its answer this long
                               (a slow provider; longer than the client's read timeout = a lost answer;
                               a worker killed meanwhile leaves a node it never recorded)
+- stop_answer_delay_s: float  every stop holds its answer this long (a slow provider or gateway)
 - launch_answer_lost: int     the next N launches create their node, then answer a gateway's HTML 504
                               page instead of the launch answer (the node exists, the client cannot know)
 - node_dies_after_s: float|None   every node launched from now on stops answering (404) T s after boot
@@ -49,6 +50,7 @@ DEFAULTS: dict = {
     "launch_failure_mode": "500",
     "launch_answer_delay_s": 0.0,
     "launch_answer_lost": 0,
+    "stop_answer_delay_s": 0.0,
     "node_dies_after_s": None,
     "comfyui_warmup_s": 0.0,
     "engine_error": [],

@@ -252,6 +252,9 @@ async def stop(request: Request) -> Any:
     if isinstance(body, JSONResponse):
         return body
     workload = str(body.get("workload") or "")
+    delay = float(faults.snapshot().get("stop_answer_delay_s") or 0)
+    if delay > 0:
+        await asyncio.sleep(delay)  # a slow provider: the stop takes effect when it answers
     now = time.time()
     with _LOCK:
         node = NODES.get(workload)

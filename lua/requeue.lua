@@ -3,13 +3,18 @@
 -- jobs another worker runs now are dropped; jobs that used up their attempts are left in the list and
 -- returned, for the caller to fail through transition.
 --
+-- For a dead worker (the sweep: ARGV[5] = 'dead') nothing moves while the worker's heartbeat key exists:
+-- a worker with a fresh heartbeat is never taken for dead, however the sweep came to think so.
+--
 -- KEYS: [1] the worker's processing list (PROCESSING_KEY)  [2] queue (QUEUE_KEY)
 --       [3] pushes (QUEUE_PUSHES_KEY)  [4] requeued (QUEUE_REQUEUED_KEY)  [5] cancelled (QUEUE_CANCELLED_KEY)
+--       [6] the worker's heartbeat (HEARTBEAT_KEY)
 -- ARGV: [1] max attempts  [2] job key prefix (JOB_KEY without its id)  [3] now  [4] the worker whose
---       list it is
--- Returns: {entries requeued, {entries of jobs out of attempts}}
+--       list it is  [5] 'dead' when the sweep gives back a dead worker's list, '' for the worker's own
+-- Returns: {entries requeued, {entries of jobs out of attempts}}; {-1, {}} when the worker is alive
 -- Names: none
 --! uses: job_changed, queue_slots
+if ARGV[5] == 'dead' and redis.call('EXISTS', KEYS[6]) == 1 then return {-1, {}} end
 local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local entries = redis.call('LRANGE', KEYS[1], 0, -1)
 local over = {}

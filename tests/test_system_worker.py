@@ -221,3 +221,52 @@ def test_sigterm_puts_a_long_job_back(stack):
     reset_faults(stack["devnode"])
     stack["worker"]("w-after")
     assert wait_finished(stack["api"], job_id, 90)["status"] == "success"
+
+
+def test_a_slow_comput3_call_in_the_sweep_never_lets_the_worker_take_itself_for_dead(stack):
+    """Issue 17, defect 1: the sweep's Comput3 calls (here a stop to retry that takes 8 s) must not hold up
+    the heartbeat (HEARTBEAT_TTL 2 s): before, the worker's own heartbeat expired during the call and its
+    sweep requeued its own running job and stopped its own node."""
+    r = stack["r"]
+    set_faults(stack["devnode"], engine_hang=["csm"], stop_answer_delay_s=8)
+    r.hset("nodes:to_stop", "some-old-workload", "old.gpu")  # a failed stop the sweep retries (slowly)
+    worker = stack["worker"]("w-slowstop", HEARTBEAT_TTL="2")
+    job_id = submit_csm(stack)
+    wait_status(stack, job_id, "running", 60)
+    node = wait_job_node_ready(r, job_id)
+    deadline = time.time() + 12
+    while time.time() < deadline:  # a slow sweep or two
+        assert r.exists(jobstore.heartbeat_key("w-slowstop")), "the worker's heartbeat expired"
+        record = r.hgetall(f"job:{job_id}")
+        assert record["status"] == "running" and record["attempts"] == "1", record
+        time.sleep(0.5)
+    assert {n["workload"]: n["state"] for n in devnode_nodes(stack["devnode"])}[node["workload"]] == "running"
+    assert "requeued" not in worker.log()
+    reset_faults(stack["devnode"])
+    http_json("POST", f"{stack['api']}/cancel/{job_id}")
+    assert wait_finished(stack["api"], job_id, 30)["status"] == "cancelled"
+
+
+def test_a_cancel_during_launch_retries_is_seen_at_once_and_nothing_more_is_launched(stack):
+    """Issue 17, defect 9: a cancel while the worker retries a failing launch (LAUNCH_BACKOFF_S 3 s,
+    doubling) ends the job within seconds, not when the retries are over, and no launch follows it."""
+    set_faults(stack["devnode"], launch_failures=50, launch_failure_mode="500")
+    stack["worker"]("w-cancel-launch", LAUNCH_BACKOFF_S="3", LAUNCH_ATTEMPTS="5")
+    job_id = submit_csm(stack)
+    wait_for(lambda: request_count(stack["devnode"], "POST /api/v0/launch") >= 1, 30, what="a first launch")
+    status, _ = http_json("POST", f"{stack['api']}/cancel/{job_id}")
+    asked = time.time()
+    launches_then = request_count(stack["devnode"], "POST /api/v0/launch")
+    final = wait_finished(stack["api"], job_id, 30)
+    assert status == 200 and final["status"] == "cancelled"
+    assert time.time() - asked < 4  # was: the rest of 3 + 6 + 12 + 24 s of back-off and launches
+    time.sleep(1)
+    assert request_count(stack["devnode"], "POST /api/v0/launch") <= launches_then + 1
+    assert not stack["r"].smembers("pool:nodes")  # the launch's place in the pool went back
+
+
+def request_count(devnode: str, what: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(devnode + "/admin/requests", timeout=5) as response:
+        return json.loads(response.read()).get(what, 0)

@@ -273,12 +273,23 @@ def test_bad_allowlist_is_a_clear_startup_error(s):
 
 def test_should_stop_reasons(s, make_state):
     state = make_state(s)
-    now = time.time()
-    assert worker.make_should_stop(state, "j", now, 60, now + 100)() is None
-    assert "max_time of 60 s" in worker.make_should_stop(state, "j", now - 61, 60, now + 100)()
-    assert "complete_by" in worker.make_should_stop(state, "j", now, 60, now - 1)()
+    now, wall = time.monotonic(), time.time()
+    assert worker.make_should_stop(state, "j", now, 60, wall + 100)() is None
+    assert "max_time of 60 s" in worker.make_should_stop(state, "j", now - 61, 60, wall + 100)()
+    assert "complete_by" in worker.make_should_stop(state, "j", now, 60, wall - 1)()
     state.r.hset("job:j", "cancel_requested", "1")
-    assert worker.make_should_stop(state, "j", now, 60, now + 100)() == "cancelled by request"
+    assert worker.make_should_stop(state, "j", now, 60, wall + 100)() == "cancelled by request"
+
+
+def test_a_step_of_the_wall_clock_neither_ends_a_job_nor_its_node_wait_early(s, make_state, monkeypatch):
+    """Issue 17, defect 10: max_time, the shutdown's grace and the waits for a node count on the monotonic
+    clock: the wall clock jumping an hour ahead (an NTP step) ends nothing."""
+    state = make_state(s)
+    should_stop = worker.make_should_stop(state, "j", time.monotonic(), 60, time.time() + 7200)
+    state.shutdown_deadline = time.monotonic() + 30  # a SIGTERM just came
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    assert should_stop() is None  # before: "max_time of 60 s exceeded", then "worker shutting down"
 
 
 @responses.activate
