@@ -24,6 +24,7 @@ import redis
 from flask import Blueprint, Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
+import api_common
 import config
 import dashboard
 import events
@@ -119,23 +120,35 @@ def is_open_route(path: str) -> bool:
     return any(path == route or path.startswith(route.rstrip("/") + "/") for route in settings().public_routes)
 
 
+def key_id(key: str) -> str:
+    """The id of an API key, as job records (owner), rate limits and idempotency keys know it: the first
+    16 hex digits of its SHA-256 (the key itself is never stored)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def check_api_key() -> None:
+    """Refuse a request without a valid key (when keys are set) and record who asks: the key's id and
+    whether it is an admin key (api_common.set_caller)."""
     if is_open_route(request.path):
         return
-    api_keys = settings().api_keys
-    if not api_keys:
+    api_settings = settings()
+    if not api_settings.all_api_keys:
         return
     given = request.headers.get("X-C3-RENDER-KEY", "")
     auth = request.headers.get("Authorization", "")
     if not given and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    matched = False
-    for key in api_keys:  # compare with every key, in constant time
-        matched |= hmac.compare_digest(given.encode(), key.encode())
+    matched = admin = False
+    keys = [(key, False) for key in api_settings.api_keys] + [(key, True) for key in api_settings.admin_keys]
+    for key, is_admin in keys:  # compare with every key, in constant time
+        same = hmac.compare_digest(given.encode(), key.encode())
+        matched |= same
+        admin |= same & is_admin
     if not given or not matched:
         raise ApiError(401, "missing or invalid API key: send X-C3-RENDER-KEY or "
                             "Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
-    g.client_id = "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
+    g.client_id = "key:" + key_id(given)
+    api_common.set_caller(key_id(given), admin)
 
 
 def check_rate_limit() -> None:
@@ -202,7 +215,7 @@ def submit(job_type: str) -> Response:
     r = store()
     try:
         job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key,
-                                          body_hash=body_hash)
+                                          body_hash=body_hash, owner=api_common.caller_owner())
     except jobstore.IdempotencyConflict:
         raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request body") \
             from None
@@ -223,6 +236,7 @@ for _route, _job_type in jobspec.SUBMIT_ROUTES.items():
 
 @api.get("/jobs")
 def list_jobs() -> Response:
+    """The caller's jobs, newest first (an admin key, or no keys at all: every job)."""
     status_filter = request.args.get("status") or None
     type_filter = request.args.get("type") or None
     if status_filter is not None and status_filter not in jobspec.STATUSES:
@@ -233,8 +247,10 @@ def list_jobs() -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= jobspec.JOBS_PAGE_MAX:
         raise ApiError(400, f"limit: an integer from 1 to {jobspec.JOBS_PAGE_MAX}")
     try:
-        records, next_cursor = jobstore.list_jobs(store(), status=status_filter, job_type=type_filter,
-                                                  limit=int(raw_limit), cursor=request.args.get("cursor") or None)
+        records, next_cursor = jobstore.list_jobs(
+            store(), status=status_filter, job_type=type_filter, limit=int(raw_limit),
+            cursor=request.args.get("cursor") or None,
+            owner=None if api_common.sees_every_job() else api_common.caller_owner())
     except jobstore.BadCursor:
         raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None
     jobstore.add_queue_positions(store(), records)
@@ -256,7 +272,11 @@ def job_detail(job_id: str) -> Response:
 
 @api.get("/overview")
 def overview() -> Response:
-    """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds."""
+    """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds. They
+    are about every client's jobs, so with keys on only an admin key reads them."""
+    if not api_common.sees_every_job():
+        raise ApiError(403, "the overview (queue, throughput, workers, nodes) is for admin keys "
+                            "(C3_RENDER_ADMIN_KEYS); this key sees its own jobs in /jobs")
     r = store()
     stats = jobstats.counters(r)
     workers = jobstats.workers(r)
@@ -364,7 +384,7 @@ def index() -> Response:
                        "analysis jobs on Comput3.ai GPU nodes.",
         "submit": sorted(jobspec.SUBMIT_ROUTES),
         "openapi": "/openapi.json",
-        "auth_required": bool(settings().api_keys),
+        "auth_required": bool(settings().all_api_keys),
     })
 
 
