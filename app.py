@@ -151,21 +151,20 @@ def check_api_key() -> None:
     api_common.set_caller(key_id(given), admin)
 
 
-def check_rate_limit() -> None:
+def rate_counter() -> tuple[str, int]:
+    """The Redis counter of this client's submissions in the current minute, and the limit ("", 0: off).
+    The submit script counts there, after it has looked at the Idempotency-Key: replays are free."""
     limit = settings().rate_limit_per_minute
     if limit <= 0:
-        return
+        return "", 0
+    return config.RATE_KEY.format(client=client_identity(), window=int(time.time() // 60)), limit
+
+
+def rate_limited() -> ApiError:
     now = time.time()
-    window = int(now // 60)
-    key = config.RATE_KEY.format(client=client_identity(), window=window)
-    pipe = store().pipeline(transaction=True)
-    pipe.incr(key)
-    pipe.expire(key, 120)
-    count, _ = pipe.execute()
-    if count > limit:
-        retry_after = max(1, math.ceil((window + 1) * 60 - now))
-        raise ApiError(429, f"rate limit of {limit} jobs per minute exceeded; retry in {retry_after} s",
-                       {"Retry-After": str(retry_after)})
+    retry_after = max(1, math.ceil((int(now // 60) + 1) * 60 - now))
+    return ApiError(429, f"rate limit of {settings().rate_limit_per_minute} jobs per minute exceeded; retry in "
+                         f"{retry_after} s", {"Retry-After": str(retry_after)})
 
 
 # --- reading requests --------------------------------------------------------------------------
@@ -190,18 +189,20 @@ def json_body() -> Any:
 
 # --- job submission ----------------------------------------------------------------------------
 
-def idempotency(job_type: str, body: Any) -> tuple[str, str]:
+def idempotency(job_type: str, params: dict[str, Any]) -> tuple[str, str]:
     """The Redis key of the request's Idempotency-Key (scoped to the client) and the hash of what it
-    asks for; ("", "") without the header."""
+    asks for: its validated parameters (so a field sent as null, left out, or sent with its default value
+    is the same request); ("", "") without the header."""
     header = request.headers.get(IDEMPOTENCY_HEADER)
     if header is None:
         return "", ""
     if not IDEMPOTENCY_KEY_PATTERN.match(header):
         raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
                             "characters (such as a UUID)")
-    body_hash = hashlib.sha256((job_type + "\n" + json.dumps(body, sort_keys=True)).encode()).hexdigest()
+    asked = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    params_hash = hashlib.sha256((job_type + "\n" + asked).encode()).hexdigest()
     scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
-    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), body_hash
+    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), params_hash
 
 
 def submit(job_type: str) -> Response:
@@ -210,22 +211,27 @@ def submit(job_type: str) -> Response:
         params = jobspec.validate(job_type, body)
     except jobspec.ValidationError as exc:
         raise ApiError(400, str(exc)) from None
-    idem_key, body_hash = idempotency(job_type, body)
-    check_rate_limit()
+    idem_key, params_hash = idempotency(job_type, params)
     r = store()
-    try:
-        job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key,
-                                          body_hash=body_hash, owner=api_common.caller_owner())
-    except jobstore.IdempotencyConflict:
-        raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request body") \
-            from None
-    if created:
-        log.info("job %s (%s) queued", job_id, job_type)
-        return jsonify({"id": job_id, "status": "queued"})
-    record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
-    response = jsonify({"id": job_id, "status": record["status"] if record else "queued"})
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+    for _ in range(2):  # a replayed job may expire between the script and our read: then it is queued anew
+        rate_key, limit = rate_counter()
+        try:
+            job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key, request_hash=params_hash,
+                                              owner=api_common.caller_owner(), rate_key=rate_key, rate_limit=limit)
+        except jobstore.IdempotencyConflict:
+            raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request (other job "
+                                "parameters)") from None
+        except jobstore.RateLimited:
+            raise rate_limited() from None
+        if created:
+            log.info("job %s (%s) queued", job_id, job_type)
+            return jsonify({"id": job_id, "status": "queued"})
+        record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
+        if record is not None:
+            response = jsonify({"id": job_id, "status": record["status"]})
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+    raise ApiError(503, "the job store changed under this request; retry it", {"Retry-After": "1"})
 
 
 for _route, _job_type in jobspec.SUBMIT_ROUTES.items():

@@ -50,7 +50,14 @@ QUEUE_KEYS = (config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, config.QUEUE_REQUEUED_K
 # --- submission and reading (API side) --------------------------------------------------------
 
 class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before with a different request body."""
+    """The Idempotency-Key was used before with a different request."""
+
+
+class RateLimited(Exception):
+    """The client has submitted its RATE_LIMIT_PER_MINUTE jobs this minute; nothing was written."""
+
+
+RATE_WINDOW_TTL_S = 120  # a rate counter outlives its minute, so the count of the minute is never lost early
 
 
 def submit(
@@ -60,31 +67,39 @@ def submit(
     now: float | None = None,
     *,
     idempotency_key: str = "",
-    body_hash: str = "",
+    request_hash: str = "",
     idempotency_ttl_s: int = 24 * 3600,
     owner: str = "",
+    rate_key: str = "",
+    rate_limit: int = 0,
 ) -> tuple[str, bool]:
     """Write the job record and its queue entry in one script (one round trip); return (job id, created).
 
-    With idempotency_key (already scoped to the client), a repeat of the same body returns the first
-    job's id and queues nothing (created False); a different body raises IdempotencyConflict. owner is
-    the id of the API key that submits the job (never the key; "" without keys): the record keeps it
-    and the job is listed in that owner's index too.
+    With idempotency_key (already scoped to the client), a repeat of the same request (request_hash,
+    the hash of its validated parameters) returns the first job's id and queues nothing (created False); a
+    different request raises IdempotencyConflict. A key whose job no longer exists (its record expired)
+    is unused again: the request queues a new job. owner is the id of the API key that submits the job
+    (never the key; "" without keys): the record keeps it and the job is listed in that owner's index
+    too. With rate_limit, rate_key (the client's counter of this minute) counts the submission and one
+    over the limit raises RateLimited; replays and conflicts are not counted.
     """
     now = time.time() if now is None else now
     job_id = str(uuid.uuid4())
     stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
-    seen = json.dumps({"job_id": job_id, "body_hash": body_hash}) if idempotency_key else ""
+    seen = json.dumps({"job_id": job_id, "request_hash": request_hash}) if idempotency_key else ""
     # the record's fields are set by the script (lua/submit.lua); queue_entry() gives the same entry
     first = redis_lua.run(r, "submit", (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
-                                        idempotency_key or config.QUEUE_PUSHES_KEY),
+                                        idempotency_key or config.QUEUE_PUSHES_KEY,
+                                        rate_key or config.QUEUE_PUSHES_KEY),
                           seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now),
                           repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "",
-                          owner)
+                          owner, rate_limit if rate_key else 0, RATE_WINDOW_TTL_S)
     if not first:
         return job_id, True
+    if first == "rate_limited":
+        raise RateLimited()
     first = json.loads(first)
-    if first["body_hash"] != body_hash:
+    if first.get("request_hash") != request_hash:  # (a record of an older API hashed the raw body)
         raise IdempotencyConflict(first["job_id"])
     return first["job_id"], False
 

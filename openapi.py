@@ -113,7 +113,10 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "operationId": "submit_" + route.strip("/").replace("/", "_"),
             "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
                             "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
-                            "description": "Same key and body within 24 h: the same job, queued once."}],
+                            "description": "Same key and the same job parameters (as validated: null, left out "
+                                           "and the default are the same) within 24 h: the same job, "
+                                           "queued once, and not counted against the rate limit. A key "
+                                           "whose job has expired is unused again."}],
             "requestBody": {"required": True, "content": {ok: {"schema": {
                 "$ref": f"#/components/schemas/{job_type.capitalize()}Request"}}}},
             "responses": {
@@ -124,7 +127,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                                        "message names the field and allowed range."),
                 "413": _error_response("Body larger than MAX_CONTENT_LENGTH."),
                 "415": _error_response("Body is not JSON."),
-                "422": _error_response("Idempotency-Key reused with a different body."),
+                "422": _error_response("Idempotency-Key reused with other job parameters."),
                 "429": _error_response("Rate limit exceeded; see Retry-After."),
                 **common_errors,
             },
