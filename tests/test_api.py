@@ -181,6 +181,14 @@ def test_bad_bodies_never_reach_the_queue(client, r):
     assert not r.keys("job:*")
 
 
+def test_the_sentence_limit_is_a_400_naming_the_field_and_queues_nothing(client, r):
+    answer = client.post("/csm", json={"text": "Hi. " * 2499 + "Go."})
+    assert answer.status_code == 400 and answer.get_json()["error"].startswith("text: 2500 sentences")
+    answer = client.post("/csm", json={"monologue": "Yes. " * 2000})
+    assert answer.status_code == 400 and answer.get_json()["error"].startswith("monologue: 2000 sentences")
+    assert r.llen(config.QUEUE_KEY) == 0 and not r.keys("job:*")
+
+
 def test_oversized_body_413(settings, r):
     client = api.create_app(dataclasses.replace(settings, max_content_length=1000)).test_client()
     answer = client.post("/csm", data=json.dumps({"text": "x" * 2000}), content_type="application/json")
