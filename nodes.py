@@ -25,6 +25,7 @@ import requests
 
 import comput3
 import config
+import engine_api
 import launches
 import nodestore
 from comput3 import C3Error
@@ -348,12 +349,13 @@ def run_on_node(state: NodeHolder, job_type: str, engine: Callable[[JobContext],
         except (JobStopped, NodeFailed):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure (NodeDown included): was it the node?
-            detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"  # for the log
             problem = node_usable(state, node_type, force=True)
             if not problem:
                 if isinstance(exc, EngineError):
                     raise
-                raise EngineError(f"{job_type} failed: {detail}") from None
+                log.warning("%s failed on node %s, which is healthy: %s", job_type, held.node, detail)
+                raise EngineError(f"{job_type} failed: {engine_api.failure_text(exc)}") from None  # no host, no URL
             log.warning("node %s failed during job %s (%s): %s", held.node, job.job_id, problem, detail)
             stop_node(state, node_type, f"failed during a job: {problem}", release_slot=attempt == tries)
             if attempt == tries:
