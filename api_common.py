@@ -1,5 +1,6 @@
 """What every API blueprint shares (app.py, events.py, metrics.py): the request's settings and Redis
-client, the JSON error answer, the 400/404 reading of a job id, and the status object of a job record.
+client, the JSON error answer, who is asking (the API key's id, admin or not), the 400/404 reading of a
+job id (another key's job is a 404 like an unknown id), and the status object of a job record.
 
 app.py's `create_app()` attaches the settings and the client to the Flask app (`attach`); the blueprints
 read them back per request with `settings()` and `store()`. This module imports no blueprint, so the
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, current_app, g, jsonify
 
 import config
 import jobstore
@@ -56,6 +57,32 @@ def store() -> redis.Redis:
     return current_app.extensions["c3_redis"]
 
 
+# --- who is asking ------------------------------------------------------------------------------
+
+def set_caller(owner: str, admin: bool) -> None:
+    """Record the request's API key (app.check_api_key): its id (a hash, never the key) and whether it is
+    an admin key."""
+    g.owner = owner
+    g.admin = admin
+
+
+def caller_owner() -> str:
+    """The id of the request's API key, which a job it submits records as its owner ('' without a key)."""
+    return g.get("owner", "")
+
+
+def sees_every_job() -> bool:
+    """Keys off (everyone sees everything, as before tenancy) or an admin key (C3_RENDER_ADMIN_KEYS)."""
+    return not settings().all_api_keys or bool(g.get("admin"))
+
+
+def may_see(record: dict[str, str]) -> bool:
+    """Whether the caller may read and act on this job: its own, or every job for an admin (keys off: all).
+    A job without an owner (submitted while keys were off) is an admin's only."""
+    owner = caller_owner()
+    return sees_every_job() or (bool(owner) and record.get("owner") == owner)
+
+
 # --- jobs as the API shows them ----------------------------------------------------------------
 
 def iso(timestamp: str | None) -> str | None:
@@ -68,12 +95,13 @@ def iso(timestamp: str | None) -> str | None:
 
 def record_or_error(job_id: str, with_position: bool = False) -> dict[str, str]:
     """The job's record, or the 400/404 answer; with_position adds a queued job's queue position in the
-    same round trip (see jobstore.get_job_with_position)."""
+    same round trip (see jobstore.get_job_with_position). Another API key's job is answered exactly as an
+    unknown id, so that a key cannot even learn that a job id exists."""
     if not jobstore.is_job_id(job_id):
         raise ApiError(400, f"malformed job id {job_id[:64]!r}: expected a UUID4")
     read = jobstore.get_job_with_position if with_position else jobstore.get_job
     record = read(store(), job_id)
-    if record is None:
+    if record is None or not may_see(record):
         raise ApiError(404, f"no job with id {job_id} (unknown, or expired after its retention)")
     return record
 

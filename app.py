@@ -120,40 +120,51 @@ def is_open_route(path: str) -> bool:
     return any(path == route or path.startswith(route.rstrip("/") + "/") for route in settings().public_routes)
 
 
+def key_id(key: str) -> str:
+    """The id of an API key, as job records (owner), rate limits and idempotency keys know it: the first
+    16 hex digits of its SHA-256 (the key itself is never stored)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def check_api_key() -> None:
+    """Refuse a request without a valid key (when keys are set) and record who asks: the key's id and
+    whether it is an admin key (api_common.set_caller)."""
     if is_open_route(request.path):
         return
-    api_keys = settings().api_keys
-    if not api_keys:
+    api_settings = settings()
+    if not api_settings.all_api_keys:
         return
     given = request.headers.get("X-C3-RENDER-KEY", "")
     auth = request.headers.get("Authorization", "")
     if not given and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    matched = False
-    for key in api_keys:  # compare with every key, in constant time
-        matched |= hmac.compare_digest(given.encode(), key.encode())
+    matched = admin = False
+    keys = [(key, False) for key in api_settings.api_keys] + [(key, True) for key in api_settings.admin_keys]
+    for key, is_admin in keys:  # compare with every key, in constant time
+        same = hmac.compare_digest(given.encode(), key.encode())
+        matched |= same
+        admin |= same & is_admin
     if not given or not matched:
         raise ApiError(401, "missing or invalid API key: send X-C3-RENDER-KEY or "
                             "Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
-    g.client_id = "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
+    g.client_id = "key:" + key_id(given)
+    api_common.set_caller(key_id(given), admin)
 
 
-def check_rate_limit() -> None:
+def rate_counter() -> tuple[str, int]:
+    """The Redis counter of this client's submissions in the current minute, and the limit ("", 0: off).
+    The submit script counts there, after it has looked at the Idempotency-Key: replays are free."""
     limit = settings().rate_limit_per_minute
     if limit <= 0:
-        return
+        return "", 0
+    return config.RATE_KEY.format(client=client_identity(), window=int(time.time() // 60)), limit
+
+
+def rate_limited() -> ApiError:
     now = time.time()
-    window = int(now // 60)
-    key = config.RATE_KEY.format(client=client_identity(), window=window)
-    pipe = store().pipeline(transaction=True)
-    pipe.incr(key)
-    pipe.expire(key, 120)
-    count, _ = pipe.execute()
-    if count > limit:
-        retry_after = max(1, math.ceil((window + 1) * 60 - now))
-        raise ApiError(429, f"rate limit of {limit} jobs per minute exceeded; retry in {retry_after} s",
-                       {"Retry-After": str(retry_after)})
+    retry_after = max(1, math.ceil((int(now // 60) + 1) * 60 - now))
+    return ApiError(429, f"rate limit of {settings().rate_limit_per_minute} jobs per minute exceeded; retry in "
+                         f"{retry_after} s", {"Retry-After": str(retry_after)})
 
 
 # --- reading requests --------------------------------------------------------------------------
@@ -178,18 +189,20 @@ def json_body() -> Any:
 
 # --- job submission ----------------------------------------------------------------------------
 
-def idempotency(job_type: str, body: Any) -> tuple[str, str]:
+def idempotency(job_type: str, params: dict[str, Any]) -> tuple[str, str]:
     """The Redis key of the request's Idempotency-Key (scoped to the client) and the hash of what it
-    asks for; ("", "") without the header."""
+    asks for: its validated parameters (so a field sent as null, left out, or sent with its default value
+    is the same request); ("", "") without the header."""
     header = request.headers.get(IDEMPOTENCY_HEADER)
     if header is None:
         return "", ""
     if not IDEMPOTENCY_KEY_PATTERN.match(header):
         raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
                             "characters (such as a UUID)")
-    body_hash = hashlib.sha256((job_type + "\n" + json.dumps(body, sort_keys=True)).encode()).hexdigest()
+    asked = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    params_hash = hashlib.sha256((job_type + "\n" + asked).encode()).hexdigest()
     scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
-    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), body_hash
+    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), params_hash
 
 
 def submit(job_type: str) -> Response:
@@ -198,22 +211,27 @@ def submit(job_type: str) -> Response:
         params = jobspec.validate(job_type, body)
     except jobspec.ValidationError as exc:
         raise ApiError(400, str(exc)) from None
-    idem_key, body_hash = idempotency(job_type, body)
-    check_rate_limit()
+    idem_key, params_hash = idempotency(job_type, params)
     r = store()
-    try:
-        job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key,
-                                          body_hash=body_hash)
-    except jobstore.IdempotencyConflict:
-        raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request body") \
-            from None
-    if created:
-        log.info("job %s (%s) queued", job_id, job_type)
-        return jsonify({"id": job_id, "status": "queued"})
-    record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
-    response = jsonify({"id": job_id, "status": record["status"] if record else "queued"})
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+    for _ in range(2):  # a replayed job may expire between the script and our read: then it is queued anew
+        rate_key, limit = rate_counter()
+        try:
+            job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key, request_hash=params_hash,
+                                              owner=api_common.caller_owner(), rate_key=rate_key, rate_limit=limit)
+        except jobstore.IdempotencyConflict:
+            raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request (other job "
+                                "parameters)") from None
+        except jobstore.RateLimited:
+            raise rate_limited() from None
+        if created:
+            log.info("job %s (%s) queued", job_id, job_type)
+            return jsonify({"id": job_id, "status": "queued"})
+        record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
+        if record is not None:
+            response = jsonify({"id": job_id, "status": record["status"]})
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+    raise ApiError(503, "the job store changed under this request; retry it", {"Retry-After": "1"})
 
 
 for _route, _job_type in jobspec.SUBMIT_ROUTES.items():
@@ -224,6 +242,7 @@ for _route, _job_type in jobspec.SUBMIT_ROUTES.items():
 
 @api.get("/jobs")
 def list_jobs() -> Response:
+    """The caller's jobs, newest first (an admin key, or no keys at all: every job)."""
     status_filter = request.args.get("status") or None
     type_filter = request.args.get("type") or None
     if status_filter is not None and status_filter not in jobspec.STATUSES:
@@ -234,8 +253,10 @@ def list_jobs() -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= jobspec.JOBS_PAGE_MAX:
         raise ApiError(400, f"limit: an integer from 1 to {jobspec.JOBS_PAGE_MAX}")
     try:
-        records, next_cursor = jobstore.list_jobs(store(), status=status_filter, job_type=type_filter,
-                                                  limit=int(raw_limit), cursor=request.args.get("cursor") or None)
+        records, next_cursor = jobstore.list_jobs(
+            store(), status=status_filter, job_type=type_filter, limit=int(raw_limit),
+            cursor=request.args.get("cursor") or None,
+            owner=None if api_common.sees_every_job() else api_common.caller_owner())
     except jobstore.BadCursor:
         raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None
     jobstore.add_queue_positions(store(), records)
@@ -257,7 +278,11 @@ def job_detail(job_id: str) -> Response:
 
 @api.get("/overview")
 def overview() -> Response:
-    """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds."""
+    """Operator numbers for the dashboard: queue, throughput, workers and their nodes, node-seconds. They
+    are about every client's jobs, so with keys on only an admin key reads them."""
+    if not api_common.sees_every_job():
+        raise ApiError(403, "the overview (queue, throughput, workers, nodes) is for admin keys "
+                            "(C3_RENDER_ADMIN_KEYS); this key sees its own jobs in /jobs")
     r = store()
     stats = jobstats.counters(r)
     nodes = jobstats.pool(r)
@@ -373,7 +398,7 @@ def index() -> Response:
                        "analysis jobs on Comput3.ai GPU nodes.",
         "submit": sorted(jobspec.SUBMIT_ROUTES),
         "openapi": "/openapi.json",
-        "auth_required": bool(settings().api_keys),
+        "auth_required": bool(settings().all_api_keys),
     })
 
 

@@ -46,7 +46,7 @@ import storage
 import sweep
 import webhooks
 import whisper
-from engine_api import EngineError, JobContext, JobStopped, ShouldStop
+from engine_api import EngineError, JobContext, JobStopped, ShouldStop, without_addresses
 from jobspec import FINISHED_STATUSES
 from nodes import Lease
 
@@ -231,8 +231,8 @@ def failure_outcome(state: WorkerState, job: ClaimedJob, exc: Exception) -> Outc
 def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     """Record the job's final status (its webhook is queued in the same step) and acknowledge the entry."""
     fields = outcome.fields
-    if fields.get("error"):  # no server paths in what the client sees
-        fields = {**fields, "error": storage.scrub_paths(state.settings, str(fields["error"]))}
+    if fields.get("error"):  # what the client sees (and its webhook): see client_error
+        fields = {**fields, "error": client_error(state, str(fields["error"]))}
     # Ride out a short Redis outage here rather than throw the finished work away: the transition is
     # idempotent (a retry after a lost reply finds the job finished and changes nothing). Not past
     # WORKER_GRACE_S on SIGTERM: the entry stays in our processing list for the sweep to give back.
@@ -255,6 +255,17 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
         log.warning("job %s: result dropped, attempt %d is no longer this worker's (the job is %s)", job.id,
                     job.attempt, now_status)
     jobstore.ack(state.r, state.worker_id, job.entry)
+
+
+def client_error(state: WorkerState, text: str) -> str:
+    """A job's error as its client sees it: no URL and no host a connection error quotes, no name of a node
+    this worker holds, no C3_API_KEY, no server path. A safety net: the messages are written without them."""
+    text = without_addresses(text)
+    if state.lease is not None and state.lease.node:  # the node of the job's lease
+        text = text.replace(state.lease.node, "<node>")
+    if len(state.settings.c3_api_key) >= 8:  # a short dev key would be found inside ordinary words
+        text = text.replace(state.settings.c3_api_key, "<C3_API_KEY>")
+    return storage.scrub_paths(state.settings, text)
 
 
 def make_should_stop(state: WorkerState, job_id: str, started: float, max_time: int, complete_by: float) -> ShouldStop:

@@ -49,7 +49,8 @@ def call(settings: config.Settings, method: str, path: str, body: dict[str, Any]
     except requests.Timeout:
         raise C3Error(f"Comput3 {path}: timed out", retryable=True) from None
     except requests.ConnectionError:
-        raise C3Error(f"Comput3 {path}: cannot connect to {settings.c3_api_url}", retryable=True) from None
+        # its URL is not repeated: this text can become a job's error (the worker logs C3_API_URL at start)
+        raise C3Error(f"Comput3 {path}: cannot connect to the Comput3 API (C3_API_URL)", retryable=True) from None
     if response.status_code >= 500:
         raise C3Error(f"Comput3 {path}: HTTP {response.status_code}", retryable=True,
                       status=response.status_code)

@@ -61,6 +61,7 @@ FILE_URL_SECRET_KEY = "config:file_url_secret"  # noqa: S105 string: signs /file
 JOBS_INDEX_KEY = "jobs:index"  # every job
 JOBS_BY_TYPE_KEY = "jobs:index:type:{type}"  # the jobs of one type
 JOBS_BY_STATUS_KEY = "jobs:index:status:{status}"  # the jobs in one status (moved on every transition)
+JOBS_BY_OWNER_KEY = "jobs:index:owner:{owner}"  # the jobs one API key submitted (owner: the key's id)
 JOB_HISTORY_KEY = "job:{id}:history"  # list: JSON {"status", "at"} per status change, expires with the record
 FINISHED_RECENT_KEY = "stats:finished_recent"  # sorted set: jobs finished in the last day, scored by finish time
 # /metrics: counters kept in Redis so that every API process answers the same numbers
@@ -319,6 +320,8 @@ class Settings:
     sweep_interval_s: float = setting(15.0, "SWEEP_INTERVAL_S")
     # API
     api_keys: tuple[str, ...] = setting((), "C3_RENDER_API_KEYS", _names, secret=True)
+    # keys that also see every job, /overview and the dashboard's numbers (accepted without being in api_keys)
+    admin_keys: tuple[str, ...] = setting((), "C3_RENDER_ADMIN_KEYS", _names, secret=True)
     # on: the API and the worker refuse to start without C3_RENDER_API_KEYS (compose's worker-comput3 sets it)
     require_api_keys: bool = setting(False, "REQUIRE_API_KEYS")
     max_content_length: int = setting(1024 * 1024, "MAX_CONTENT_LENGTH")
@@ -398,12 +401,17 @@ class Settings:
     # Engines: the WhisperX app's audio input (unverified; some deployments used input_file)
     whisper_audio_input_name: str = setting("audio_file", "WHISPER_AUDIO_INPUT_NAME")
 
+    @property
+    def all_api_keys(self) -> tuple[str, ...]:
+        """Every key the API accepts (C3_RENDER_API_KEYS and C3_RENDER_ADMIN_KEYS); empty: keys are off."""
+        return self.api_keys + self.admin_keys
+
 
 def load() -> Settings:
     """Read every setting from the environment (see .env.example for the documented list); a value that
     cannot work ends the process with one "configuration error: NAME ..." line (SystemExit)."""
     settings = Settings(**{f.name: f.metadata["read"](f.metadata["env"], f.default) for f in fields(Settings)})
-    if settings.require_api_keys and not settings.api_keys:
+    if settings.require_api_keys and not settings.all_api_keys:
         raise SystemExit("configuration error: C3_RENDER_API_KEYS is empty and REQUIRE_API_KEYS is on (docker "
                          "compose's worker-comput3 sets it: it launches paid GPU nodes for whoever reaches the "
                          "API); set C3_RENDER_API_KEYS to one or more comma-separated keys for the API and workers")
@@ -414,7 +422,7 @@ def keyless_exposure_warning(settings: Settings, addresses: Iterable[str]) -> st
     """The API's start-up warning when it asks for no key (C3_RENDER_API_KEYS empty) and listens beyond
     loopback; `addresses` ("host", "host:port", "[v6]:port") are where it listens. None when keys are on or
     every address is loopback."""
-    if settings.api_keys:
+    if settings.all_api_keys:
         return None
     beyond = [address for address in addresses if not _is_loopback(address)]
     if not beyond:

@@ -21,12 +21,21 @@ JobContext (below) holds everything the engine gets for one job:
   rendering and encoding; the worker the others).
 
 Engines never touch Redis or storage; they return a local file path (media) or text.
+
+What a client sees of a failure never holds a node's host name or URL (nor the C3_API_KEY): engines
+write their EngineError messages without them (`without_addresses` for text from a library or the
+app), and `failure_text` says in words what an exception from the node's transport means (refused,
+timed out, HTTP 502 ...) where a library's str() would name the host and the URL.
 """
 
 from __future__ import annotations
 
+import http
+import http.client
+import re
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,3 +124,71 @@ def pause(seconds: float, should_stop: ShouldStop | None, sleep: Callable[[float
         if reason := should_stop():
             raise JobStopped(reason)
         sleep(min(0.5, left))
+
+
+# --- failures as a client may see them -------------------------------------------------------------
+
+_URL_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}.,;:!?]")  # not its full stop
+# urllib3's connection pools and errors name the host: HTTPSConnectionPool(host='ui-<node>', port=443),
+# "Failed to resolve 'ui-<node>'"
+_HOST_RE = re.compile(r"""\bhost=(['"])[^'"]*\1""")
+_RESOLVE_RE = re.compile(r"""\b(resolve|resolving) (['"])[^'"]*\2""", re.IGNORECASE)
+
+
+def without_addresses(text: str) -> str:
+    """text with every URL and every host name a connection error quotes replaced (<url>, <host>)."""
+    text = _URL_RE.sub("<url>", text)
+    text = _HOST_RE.sub("host=<host>", text)
+    return _RESOLVE_RE.sub(r"\1 <host>", text)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """exc and what it wraps: __cause__, __context__, urllib3's .reason, exceptions among its args."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        linked = [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+        stack += [x for x in linked if isinstance(x, BaseException)]
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an error answer (requests, httpx, websocket-client), else None."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if not isinstance(status, int):
+        status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) and 100 <= status <= 599 else None
+
+
+def failure_text(exc: BaseException) -> str:
+    """What went wrong, for the client, when talking to a GPU node raised exc: in words for transport
+    failures and error answers (requests, httpx, websocket-client, http.client, sockets), whose str()
+    names the node's host and the URL; the type and a scrubbed message for anything else."""
+    chain = list(_causes(exc))
+    names = {type(item).__name__ for item in chain}
+    if (status := _http_status(exc)) is not None:
+        try:
+            phrase = f" ({http.HTTPStatus(status).phrase})"
+        except ValueError:
+            phrase = ""
+        return f"the GPU node answered HTTP {status}{phrase}"
+    if any(isinstance(item, ConnectionRefusedError) for item in chain):
+        return "the GPU node refused the connection"
+    if any(isinstance(item, socket.gaierror) for item in chain) or "NameResolutionError" in names:
+        return "the GPU node's address could not be resolved"
+    if names & {"ConnectTimeout", "ConnectTimeoutError"}:
+        return "the GPU node could not be reached (connecting timed out)"
+    if any(isinstance(item, TimeoutError) for item in chain) or any("Timeout" in name for name in names):
+        return "the GPU node stopped answering (no answer in the time allowed)"
+    if any(isinstance(item, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                             http.client.IncompleteRead)) for item in chain) \
+            or names & {"RemoteProtocolError", "ProtocolError", "ReadError", "WebSocketConnectionClosedException"}:
+        return "the GPU node closed the connection before it answered"
+    if any(isinstance(item, (OSError, http.client.HTTPException)) for item in chain) \
+            or names & {"TransportError", "NetworkError", "WebSocketException"}:
+        return f"the connection to the GPU node failed ({type(exc).__name__})"
+    return without_addresses(f"{type(exc).__name__}: {exc}")

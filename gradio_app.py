@@ -7,7 +7,10 @@ answer when the node itself is healthy. Plus what reading an app needs: `endpoin
 inputs an app version declares) and `first_path` (the file in an app's output).
 
 Transport failures (node unreachable, connection dropped) propagate unchanged so the worker can treat
-them as a node problem.
+them as a node problem (nodes.run_on_node words them with engine_api.failure_text), and so do
+gradio_client's errors of reaching the app ("Could not fetch config for <the app's URL>"). gradio_client
+names the app's URL in its errors: what this module puts in an EngineError goes through
+engine_api.without_addresses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import comput3
-from engine_api import EngineError, JobContext, JobStopped
+from engine_api import EngineError, JobContext, JobStopped, without_addresses
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def _call_once(job: JobContext, url: str, api_name: str, kwargs: Kwargs, label: 
             job.phase("uploading_inputs")
             pending = client.submit(api_name=api_name, **kwargs)
         except (ValueError, TypeError) as exc:  # unknown api_name or input names: the app differs
-            raise EngineError(f"{label} failed: {exc}") from exc
+            raise EngineError(f"{label} failed: {without_addresses(str(exc))}") from exc
         _wait_until_done(job, pending, label)
         return _result(pending, label)
     finally:
@@ -106,9 +109,9 @@ def _result(pending: Any, label: str) -> Any:
     try:
         return pending.result()
     except AppError as exc:
-        raise EngineError(f"{label} failed: {exc.message or exc}") from exc
+        raise EngineError(f"{label} failed: {without_addresses(str(exc.message or exc))}") from exc
     except (ValueError, TypeError, KeyError) as exc:  # gradio_client's own "bad answer" errors
-        raise EngineError(f"{label} failed: {exc}") from exc
+        raise EngineError(f"{label} failed: {without_addresses(str(exc))}") from exc
 
 
 def _report_progress(job: JobContext, pending: Any) -> None:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from sentences import sentences_from_params
+
 MAX_URL_LENGTH = 2048
 MAX_MONOLOGUE_CHARS = 10_000  # all sentences together
-MAX_SENTENCES = 200
+MAX_SENTENCES = 200  # as the engine will speak them: array items, or text / a monologue string as split
 MAX_REFERENCE_TEXT_CHARS = 2_000
 MAX_PROMPT_CHARS = 2_000
 MAX_JSON_DEPTH = 16  # arrays and objects inside each other in a request body
@@ -105,11 +107,13 @@ INDEX_HORIZON_S = int(sum(f.maximum or 0 for f in COMMON_FIELDS if f.name in ("c
 
 JOB_FIELDS: dict[str, tuple[Field, ...]] = {
     "csm": (
-        Field("monologue", "monologue", "Text to speak: a string, or an array of non-empty sentences. "
-              "Exactly one of monologue and text.", max_length=MAX_MONOLOGUE_CHARS),
-        Field("text", "string", "Text to speak, split into sentences by the service. "
-              "Exactly one of monologue and text.", max_length=MAX_MONOLOGUE_CHARS,
-              pattern=NOT_BLANK_PATTERN),
+        Field("monologue", "monologue", "Text to speak: a string (split into sentences as text is), or an "
+              f"array of non-empty sentences; at most {MAX_SENTENCES} sentences either way. Exactly one of "
+              "monologue and text.", max_length=MAX_MONOLOGUE_CHARS),
+        Field("text", "string", "Text to speak, split into sentences by the service: a sentence ends at a line "
+              f"break, or at . ! ? or an ellipsis followed by a space; at most {MAX_SENTENCES} sentences "
+              "(a 400 names the field). Exactly one of monologue and text.",
+              max_length=MAX_MONOLOGUE_CHARS, pattern=NOT_BLANK_PATTERN),
         Field("voice", "enum", "Voice to speak with; clone needs reference_audio_url and reference_text.",
               default="random", choices=VOICES),
         Field("reference_audio_url", "url", "Audio of the voice to clone (voice=clone only)."),
@@ -307,6 +311,12 @@ def check_field(field: Field, value: Any) -> Any:
 def _check_csm_rules(params: dict[str, Any]) -> None:
     if ("monologue" in params) == ("text" in params):
         raise ValidationError("give exactly one of monologue and text")
+    # counted as the engine will split them (sentences.py), for text and a monologue string too
+    spoken = len(sentences_from_params(params))
+    if spoken > MAX_SENTENCES:
+        given = "monologue" if "monologue" in params else "text"
+        raise ValidationError(f"{given}: {spoken} sentences, more than {MAX_SENTENCES} (a sentence ends at a line "
+                              "break, or at . ! ? or an ellipsis followed by a space); send fewer or split the job")
     if params["voice"] == "clone":
         for name in ("reference_audio_url", "reference_text"):
             if not params.get(name):

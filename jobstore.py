@@ -50,7 +50,14 @@ QUEUE_KEYS = (config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, config.QUEUE_REQUEUED_K
 # --- submission and reading (API side) --------------------------------------------------------
 
 class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before with a different request body."""
+    """The Idempotency-Key was used before with a different request."""
+
+
+class RateLimited(Exception):
+    """The client has submitted its RATE_LIMIT_PER_MINUTE jobs this minute; nothing was written."""
+
+
+RATE_WINDOW_TTL_S = 120  # a rate counter outlives its minute, so the count of the minute is never lost early
 
 
 def submit(
@@ -60,27 +67,39 @@ def submit(
     now: float | None = None,
     *,
     idempotency_key: str = "",
-    body_hash: str = "",
+    request_hash: str = "",
     idempotency_ttl_s: int = 24 * 3600,
+    owner: str = "",
+    rate_key: str = "",
+    rate_limit: int = 0,
 ) -> tuple[str, bool]:
     """Write the job record and its queue entry in one script (one round trip); return (job id, created).
 
-    With idempotency_key (already scoped to the client), a repeat of the same body returns the first
-    job's id and queues nothing (created False); a different body raises IdempotencyConflict.
+    With idempotency_key (already scoped to the client), a repeat of the same request (request_hash,
+    the hash of its validated parameters) returns the first job's id and queues nothing (created False); a
+    different request raises IdempotencyConflict. A key whose job no longer exists (its record expired)
+    is unused again: the request queues a new job. owner is the id of the API key that submits the job
+    (never the key; "" without keys): the record keeps it and the job is listed in that owner's index
+    too. With rate_limit, rate_key (the client's counter of this minute) counts the submission and one
+    over the limit raises RateLimited; replays and conflicts are not counted.
     """
     now = time.time() if now is None else now
     job_id = str(uuid.uuid4())
     stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
-    seen = json.dumps({"job_id": job_id, "body_hash": body_hash}) if idempotency_key else ""
+    seen = json.dumps({"job_id": job_id, "request_hash": request_hash}) if idempotency_key else ""
     # the record's fields are set by the script (lua/submit.lua); queue_entry() gives the same entry
     first = redis_lua.run(r, "submit", (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
-                                        idempotency_key or config.QUEUE_PUSHES_KEY),
+                                        idempotency_key or config.QUEUE_PUSHES_KEY,
+                                        rate_key or config.QUEUE_PUSHES_KEY),
                           seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now),
-                          repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "")
+                          repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "",
+                          owner, rate_limit if rate_key else 0, RATE_WINDOW_TTL_S)
     if not first:
         return job_id, True
+    if first == "rate_limited":
+        raise RateLimited()
     first = json.loads(first)
-    if first["body_hash"] != body_hash:
+    if first.get("request_hash") != request_hash:  # (a record of an older API hashed the raw body)
         raise IdempotencyConflict(first["job_id"])
     return first["job_id"], False
 
@@ -117,17 +136,20 @@ def parse_cursor(cursor: str) -> tuple[float, str]:
 
 def list_jobs(
     r: redis.Redis, *, status: str | None = None, job_type: str | None = None, limit: int = 50,
-    cursor: str | None = None, scan_budget: int = 2000,
+    cursor: str | None = None, scan_budget: int = 2000, owner: str | None = None,
 ) -> tuple[list[dict[str, str]], str | None]:
     """Job records newest first, and the cursor of the next page (None at the end).
 
     Reads the status index (or the type index, or the index of all jobs) from the cursor on, so a page
-    costs O(limit). Only status and type together filter the status index by type; a page then reads at
-    most scan_budget entries and may come back short, with a cursor to go on from. Entries whose record
-    has expired are dropped from the index on the way. Stable under inserts: new jobs sort before the
-    cursor, so they never shift a later page.
+    costs O(limit). With owner (an API key's id) it reads that owner's index instead: only that key's
+    jobs. Status and type together, or either with an owner, filter the index read by the rest; a page
+    then reads at most scan_budget entries and may come back short, with a cursor to go on from. Entries
+    whose record has expired are dropped from the index on the way. Stable under inserts: new jobs sort
+    before the cursor, so they never shift a later page.
     """
-    if status:
+    if owner is not None:
+        index = config.JOBS_BY_OWNER_KEY.format(owner=owner)
+    elif status:
         index = config.JOBS_BY_STATUS_KEY.format(status=status)
     elif job_type:
         index = config.JOBS_BY_TYPE_KEY.format(type=job_type)
@@ -151,7 +173,8 @@ def list_jobs(
             r.zrem(index, *gone)
         for (member, score), record in zip(batch, records, strict=True):
             if record and (not status or record.get("status") == status) \
-                    and (not job_type or record.get("type") == job_type):
+                    and (not job_type or record.get("type") == job_type) \
+                    and (owner is None or record.get("owner") == owner):
                 if len(page) == limit:  # one more exists: the page ends at the previous one
                     return page, job_cursor(top, after_id)
                 page.append(record)

@@ -102,7 +102,8 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
                     "description": "A job id as returned on submission (a lower-case UUID4)."}
     common_errors = {
-        "401": _error_response("Missing or wrong API key (when C3_RENDER_API_KEYS is set)."),
+        "401": _error_response("Missing or wrong API key (when C3_RENDER_API_KEYS or C3_RENDER_ADMIN_KEYS "
+                               "is set)."),
         "503": _error_response("Redis cannot be reached."),
     }
     paths: dict[str, Any] = {}
@@ -112,7 +113,10 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "operationId": "submit_" + route.strip("/").replace("/", "_"),
             "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
                             "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
-                            "description": "Same key and body within 24 h: the same job, queued once."}],
+                            "description": "Same key and the same job parameters (as validated: null, left out "
+                                           "and the default are the same) within 24 h: the same job, "
+                                           "queued once, and not counted against the rate limit. A key "
+                                           "whose job has expired is unused again."}],
             "requestBody": {"required": True, "content": {ok: {"schema": {
                 "$ref": f"#/components/schemas/{job_type.capitalize()}Request"}}}},
             "responses": {
@@ -123,12 +127,14 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                                        "message names the field and allowed range."),
                 "413": _error_response("Body larger than MAX_CONTENT_LENGTH."),
                 "415": _error_response("Body is not JSON."),
-                "422": _error_response("Idempotency-Key reused with a different body."),
+                "422": _error_response("Idempotency-Key reused with other job parameters."),
                 "429": _error_response("Rate limit exceeded; see Retry-After."),
                 **common_errors,
             },
         }}
-    by_id = {"400": _error_response("Malformed job id."), "404": _error_response("Unknown job id."),
+    by_id = {"400": _error_response("Malformed job id."),
+             "404": _error_response("Unknown job id, or (with API keys) a job another key submitted: "
+                                    "answered exactly as an unknown id. Admin keys reach every job."),
              **common_errors}
     paths["/status/{job_id}"] = {"get": {
         "summary": "Status of a job", "operationId": "status", "parameters": [job_id_param],
@@ -177,6 +183,8 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
     }}
     paths["/jobs"] = {"get": {
         "summary": "List jobs, newest first (cursor pages)", "operationId": "list_jobs",
+        "description": "With API keys: the jobs the caller's key submitted (an admin key: every job). "
+                       "Without keys: every job.",
         "parameters": [
             {"name": "status", "in": "query", "required": False,
              "schema": {"type": "string", "enum": list(jobspec.STATUSES)}},
@@ -190,8 +198,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
              "description": "next_cursor of the previous page."},
         ],
         "responses": {
-            "200": {"description": "One page. A page filtered by status and type together may be short "
-                                   "with a next_cursor: follow it until it is null.",
+            "200": {"description": "One page. A page filtered by status and type together (or, for a key "
+                                   "that is not an admin key, by either) may be short with a next_cursor: "
+                                   "follow it until it is null.",
                     "content": {ok: {"schema": {
                         "type": "object", "required": ["jobs", "next_cursor"],
                         "properties": {"jobs": {"type": "array",
@@ -236,6 +245,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
     }}
     paths["/overview"] = {"get": {
         "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds",
+        "description": "About every client's jobs: with API keys, for admin keys (C3_RENDER_ADMIN_KEYS) only.",
         "operationId": "overview",
         "responses": {"200": {"description": "The numbers.", "content": {ok: {"schema": {
             "type": "object",
@@ -248,7 +258,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                 "jobs_total": {"type": "array", "items": {"type": "object"}},
                 "webhook_deliveries": {"type": "object"},
                 "workers": {"type": "array", "items": {"type": "object"}},
-            }}}}}, **common_errors},
+            }}}}},
+            "403": _error_response("The key is not an admin key (C3_RENDER_ADMIN_KEYS)."),
+            **common_errors},
     }}
     text_answer = {"description": "", "content": {}}
     metrics_answer = dict(text_answer, description="Prometheus text format (prometheus_client).",
@@ -283,7 +295,11 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "c3-render", "version": VERSION,
-                 "description": "AI render jobs on Comput3.ai GPU nodes: submit, follow, fetch results."},
+                 "description": "AI render jobs on Comput3.ai GPU nodes: submit, follow, fetch results. With "
+                                "API keys (C3_RENDER_API_KEYS) a job belongs to the key that submitted it: "
+                                "another key gets 404 for it, as for an unknown id, and /jobs lists the "
+                                "caller's own jobs; admin keys (C3_RENDER_ADMIN_KEYS) reach every job and "
+                                "/overview."},
         "paths": paths,
         "components": {
             "schemas": schemas,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import comput3
 import config
+import engine_api
 import nodes
 import nodestore
 import pool_policy
@@ -182,7 +183,7 @@ def give_up_lease(state: NodeHolder, lease: Lease, job_type: str, exc: Exception
     """After a failure on a leased node, let the lease go and say what it means for the job: returns when
     the node failed (it was stopped) and the job may try another; raises the job's failure otherwise
     (EngineError; NodeFailed; SharedNodeOutOfMemory: the job runs again, the node one job at a time)."""
-    detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+    detail = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"  # for the log only
     state.lease = None
     if isinstance(exc, EngineError) and OUT_OF_MEMORY.search(detail) and shared(state, lease):
         nodestore.make_solo(state.r, lease.node_id)
@@ -199,7 +200,8 @@ def give_up_lease(state: NodeHolder, lease: Lease, job_type: str, exc: Exception
         release(state, lease)
         if isinstance(exc, EngineError):
             raise exc
-        raise EngineError(f"{job_type} failed: {detail}") from None
+        log.warning("%s failed on node %s, which is healthy: %s", job_type, lease.node, detail)
+        raise EngineError(f"{job_type} failed: {engine_api.failure_text(exc)}") from None  # no host, no URL
     log.warning("node %s failed during job %s (%s): %s", lease.node, lease.job_id, problem, detail)
     nodes.stop_pool_node(state, lease.node_id, f"failed during a job: {problem}", force=True)
     if last:

@@ -32,7 +32,9 @@ from jobspec import INDEX_HORIZON_S
 NAMES: dict[str, str] = {
     "by_status": config.JOBS_BY_STATUS_KEY.format(status=""),
     "by_type": config.JOBS_BY_TYPE_KEY.format(type=""),
+    "by_owner": config.JOBS_BY_OWNER_KEY.format(owner=""),
     "index": config.JOBS_INDEX_KEY,
+    "job_prefix": config.JOB_KEY.format(id=""),
     "history_prefix": config.JOB_HISTORY_KEY.split("{id}")[0],
     "history_suffix": config.JOB_HISTORY_KEY.split("{id}")[1],
     "jobs_total": config.JOBS_TOTAL_KEY,

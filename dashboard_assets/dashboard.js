@@ -1,5 +1,7 @@
 // The c3-render dashboard: polls the JSON routes every few seconds with the API key typed in (kept in
 // this browser's localStorage) and builds the page with DOM calls (never innerHTML: job errors are text).
+// An ordinary key sees its own jobs; the numbers and workers (/overview) are for admin keys, so with any
+// other key (403) those panels are hidden and the page says why.
 "use strict";
 
 const POLL_MS = 2000;
@@ -20,7 +22,11 @@ async function call(method, path) {
   const headers = state.key ? { "X-C3-RENDER-KEY": state.key } : {};
   const response = await fetch(path, { method, headers });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.error || `${method} ${path}: HTTP ${response.status}`);
+  if (!response.ok) {
+    const error = new Error(body.error || `${method} ${path}: HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
@@ -114,27 +120,49 @@ function select(id) {
   refresh();
 }
 
+// The overview, or null with the reason shown when this key is not an admin key (403).
+async function overviewOrScope() {
+  try {
+    const overview = await call("GET", "/overview");
+    $("scope").hidden = true;
+    return overview;
+  } catch (error) {
+    if (error.status !== 403) throw error;
+    $("scope").textContent = "This key sees its own jobs only. The queue numbers, workers and nodes are " +
+      "shown to admin keys (C3_RENDER_ADMIN_KEYS).";
+    $("scope").hidden = false;
+    return null;
+  }
+}
+
+function showOverview(overview) {
+  $("numbers").hidden = !overview;
+  $("workers-section").hidden = !overview;
+  if (!overview) return;
+  $("queue-depth").textContent = overview.queue_depth;
+  $("running").textContent = overview.running;
+  $("throughput").textContent = overview.finished_last_hour;
+  $("nodes-running").textContent = overview.nodes_running;
+  $("node-seconds-today").textContent = Math.round(overview.node_seconds_today);
+  $("node-seconds-total").textContent = Math.round(overview.node_seconds_total);
+  $("workers").tBodies[0].replaceChildren(...overview.workers.map((w) => el("tr", { "data-worker": w.id },
+    el("td", {}, w.id),
+    el("td", {}, w.alive ? `${w.heartbeat_age_s}s ago` : "no heartbeat"),
+    el("td", {}, w.nodes.length ? w.nodes.map((n) => `${n.type}: ${n.state || ""} ${n.node || ""}`).join("; ") : "none"),
+    el("td", {}, (w.jobs || []).map((id) => id.slice(0, 8)).join(", ")))));
+}
+
 async function refresh() {
   try {
     const [overview, page, failures] = await Promise.all([
-      call("GET", "/overview"),
+      overviewOrScope(),
       call("GET", `/jobs?${filterQuery({ limit: 50 })}`),
       call("GET", "/jobs?status=failed&limit=10"),
     ]);
-    $("queue-depth").textContent = overview.queue_depth;
-    $("running").textContent = overview.running;
-    $("throughput").textContent = overview.finished_last_hour;
-    $("nodes-running").textContent = overview.nodes_running;
-    $("node-seconds-today").textContent = Math.round(overview.node_seconds_today);
-    $("node-seconds-total").textContent = Math.round(overview.node_seconds_total);
+    showOverview(overview);
     $("jobs").tBodies[0].replaceChildren(...page.jobs.map(jobRow), ...state.older.map(jobRow));
     if (!state.older.length) state.cursor = page.next_cursor;
     $("more").hidden = !state.cursor;
-    $("workers").tBodies[0].replaceChildren(...overview.workers.map((w) => el("tr", { "data-worker": w.id },
-      el("td", {}, w.id),
-      el("td", {}, w.alive ? `${w.heartbeat_age_s}s ago` : "no heartbeat"),
-      el("td", {}, w.nodes.length ? w.nodes.map((n) => `${n.type}: ${n.state || ""} ${n.node || ""}`).join("; ") : "none"),
-      el("td", {}, (w.jobs || []).map((id) => id.slice(0, 8)).join(", ")))));
     $("failures").replaceChildren(...failures.jobs.map((job) => el("li", {},
       el("a", { href: "#", onclick: (e) => { e.preventDefault(); select(job.id); } }, job.id.slice(0, 8)),
       ` ${job.type} · ${when(job.finished_at)} · `, el("span", { class: "error" }, job.error || ""))));
@@ -159,6 +187,10 @@ $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   state.key = $("api-key").value.trim();
   localStorage.setItem("c3-render-key", state.key);
+  state.older = [];
+  state.cursor = null;
+  state.selected = null;
+  $("detail").hidden = true;
   refresh();
 });
 for (const id of ["filter-status", "filter-type"]) {

@@ -181,6 +181,14 @@ def test_bad_bodies_never_reach_the_queue(client, r):
     assert not r.keys("job:*")
 
 
+def test_the_sentence_limit_is_a_400_naming_the_field_and_queues_nothing(client, r):
+    answer = client.post("/csm", json={"text": "Hi. " * 2499 + "Go."})
+    assert answer.status_code == 400 and answer.get_json()["error"].startswith("text: 2500 sentences")
+    answer = client.post("/csm", json={"monologue": "Yes. " * 2000})
+    assert answer.status_code == 400 and answer.get_json()["error"].startswith("monologue: 2000 sentences")
+    assert r.llen(config.QUEUE_KEY) == 0 and not r.keys("job:*")
+
+
 def test_oversized_body_413(settings, r):
     client = api.create_app(dataclasses.replace(settings, max_content_length=1000)).test_client()
     answer = client.post("/csm", data=json.dumps({"text": "x" * 2000}), content_type="application/json")
@@ -247,6 +255,54 @@ def test_idempotency_key(client, r):
     other = client.post("/csm", json=CSM, headers={"Idempotency-Key": "order-43"})
     assert other.get_json()["id"] != first.get_json()["id"]
     assert client.post("/csm", json=CSM, headers={"Idempotency-Key": "x" * 300}).status_code == 400
+
+
+def test_idempotency_compares_the_validated_parameters_not_the_bytes(client, r):
+    headers = {"Idempotency-Key": "order-null"}
+    first = client.post("/csm", json={"text": "Hi there.", "voice": None}, headers=headers)
+    assert first.status_code == 200
+    for same in ({"text": "Hi there."}, {"voice": "random", "text": "Hi there.", "notify_url": None}):
+        again = client.post("/csm", json=same, headers=headers)
+        assert again.status_code == 200, again.get_json()
+        assert again.get_json()["id"] == first.get_json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    whisper = {"Idempotency-Key": "order-lang"}
+    tagged = client.post("/whisper", json={"audio_url": "https://example.com/a.mp3", "language": "pt-BR"},
+                         headers=whisper).get_json()["id"]
+    assert client.post("/whisper", json={"audio_url": "https://example.com/a.mp3", "language": "pt"},
+                       headers=whisper).get_json()["id"] == tagged
+    assert client.post("/csm", json={"text": "Hi there.", "voice": "conversational_a"},
+                       headers=headers).status_code == 422
+    assert r.llen(config.QUEUE_KEY) == 2
+
+
+def test_a_replay_after_the_job_expired_queues_a_new_job(settings, r):
+    short = dataclasses.replace(settings, result_ttl_s=1)
+    client = api.create_app(short).test_client()
+    headers = {"Idempotency-Key": "order-expired"}
+    first = client.post("/csm", json=CSM, headers=headers).get_json()["id"]
+    finish_job(r, short, first, "success", {"result_url": "http://x/y.mp3"})
+    time.sleep(1.2)
+    assert r.exists(f"job:{first}") == 0  # its retention ran out; the Idempotency-Key's 24 h did not
+    again = client.post("/csm", json=CSM, headers=headers)
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
+    second = again.get_json()["id"]
+    assert second != first and again.get_json()["status"] == "queued"
+    assert client.get(f"/status/{second}").get_json()["status"] == "queued"  # a job that exists
+    replay = client.post("/csm", json=CSM, headers=headers)  # and the key now names the new job
+    assert replay.get_json()["id"] == second and replay.headers["Idempotent-Replayed"] == "true"
+
+
+def test_replays_and_conflicts_do_not_count_against_the_rate_limit(settings, r):
+    client = api.create_app(dataclasses.replace(settings, rate_limit_per_minute=2)).test_client()
+    headers = {"Idempotency-Key": "retry-me"}
+    first = client.post("/csm", json=CSM, headers=headers)
+    for _ in range(5):  # a client retrying after lost answers
+        assert client.post("/csm", json=CSM, headers=headers).get_json()["id"] == first.get_json()["id"]
+        assert client.post("/csm", json={"text": "Other."}, headers=headers).status_code == 422
+    assert client.post("/csm", json=CSM).status_code == 200
+    assert client.post("/csm", json=CSM).status_code == 429
+    assert client.post("/csm", json=CSM, headers=headers).status_code == 200  # a replay, even now
+    assert r.llen(config.QUEUE_KEY) == 2
 
 
 def test_rate_limit(settings, r):

@@ -1,9 +1,11 @@
 """The whole stack in a real browser: redis-server, the dev node, the API (gunicorn), a worker; jobs
 submitted with the `c3-render` CLI (including `submit portrait ... --wait --out talk.mp4`), and the
 dashboard opened in headless Chromium (Debian's `chromium`, driven by Playwright with the system
-browser; never `playwright install`). Checks the jobs, their states, the detail view, the workers and
-that the Cancel button cancels; saves a screenshot in the test's tmp dir (and in /work/wt/notes when
-that directory exists, for the team to look at)."""
+browser; never `playwright install`). Checks, with an admin key, the jobs, their states, the detail
+view, the workers and that the Cancel button cancels; then, with the ordinary key that submitted them,
+that the page shows that key's jobs only and says why the numbers and workers are not shown. Saves a
+screenshot in the test's tmp dir (and in /work/wt/notes when that directory exists, for the team to look
+at)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, wait_for
 from devnode_helpers import start_devnode, stop_devnode
 from PIL import Image
 from system import ffprobe, http_json, running_nodes, service_env, start_api, start_file_server, start_worker
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-KEY = "dashboard-test-key"
+KEY = "dashboard-test-key"  # the CLI's and the submissions' (an ordinary key)
+OTHER = "dashboard-other-key"  # another client's
+ADMIN = "dashboard-admin-key"  # the operator's: every job, the numbers, the workers
 NOTES_DIR = Path("/work/wt/notes")
 
 
@@ -35,7 +39,8 @@ def stack(redis_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
     redis.Redis.from_url(redis_server.url).flushall()
     devnode_proc, devnode_url = start_devnode(tmp)
-    env = service_env(redis_server.url, devnode_url, tmp, GPU_IDLE_TIMEOUT="30", C3_RENDER_API_KEYS=KEY)
+    env = service_env(redis_server.url, devnode_url, tmp, GPU_IDLE_TIMEOUT="30", C3_RENDER_API_KEYS=f"{KEY},{OTHER}",
+                      C3_RENDER_ADMIN_KEYS=ADMIN)
     api, api_url = start_api(env, tmp)
     inputs = tmp / "inputs"
     inputs.mkdir()
@@ -61,8 +66,8 @@ def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def submit(stack, route: str, body: dict) -> str:
-    status, answer = http_json("POST", stack["api"] + route, body, {"X-C3-RENDER-KEY": KEY})
+def submit(stack, route: str, body: dict, key: str = KEY) -> str:
+    status, answer = http_json("POST", stack["api"] + route, body, {"X-C3-RENDER-KEY": key})
     assert status == 200, answer
     return answer["id"]
 
@@ -86,7 +91,7 @@ def test_cli_and_dashboard_on_the_whole_stack(stack):
                 else outside.append(request.url))
         page.goto(stack["api"] + "/dashboard")
         expect(page.locator("#problem")).to_contain_text("API key")  # no key yet: the data routes say 401
-        page.fill("#api-key", KEY)
+        page.fill("#api-key", ADMIN)
         page.click("#key-form button")
         rows = page.locator("#jobs tbody tr")
         expect(rows).to_have_count(2)
@@ -138,6 +143,24 @@ def test_cli_and_dashboard_on_the_whole_stack(stack):
         shot = tmp / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
 
+        # another client's job: the admin sees it, the key that submitted the others does not
+        foreign = submit(stack, "/analyze", {"image_url": stack["files"] + "/page.jpg"}, key=OTHER)
+        expect(rows).to_have_count(5)
+        expect(page.locator(f'tr[data-job-id="{foreign}"]')).to_have_count(1)
+        expect(page.locator("#scope")).to_be_hidden()
+        page.fill("#api-key", KEY)
+        page.click("#key-form button")
+        expect(page.locator("#scope")).to_contain_text("admin keys (C3_RENDER_ADMIN_KEYS)")
+        expect(page.locator("#numbers")).to_be_hidden()
+        expect(page.locator("#workers-section")).to_be_hidden()
+        expect(rows).to_have_count(4)
+        expect(page.locator(f'tr[data-job-id="{foreign}"]')).to_have_count(0)
+        expect(page.locator("#problem")).to_be_hidden()
+        page.locator(f'tr[data-job-id="{failing}"]').click()
+        expect(page.locator('#detail-fields [data-field="error"]')).to_contain_text("not an image")
+        page.screenshot(path=str(tmp / "dashboard-own-jobs.png"), full_page=True)
+        assert http_json("GET", f"{stack['api']}/status/{foreign}", headers={"X-C3-RENDER-KEY": KEY})[0] == 404
+
         page.goto(stack["api"] + "/docs")
         expect(page.locator(".swagger-ui .info .title")).to_contain_text("c3-render", timeout=15_000)
         expect(page.locator(".opblock-summary-path").filter(has_text="/events/")).to_have_count(1)
@@ -149,10 +172,12 @@ def test_cli_and_dashboard_on_the_whole_stack(stack):
         shutil.copy(shot, NOTES_DIR / "dashboard.png")
     status, record = http_json("GET", f"{stack['api']}/jobs/{portrait_id}", headers={"X-C3-RENDER-KEY": KEY})
     assert status == 200 and record["result"]["result_url"]
+    wait_for(lambda: http_json("GET", f"{stack['api']}/status/{foreign}", headers={"X-C3-RENDER-KEY": OTHER})[1]
+             .get("status") == "failed", 60, what="the other client's job to fail")
     metrics = http_text(stack["api"] + "/metrics")
     assert 'c3_render_jobs_total{status="cancelled",type="csm"} 1.0' in metrics
     assert 'c3_render_jobs_total{status="success",type="portrait"} 1.0' in metrics
-    assert 'c3_render_jobs_total{status="failed",type="analyze"} 1.0' in metrics
+    assert 'c3_render_jobs_total{status="failed",type="analyze"} 2.0' in metrics  # with the other client's
 
 
 def http_text(url: str) -> str:

@@ -146,6 +146,11 @@ def test_node_failing_mid_job_is_retried_once_then_reported(stack):
     assert "GPU node failed" in final["error"], final
     launched = [n for n in devnode_nodes(stack["devnode"]) if n["launched_at"] >= t0]
     assert len(launched) == 2  # the first node died, the job was retried once on a new one
+    # what the client sees of it names no node (host, address, workload), in the record and the webhook
+    names = [n["node"] for n in launched] + [n["workload"] for n in launched] + ["127.0.0.1", "http"]
+    assert not [name for name in names if name in final["error"]], final["error"]
+    [webhook] = wait_for(lambda: stack["receiver"].for_job(job_id), 20, what="the webhook")
+    assert webhook == {"id": job_id, "status": "failed", "error": final["error"]}
     wait_for(lambda: not running_nodes(stack["devnode"]), 10, what="the dead nodes to be stopped")
 
 

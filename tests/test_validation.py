@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import app as api
 import jobspec
 from jobspec import ValidationError, validate
+from sentences import split_sentences
 
 BASE = {
     "csm": {"text": "Hello there."},
@@ -127,6 +128,22 @@ def test_notify_url_checked_like_inputs():
 def test_text_vs_monologue_rules(body, message):
     with pytest.raises(ValidationError, match=message):
         validate("csm", body)
+
+
+@pytest.mark.parametrize("name", ["text", "monologue"])
+def test_text_and_a_monologue_string_are_limited_to_200_sentences_as_the_engine_splits_them(name):
+    at_limit = " ".join(f"Sentence {n}." for n in range(jobspec.MAX_SENTENCES))
+    assert len(split_sentences(at_limit)) == jobspec.MAX_SENTENCES
+    assert validate("csm", {name: at_limit})[name] == at_limit
+    with pytest.raises(ValidationError, match=rf"^{name}: 201 sentences, more than 200"):
+        validate("csm", {name: at_limit + " One more."})
+    with pytest.raises(ValidationError, match=rf"^{name}: 2500 sentences, more than 200"):
+        validate("csm", {name: "Hi. " * 2499 + "Go."})  # 9,999 characters: within the length limit
+    lines = "\n".join(["a line without a full stop"] * 201)  # a line break ends a sentence too
+    with pytest.raises(ValidationError, match=rf"^{name}: 201 sentences"):
+        validate("csm", {name: lines})
+    # abbreviations and initials do not end a sentence, so they do not count as one
+    assert validate("csm", {name: "Dr. J. K. Smith met Mr. Jones. " * 150})
 
 
 def test_monologue_string_and_list_accepted():
