@@ -44,7 +44,6 @@ NAMES: dict[str, str] = {
     "job_channel": config.JOB_EVENTS_CHANNEL.format(id=""),
     "buckets": ", ".join(str(b) for b in config.DURATION_BUCKETS),
     "horizon": str(INDEX_HORIZON_S),
-    "job_prefix": config.JOB_KEY.format(id=""),
     "pool_node": config.POOL_NODE_KEY.format(id=""),
     "pool_leases": config.POOL_LEASES_KEY.format(id=""),
     "node_time": config.NODE_TIME_KEY,

@@ -23,6 +23,7 @@ import c3_render_worker as worker
 import comput3
 import config
 import gradio_app
+import nodes
 from engine_api import EngineError, NodeUrls, failure_text, node_urls, without_addresses
 
 NODE_PATH = "/nodes/wl-secret-7/comfyui/history/p-1"
@@ -138,12 +139,13 @@ def test_comput3_unreachable_is_said_without_its_url(closed_port):
 
 
 def test_the_workers_last_net_before_an_error_is_stored(settings):
-    """Whatever text reaches settle: no URL, no quoted host, no held node's name, no C3_API_KEY, no path."""
+    """Whatever text reaches settle: no URL, no quoted host, no name of the job's node, no C3_API_KEY, no
+    path."""
     settings = dataclasses.replace(settings, c3_api_key="c3-key-0123456789")
     state = worker.WorkerState(settings=settings, r=None, worker_id="w")  # type: ignore[arg-type]
     urls = NodeUrls(base="https://abc-node.comput3.ai", csm="", whisper="", comfyui="", ollama="", api_key="x")
-    state.nodes["media:fast"] = worker.HeldNode(workload="wl-1", node="abc-node.comput3.ai", launched_at=0.0,
-                                                urls=urls)
+    state.lease = nodes.Lease("n-1", "media:fast", "j-1", "csm", 0.0, workload="wl-1", node="abc-node.comput3.ai",
+                              urls=urls)
     text = (f"csm failed: HTTPSConnectionPool(host='ui-abc-node.comput3.ai', port=443) at "
             f"https://ui-abc-node.comput3.ai/prompt; node abc-node.comput3.ai; key c3-key-0123456789; "
             f"file {Path(settings.work_dir).resolve()}/j-1/x.wav")

@@ -152,7 +152,8 @@ def test_foreign_workloads_are_never_stopped(stack):
     other_type = launch_foreign(stack, "ollama_webui:fast")  # inside our window, but not what we launched
     reset_faults(stack["devnode"])
     wait_for(lambda: node_row(stack["devnode"], ours)["stopped_at"], 20, what="our unrecorded node to stop")
-    assert wait_finished(stack["api"], job_id, 90)["status"] == "success"
+    final = wait_finished(stack["api"], job_id, 90)
+    assert final["status"] == "success", (final, sweeper.log()[-3000:])
     # someone else launches again after our windows closed, while our sweeps go on
     wait_for(lambda: not stack["r"].hlen(config.LAUNCH_INTENTS_KEY), 30, what="our launch windows to close")
     after = launch_foreign(stack)
