@@ -41,6 +41,9 @@ def describe(job: dict[str, Any], started: float) -> str:
         parts.append(f"queue position {job['queue_position']}")
     if job.get("cancel_requested"):
         parts.append("cancelling")
+    if job.get("node_seconds") is not None:  # what it cost: its share of its node's time (and price)
+        parts.append(f"{job['node_seconds']} node-s" + (f" (cost {job['cost']})" if job.get("cost") is not None
+                                                          else ""))
     parts.append(f"{time.monotonic() - started:.0f}s elapsed")
     return " · ".join(parts)
 

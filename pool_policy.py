@@ -93,20 +93,21 @@ def usable_for(node: NodeView, service: str, now: float, min_life_s: float, max_
             and now - node.launched_at <= max_age_s)
 
 
-def slot_holders(node: NodeView, service: str) -> list[float]:
-    """Start times of the jobs one of which must end before this service gets a slot on a busy node: its
-    jobs of the service when their slots are full, else all its jobs (its total is the limit)."""
+def slot_holders(node: NodeView, service: str) -> list[tuple[str, float]]:
+    """(service, start) of the jobs one of which must end before this service gets a slot on a busy node:
+    its jobs of the service when their slots are full, else all its jobs (its total is the limit)."""
     if len(node.leases.get(service, ())) >= node.slots.get(service, 0):
-        return list(node.leases.get(service, ()))
-    return [start for starts in node.leases.values() for start in starts]
+        return [(service, start) for start in node.leases.get(service, ())]
+    return [(held, start) for held, starts in node.leases.items() for start in starts]
 
 
 def expected_wait(nodes: list[NodeView], service: str, now: float, est: Estimates, queued: int = 0) -> float:
     """Seconds a job of this service can expect to wait for a slot on these busy nodes: the soonest expected
-    end of a job holding one, then the jobs of the service queued behind it at the service's measured time
-    over the service's slots (so a backlog is served by more nodes when it would wait longer than a boot)."""
+    end of a job holding one (each job's expected length is its service's measured time), then the jobs of
+    the service queued behind it at its measured time over the service's slots (so a backlog is served by
+    more nodes when it would wait longer than a boot)."""
     length = est.service(service)
-    ends = [max(0.0, start + length - now) for node in nodes for start in slot_holders(node, service)]
+    ends = [max(0.0, start + est.service(held) - now) for node in nodes for held, start in slot_holders(node, service)]
     slots = sum(min(node.slots.get(service, 0), node.total) for node in nodes)
     return min(ends, default=math.inf) + queued * length / max(1, slots)
 

@@ -145,10 +145,20 @@ function showOverview(overview) {
   $("nodes-running").textContent = overview.nodes_running;
   $("node-seconds-today").textContent = Math.round(overview.node_seconds_today);
   $("node-seconds-total").textContent = Math.round(overview.node_seconds_total);
+  $("node-seconds-per-job").textContent = overview.node_seconds_per_job_today ?? "–";
+  $("cost-per-job").textContent = overview.cost_per_job_today ?? "–";
+  const time = overview.node_time || {};
+  $("node-time").textContent = ["busy", "idle", "booting"].map((kind) => Math.round(time[kind] || 0)).join(" / ");
+  $("pool-nodes").tBodies[0].replaceChildren(...(overview.nodes || []).map((n) => el("tr", { "data-node": n.id },
+    el("td", { title: n.workload || "" }, n.node || n.id),
+    el("td", {}, n.type),
+    el("td", {}, n.solo ? `${n.state} (one job at a time)` : n.state),
+    el("td", {}, n.jobs.map((j) => `${j.service} ${j.job.slice(0, 8)}`).join(", ") || "none"),
+    el("td", {}, n.idle_since ? when(new Date(n.idle_since * 1000).toISOString()) : ""))));
   $("workers").tBodies[0].replaceChildren(...overview.workers.map((w) => el("tr", { "data-worker": w.id },
     el("td", {}, w.id),
     el("td", {}, w.alive ? `${w.heartbeat_age_s}s ago` : "no heartbeat"),
-    el("td", {}, w.nodes.length ? w.nodes.map((n) => `${n.type}: ${n.state || ""} ${n.node || ""}`).join("; ") : "none"),
+    el("td", {}, w.nodes.length ? w.nodes.map((n) => `${n.type}: ${n.state || ""} ${n.node || n.id}`).join("; ") : "none"),
     el("td", {}, (w.jobs || []).map((id) => id.slice(0, 8)).join(", ")))));
 }
 

@@ -281,3 +281,23 @@ def test_queue_depth_leaves_out_cancelled_jobs_still_in_the_list(client, r, sett
     assert client.post(f"/cancel/{ids[1]}").json["status"] == "cancelled"
     assert r.llen(config.QUEUE_KEY) == 4  # the cancelled entry stays until a worker drops it
     assert client.get("/overview").json["queue_depth"] == 3
+
+
+def test_a_job_shows_what_it_cost(r, settings):
+    """A job's share of its node's time (node_seconds, as the pool scripts write it) and, with
+    C3_PRICE_PER_HOUR, its cost: on /status, /jobs/<id> and the CLI's line."""
+    import c3_render_cli
+
+    priced = api.create_app(dataclasses.replace(settings, price_per_hour="media:fast=1.80,0.5")).test_client()
+    job_id = submit(priced)
+    assert "node_seconds" not in priced.get(f"/status/{job_id}").json  # nothing ran yet
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w1", 4, 100.0, job_id, "csm")
+    nodestore.release_lease(r, "n1", job_id, 200.0, 60.0)  # 100 node-seconds: its boot, and its run
+    answer = priced.get(f"/status/{job_id}").json
+    assert answer["node_seconds"] == 100.0 and answer["node_type"] == "media:fast"
+    assert answer["cost"] == pytest.approx(100 * 1.80 / 3600, abs=1e-4)
+    assert priced.get(f"/jobs/{job_id}").json["cost"] == answer["cost"]
+    unpriced = api.create_app(settings).test_client()
+    assert "cost" not in unpriced.get(f"/status/{job_id}").json  # no price: node-seconds only
+    line = c3_render_cli.describe(answer, time.monotonic())
+    assert "100.0 node-s (cost 0.05)" in line
