@@ -40,6 +40,7 @@ import media_check
 import netfetch
 import nodes
 import nodestore
+import redis_conn
 import storage
 import sweep
 import webhooks
@@ -133,7 +134,13 @@ def run_job(state: WorkerState, entry: str) -> None:
 def claim(state: WorkerState, entry: str) -> ClaimedJob | None:
     """Move the entry's job to running on this worker; None (entry dropped) when it is no longer queued."""
     job_id = json.loads(entry)["id"]
-    changed, status = jobstore.transition(state.r, state.settings, job_id, "running", {"worker": state.worker_id})
+    try:
+        changed, status = jobstore.transition(state.r, state.settings, job_id, "running", {"worker": state.worker_id})
+    except redis_conn.NotReplicated:
+        # A claim the replicas do not have may vanish in a failover, and another worker then runs the job
+        # too: it is not run here; it goes back (attempt not counted) and the main loop backs off.
+        jobstore.put_back(state.r, state.worker_id, job_id, entry)
+        raise
     if not changed:
         log.info("job %s is %s; skipping it", job_id, status)
         jobstore.ack(state.r, state.worker_id, entry)
@@ -212,20 +219,26 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     fields = outcome.fields
     if fields.get("error"):  # no server paths in what the client sees
         fields = {**fields, "error": storage.scrub_paths(state.settings, str(fields["error"]))}
-    # Ride out a short Redis outage here rather than throw the finished work away: the transition is
-    # idempotent (a retry after a lost reply finds the job finished and changes nothing). Not past
-    # WORKER_GRACE_S on SIGTERM: the entry stays in our processing list for the sweep to give back.
+    # Ride out a short Redis outage (or a failover, or replicas slow to confirm it) here rather than throw
+    # the finished work away: the transition is idempotent (a retry after a lost reply finds the job
+    # finished and changes nothing), and the entry is acknowledged only once the replicas have the
+    # result. Not past WORKER_GRACE_S on SIGTERM: the entry stays in our processing list for the sweep.
+    done = False
     for wait_s in (0.5, 1, 2, 4, 8, 0):
         try:
-            done, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
-                                                   worker_id=state.worker_id)
+            changed, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
+                                                      worker_id=state.worker_id)
+            done = done or changed
             break
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            why = type(exc).__name__
+            if isinstance(exc, redis_conn.NotReplicated):  # on the primary, not yet on enough replicas
+                done, why = done or bool(exc.result[0]), str(exc)
             past_grace = state.shutdown_deadline is not None and time.time() + wait_s > state.shutdown_deadline
             if not wait_s or past_grace:
                 raise  # the main loop gives the entry back to the queue once Redis answers
-            log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job.id,
-                        outcome.status, wait_s)
+            log.warning("job %s: Redis unavailable while recording the %s (%s); retrying in %g s", job.id,
+                        outcome.status, why, wait_s)
             time.sleep(wait_s)
     if not done:
         log.info("job %s: result dropped, the job is already %s", job.id, now_status)
@@ -384,7 +397,7 @@ def heartbeat_loop(state: WorkerState) -> None:
     """Keep the heartbeat alive and run the recovery sweep every SWEEP_INTERVAL_S. After a SIGTERM the
     heartbeat goes on (no more sweeps) until the running job is settled: a job finishing within
     WORKER_GRACE_S must not look abandoned to other workers' sweeps, which would run it again."""
-    r = jobstore.connect(state.settings.redis_url)
+    r = redis_conn.connect(state.settings)
     interval = max(0.2, state.settings.heartbeat_ttl_s / 3)
     next_sweep = 0.0
     while not state.settled.is_set():
@@ -449,7 +462,7 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
     undone: the recovery sweep of a live worker does it once Redis answers and our heartbeat expired."""
     settings, worker_id = state.settings, state.worker_id
     state.settled.set()  # no job runs any more: the heartbeat stops (retire_worker removes it below)
-    state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
+    state.r = redis_conn.connect(settings, timeout_s=EXIT_REDIS_TIMEOUT_S)
     if not state.redis_lost:  # work() ended on a Redis error after the SIGTERM: not asked again
         try:
             state.r.ping()
@@ -501,7 +514,7 @@ def run() -> int:
     check_startup(settings)
     media_check.return_large_frees()  # memory of a big input goes back to the system after the job
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    state = WorkerState(settings=settings, r=jobstore.connect(settings.redis_url), worker_id=worker_id)
+    state = WorkerState(settings=settings, r=redis_conn.connect(settings), worker_id=worker_id)
     webhook_stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -510,7 +523,7 @@ def run() -> int:
                      signum, settings.worker_grace_s)
             state.shutdown_deadline = time.time() + settings.worker_grace_s
             # From now on the job's Redis calls wait at most EXIT_REDIS_TIMEOUT_S each (a frozen Redis)
-            state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
+            state.r = redis_conn.connect(settings, timeout_s=EXIT_REDIS_TIMEOUT_S)
         state.stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -80,23 +80,28 @@ class Hub:
 
     def run(self) -> None:
         while True:
+            pubsub = self.r.pubsub()
             try:
-                pubsub = self.r.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe(self.job_prefix + "*")
                 pubsub.subscribe(config.QUEUE_EVENTS_CHANNEL)
-                self.wake(None)  # (re)connected: changes may have been missed while we were away
                 while True:
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     channel = message["channel"]
-                    if channel == config.QUEUE_EVENTS_CHANNEL:
+                    if message["type"] in ("subscribe", "psubscribe"):
+                        # (re)subscribed, here or by redis-py on a new primary after a failover: changes
+                        # may have been missed while we were away
+                        self.wake(None)
+                    elif channel == config.QUEUE_EVENTS_CHANNEL:
                         self.wake(None)
                     elif channel.startswith(self.job_prefix):
                         self.wake(channel[len(self.job_prefix):])
             except (redis.RedisError, OSError) as exc:
                 log.warning("event subscription lost (%s); reconnecting", type(exc).__name__)
                 time.sleep(1.0)
+            finally:
+                pubsub.close()
 
 
 @events_routes.record_once

@@ -37,6 +37,7 @@ import redis
 
 import config
 import nodestore
+import redis_conn
 import redis_lua
 import webhook_state
 from jobspec import FINISHED_STATUSES, JOBS_CURSOR_PATTERN, PHASES
@@ -62,23 +63,27 @@ def submit(
     """Write the job record and its queue entry in one script (one round trip); return (job id, created).
 
     With idempotency_key (already scoped to the client), a repeat of the same body returns the first
-    job's id and queues nothing (created False); a different body raises IdempotencyConflict.
+    job's id and queues nothing (created False); a different body raises IdempotencyConflict. With
+    REDIS_MIN_REPLICA_ACKS, raises redis_conn.NotReplicated when the replicas did not confirm the job
+    (or, for a repeat, the first one) within REDIS_FAILOVER_WAIT_S: it may or may not outlive a failover,
+    and a repeat with the same Idempotency-Key tells which (the same id, or a new job).
     """
     now = time.time() if now is None else now
     job_id = str(uuid.uuid4())
     stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
     seen = json.dumps({"job_id": job_id, "body_hash": body_hash}) if idempotency_key else ""
-    # the record's fields are set by the script (lua/submit.lua); queue_entry() gives the same entry
-    first = redis_lua.run(r, "submit", (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
-                                        idempotency_key or config.QUEUE_PUSHES_KEY),
-                          seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now),
-                          repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "")
+    # the record's fields are set by the script (lua/submit.lua); queue_entry() gives the same entry.
+    # Sent again with the same id through a failover (a record with this id is this submit's own).
+    keys = (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, idempotency_key or config.QUEUE_PUSHES_KEY)
+    args = (seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now), repr(now + params["complete_in"]),
+            str(params["max_time"]), params.get("notify_url") or "")
+    first = redis_conn.through_failover(r, lambda: redis_lua.run(r, "submit", keys, *args, confirm=True))
     if not first:
         return job_id, True
     first = json.loads(first)
     if first["body_hash"] != body_hash:
         raise IdempotencyConflict(first["job_id"])
-    return first["job_id"], False
+    return first["job_id"], first["job_id"] == job_id
 
 
 def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
@@ -218,7 +223,7 @@ def transition(
     for key, value in fields.items():
         argv += [key, "" if value is None else str(value)]
     changed, status = redis_lua.run(r, "transition", (job_key(job_id), *QUEUE_KEYS, config.WEBHOOK_OUTBOX_KEY),
-                                    *argv)
+                                    *argv, confirm=True)
     return bool(changed), status
 
 
@@ -242,7 +247,7 @@ def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
                 return "cancelled"
             continue
         # running: ask the worker to stop
-        if redis_lua.run(r, "flag_cancel", (job_key(job_id),), status):
+        if redis_lua.run(r, "flag_cancel", (job_key(job_id),), status, confirm=True):
             return "cancelling"
     record = get_job(r, job_id)
     return f"finished:{record['status']}" if record else "missing"
@@ -280,13 +285,13 @@ def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
     (dropped instead if its job was cancelled meanwhile)."""
     job_id = json.loads(entry)["id"]
     redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS), entry, "",
-                  repr(time.time()))
+                  repr(time.time()), confirm=True)
 
 
 def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str) -> bool:
     """Give a running job back to the queue (worker shutting down); it runs next, attempt not counted."""
     return bool(redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS),
-                              entry, worker_id, repr(time.time())))
+                              entry, worker_id, repr(time.time()), confirm=True))
 
 
 def dead_workers(r: redis.Redis) -> list[str]:
@@ -328,7 +333,8 @@ def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str) -
     Returns (entries requeued, ids of jobs failed after MAX_ATTEMPTS).
     """
     requeued, over = redis_lua.run(r, "requeue", (processing_key(worker), *QUEUE_KEYS),
-                                   settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()))
+                                   settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()),
+                                   confirm=True)
     failed = []
     for entry in over:
         job_id = json.loads(entry)["id"]
@@ -365,18 +371,7 @@ def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None)
     redis_lua.run(r, "set_phase", (job_key(job_id),), phase, repr(time.time() if now is None else now), job_id)
 
 
-# --- connections and key names ---------------------------------------------------------------------
-
-def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
-    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
-    thread wait (up to timeout_s) for a free connection instead of failing at once when all
-    max_connections are busy, as a burst of woken /events streams can make them."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
-        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool)
-
+# --- key names ---------------------------------------------------------------------
 
 def job_key(job_id: str) -> str:
     return config.JOB_KEY.format(id=job_id)

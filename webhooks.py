@@ -45,6 +45,7 @@ import redis
 import config
 import jobstore
 import netfetch
+import redis_conn
 import webhook_state
 
 log = logging.getLogger("c3-render.webhooks")
@@ -315,8 +316,8 @@ def _attempt_in_thread(r: redis.Redis, settings: config.Settings, worker_id: str
 def taker_loop(settings: config.Settings, worker_id: str, stop: threading.Event, slots: HostSlots,
                executor: ThreadPoolExecutor, concurrency: int, in_flight: InFlight) -> None:
     """Take deliveries while fewer than `concurrency` attempts are under way; survives Redis outages."""
-    r = jobstore.connect(settings.redis_url)
-    shared = jobstore.connect(settings.redis_url)  # for the attempt threads (its pool is thread-safe)
+    r = redis_conn.connect(settings)
+    shared = redis_conn.connect(settings)  # for the attempt threads (its pool is thread-safe)
     free = threading.Semaphore(concurrency)
     backoff = 0.5
     unsettled: Callable[[], None] | None = None

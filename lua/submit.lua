@@ -6,9 +6,12 @@
 --       [4] idempotency key (IDEMPOTENCY_KEY; any key when there is none)
 -- ARGV: [1] idempotency record ('' = no key)  [2] its ttl (s)  [3] id  [4] type  [5] params (JSON)
 --       [6] created_at  [7] complete_by  [8] max_time  [9] notify_url
--- Returns: '' when queued, else the idempotency record already stored (nothing is written then).
+-- Returns: '' when queued (or when a record with this id exists: this submit sent again after an
+--          unconfirmed answer, see redis_conn.through_failover), else the idempotency record already
+--          stored (nothing is written then).
 -- Names: index (JOBS_INDEX_KEY), by_type (JOBS_BY_TYPE_KEY), by_status (JOBS_BY_STATUS_KEY),
 --        history_prefix/history_suffix (JOB_HISTORY_KEY), jobs_total (JOBS_TOTAL_KEY)
+if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 if ARGV[1] ~= '' then
   local seen = redis.call('GET', KEYS[4])
   if seen then return seen end
