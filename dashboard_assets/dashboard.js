@@ -109,6 +109,14 @@ async function refreshDetail() {
     ...(job.history || []).map((item) => el("tr", {}, el("td", {}, badge(item.status)), el("td", {}, when(item.at)))));
 }
 
+// "primary, 1 replica (lag 0 s)": the Redis role and how far behind its replicas are
+function redisRole(redis) {
+  if (!redis) return "–";
+  const replicas = redis.replicas || [];
+  const lag = replicas.length ? ` (lag ${Math.max(...replicas.map((r) => r.lag_s))} s)` : "";
+  return `${redis.role}, ${replicas.length} replica${replicas.length === 1 ? "" : "s"}${lag}`;
+}
+
 function select(id) {
   state.selected = id;
   refresh();
@@ -127,6 +135,7 @@ async function refresh() {
     $("nodes-running").textContent = overview.nodes_running;
     $("node-seconds-today").textContent = Math.round(overview.node_seconds_today);
     $("node-seconds-total").textContent = Math.round(overview.node_seconds_total);
+    $("redis-role").textContent = redisRole(overview.redis);
     $("jobs").tBodies[0].replaceChildren(...page.jobs.map(jobRow), ...state.older.map(jobRow));
     if (!state.older.length) state.cursor = page.next_cursor;
     $("more").hidden = !state.cursor;

@@ -137,6 +137,48 @@ def test_health_checks_probe_the_ports_the_services_serve(compose, tmp_path):
     assert services["worker"]["depends_on"]["devnode"]["condition"] == "service_healthy"
 
 
+def published(port: object) -> tuple[str, str]:
+    """(host address, host port) of a published port as v1 ("127.0.0.1:8001:8000/tcp") or v2 (a mapping)
+    writes it."""
+    if isinstance(port, dict):
+        return port.get("host_ip", ""), str(port.get("published", ""))
+    parts = str(port).split(":")
+    return (parts[0], parts[1]) if len(parts) == 3 else ("", parts[0])
+
+
+def test_ha_profile_runs_three_apis_and_workers_on_redis_with_a_replica_and_three_sentinels(compose, tmp_path,
+                                                                                            monkeypatch):
+    services = resolve(compose, tmp_path, "--profile", "ha")["services"]
+    apis = [f"api-ha-{n}" for n in (1, 2, 3)]
+    workers = [f"worker-ha-{n}" for n in (1, 2, 3)]
+    sentinels = [f"sentinel-{n}" for n in (1, 2, 3)]
+    assert {"redis-primary", "redis-replica", *sentinels, *apis, *workers} <= set(services)
+    assert "replicaof redis-primary 6379" in " ".join(services["redis-replica"]["command"])
+    for name in sentinels:
+        command = " ".join(services[name]["command"])
+        assert "sentinel monitor c3-render redis-primary 6379 2" in command and "--sentinel" in command
+        assert services[name]["volumes"], f"{name} keeps the file Sentinel rewrites"
+    for name in (*apis, *workers):
+        settings = worker_settings(services[name], monkeypatch)
+        assert [config.sentinel_address(entry) for entry in settings.redis_sentinels] == \
+            [(name, 26379) for name in sentinels]
+        assert settings.redis_sentinel_master == "c3-render" and settings.redis_min_replica_acks == 1
+        assert set(services[name]["depends_on"]) >= set(sentinels)
+    for name in workers:
+        assert config.node_url_problems(worker_settings(services[name], monkeypatch)) == []
+    # each API replica has a port of its own, on loopback unless C3_RENDER_BIND says otherwise
+    assert sorted(published(services[name]["ports"][0]) for name in apis) == \
+        [("127.0.0.1", "8001"), ("127.0.0.1", "8002"), ("127.0.0.1", "8003")]
+    for name in ("redis-primary", "redis-replica", *sentinels):
+        assert not services[name].get("ports"), f"{name} is reached inside the compose network only"
+
+
+def test_ha_profile_is_left_out_of_a_plain_up(compose, tmp_path):
+    services = resolve(compose, tmp_path)["services"]
+    for name in ("redis-primary", "sentinel-1", "api-ha-1", "worker-ha-1"):
+        assert services.get(name, {"profiles": ["ha"]})["profiles"] == ["ha"]
+
+
 # --- the Dockerfile ---------------------------------------------------------------------------------
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
