@@ -67,6 +67,7 @@ SHUTDOWN_REASON = "worker shutting down"
 # On the way out, one Redis call may take this long: a Redis that is frozen or cut off by the network
 # accepts nothing and refuses nothing, and each call would otherwise wait out the usual 5 s timeout.
 EXIT_REDIS_TIMEOUT_S = 2.0
+SETTLE_RETRY_WAITS_S = (0.5, 1, 2, 4, 8, 15, 15, 15, 0)  # between tries to record a job's end (0: the last)
 
 
 @dataclass
@@ -219,12 +220,13 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     fields = outcome.fields
     if fields.get("error"):  # no server paths in what the client sees
         fields = {**fields, "error": storage.scrub_paths(state.settings, str(fields["error"]))}
-    # Ride out a short Redis outage (or a failover, or replicas slow to confirm it) here rather than throw
-    # the finished work away: the transition is idempotent (a retry after a lost reply finds the job
-    # finished and changes nothing), and the entry is acknowledged only once the replicas have the
-    # result. Not past WORKER_GRACE_S on SIGTERM: the entry stays in our processing list for the sweep.
+    # Ride out a Redis outage of up to a minute (a failover with Sentinel's default 30 s down-after, or
+    # replicas slow to confirm) here rather than throw the finished work away: the transition is
+    # idempotent (a retry after a lost reply finds the job finished and changes nothing), and the entry
+    # is acknowledged only once the replicas have the result. Not past WORKER_GRACE_S on SIGTERM: the
+    # entry stays in our processing list for the sweep.
     done = False
-    for wait_s in (0.5, 1, 2, 4, 8, 0):
+    for wait_s in SETTLE_RETRY_WAITS_S:
         try:
             changed, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
                                                       worker_id=state.worker_id)

@@ -246,9 +246,16 @@ def attempt_and_settle(r: redis.Redis, settings: config.Settings, worker_id: str
         outcome, retry_entry = "retrying", json.dumps({**entry, "attempt": number})
         retry_at = time.time() + delays[number - 1]
 
+    recorded = [False]  # by an earlier run whose replicas did not confirm it (REDIS_MIN_REPLICA_ACKS)
+
     def settle() -> None:  # one atomic step; a second run after a lost reply changes nothing
-        if not webhook_state.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
-                                       retry_at):
+        try:
+            settled = webhook_state.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
+                                                   retry_at)
+        except redis_conn.NotReplicated as exc:
+            recorded[0] = recorded[0] or bool(exc.result)
+            raise
+        if not settled and not recorded[0]:
             log.info("webhook for job %s: outcome of attempt %d not recorded, the delivery was given back "
                      "to the outbox meanwhile (it will be sent again with the same webhook-id)", job_id, number)
 

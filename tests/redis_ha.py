@@ -51,6 +51,8 @@ class HA:
     root: Path
     data_ports: list[int]
     sentinel_ports: list[int]
+    down_after_ms: int = DOWN_AFTER_MS
+    fast_periods: bool = True  # the SENTINEL DEBUG periods above (False: redis-server's defaults)
     procs: dict[int, subprocess.Popen] = dataclasses.field(default_factory=dict)
 
     @property
@@ -78,12 +80,13 @@ class HA:
         conf = directory / "sentinel.conf"  # Sentinel rewrites it (its view of the primary and replicas)
         conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {directory}\nlogfile {directory / 'sentinel.log'}\n"
                         f"sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n"
-                        f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
+                        f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
                         f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}\n")
         self.procs[port] = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
         wait_for(lambda: answers(port), 10, what=f"redis sentinel on {port}")
-        client(port).execute_command("SENTINEL", "DEBUG", *DEBUG_PERIODS)
+        if self.fast_periods:
+            client(port).execute_command("SENTINEL", "DEBUG", *DEBUG_PERIODS)
 
     def primary_port(self) -> int | None:
         """The primary the Sentinels name (the first that answers), or None."""
@@ -146,11 +149,12 @@ class HA:
         self.procs.clear()
 
 
-def start_ha(root: Path) -> HA:
-    """A primary, its replica and three Sentinels watching them; returns once the Sentinels know both."""
+def start_ha(root: Path, down_after_ms: int = DOWN_AFTER_MS, fast_periods: bool = True) -> HA:
+    """A primary, its replica and three Sentinels watching them; returns once the Sentinels know both.
+    (bench/redis_capacity.py also starts it with production-like timings, to measure the failover gap.)"""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server)")
-    ha = HA(root, [free_port(), free_port()], [free_port(), free_port(), free_port()])
+    ha = HA(root, [free_port(), free_port()], [free_port(), free_port(), free_port()], down_after_ms, fast_periods)
     try:
         primary, replica = ha.data_ports
         ha.start_data(primary)

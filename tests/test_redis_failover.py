@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, wait_for
 from redis_ha import HA, MASTER, client, start_ha, wait_switched
+from system import start_receiver
 
 import app as api
 import c3_render_worker as worker
@@ -28,6 +29,8 @@ import jobstore
 import redis_conn
 import redis_lua
 import sweep
+import webhook_state
+import webhooks
 
 CSM = jobspec.validate("csm", {"text": "Hi."})
 
@@ -213,6 +216,27 @@ def test_a_finish_is_acknowledged_only_once_the_replica_has_it(ha: HA, primary: 
     assert not settling.is_alive()
     assert r.llen(jobstore.processing_key("w-settle")) == 0
     assert client(replica_of(ha, primary)).hget(jobstore.job_key(job_id), "status") == "success"
+
+
+def test_a_webhook_outcome_is_recorded_again_until_the_replica_has_it(ha: HA, primary: int):
+    receiver = start_receiver()
+    try:
+        settings = sentinel_settings(ha, redis_min_replica_acks=1, url_allowlist=("127.0.0.0/8",))
+        r = redis_conn.connect(settings)
+        job_id, _ = jobstore.submit(r, "csm", jobspec.validate("csm", {"text": "Hi.", "notify_url": receiver.url}))
+        jobstore.transition(r, settings, job_id, "running", {"worker": "w-hook"})
+        jobstore.transition(r, settings, job_id, "success", {"text": "ok"}, worker_id="w-hook")
+        raw, _slot = webhooks.take_next(r, "w-hook", 1)
+        with stopped(ha, replica_of(ha, primary)):
+            with pytest.raises(webhooks.Unsettled) as unsettled:
+                webhooks.attempt_and_settle(r, settings, "w-hook", raw)  # delivered; not on the replica
+        assert [body["id"] for body in receiver.bodies()] == [job_id]
+        unsettled.value.settle()  # what the attempt thread does once Redis confirms again
+        replica = client(replica_of(ha, primary))
+        assert replica.hget(jobstore.job_key(job_id), "webhook_status") == "delivered"
+        assert replica.llen(webhook_state.webhook_inflight_key("w-hook")) == 0
+    finally:
+        receiver.close()
 
 
 def test_the_sweep_waits_a_heartbeat_ttl_after_a_promotion(ha: HA, primary: int):

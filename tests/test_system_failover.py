@@ -216,8 +216,8 @@ def running_now(stack: dict) -> int:
 
 
 def run_through(stack: dict, run: str, disrupt) -> tuple[Traffic, float]:
-    """Traffic until every client got its jobs answered, with `disrupt()` once jobs are queued and
-    running; returns the traffic and when the disruption began."""
+    """Traffic until every client got its jobs answered, with `disrupt()` (which returns when the failure
+    happened) once jobs are queued and running; returns the traffic and that moment."""
     traffic = Traffic(stack, run)
     traffic.start()
     wait_for(lambda: len(traffic.jobs) >= 12 and running_now(stack) >= 1, 60, interval=0.05,
@@ -227,8 +227,7 @@ def run_through(stack: dict, run: str, disrupt) -> tuple[Traffic, float]:
     for job_id in followed:
         traffic.follow(job_id)
     time.sleep(0.3)
-    began = time.time()
-    disrupt()
+    began = disrupt()
     traffic.finish()
     return traffic, began
 
@@ -275,10 +274,12 @@ def test_sigkill_of_the_primary_loses_no_job_and_runs_none_twice(stack):
     ha = stack["ha"]
     killed: list[int] = []
 
-    def kill() -> None:
+    def kill() -> float:
         killed.append(ha.kill_primary())
+        killed_at = time.time()
         wait_switched(ha, killed[0], 30)
         ha.restart(killed[0])  # its supervisor starts it again; the Sentinels make it a replica
+        return killed_at
 
     traffic, killed_at = run_through(stack, "kill", kill)
     check_every_job_ran_once(stack, traffic)
@@ -293,7 +294,11 @@ def test_sigkill_of_the_primary_loses_no_job_and_runs_none_twice(stack):
 def test_a_planned_switch_over_shows_no_client_an_error(stack):
     ha = stack["ha"]
     before = ha.wait_for_primary()
-    traffic, _began = run_through(stack, "switch", ha.switch_over)
+    def switch_over() -> float:
+        ha.switch_over()
+        return time.time()
+
+    traffic, _began = run_through(stack, "switch", switch_over)
     assert traffic.errors == []
     check_every_job_ran_once(stack, traffic)
     check_nothing_restarted(stack, traffic)
