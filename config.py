@@ -202,7 +202,8 @@ class Settings:
     # replicas that must have a settling step (submit, claim, finish, requeue, webhook) before it counts
     redis_min_replica_acks: int = setting(0, "REDIS_MIN_REPLICA_ACKS")
     redis_replica_ack_timeout_s: float = setting(0.5, "REDIS_REPLICA_ACK_TIMEOUT_S")
-    redis_failover_wait_s: float = setting(10.0, "REDIS_FAILOVER_WAIT_S")  # a submit retries this long, then 503
+    # a submit retries this long, then 503; an /events stream reads again this long, then ends
+    redis_failover_wait_s: float = setting(10.0, "REDIS_FAILOVER_WAIT_S")
     result_ttl_s: int = setting(7 * 24 * 3600, "RESULT_TTL")
     max_attempts: int = setting(3, "MAX_ATTEMPTS")
     heartbeat_ttl_s: int = setting(30, "HEARTBEAT_TTL")

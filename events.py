@@ -167,26 +167,34 @@ def events(job_id: str) -> Response:
                                        f"{settings.sse_max_streams}); retry shortly or poll /status",
                                   {"Retry-After": "5"})
     wake = hub.register(job_id)  # before the first read, so no change can slip between the two
-    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s)
+    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s, settings.redis_failover_wait_s)
     response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
     return response
 
 
-def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keepalive_s: float) -> Iterator[str]:
+def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keepalive_s: float,
+                  patience_s: float = 0.0) -> Iterator[str]:
     """The event stream of one job: its status object whenever it changes, until it finishes, the
-    record expires, Redis is lost or the process stops; a comment every keepalive_s while nothing
-    happens. Leaves the hub when it ends, however it ends."""
+    record expires, Redis is lost for longer than patience_s (a failover: REDIS_FAILOVER_WAIT_S) or the
+    process stops; a comment every keepalive_s while nothing happens. Leaves the hub when it ends,
+    however it ends."""
     sent = last_sent
+    lost_since: float | None = None
     try:
         yield f"retry: 3000\n: following job {job_id}\n\n"
         while True:
             try:
                 current = jobstore.get_job_with_position(api_common.store(), job_id)
+                lost_since = None
             except redis.RedisError:
-                yield ": the job store cannot be reached; reconnect shortly\n\n"
-                return
+                lost_since = time.monotonic() if lost_since is None else lost_since
+                if time.monotonic() - lost_since >= patience_s or SHUTTING_DOWN.is_set():
+                    yield ": the job store cannot be reached; reconnect shortly\n\n"
+                    return
+                time.sleep(0.5)  # Sentinel may be promoting a replica: read again shortly
+                continue
             if current is None:
                 yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
                 return
