@@ -1,6 +1,7 @@
-"""Connections to Redis for every process (API, workers, their heartbeat, SSE and webhook threads, the
-tools): one Redis at REDIS_URL, or the primary that Redis Sentinel names (REDIS_SENTINELS,
-REDIS_SENTINEL_MASTER), and the replication check of the steps that must survive a failover.
+"""Connections to Redis for every process (the API and its SSE listener, the workers and their
+heartbeat, sweep and webhook threads, the benchmarks): one Redis at REDIS_URL, or the primary that
+Redis Sentinel names (REDIS_SENTINELS, REDIS_SENTINEL_MASTER), and the replication check of the steps
+that must survive a failover.
 
 Following a failover without a restart:
 - with Sentinel, a new connection asks the Sentinels for the primary (redis-py's SentinelConnectionPool),
@@ -186,15 +187,12 @@ def find_primary_again(r: redis.Redis) -> None:
 
 # --- the replication check -------------------------------------------------------------------------
 
-def confirm_pipeline(r: redis.Redis, pipe: Any) -> bool:
-    """Add the probe write and WAIT to a pipeline (transaction=False) after its commands; False (and
-    nothing added) when the client asks for no replica confirmation."""
+def add_confirmation(r: redis.Redis, pipe: Any) -> None:
+    """Add the probe write and WAIT for the client's REDIS_MIN_REPLICA_ACKS to a pipeline
+    (transaction=False), after the commands they confirm; the WAIT's answer comes last."""
     wanted = durability(r)
-    if not wanted.replica_acks:
-        return False
     pipe.set(config.REPLICATION_PROBE_KEY, "1")
     pipe.execute_command("WAIT", wanted.replica_acks, wanted.ack_timeout_ms)
-    return True
 
 
 def check_confirmed(r: redis.Redis, result: Any, acked: int) -> None:
@@ -225,19 +223,18 @@ def through_failover(r: redis.Redis, step: Callable[[], T]) -> T:
         pause = min(pause * 2, 1.0)
 
 
-# --- what the sweep reads ------------------------------------------------------
+# --- what the sweep reads --------------------------------------------------------------------------
 
 def primary_age_s(r: redis.Redis, now: float | None = None) -> float:
     """Seconds this Redis has been the primary: its uptime, or less when it was promoted from a replica
     (a failover) since it started. The promotion's time is noted in Redis by the first caller to see
     it (PRIMARY_SINCE_KEY, per replication id), since Redis itself does not say."""
     now = time.time() if now is None else now
-    info = r.info("server")
-    uptime = float(info.get("uptime_in_seconds") or 0)
-    replication_info = r.info("replication")
-    if int(replication_info.get("second_repl_offset", -1)) == -1:
+    uptime = float(r.info("server").get("uptime_in_seconds") or 0)
+    info = r.info("replication")  # (one section per INFO: Redis before 7 takes no more)
+    if int(info.get("second_repl_offset", -1)) == -1:
         return uptime  # never promoted
-    key = config.PRIMARY_SINCE_KEY.format(replid=replication_info.get("master_replid", ""))
+    key = config.PRIMARY_SINCE_KEY.format(replid=info.get("master_replid", ""))
     pipe = r.pipeline(transaction=False)
     pipe.set(key, repr(now), nx=True, ex=FIRST_PROMOTION_TTL_S)
     pipe.get(key)

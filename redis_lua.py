@@ -123,7 +123,7 @@ def _run_confirmed(r: redis.Redis, loaded: Script, keys: Sequence[str], args: Se
     for call in ("evalsha", "eval"):
         pipe = r.pipeline(transaction=False)
         getattr(pipe, call)(loaded.sha if call == "evalsha" else loaded.text, len(keys), *keys, *args)
-        redis_conn.confirm_pipeline(r, pipe)
+        redis_conn.add_confirmation(r, pipe)
         result, _probe, acked = pipe.execute(raise_on_error=False)
         if not isinstance(result, redis.exceptions.NoScriptError):
             break
