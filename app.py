@@ -33,6 +33,7 @@ import jobstats
 import jobstore
 import localfiles
 import metrics
+import redis_conn
 import storage
 import webhook_state
 from api_common import ApiError, attach, error_response, iso, record_or_error, settings, status_answer, store
@@ -61,9 +62,10 @@ def create_app(app_settings: config.Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = app_settings.max_content_length
     app.json.sort_keys = False
-    attach(app, app_settings, jobstore.connect(app_settings.redis_url, timeout_s=2.0))
+    attach(app, app_settings, redis_conn.connect(app_settings, timeout_s=2.0))
     app.register_error_handler(ApiError, on_api_error)
     app.register_error_handler(redis.RedisError, on_redis_error)
+    app.register_error_handler(redis_conn.NotReplicated, on_not_replicated)
     app.register_error_handler(HTTPException, on_http_error)
     app.register_error_handler(Exception, on_unexpected)
     app.before_request(check_api_key)
@@ -84,6 +86,16 @@ def on_redis_error(exc: redis.RedisError) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
     return error_response(503, "service unavailable: the job store (Redis) cannot be reached; "
                                "retry shortly", {"Retry-After": "5"})
+
+
+def on_not_replicated(exc: redis_conn.NotReplicated) -> Response:
+    """A write the replicas did not confirm (REDIS_MIN_REPLICA_ACKS) may be lost in a failover: the
+    client is told to send it again (a submit with its Idempotency-Key gets the same job, if it lived)."""
+    log.warning("Redis replicas did not confirm a write: %s", exc)
+    return error_response(503, "service unavailable: the job store could not confirm the change on its "
+                               f"replicas ({exc.acked} of {exc.wanted} in time), so it may be lost in a "
+                               "failover; send the request again (a job submitted with the same "
+                               f"{IDEMPOTENCY_HEADER} is not queued twice)", {"Retry-After": "2"})
 
 
 def on_http_error(exc: HTTPException) -> Response:
@@ -304,6 +316,7 @@ def overview() -> Response:
         "cost_per_job_today": None if per_job is None or price is None else round(per_job * price / 3600, 4),
         "node_time": {kind: round(seconds, 1) for kind, seconds in jobstats.node_time(r).items()},
         "webhook_deliveries": stats["webhook_deliveries"],
+        "redis": jobstats.redis_replication(r),
     })
 
 

@@ -26,9 +26,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import redis
 
@@ -42,6 +43,7 @@ import media_check
 import netfetch
 import nodes
 import pool
+import redis_conn
 import storage
 import sweep
 import webhooks
@@ -63,6 +65,9 @@ SHUTDOWN_REASON = "worker shutting down"
 # On the way out, one Redis call may take this long: a Redis that is frozen or cut off by the network
 # accepts nothing and refuses nothing, and each call would otherwise wait out the usual 5 s timeout.
 EXIT_REDIS_TIMEOUT_S = 2.0
+SETTLE_RETRY_WAITS_S = (0.5, 1, 2, 4, 8, 15, 15, 15)  # between tries of a step of a job's end (through_outage)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -135,9 +140,12 @@ def run_job(state: WorkerState, entry: str) -> None:
 
 
 def let_go(state: WorkerState) -> None:
-    """Release the running job's slot (the node stays in the pool for the next job). A Redis error keeps
-    it in state.lease: on the way out the node is then stopped through Comput3 (leave_pool)."""
-    pool.release(state, state.lease)
+    """Release the running job's slot (the node stays in the pool for the next job): a step of the job's
+    end, confirmed by the replicas and ridden through an outage like settle(). A Redis error past that
+    keeps it in state.lease: on the way out the node is then stopped through Comput3 (leave_pool)."""
+    lease = state.lease
+    if lease is not None:  # (a second release finds the lease gone and changes nothing)
+        through_outage(state, lease.job_id, "ending its node lease", lambda: pool.release(state, lease, confirm=True))
     state.lease = None
 
 
@@ -145,7 +153,14 @@ def claim(state: WorkerState, entry: str) -> ClaimedJob | None:
     """Move the entry's job to running on this worker; None (entry dropped) when it is no longer queued,
     or when the sweep gave the entry back to the queue meanwhile (the next taker runs it)."""
     job_id = json.loads(entry)["id"]
-    attempt, status = jobstore.claim(state.r, state.settings, state.worker_id, entry)
+    try:
+        attempt, status = jobstore.claim(state.r, state.settings, state.worker_id, entry)
+    except redis_conn.NotReplicated as exc:
+        # A claim the replicas do not have may vanish in a failover, and another worker then runs the job
+        # too: it is not run here; it goes back (attempt not counted) and the main loop backs off.
+        if exc.result[0]:  # {1, 'running', attempt}: started on the primary
+            jobstore.put_back(state.r, state.worker_id, job_id, entry, int(exc.result[2]))
+        raise
     if not attempt:
         if status == "queued":
             log.warning("job %s: the recovery sweep gave its entry back to the queue; left to the next taker",
@@ -233,28 +248,43 @@ def settle(state: WorkerState, job: ClaimedJob, outcome: Outcome) -> None:
     fields = outcome.fields
     if fields.get("error"):  # what the client sees (and its webhook): see client_error
         fields = {**fields, "error": client_error(state, str(fields["error"]))}
-    # Ride out a short Redis outage here rather than throw the finished work away: the transition is
-    # idempotent (a retry after a lost reply finds the job finished and changes nothing). Not past
-    # WORKER_GRACE_S on SIGTERM: the entry stays in our processing list for the sweep to give back.
-    for wait_s in (0.5, 1, 2, 4, 8, 0):
+    recorded = [False]  # by an earlier try that the replicas did not confirm (REDIS_MIN_REPLICA_ACKS)
+
+    def record() -> tuple[bool, str]:
         try:
-            done, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
-                                                   worker_id=state.worker_id, attempt=job.attempt)
-            break
-        except redis.RedisError:
-            past_grace = state.shutdown_deadline is not None and \
-                time.monotonic() + wait_s > state.shutdown_deadline
-            if not wait_s or past_grace:
-                raise  # the main loop gives the entry back to the queue once Redis answers
-            log.warning("job %s: Redis unavailable while recording the %s; retrying in %g s", job.id,
-                        outcome.status, wait_s)
-            time.sleep(wait_s)
+            changed, now_status = jobstore.transition(state.r, state.settings, job.id, outcome.status, fields,
+                                                      worker_id=state.worker_id, attempt=job.attempt)
+        except redis_conn.NotReplicated as exc:  # on the primary, not yet on enough replicas
+            recorded[0] = recorded[0] or bool(exc.result[0])
+            raise
+        return changed or recorded[0], now_status
+
+    # The transition is idempotent (a retry after a lost reply finds the job finished and changes
+    # nothing), and the entry is acknowledged only once the replicas have the result.
+    done, now_status = through_outage(state, job.id, f"recording the {outcome.status}", record)
     if not done and now_status in FINISHED_STATUSES:
         log.info("job %s: result dropped, the job is already %s", job.id, now_status)
     elif not done:  # the sweep took this worker for dead and gave the job back: it runs again elsewhere
         log.warning("job %s: result dropped, attempt %d is no longer this worker's (the job is %s)", job.id,
                     job.attempt, now_status)
     jobstore.ack(state.r, state.worker_id, job.entry)
+
+
+def through_outage(state: WorkerState, job_id: str, what: str, step: Callable[[], T]) -> T:
+    """Run an idempotent Redis step of a job's end, riding out a Redis outage of up to a minute (a failover
+    with Sentinel's default 30 s down-after, or replicas slow to confirm it) rather than throw the finished
+    work away. Not past WORKER_GRACE_S on SIGTERM: the error goes to the main loop, which gives the entry
+    back to the queue once Redis answers (or the sweep does)."""
+    for wait_s in SETTLE_RETRY_WAITS_S:
+        try:
+            return step()
+        except redis.RedisError as exc:
+            why = str(exc) if isinstance(exc, redis_conn.NotReplicated) else type(exc).__name__
+            if state.shutdown_deadline is not None and time.monotonic() + wait_s > state.shutdown_deadline:
+                raise
+            log.warning("job %s: Redis unavailable while %s (%s); retrying in %g s", job_id, what, why, wait_s)
+            time.sleep(wait_s)
+    return step()  # the last try
 
 
 def client_error(state: WorkerState, text: str) -> str:
@@ -386,7 +416,7 @@ def heartbeat_loop(state: WorkerState) -> None:
     can wait on the network: a heartbeat that expires makes other workers run this worker's job again).
     After a SIGTERM it goes on until the running job is settled, so a job finishing within WORKER_GRACE_S
     does not look abandoned to other workers' sweeps."""
-    r = jobstore.connect(state.settings.redis_url)
+    r = redis_conn.connect(state.settings)
     interval = max(0.2, state.settings.heartbeat_ttl_s / 3)
     while not state.settled.is_set():
         try:
@@ -401,7 +431,7 @@ def heartbeat_loop(state: WorkerState) -> None:
 def sweep_loop(state: WorkerState) -> None:
     """The recovery sweep every SWEEP_INTERVAL_S, in a thread of its own (it calls Comput3, which may take a
     minute), until the worker is asked to stop."""
-    r = jobstore.connect(state.settings.redis_url)
+    r = redis_conn.connect(state.settings)
     while not state.stopping.is_set():
         try:
             sweep.sweep_dead_workers(state.settings, r, state.worker_id)
@@ -438,7 +468,7 @@ def shut_down(state: WorkerState, webhook_stop: threading.Event, senders: webhoo
     undone: the recovery sweep of a live worker does it once Redis answers and our heartbeat expired."""
     settings, worker_id = state.settings, state.worker_id
     state.settled.set()  # no job runs any more: the heartbeat stops (retire_worker removes it below)
-    state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
+    state.r = redis_conn.connect(settings, timeout_s=EXIT_REDIS_TIMEOUT_S)
     if not state.redis_lost:  # work() ended on a Redis error after the SIGTERM: not asked again
         try:
             state.r.ping()
@@ -511,7 +541,7 @@ def run() -> int:
     check_startup(settings)
     media_check.return_large_frees()  # memory of a big input goes back to the system after the job
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    state = WorkerState(settings=settings, r=jobstore.connect(settings.redis_url), worker_id=worker_id)
+    state = WorkerState(settings=settings, r=redis_conn.connect(settings), worker_id=worker_id)
     webhook_stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -520,7 +550,7 @@ def run() -> int:
                      signum, settings.worker_grace_s)
             state.shutdown_deadline = time.monotonic() + settings.worker_grace_s
             # From now on the job's Redis calls wait at most EXIT_REDIS_TIMEOUT_S each (a frozen Redis)
-            state.r = jobstore.connect(settings.redis_url, timeout_s=EXIT_REDIS_TIMEOUT_S)
+            state.r = redis_conn.connect(settings, timeout_s=EXIT_REDIS_TIMEOUT_S)
         state.stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)

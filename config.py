@@ -72,6 +72,9 @@ WEBHOOK_OUTCOMES_KEY = "stats:webhook_deliveries"  # hash: outcome (delivered, r
 # GET /events: Redis pub/sub channels (messages are only wake-ups; listeners read the record)
 JOB_EVENTS_CHANNEL = "events:job:{id}"  # a job's record changed; the message is its change number
 QUEUE_EVENTS_CHANNEL = "events:queue"  # a job left or re-entered the queue: queue positions moved
+# Replication (redis_conn.py)
+REPLICATION_PROBE_KEY = "replication:probe"  # string: written just before each WAIT, so WAIT covers all before it
+PRIMARY_SINCE_KEY = "replication:primary_since:{replid}"  # string: when a promoted primary was first seen
 
 
 def node_url_problem(name: str, template: str) -> str | None:
@@ -300,6 +303,32 @@ def _redis_url(name: str, default: str) -> str:
     return default
 
 
+SENTINEL_DEFAULT_PORT = 26379
+
+
+def sentinel_address(entry: str) -> tuple[str, int] | None:
+    """A REDIS_SENTINELS entry (host, host:port or [IPv6]:port; port 26379 when left out) as (host,
+    port), or None when it is not one."""
+    host, port = entry, str(SENTINEL_DEFAULT_PORT)
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("" if rest else port)
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _sentinels(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    entries = _names(name, default)
+    for entry in entries:
+        if sentinel_address(entry) is None:
+            raise SystemExit(f"configuration error: {name} must be comma-separated host:port Sentinel addresses "
+                             f"(e.g. sentinel-1:26379,sentinel-2:26379), got {entry!r}")
+    return entries
+
+
 _READERS = {str: _env, int: _int, float: _float, bool: _bool}  # a setting's reader when none is given
 
 
@@ -314,6 +343,16 @@ def setting(default: Any, env: str, read: Callable[[str, Any], Any] | None = Non
 class Settings:
     # Redis and job records
     redis_url: str = setting("redis://localhost:6379/0", "REDIS_URL", _redis_url)
+    redis_password: str = setting("", "REDIS_PASSWORD", secret=True)  # for the primary and replicas
+    # set: the primary is the one these Sentinels name REDIS_SENTINEL_MASTER (REDIS_URL is not used)
+    redis_sentinels: tuple[str, ...] = setting((), "REDIS_SENTINELS", _sentinels)
+    redis_sentinel_master: str = setting("mymaster", "REDIS_SENTINEL_MASTER")
+    redis_sentinel_password: str = setting("", "REDIS_SENTINEL_PASSWORD", secret=True)
+    # replicas that must have a settling step (submit, claim, finish, requeue, webhook) before it counts
+    redis_min_replica_acks: int = setting(0, "REDIS_MIN_REPLICA_ACKS")
+    redis_replica_ack_timeout_s: float = setting(0.5, "REDIS_REPLICA_ACK_TIMEOUT_S")
+    # a submit retries this long, then 503; an /events stream reads again this long, then ends
+    redis_failover_wait_s: float = setting(10.0, "REDIS_FAILOVER_WAIT_S")
     result_ttl_s: int = setting(7 * 24 * 3600, "RESULT_TTL")
     max_attempts: int = setting(3, "MAX_ATTEMPTS")
     heartbeat_ttl_s: int = setting(30, "HEARTBEAT_TTL")

@@ -80,23 +80,28 @@ class Hub:
 
     def run(self) -> None:
         while True:
+            pubsub = self.r.pubsub()
             try:
-                pubsub = self.r.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe(self.job_prefix + "*")
                 pubsub.subscribe(config.QUEUE_EVENTS_CHANNEL)
-                self.wake(None)  # (re)connected: changes may have been missed while we were away
                 while True:
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     channel = message["channel"]
-                    if channel == config.QUEUE_EVENTS_CHANNEL:
+                    if message["type"] in ("subscribe", "psubscribe"):
+                        # (re)subscribed, here or by redis-py on a new primary after a failover: changes
+                        # may have been missed while we were away
+                        self.wake(None)
+                    elif channel == config.QUEUE_EVENTS_CHANNEL:
                         self.wake(None)
                     elif channel.startswith(self.job_prefix):
                         self.wake(channel[len(self.job_prefix):])
             except (redis.RedisError, OSError) as exc:
                 log.warning("event subscription lost (%s); reconnecting", type(exc).__name__)
                 time.sleep(1.0)
+            finally:
+                pubsub.close()
 
 
 @events_routes.record_once
@@ -162,26 +167,34 @@ def events(job_id: str) -> Response:
                                        f"{settings.sse_max_streams}); retry shortly or poll /status",
                                   {"Retry-After": "5"})
     wake = hub.register(job_id)  # before the first read, so no change can slip between the two
-    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s)
+    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s, settings.redis_failover_wait_s)
     response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
     return response
 
 
-def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keepalive_s: float) -> Iterator[str]:
+def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keepalive_s: float,
+                  patience_s: float = 0.0) -> Iterator[str]:
     """The event stream of one job: its status object whenever it changes, until it finishes, the
-    record expires, Redis is lost or the process stops; a comment every keepalive_s while nothing
-    happens. Leaves the hub when it ends, however it ends."""
+    record expires, Redis is lost for longer than patience_s (a failover: REDIS_FAILOVER_WAIT_S) or the
+    process stops; a comment every keepalive_s while nothing happens. Leaves the hub when it ends,
+    however it ends."""
     sent = last_sent
+    lost_since: float | None = None
     try:
         yield f"retry: 3000\n: following job {job_id}\n\n"
         while True:
             try:
                 current = jobstore.get_job_with_position(api_common.store(), job_id)
+                lost_since = None
             except redis.RedisError:
-                yield ": the job store cannot be reached; reconnect shortly\n\n"
-                return
+                lost_since = time.monotonic() if lost_since is None else lost_since
+                if time.monotonic() - lost_since >= patience_s or SHUTTING_DOWN.is_set():
+                    yield ": the job store cannot be reached; reconnect shortly\n\n"
+                    return
+                time.sleep(0.5)  # Sentinel may be promoting a replica: read again shortly
+                continue
             if current is None:
                 yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
                 return

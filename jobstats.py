@@ -18,6 +18,7 @@ import config
 import jobspec
 import jobstore
 import nodestore
+import redis_conn
 
 
 def today() -> str:
@@ -144,3 +145,19 @@ def node_time(r: redis.Redis) -> dict[str, float]:
     found = {kind: 0.0 for kind in ("booting", "busy", "idle", "unattributed")}
     found.update({k: float(v) for k, v in r.hgetall(config.NODE_TIME_KEY).items()})
     return found
+
+
+def redis_replication(r: redis.Redis) -> dict[str, Any]:
+    """The Redis this client talks to: its role, its replicas (state, seconds since each last
+    acknowledged, bytes it is behind) and how many must confirm a settling step."""
+    info = r.info("replication")
+    offset = int(info.get("master_repl_offset") or 0)
+    replicas = []
+    for index in range(int(info.get("connected_slaves") or 0)):
+        replica = info.get(f"slave{index}")
+        if isinstance(replica, dict):
+            replicas.append({"state": str(replica.get("state", "")), "lag_s": int(replica.get("lag") or 0),
+                             "behind_bytes": max(0, offset - int(replica.get("offset") or 0))})
+    wanted = redis_conn.durability(r)
+    return {"role": "primary" if info.get("role") == "master" else str(info.get("role")),
+            "sentinel": wanted.sentinel, "replicas": replicas, "min_replica_acks": wanted.replica_acks}

@@ -41,6 +41,7 @@ import redis
 
 import config
 import nodestore
+import redis_conn
 import redis_lua
 import webhook_state
 from jobspec import FINISHED_STATUSES, JOBS_CURSOR_PATTERN, PHASES
@@ -81,19 +82,23 @@ def submit(
     is unused again: the request queues a new job. owner is the id of the API key that submits the job
     (never the key; "" without keys): the record keeps it and the job is listed in that owner's index
     too. With rate_limit, rate_key (the client's counter of this minute) counts the submission and one
-    over the limit raises RateLimited; replays and conflicts are not counted.
+    over the limit raises RateLimited; replays and conflicts are not counted. With
+    REDIS_MIN_REPLICA_ACKS, raises redis_conn.NotReplicated when the replicas did not confirm the job
+    (or, for a repeat, the first one) within REDIS_FAILOVER_WAIT_S: it may or may not outlive a failover,
+    and a repeat with the same Idempotency-Key tells which (the same id, or a new job).
     """
     now = time.time() if now is None else now
     job_id = str(uuid.uuid4())
     stored = {k: v for k, v in params.items() if k not in ("notify_url", "max_time", "complete_in")}
     seen = json.dumps({"job_id": job_id, "request_hash": request_hash}) if idempotency_key else ""
-    # the record's fields are set by the script (lua/submit.lua); queue_entry() gives the same entry
-    first = redis_lua.run(r, "submit", (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY,
-                                        idempotency_key or config.QUEUE_PUSHES_KEY,
-                                        rate_key or config.QUEUE_PUSHES_KEY),
-                          seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now),
-                          repr(now + params["complete_in"]), str(params["max_time"]), params.get("notify_url") or "",
-                          owner, rate_limit if rate_key else 0, RATE_WINDOW_TTL_S)
+    # the record's fields are set by the script (lua/submit.lua); queue_entry() gives the same entry.
+    # Sent again with the same id through a failover (a record with this id is this submit's own).
+    keys = (job_key(job_id), config.QUEUE_KEY, config.QUEUE_PUSHES_KEY, idempotency_key or config.QUEUE_PUSHES_KEY,
+            rate_key or config.QUEUE_PUSHES_KEY)
+    args = (seen, idempotency_ttl_s, job_id, job_type, json.dumps(stored), repr(now), repr(now + params["complete_in"]),
+            str(params["max_time"]), params.get("notify_url") or "", owner, rate_limit if rate_key else 0,
+            RATE_WINDOW_TTL_S)
+    first = redis_conn.through_failover(r, lambda: redis_lua.run(r, "submit", keys, *args, confirm=True))
     if not first:
         return job_id, True
     if first == "rate_limited":
@@ -101,7 +106,7 @@ def submit(
     first = json.loads(first)
     if first.get("request_hash") != request_hash:  # (a record of an older API hashed the raw body)
         raise IdempotencyConflict(first["job_id"])
-    return first["job_id"], False
+    return first["job_id"], first["job_id"] == job_id
 
 
 def get_job(r: redis.Redis, job_id: str) -> dict[str, str] | None:
@@ -268,7 +273,7 @@ def run_transition(r: redis.Redis, settings: config.Settings, job_id: str, new_s
     for key, value in fields.items():
         argv += [key, "" if value is None else str(value)]
     answer = redis_lua.run(r, "transition", (job_key(job_id), *QUEUE_KEYS, config.WEBHOOK_OUTBOX_KEY,
-                                             processing_key(worker_id)), *argv)
+                                             processing_key(worker_id)), *argv, confirm=True)
     return bool(answer[0]), answer[1], int(answer[2]) if answer[0] else 0
 
 
@@ -298,7 +303,7 @@ def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
                 return "cancelled"
             continue
         # running: ask the worker to stop
-        if redis_lua.run(r, "flag_cancel", (job_key(job_id),), status):
+        if redis_lua.run(r, "flag_cancel", (job_key(job_id),), status, confirm=True):
             return "cancelling"
     record = get_job(r, job_id)
     return f"finished:{record['status']}" if record else "missing"
@@ -337,7 +342,7 @@ def return_entry(r: redis.Redis, worker_id: str, entry: str) -> None:
     in the processing list: the sweep, taking this worker for dead, gave it back already."""
     job_id = json.loads(entry)["id"]
     redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS), entry, "",
-                  repr(time.time()))
+                  repr(time.time()), confirm=True)
 
 
 def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str, attempt: int) -> bool:
@@ -345,7 +350,7 @@ def put_back(r: redis.Redis, worker_id: str, job_id: str, entry: str, attempt: i
     False (the entry only dropped) when the job no longer runs on this worker in that attempt."""
     check_owner(worker_id, attempt)
     return bool(redis_lua.run(r, "put_back", (job_key(job_id), processing_key(worker_id), *QUEUE_KEYS),
-                              entry, worker_id, repr(time.time()), attempt))
+                              entry, worker_id, repr(time.time()), attempt, confirm=True))
 
 
 def dead_workers(r: redis.Redis) -> list[str]:
@@ -396,7 +401,7 @@ def requeue_processing(r: redis.Redis, settings: config.Settings, worker: str,
     """
     requeued, over = redis_lua.run(r, "requeue", (processing_key(worker), *QUEUE_KEYS, heartbeat_key(worker)),
                                    settings.max_attempts, config.JOB_KEY.format(id=""), repr(time.time()),
-                                   worker, "dead" if dead else "")
+                                   worker, "dead" if dead else "", confirm=True)
     if int(requeued) < 0:
         return 0, []
     failed = []
@@ -441,18 +446,7 @@ def set_phase(r: redis.Redis, job_id: str, phase: str, now: float | None = None,
                   worker_id, attempt)
 
 
-# --- connections and key names ---------------------------------------------------------------------
-
-def connect(url: str, timeout_s: float = 5.0, max_connections: int = 100) -> redis.Redis:
-    """A client with timeouts, so that a dead Redis gives an error instead of a hang. Its pool makes a
-    thread wait (up to timeout_s) for a free connection instead of failing at once when all
-    max_connections are busy, as a burst of woken /events streams can make them."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_s, decode_responses=True,
-        socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool)
-
+# --- key names ---------------------------------------------------------------------
 
 def job_key(job_id: str) -> str:
     return config.JOB_KEY.format(id=job_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from flask import Blueprint, Response, request
@@ -64,6 +65,24 @@ class RedisCollector:
         for outcome in sorted({"delivered", "retrying", "failed"} | set(stats["webhook_deliveries"])):
             hooks.add_metric([outcome], stats["webhook_deliveries"].get(outcome, 0))
         yield hooks
+        yield from redis_metrics(jobstats.redis_replication(self.r))
+
+
+def redis_metrics(replication: dict[str, Any]) -> Iterator[Metric]:
+    """The Redis role and its replicas' lag (replicas are numbered as Redis lists them, not named)."""
+    yield GaugeMetricFamily("c3_render_redis_primary", "1 when the Redis this API talks to is a primary.",
+                            value=1 if replication["role"] == "primary" else 0)
+    yield GaugeMetricFamily("c3_render_redis_replicas", "Replicas connected to the primary.",
+                            value=len(replication["replicas"]))
+    lag_s = GaugeMetricFamily("c3_render_redis_replica_lag_seconds", "Seconds since each replica last "
+                              "acknowledged the primary's writes.", labels=["replica"])
+    lag_bytes = GaugeMetricFamily("c3_render_redis_replica_lag_bytes", "Bytes of the primary's writes each "
+                                  "replica has not acknowledged.", labels=["replica"])
+    for index, replica in enumerate(replication["replicas"]):
+        lag_s.add_metric([str(index)], replica["lag_s"])
+        lag_bytes.add_metric([str(index)], replica["behind_bytes"])
+    yield lag_s
+    yield lag_bytes
 
 
 @metrics_routes.get("/metrics")

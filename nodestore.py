@@ -77,13 +77,16 @@ def lease_slot(r: redis.Redis, node_id: str, node_type: str, job_id: str, worker
 
 
 def release_lease(r: redis.Redis, node_id: str, job_id: str, now: float,
-                  job_seconds: float | None = None) -> float | None:
+                  job_seconds: float | None = None, confirm: bool = False) -> float | None:
     """End a job's lease: its share of the node's time (node-seconds) goes to its record; None when it held
-    no lease on that node."""
+    no lease on that node. With confirm, the replicas must have it (REDIS_MIN_REPLICA_ACKS, else
+    redis_conn.NotReplicated): a release lost in a failover would keep the slot taken by a job that ended,
+    for as long as its worker lives."""
     share = float(redis_lua.run(r, "pool_release", (node_key(node_id), leases_key(node_id),
                                                      config.JOB_KEY.format(id=job_id), config.POOL_NODES_KEY,
                                                      config.POOL_STATS_KEY),
-                                job_id, repr(now), "" if job_seconds is None else repr(job_seconds)))
+                                job_id, repr(now), "" if job_seconds is None else repr(job_seconds),
+                                confirm=confirm))
     return None if share < 0 else share
 
 

@@ -104,7 +104,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
     common_errors = {
         "401": _error_response("Missing or wrong API key (when C3_RENDER_API_KEYS or C3_RENDER_ADMIN_KEYS "
                                "is set)."),
-        "503": _error_response("Redis cannot be reached."),
+        "503": _error_response("Redis cannot be reached, or (REDIS_MIN_REPLICA_ACKS) its replicas did not "
+                               "confirm the change in time: send the request again (a job submitted with the "
+                               "same Idempotency-Key is not queued twice)."),
     }
     paths: dict[str, Any] = {}
     for route, job_type in jobspec.SUBMIT_ROUTES.items():
@@ -244,7 +246,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
         },
     }}
     paths["/overview"] = {"get": {
-        "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds",
+        "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds, Redis replication",
         "description": "About every client's jobs: with API keys, for admin keys (C3_RENDER_ADMIN_KEYS) only.",
         "operationId": "overview",
         "responses": {"200": {"description": "The numbers.", "content": {ok: {"schema": {
@@ -258,6 +260,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                 "jobs_total": {"type": "array", "items": {"type": "object"}},
                 "webhook_deliveries": {"type": "object"},
                 "workers": {"type": "array", "items": {"type": "object"}},
+                "redis": {"type": "object", "description": "The Redis the API talks to: role (primary), "
+                          "sentinel (found through Sentinel), min_replica_acks, and replicas: [{state, lag_s, "
+                          "behind_bytes}]."},
             }}}}},
             "403": _error_response("The key is not an admin key (C3_RENDER_ADMIN_KEYS)."),
             **common_errors},

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 import comput3
 import config
 import engine_api
@@ -131,10 +133,11 @@ def _solo(view: list[pool_policy.NodeView], node_id: str) -> bool:
     return any(n.id == node_id and n.total == 1 for n in view)
 
 
-def release(state: NodeHolder, lease: Lease | None) -> None:
-    """End the job's lease (its share of the node's time goes to its record); the node stays in the pool."""
+def release(state: NodeHolder, lease: Lease | None, confirm: bool = False) -> None:
+    """End the job's lease (its share of the node's time goes to its record); the node stays in the pool.
+    With confirm (the worker's release at the job's end), as nodestore.release_lease's."""
     if lease is not None:
-        nodestore.release_lease(state.r, lease.node_id, lease.job_id, time.time(), lease.ran_s)
+        nodestore.release_lease(state.r, lease.node_id, lease.job_id, time.time(), lease.ran_s, confirm=confirm)
 
 
 def release_stale(state: NodeHolder, current: Lease | None) -> None:
@@ -169,13 +172,17 @@ def run_on_node(state: NodeHolder, job_id: str, job_type: str, engine: Callable[
             started = time.monotonic()
             output = engine(context(node=lease.urls))
             lease.ran_s = time.monotonic() - started
-            nodestore.mark_checked(state.r, lease.node_id, time.time())  # it just did a job: known good
-            return output
         except JobStopped:
             raise  # the lease stays: the node may still work on the stopped job (the caller drains it)
         except Exception as exc:  # noqa: BLE001 - any failure (NodeDown included): was it the node?
             give_up_lease(state, lease, job_type, exc, last=attempt == tries)
             log.info("retrying job %s on another node", job_id)
+            continue
+        try:
+            nodestore.mark_checked(state.r, lease.node_id, time.time())  # it just did a job: known good
+        except redis.RedisError:
+            pass  # only a hint (the node's next job checks it sooner): the job's output is not thrown away
+        return output
     raise NodeFailed("the GPU node failed during the job")
 
 

@@ -9,6 +9,9 @@ for `${name}` (NAMES): key names are written in config.py only.
 Every call is an EVALSHA, so a script's text crosses the wire only when Redis answers NOSCRIPT (it was
 restarted, or SCRIPT FLUSH ran): then the call is sent again with the text (EVAL), which caches it anew.
 `run()` calls one script; `run_many()` calls one script for many key/argument sets in one pipeline.
+`run(..., confirm=True)` is the call of a step that settles a job: with REDIS_MIN_REPLICA_ACKS it goes in
+one pipeline with the replication check (redis_conn.py) and raises NotReplicated when too few replicas
+have it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import redis
 
 import config
+import redis_conn
 from jobspec import INDEX_HORIZON_S
 
 # `${name}` in a script -> the text put in (names of keys with one {field} become the part before it,
@@ -105,13 +109,35 @@ def script(name: str) -> Script:
     return Script(name, text, hashlib.sha1(text.encode()).hexdigest())  # noqa: S324 (Redis' script id)
 
 
-def run(r: redis.Redis, name: str, keys: Sequence[str], *args: Any) -> Any:
-    """Run one script (one round trip; the text is sent only after NOSCRIPT)."""
+def run(r: redis.Redis, name: str, keys: Sequence[str], *args: Any, confirm: bool = False) -> Any:
+    """Run one script (one round trip; the text is sent only after NOSCRIPT). With confirm, the client's
+    REDIS_MIN_REPLICA_ACKS replicas must have its effect (and all before it) within the timeout, or
+    NotReplicated is raised (carrying the script's answer)."""
     loaded = script(name)
+    if confirm and redis_conn.durability(r).replica_acks:
+        return _run_confirmed(r, loaded, keys, args)
     try:
         return r.evalsha(loaded.sha, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
         return r.eval(loaded.text, len(keys), *keys, *args)
+
+
+def _run_confirmed(r: redis.Redis, loaded: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """The script, the probe write and WAIT in one pipeline on one connection (WAIT counts the replicas
+    that have that connection's writes)."""
+    for call in ("evalsha", "eval"):
+        pipe = r.pipeline(transaction=False)
+        getattr(pipe, call)(loaded.sha if call == "evalsha" else loaded.text, len(keys), *keys, *args)
+        redis_conn.add_confirmation(r, pipe)
+        result, _probe, acked = pipe.execute(raise_on_error=False)
+        if not isinstance(result, redis.exceptions.NoScriptError):
+            break
+    if isinstance(result, Exception):
+        raise result
+    if isinstance(acked, Exception):
+        raise acked
+    redis_conn.check_confirmed(r, result, int(acked))
+    return result
 
 
 def run_many(r: redis.Redis, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:

@@ -24,6 +24,7 @@ import launches
 import localfiles
 import nodes
 import nodestore
+import redis_conn
 import storage
 import webhooks
 from comput3 import C3Error
@@ -39,9 +40,10 @@ def sweep_dead_workers(settings: config.Settings, r: redis.Redis, me: str = "") 
     """Recovery: requeue the jobs of workers whose heartbeat expired, end their leases, and stop the nodes
     of launches whose answer or record was lost."""
     retry_failed_stops(settings, r)
-    if int(r.info("server").get("uptime_in_seconds", 0)) < settings.heartbeat_ttl_s:
-        # Redis has just come back: every heartbeat may have expired while it was down. Wait until
-        # live workers have had a full TTL to announce themselves before calling anyone dead.
+    if redis_conn.primary_age_s(r) < settings.heartbeat_ttl_s:
+        # Redis has just come back, or a replica has just been promoted (a failover): every heartbeat may
+        # have expired meanwhile. Wait until live workers have had a full TTL to announce themselves
+        # before calling anyone dead.
         return {"workers": [], "requeued": 0, "failed": []}
     cleanup(settings, r)
     summary = jobstore.requeue_abandoned(r, settings, me)

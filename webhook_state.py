@@ -49,7 +49,8 @@ def settle_webhook(r: redis.Redis, worker_id: str, raw_entry: str, job_id: str, 
     keys = (webhook_inflight_key(worker_id), config.JOB_KEY.format(id=job_id), config.WEBHOOK_RETRY_KEY,
             config.WEBHOOK_OUTCOMES_KEY)
     return bool(redis_lua.run(r, "settle_webhook", keys, raw_entry, outcome, str(attempt), error[:500],
-                              repr(time.time()), retry_entry, repr(retry_at), config.WEBHOOK_HISTORY_MAX, job_id))
+                              repr(time.time()), retry_entry, repr(retry_at), config.WEBHOOK_HISTORY_MAX, job_id,
+                              confirm=True))
 
 
 def resend_webhook(r: redis.Redis, job_id: str) -> str:
@@ -61,7 +62,7 @@ def resend_webhook(r: redis.Redis, job_id: str) -> str:
         return "missing"
     body = webhook_body(job_id, record["status"], record) if record["status"] in FINISHED_STATUSES else ""
     return str(redis_lua.run(r, "resend_webhook", (key, config.WEBHOOK_OUTBOX_KEY), job_id, body,
-                             repr(time.time()), config.WEBHOOK_HISTORY_MAX))
+                             repr(time.time()), config.WEBHOOK_HISTORY_MAX, confirm=True))
 
 
 def return_inflight(r: redis.Redis, worker_id: str) -> int:

@@ -46,6 +46,7 @@ import redis
 import config
 import jobstore
 import netfetch
+import redis_conn
 import webhook_state
 
 log = logging.getLogger("c3-render.webhooks")
@@ -245,9 +246,16 @@ def attempt_and_settle(r: redis.Redis, settings: config.Settings, worker_id: str
         outcome, retry_entry = "retrying", json.dumps({**entry, "attempt": number})
         retry_at = time.time() + delays[number - 1]
 
+    recorded = [False]  # by an earlier run whose replicas did not confirm it (REDIS_MIN_REPLICA_ACKS)
+
     def settle() -> None:  # one atomic step; a second run after a lost reply changes nothing
-        if not webhook_state.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
-                                       retry_at):
+        try:
+            settled = webhook_state.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
+                                                   retry_at)
+        except redis_conn.NotReplicated as exc:
+            recorded[0] = recorded[0] or bool(exc.result)
+            raise
+        if not settled and not recorded[0]:
             log.info("webhook for job %s: outcome of attempt %d not recorded, the delivery was given back "
                      "to the outbox meanwhile (it will be sent again with the same webhook-id)", job_id, number)
 
@@ -315,8 +323,8 @@ def _attempt_in_thread(r: redis.Redis, settings: config.Settings, worker_id: str
 def taker_loop(settings: config.Settings, worker_id: str, stop: threading.Event, slots: HostSlots,
                executor: ThreadPoolExecutor, concurrency: int, in_flight: InFlight) -> None:
     """Take deliveries while fewer than `concurrency` attempts are under way; survives Redis outages."""
-    r = jobstore.connect(settings.redis_url)
-    shared = jobstore.connect(settings.redis_url)  # for the attempt threads (its pool is thread-safe)
+    r = redis_conn.connect(settings)
+    shared = redis_conn.connect(settings)  # for the attempt threads (its pool is thread-safe)
     free = threading.Semaphore(concurrency)
     backoff = 0.5
     unsettled: Callable[[], None] | None = None

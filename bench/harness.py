@@ -71,17 +71,19 @@ class Procs:
             self.stop(proc)
 
 
-def start_redis(procs: Procs, tmp: Path) -> str:
+def start_redis(procs: Procs, tmp: Path, *extra: str) -> str:
+    """A redis-server without persistence on a free port (`extra`: more options, e.g. --replicaof)."""
     port = free_port()
     procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp)])
-    client = redis.Redis(port=port)
-    wait_until(client.ping, 10, "redis-server")
-    return f"redis://127.0.0.1:{port}/0"
+                 "--appendonly", "no", "--dir", str(tmp), *extra])
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(redis.Redis.from_url(url).ping, 10, "redis-server")
+    return url
 
 
 def start_gunicorn(procs: Procs, app: str, code_dir: Path, redis_url: str, tmp: Path,
-                   extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+                   extra_env: dict[str, str] | None = None, gunicorn_args: list[str] = GUNICORN,
+                   ) -> tuple[subprocess.Popen, int]:
     """Serve `app` (a gunicorn app spec) from code_dir; return the process and its port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("C3_", "MINIO_", "REDIS_"))}
@@ -89,7 +91,7 @@ def start_gunicorn(procs: Procs, app: str, code_dir: Path, redis_url: str, tmp: 
     path = [str(code_dir)] + ([extra_env.pop("EXTRA_PATH")] if "EXTRA_PATH" in extra_env else [])
     env.update({"REDIS_URL": redis_url, "OUTPUT_DIR": str(tmp / "output"), "PYTHONPATH": os.pathsep.join(path),
                 **extra_env})
-    proc = procs.start([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", *GUNICORN, app],
+    proc = procs.start([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", *gunicorn_args, app],
                        cwd=code_dir, env=env)
     wait_until(lambda: Client(port).get("/healthz")[0] == 200, 30, f"gunicorn {app} in {code_dir}")
     return proc, port

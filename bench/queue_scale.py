@@ -77,8 +77,9 @@ def cancel_p50(client: Client, ids: list[str]) -> float:
 def fill(code_dir: Path, redis_url: str, count: int) -> None:
     """Queue `count` jobs straight through that checkout's jobstore.submit (no HTTP, for speed)."""
     script = (
-        "import sys, jobstore, jobspec\n"
-        "r = jobstore.connect(sys.argv[1]); params = jobspec.validate('csm', {'text': 'Hi.'})\n"
+        "import sys, redis, jobstore, jobspec\n"
+        "r = redis.Redis.from_url(sys.argv[1], decode_responses=True)\n"
+        "params = jobspec.validate('csm', {'text': 'Hi.'})\n"
         "for _ in range(int(sys.argv[2])): jobstore.submit(r, 'csm', params)\n"
     )
     subprocess.run([sys.executable, "-c", script, redis_url, str(count)], cwd=code_dir, check=True)

@@ -12,7 +12,7 @@ the bare app does:
   jobspec.validate, replaced by json.loads (and the validated fields, computed once, so that the job
   record stays the same).
 - "no API-key hook": the before_request hook (no keys are configured here, as in the gunicorn run).
-- "plain pool": a redis.ConnectionPool without timeouts instead of jobstore.connect()'s
+- "plain pool": a redis.ConnectionPool without timeouts instead of redis_conn.connect()'s
   BlockingConnectionPool with socket timeouts.
 
     python bench/submit_breakdown.py [--requests 1500] [--rounds 7]

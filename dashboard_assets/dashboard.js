@@ -115,6 +115,14 @@ async function refreshDetail() {
     ...(job.history || []).map((item) => el("tr", {}, el("td", {}, badge(item.status)), el("td", {}, when(item.at)))));
 }
 
+// "primary, 1 replica (lag 0 s)": the Redis role and how far behind its replicas are
+function redisRole(redis) {
+  if (!redis) return "–";
+  const replicas = redis.replicas || [];
+  const lag = replicas.length ? ` (lag ${Math.max(...replicas.map((r) => r.lag_s))} s)` : "";
+  return `${redis.role}, ${replicas.length} replica${replicas.length === 1 ? "" : "s"}${lag}`;
+}
+
 function select(id) {
   state.selected = id;
   refresh();
@@ -149,6 +157,7 @@ function showOverview(overview) {
   $("cost-per-job").textContent = overview.cost_per_job_today ?? "–";
   const time = overview.node_time || {};
   $("node-time").textContent = ["busy", "idle", "booting"].map((kind) => Math.round(time[kind] || 0)).join(" / ");
+  $("redis-role").textContent = redisRole(overview.redis);
   $("pool-nodes").tBodies[0].replaceChildren(...(overview.nodes || []).map((n) => el("tr", { "data-node": n.id },
     el("td", { title: n.workload || "" }, n.node || n.id),
     el("td", {}, n.type),

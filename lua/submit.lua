@@ -13,11 +13,14 @@
 --       [6] created_at  [7] complete_by  [8] max_time  [9] notify_url  [10] owner (the id of the API key
 --       that submits it; '' without keys)  [11] submissions allowed per minute (0 = no limit)
 --       [12] the rate counter's ttl (s)
--- Returns: '' when queued; 'rate_limited' when over the limit; else the idempotency record already
---          stored (JSON with job_id, request_hash). Nothing is written but when queued.
+-- Returns: '' when queued (or when a record with this id exists: this submit sent again after an
+--          unconfirmed answer, see redis_conn.through_failover; nothing is counted or written then);
+--          'rate_limited' when over the limit; else the idempotency record already stored (JSON with
+--          job_id, request_hash). Nothing is written but when queued.
 -- Names: index (JOBS_INDEX_KEY), by_type (JOBS_BY_TYPE_KEY), by_status (JOBS_BY_STATUS_KEY),
 --        by_owner (JOBS_BY_OWNER_KEY), history_prefix/history_suffix (JOB_HISTORY_KEY),
 --        jobs_total (JOBS_TOTAL_KEY), job_prefix (JOB_KEY)
+if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 if ARGV[1] ~= '' then
   local seen = redis.call('GET', KEYS[4])
   if seen and redis.call('EXISTS', '${job_prefix}' .. cjson.decode(seen).job_id) == 1 then return seen end

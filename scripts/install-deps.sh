@@ -42,6 +42,7 @@ if [ "$profile" = dev ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the dashboard's browser test drives it
   # compose v1, what `apt install docker-compose` gives: tests/test_docker.py resolves the compose file with it
   [ -x /usr/bin/docker-compose ] || missing+=(docker-compose)
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the HTTP load of bench/ (make bench)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   SUDO=""

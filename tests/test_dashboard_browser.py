@@ -98,6 +98,7 @@ def test_cli_and_dashboard_on_the_whole_stack(stack):
         expect(status_of(page, target)).to_have_text("queued")
         expect(page.locator(f'tr[data-job-id="{target}"] .progress')).to_have_text("#1 in queue")
         expect(page.locator("#queue-depth")).to_have_text("2")
+        expect(page.locator("#redis-role")).to_have_text("primary, 0 replicas")  # one Redis, no replica
 
         # no worker yet, so the job is still queued when the button is pressed
         page.locator(f'tr[data-job-id="{target}"] button.cancel').click()

@@ -181,16 +181,18 @@ def published(service: dict) -> list[tuple[str, str]]:
                                                 ("192.168.1.20", "192.168.1.20")])
 def test_published_ports_listen_on_loopback_unless_a_bind_address_is_set(compose, tmp_path, bind, expected):
     env = {"C3_RENDER_BIND": bind} if bind else {}
-    services = resolve(compose, tmp_path, "--profile", "comput3", env=env)["services"]
+    services = resolve(compose, tmp_path, "--profile", "comput3", "--profile", "ha", env=env)["services"]
     ports = {name: published(service) for name, service in services.items() if published(service)}
     assert {name: sorted(p for _, p in found) for name, found in ports.items()} == {
-        "api": ["8000"], "minio": ["9000", "9001"]}  # the dev node, Redis and the workers publish nothing
+        "api": ["8000"], "api-ha-1": ["8001"], "api-ha-2": ["8002"], "api-ha-3": ["8003"],
+        "minio": ["9000", "9001"]}  # the dev node, Redis, the Sentinels and the workers publish nothing
     assert {host for found in ports.values() for host, _ in found} == {expected}
 
 
 CREDENTIAL_NAMES = ("KEY", "KEYS", "SECRET", "PASSWORD", "MINIO_ROOT_USER", "TOKEN")
 # the one literal: the dev node takes any C3_API_KEY (it is a local stand-in, not a credential)
-LITERAL_ALLOWED = {("worker", "C3_API_KEY"): "dev-node-key"}
+LITERAL_ALLOWED = {(worker, "C3_API_KEY"): "dev-node-key" for worker in ("worker", "worker-ha-1", "worker-ha-2",
+                                                                          "worker-ha-3")}
 
 
 def test_the_compose_file_holds_no_literal_credential():
@@ -257,6 +259,39 @@ def test_the_comput3_profile_without_api_keys_is_refused(compose, tmp_path, monk
                         env={"C3_API_KEY": "k-123", "C3_RENDER_API_KEYS": "client-1"})["services"]
     assert worker_settings(with_keys["worker-comput3"], monkeypatch).api_keys == ("client-1",)
     assert with_keys["api"]["environment"]["C3_RENDER_API_KEYS"] == "client-1"  # the API asks for the same keys
+
+
+def test_ha_profile_runs_three_apis_and_workers_on_redis_with_a_replica_and_three_sentinels(compose, tmp_path,
+                                                                                            monkeypatch):
+    services = resolve(compose, tmp_path, "--profile", "ha")["services"]
+    apis = [f"api-ha-{n}" for n in (1, 2, 3)]
+    workers = [f"worker-ha-{n}" for n in (1, 2, 3)]
+    sentinels = [f"sentinel-{n}" for n in (1, 2, 3)]
+    assert {"redis-primary", "redis-replica", *sentinels, *apis, *workers} <= set(services)
+    assert "replicaof redis-primary 6379" in " ".join(services["redis-replica"]["command"])
+    for name in sentinels:
+        command = " ".join(services[name]["command"])
+        assert "sentinel monitor c3-render redis-primary 6379 2" in command and "--sentinel" in command
+        assert services[name]["volumes"], f"{name} keeps the file Sentinel rewrites"
+    for name in (*apis, *workers):
+        settings = worker_settings(services[name], monkeypatch)
+        assert [config.sentinel_address(entry) for entry in settings.redis_sentinels] == \
+            [(name, 26379) for name in sentinels]
+        assert settings.redis_sentinel_master == "c3-render" and settings.redis_min_replica_acks == 1
+        assert set(services[name]["depends_on"]) >= set(sentinels)
+    for name in workers:
+        assert config.node_url_problems(worker_settings(services[name], monkeypatch)) == []
+    # each API replica has a port of its own, on loopback unless C3_RENDER_BIND says otherwise
+    assert sorted(port for name in apis for port in published(services[name])) == \
+        [("127.0.0.1", "8001"), ("127.0.0.1", "8002"), ("127.0.0.1", "8003")]
+    for name in ("redis-primary", "redis-replica", *sentinels):
+        assert not published(services[name]), f"{name} is reached inside the compose network only"
+
+
+def test_ha_profile_is_left_out_of_a_plain_up(compose, tmp_path):
+    services = resolve(compose, tmp_path)["services"]
+    for name in ("redis-primary", "sentinel-1", "api-ha-1", "worker-ha-1"):
+        assert services.get(name, {"profiles": ["ha"]})["profiles"] == ["ha"]
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------

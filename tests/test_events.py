@@ -185,3 +185,21 @@ def test_sigterm_ends_open_streams_so_the_api_stops_at_once(redis_server, r, tmp
     assert stream.closed.wait(2), "the stream is still open after the API stopped"
     assert took < 5, f"the API took {took:.1f} s to stop with a stream open (graceful timeout: 10 s)"
     assert any("stopping" in c for c in stream.comments)
+
+
+def test_a_stream_rides_out_a_short_redis_outage(apis, redis_server, r):
+    """A Redis restart (or a failover) shorter than REDIS_FAILOVER_WAIT_S does not end a stream: it reads
+    again once Redis answers, and the hub's new subscription wakes it."""
+    job_id = submit(apis[0])
+    stream = Stream(f"{apis[0]}/events/{job_id}")
+    assert stream.next()["job"]["status"] == "queued"
+    redis_server.stop()  # a clean stop writes the AOF: the job is still there afterwards
+    try:
+        time.sleep(2)  # several keepalives (0.5 s) whose reads fail
+    finally:
+        redis_server.start()
+    back = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    start(back, job_id)
+    assert stream.next(timeout=15)["job"]["status"] == "running"
+    assert not stream.closed.is_set() and not any("cannot be reached" in c for c in stream.comments)
+    stream.close()

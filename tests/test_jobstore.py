@@ -83,9 +83,9 @@ def test_webhook_bodies_follow_the_spec():
 KILLED_WORKER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    import config, jobstore
+    import config, jobstore, redis_conn
     settings = config.Settings(redis_url={url!r})
-    r = jobstore.connect({url!r})
+    r = redis_conn.connect(settings)
     jobstore.heartbeat(r, "doomed", 1)
     entry = jobstore.take(r, "doomed", 5)
     jobstore.transition(r, settings, __import__("json").loads(entry)["id"], "running", {{"worker": "doomed"}})
