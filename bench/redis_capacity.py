@@ -7,8 +7,8 @@ Each section prints its figures:
   (a replica attached); the median of --rounds runs.
 - job: Redis CPU of one job's whole life, made with the project's own functions in this process:
   submit, take, claim, five phases, a node slot leased and released, finish (its webhook queued),
-  acknowledge, the webhook taken and settled; without and with the replica check. Also one cancel poll (a worker makes one a second
-  while a job runs) and one progress update.
+  acknowledge, the webhook taken and settled; without and with the replica check. Also one cancel
+  poll (a worker makes one a second while a job runs) and one progress update.
 - memory: Redis memory per queued job and per finished job (INFO used_memory over --jobs jobs).
 - idle: Redis CPU per second of an idle worker (real worker processes, their heartbeat, sweep and
   webhook taker), and of one recovery sweep per registered worker (each worker sweeps every
@@ -240,7 +240,7 @@ def idle_section(procs: Procs, tmp: Path, primary: str, workers: int = 4, second
     for proc in started:
         procs.stop(proc)
     print(f"  an idle worker: Redis CPU {per_worker:.0f} µs per second ({commands:.1f} commands/s: job take, "
-          f"node slot, webhook taker, heartbeat, sweep; {workers} workers, {seconds:.0f} s)", flush=True)
+          f"the pool's look, webhook taker, heartbeat, sweep; {workers} workers, {seconds:.0f} s)", flush=True)
     # one sweep against a fleet of live workers: it reads every worker's heartbeat (and webhook sender)
     fleet = 1000
     raw.flushall()

@@ -2,8 +2,8 @@
 loopback. A client follows a failover (READONLY and connection errors at a moved primary are retried on
 the new one, scripts load again there, the SSE hub resubscribes); with REDIS_MIN_REPLICA_ACKS the steps
 that settle a job wait for the replica (submit answers 503 and its replay gives the same job, a claim
-is not run, a finish is not acknowledged) until it confirms; the sweep waits a heartbeat TTL after a
-promotion; /overview and /metrics show the role and the replicas' lag."""
+is not run, a finish and a node lease's end are not acknowledged) until it confirms; the sweep waits a
+heartbeat TTL after a promotion; /overview and /metrics show the role and the replicas' lag."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import config
 import events
 import jobspec
 import jobstore
+import nodes
+import nodestore
 import redis_conn
 import redis_lua
 import sweep
@@ -216,6 +218,27 @@ def test_a_finish_is_acknowledged_only_once_the_replica_has_it(ha: HA, primary: 
     assert not settling.is_alive()
     assert r.llen(jobstore.processing_key("w-settle")) == 0
     assert client(replica_of(ha, primary)).hget(jobstore.job_key(job_id), "status") == "success"
+
+
+def test_a_node_lease_ends_only_once_the_replica_has_it(ha: HA, primary: int, tmp_path: Path):
+    """The lease release at a job's end (the pool's slot, the job's node-seconds) is confirmed like the finish:
+    released on a replica that did not have it, the slot would stay taken by a job that ended."""
+    settings = sentinel_settings(ha, redis_min_replica_acks=1, work_dir=str(tmp_path / "work"))
+    r = redis_conn.connect(settings)
+    job_id, _ = jobstore.submit(r, "csm", CSM)
+    state = worker.WorkerState(settings=settings, r=r, worker_id="w-lease")
+    assert nodestore.reserve_node(r, "n-1", "csm", "w-lease", 4, time.time(), job_id, "csm")
+    state.lease = nodes.Lease("n-1", "csm", job_id, "csm", time.time(), ran_s=1.5)
+    replica = client(replica_of(ha, primary))
+    with stopped(ha, replica_of(ha, primary)):
+        letting_go = threading.Thread(target=worker.let_go, args=(state,))
+        letting_go.start()
+        time.sleep(2.0)
+        assert letting_go.is_alive() and state.lease is not None  # retrying until the replica has it
+    letting_go.join(20)
+    assert not letting_go.is_alive() and state.lease is None
+    assert replica.hlen(nodestore.leases_key("n-1")) == 0
+    assert float(replica.hget(jobstore.job_key(job_id), "engine_seconds")) == 1.5  # recorded once
 
 
 def test_a_webhook_outcome_is_recorded_again_until_the_replica_has_it(ha: HA, primary: int):
