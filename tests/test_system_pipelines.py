@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from conftest import ROOT, clean_env, wait_for
@@ -111,6 +113,22 @@ def verified_webhook(stack, pipeline_id: str) -> dict:
     return Webhook(SECRET).verify(body, headers)
 
 
+def loudness(path: Path) -> np.ndarray:
+    """A file's audio as its loudness every 50 ms (decoded by ffmpeg, mono 8 kHz)."""
+    pcm = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", "8000", "-f", "s16le",
+                          "-"], capture_output=True, check=True, timeout=60).stdout
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
+    frames = samples[:len(samples) // 400 * 400].reshape(-1, 400)
+    return np.sqrt((frames ** 2).mean(axis=1))
+
+
+def envelope_match(a: Path, b: Path) -> float:
+    """How alike two files' loudness over time is (correlation; 1 = the same shape)."""
+    x, y = loudness(a), loudness(b)
+    n = min(len(x), len(y))
+    return float(np.corrcoef(x[:n], y[:n])[0, 1])
+
+
 def test_talk_from_the_cli_gives_an_h264_mp4_speaking_the_csm_steps_audio(stack, tmp_path):
     t0 = time.time()
     stack["worker"]("w-talk")
@@ -130,6 +148,7 @@ def test_talk_from_the_cli_gives_an_h264_mp4_speaking_the_csm_steps_audio(stack,
     assert next(s for s in probe["streams"] if s["codec_type"] == "video")["codec_name"] == "h264"
     mp3 = ffprobe(download(speech["result_url"], tmp_path / "speech.mp3"))
     assert abs(float(probe["format"]["duration"]) - float(mp3["format"]["duration"])) <= 0.5
+    assert envelope_match(out, tmp_path / "speech.mp3") > 0.9  # the video speaks that very audio
     # the portrait ran on the node the speech ran on: no second node was launched
     r = stack["r"]
     assert r.hget(f"job:{video['id']}", "prefer_node") == r.hget(f"job:{speech['id']}", "node_id") != ""
