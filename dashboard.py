@@ -2,8 +2,9 @@
 
 The dashboard is plain HTML + one small script in dashboard_assets/ (no build step, no CDN): it polls
 the JSON routes (/overview, /jobs, /jobs/<id>, /pipelines) with the API key the operator typed in, and
-cancels through /cancel/<id> and /pipelines/<id>/cancel. The page and its script hold no data, so they open without a key; the data needs one.
-Swagger UI's files come from the swagger-ui-py package (Swagger UI 5, which reads OpenAPI 3.1).
+cancels through /cancel/<id> and /pipelines/<id>/cancel. The page and its script hold no data, so they
+open without a key; the data needs one. Swagger UI's files come from the swagger-ui-py package (Swagger
+UI 5, which reads OpenAPI 3.1).
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ from system import (
     start_worker,
 )
 
+from jobspec import STORED_RESULT_PREFIX
+
 pytestmark = pytest.mark.e2e
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a test secret in the Standard Webhooks form
@@ -154,6 +156,9 @@ def test_talk_from_the_cli_gives_an_h264_mp4_speaking_the_csm_steps_audio(stack,
     assert r.hget(f"job:{video['id']}", "prefer_node") == r.hget(f"job:{speech['id']}", "node_id") != ""
     assert len([n for n in devnode_nodes(stack["devnode"]) if n["launched_at"] >= t0]) == 1
     assert history(stack, video["id"]) == ["waiting", "queued", "running", "success"]
+    # the portrait read the stored speech, not its public URL
+    audio_ref = json.loads(r.hget(f"job:{video['id']}", "params"))["audio_url"]
+    assert audio_ref == f"{STORED_RESULT_PREFIX}{speech['id']}.mp3", audio_ref
     again = wait_pipeline(stack, talk(stack)["id"])  # with the node warm: no node launched at all
     assert again["status"] == "success", again
     assert len([n for n in devnode_nodes(stack["devnode"]) if n["launched_at"] >= t0]) == 1
