@@ -38,6 +38,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -171,6 +172,20 @@ def list_jobs(
         index = config.JOBS_BY_TYPE_KEY.format(type=job_type)
     else:
         index = config.JOBS_INDEX_KEY
+    def wanted(record: dict[str, str]) -> bool:
+        return (not status or record.get("status") == status) and \
+            (not job_type or record.get("type") == job_type) and (owner is None or record.get("owner") == owner)
+
+    return read_index(r, index, job_key, limit=limit, cursor=cursor, wanted=wanted, scan_budget=scan_budget)
+
+
+def read_index(r: redis.Redis, index: str, record_key: Callable[[str], str], *, limit: int, cursor: str | None,
+               wanted: Callable[[dict[str, str]], bool] = lambda _record: True, scan_budget: int = 2000
+               ) -> tuple[list[dict[str, str]], str | None]:
+    """One page of the records a time-ordered index (sorted set: id -> created_at) names, newest first from
+    the cursor on, those `wanted` (a page reads at most scan_budget entries and may come back short, with a
+    cursor to go on from); the next page's cursor, None at the end. Entries whose record (record_key(id))
+    has expired are dropped from the index on the way. BadCursor for a cursor not made here."""
     top, after_id = parse_cursor(cursor) if cursor else (float("inf"), "")
     page: list[dict[str, str]] = []
     scanned = 0
@@ -182,15 +197,13 @@ def list_jobs(
             return page, None
         pipe = r.pipeline(transaction=False)
         for member, _score in batch:
-            pipe.hgetall(job_key(member))
+            pipe.hgetall(record_key(member))
         records = pipe.execute()
         gone = [member for (member, _score), record in zip(batch, records, strict=True) if not record]
         if gone:
             r.zrem(index, *gone)
         for (member, score), record in zip(batch, records, strict=True):
-            if record and (not status or record.get("status") == status) \
-                    and (not job_type or record.get("type") == job_type) \
-                    and (owner is None or record.get("owner") == owner):
+            if record and wanted(record):
                 if len(page) == limit:  # one more exists: the page ends at the previous one
                     return page, job_cursor(top, after_id)
                 page.append(record)

@@ -334,29 +334,9 @@ def depth(graph: dict[str, Any], name: str) -> int:
 def list_pipelines(r: redis.Redis, *, limit: int, cursor: str | None, owner: str | None
                    ) -> tuple[list[dict[str, str]], str | None]:
     """Pipeline records newest first from the index (the owner's with owner), and the next page's cursor;
-    entries whose record expired are dropped from the index on the way."""
+    entries whose record expired are dropped from the index on the way (jobstore.BadCursor)."""
     index = config.PIPELINES_INDEX_KEY if owner is None else config.PIPELINES_BY_OWNER_KEY.format(owner=owner)
-    top, after_id = jobstore.parse_cursor(cursor) if cursor else (float("inf"), "")
-    read = r.zrange(index, top, "-inf", byscore=True, desc=True, offset=0, num=limit + 16, withscores=True)
-    after = [(m, sc) for m, sc in read if not (sc == top and after_id and m >= after_id)]
-    batch = after[:limit + 1]
-    more = len(read) == limit + 16 or len(after) > len(batch)  # entries beyond this batch
-    pipe = r.pipeline(transaction=False)
-    for member, _score in batch:
-        pipe.hgetall(pipeline_key(member))
-    records = pipe.execute()
-    gone = [member for (member, _score), record in zip(batch, records, strict=True) if not record]
-    if gone:
-        r.zrem(index, *gone)
-    found = [(member, score, record) for (member, score), record in zip(batch, records, strict=True) if record]
-    page = [record for _m, _s, record in found[:limit]]
-    if len(found) > limit:
-        member, score, _record = found[limit - 1]
-        return page, jobstore.job_cursor(score, member)
-    if more and batch:  # expired entries made the page short: more may follow
-        member, score = batch[-1]
-        return page, jobstore.job_cursor(score, member)
-    return page, None
+    return jobstore.read_index(r, index, pipeline_key, limit=limit, cursor=cursor)
 
 
 # --- the OpenAPI schema of a pipeline request ----------------------------------------------------

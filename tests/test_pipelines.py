@@ -285,6 +285,32 @@ def test_another_keys_pipeline_is_a_404_like_an_unknown_id(settings, r):
     assert jobstore.get_job(r, answer["steps"]["video"])["status"] == "waiting"  # bob's cancel changed nothing
 
 
+def test_listing_pipelines_pages_newest_first_by_owner_and_drops_expired_ones(settings, r):
+    keyed = api.create_app(dataclasses.replace(settings, api_keys=(ALICE, BOB), admin_keys=("admin-key-0003",)))
+    client = keyed.test_client()
+    alice, bob, admin = ({"X-C3-RENDER-KEY": key} for key in (ALICE, BOB, "admin-key-0003"))
+    one = {"steps": {"speech": step("csm", text="Hi.")}}
+    mine = [client.post("/pipelines", json=one, headers=alice).json["id"] for _ in range(3)]
+    theirs = [client.post("/pipelines", json=one, headers=bob).json["id"] for _ in range(2)]
+    seen, cursor = [], None
+    while True:
+        page = client.get("/pipelines?limit=2" + (f"&cursor={cursor}" if cursor else ""), headers=alice).json
+        seen.append([p["id"] for p in page["pipelines"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [mine[::-1][:2], mine[::-1][2:]]  # newest first, the key's own
+    every = client.get("/pipelines?limit=100", headers=admin).json
+    assert [p["id"] for p in every["pipelines"]] == (mine + theirs)[::-1] and every["next_cursor"] is None
+    assert every["pipelines"][0]["steps"]["speech"]["status"] == "queued"
+    r.delete(pipelines.pipeline_key(mine[1]))  # as when its record expired
+    assert [p["id"] for p in client.get("/pipelines", headers=alice).json["pipelines"]] == [mine[2], mine[0]]
+    owner_index = config.PIPELINES_BY_OWNER_KEY.format(owner=r.hget(pipelines.pipeline_key(mine[0]), "owner"))
+    assert r.zscore(owner_index, mine[1]) is None  # dropped from the index it was read from
+    assert client.get("/pipelines?limit=0", headers=alice).status_code == 400
+    assert client.get("/pipelines?cursor=nonsense", headers=alice).status_code == 400
+
+
 def test_events_of_a_pipeline_end_with_its_final_object(client, r, settings):
     answer = submit(client, {"steps": {"speech": step("csm", text="Hi.")}})
     run_step(r, settings, answer["steps"]["speech"], "success", {"result_url": "https://files.example/a.mp3"})
