@@ -307,16 +307,24 @@ def poll(read: Callable[[], dict[str, Any]], interval_s: float = 1.0) -> Iterato
         time.sleep(interval_s)
 
 
+def final_of(updates: Iterator[dict[str, Any]], on_update: Callable[[dict[str, Any]], None] | None,
+             ask: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The last object a watch yields, each shown to on_update; asked once more (ask()) when the stream
+    ended without a finished one (a 204: the final event was already seen)."""
+    last: dict[str, Any] | None = None
+    for last in updates:
+        if on_update:
+            on_update(last)
+    if last is None or last["status"] not in FINISHED_STATUSES:
+        last = ask()
+    return last
+
+
 def wait(api: Api, job_id: str, timeout: float | None = None,
          on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Block until the job finishes; its final status object. Raises JobFailed (failed or cancelled)
     or WaitTimeout after timeout seconds; on_update sees every status object on the way."""
-    job: dict[str, Any] | None = None
-    for job in watch(api, job_id, timeout=timeout):
-        if on_update:
-            on_update(job)
-    if job is None or job["status"] not in FINISHED_STATUSES:
-        job = status(api, job_id)  # the stream ended with a 204: ask once more
+    job = final_of(watch(api, job_id, timeout=timeout), on_update, lambda: status(api, job_id))
     if job["status"] != "success":
         raise JobFailed(job)
     return job
@@ -326,12 +334,8 @@ def wait_pipeline(api: Api, pipeline_id: str, timeout: float | None = None,
                   on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Block until the pipeline finishes; its final object (each step with its result_url or text). Raises
     PipelineFailed (failed or cancelled) or WaitTimeout after timeout seconds; on_update sees every change."""
-    pipeline: dict[str, Any] | None = None
-    for pipeline in watch_pipeline(api, pipeline_id, timeout=timeout):
-        if on_update:
-            on_update(pipeline)
-    if pipeline is None or pipeline["status"] not in FINISHED_STATUSES:
-        pipeline = pipeline_status(api, pipeline_id)  # the stream ended with a 204: ask once more
+    pipeline = final_of(watch_pipeline(api, pipeline_id, timeout=timeout), on_update,
+                        lambda: pipeline_status(api, pipeline_id))
     if pipeline["status"] != "success":
         raise PipelineFailed(pipeline)
     return pipeline
