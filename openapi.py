@@ -12,6 +12,23 @@ from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN
 VERSION = config.VERSION
 
 
+def page_params(most: int, default: int) -> list[dict[str, Any]]:
+    """The limit and cursor query parameters of a listing route."""
+    return [{"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": most, "default": default}},
+            {"name": "cursor", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
+             "description": "next_cursor of the previous page."}]
+
+
+def page_response(items: str, schema: str, description: str) -> dict[str, Any]:
+    """The 200 answer of a listing route: {items: [schema], next_cursor}."""
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": [items, "next_cursor"],
+        "properties": {items: {"type": "array", "items": {"$ref": f"#/components/schemas/{schema}"}},
+                       "next_cursor": {"type": ["string", "null"]}}}}}}
+
+
 def _error_response(description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -225,22 +242,12 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
              "schema": {"type": "string", "enum": list(jobspec.STATUSES)}},
             {"name": "type", "in": "query", "required": False,
              "schema": {"type": "string", "enum": list(jobspec.JOB_TYPES)}},
-            {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": jobspec.JOBS_PAGE_MAX,
-                        "default": jobspec.JOBS_PAGE_DEFAULT}},
-            {"name": "cursor", "in": "query", "required": False,
-             "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
-             "description": "next_cursor of the previous page."},
+            *page_params(jobspec.JOBS_PAGE_MAX, jobspec.JOBS_PAGE_DEFAULT),
         ],
         "responses": {
-            "200": {"description": "One page. A page filtered by status and type together (or, for a key "
-                                   "that is not an admin key, by either) may be short with a next_cursor: "
-                                   "follow it until it is null.",
-                    "content": {ok: {"schema": {
-                        "type": "object", "required": ["jobs", "next_cursor"],
-                        "properties": {"jobs": {"type": "array",
-                                                "items": {"$ref": "#/components/schemas/JobStatus"}},
-                                       "next_cursor": {"type": ["string", "null"]}}}}}},
+            "200": page_response("jobs", "JobStatus", "One page. A page filtered by status and type together (or, "
+                                 "for a key that is not an admin key, by either) may be short with a "
+                                 "next_cursor: follow it until it is null."),
             "400": _error_response("Unknown status or type, limit out of range, or a bad cursor."),
             **common_errors,
         },
@@ -323,20 +330,9 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "summary": "List pipelines, newest first, with their steps (cursor pages)",
             "description": "With API keys: the caller's pipelines (an admin key: every pipeline).",
             "operationId": "list_pipelines",
-            "parameters": [
-                {"name": "limit", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 1, "maximum": pipelines.PAGE_MAX,
-                            "default": pipelines.PAGE_DEFAULT}},
-                {"name": "cursor", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
-                 "description": "next_cursor of the previous page."},
-            ],
+            "parameters": page_params(pipelines.PAGE_MAX, pipelines.PAGE_DEFAULT),
             "responses": {
-                "200": {"description": "One page.", "content": {ok: {"schema": {
-                    "type": "object", "required": ["pipelines", "next_cursor"],
-                    "properties": {"pipelines": {"type": "array",
-                                                 "items": {"$ref": "#/components/schemas/Pipeline"}},
-                                   "next_cursor": {"type": ["string", "null"]}}}}}},
+                "200": page_response("pipelines", "Pipeline", "One page."),
                 "400": _error_response("limit out of range, or a bad cursor."),
                 **common_errors,
             },
