@@ -193,6 +193,17 @@ def test_an_upstream_failure_and_a_cancel_cascade(stack):
                                                                               "video": "cancelled"}, final
     assert verified_webhook(stack, hanging["id"])["error"] == "cancelled by request"
 
+    # a step cancelled on its own (POST /cancel/<job id>) fails the steps that take its output
+    alone = talk(stack)
+    wait_for(lambda: pipeline(stack, alone["id"])["steps"]["speech"]["status"] == "running", 60,
+             what="the speech step to run")
+    assert http_json("POST", f"{stack['api']}/cancel/{alone['steps']['speech']}")[0] == 200
+    final = wait_pipeline(stack, alone["id"], 60)
+    assert final["status"] == "failed" and final["error"] == 'step "speech" was cancelled', final
+    assert final["steps"]["speech"]["status"] == "cancelled"
+    assert final["steps"]["video"]["status"] == "failed"
+    assert final["steps"]["video"]["error"] == 'upstream step "speech" was cancelled'
+
 
 class AckTrap:
     """A TCP relay between one worker and Redis that SIGKILLs the worker when it sends the acknowledgement
