@@ -58,6 +58,7 @@ bench:
 	$(PYTHON) bench/sigterm_redis_gone.py
 	$(PYTHON) bench/sse_streams.py --streams 400 --threads 440
 	$(PYTHON) bench/redis_capacity.py
+	$(PYTHON) bench/pipeline_latency.py
 	$(PYTHON) bench/soak.py --jobs 300 --workers 4 --seed 42
 
 ## clean: remove what runs and tests created (var/, caches); keeps .venv (remove it with `rm -rf .venv`)

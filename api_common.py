@@ -1,6 +1,7 @@
-"""What every API blueprint shares (app.py, events.py, metrics.py): the request's settings and Redis
-client, the JSON error answer, who is asking (the API key's id, admin or not), the 400/404 reading of a
-job id (another key's job is a 404 like an unknown id), and the status object of a job record.
+"""What every API blueprint shares (app.py, pipelines.py, events.py, metrics.py): the request's settings and
+Redis client, the JSON error answer, who is asking (the API key's id, admin or not), reading a submission
+(the JSON body, its Idempotency-Key, the rate counter), the 400/404 reading of a job id (another key's job
+is a 404 like an unknown id), and the status object of a job record.
 
 app.py's `create_app()` attaches the settings and the client to the Flask app (`attach`); the blueprints
 read them back per request with `settings()` and `store()`. This module imports no blueprint, so the
@@ -9,15 +10,21 @@ blueprints import it and not each other.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from flask import Flask, Response, current_app, g, jsonify
+from flask import Flask, Response, current_app, g, jsonify, request
 
 import config
+import jobspec
 import jobstore
 import webhook_state
+from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
 
 
 class ApiError(Exception):
@@ -83,6 +90,66 @@ def may_see(record: dict[str, str]) -> bool:
     return sees_every_job() or (bool(owner) and record.get("owner") == owner)
 
 
+def client_identity() -> str:
+    """Who counts as one client for rate limits and idempotency keys: the API key's id, else the address."""
+    return g.get("client_id") or f"addr:{request.remote_addr or 'unknown'}"
+
+
+# --- reading a submission ---------------------------------------------------------------------
+
+def json_body() -> Any:
+    """The request's JSON body, or the 415/400 answer (not JSON, malformed, nested too deeply, a lone
+    surrogate)."""
+    if not request.is_json:
+        raise ApiError(415, "send the job as JSON with Content-Type: application/json")
+    raw = request.get_data(cache=True)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "malformed JSON in request body") from None
+    except RecursionError:
+        raise ApiError(400, f"JSON nested too deeply (more than {jobspec.MAX_JSON_DEPTH} levels of arrays "
+                            "and objects)") from None
+    try:
+        jobspec.check_json_shape(body)
+    except jobspec.ValidationError as exc:
+        raise ApiError(400, str(exc)) from None
+    return body
+
+
+def idempotency(kind: str, params: dict[str, Any]) -> tuple[str, str]:
+    """The Redis key of the request's Idempotency-Key (scoped to the client) and the hash of what it
+    asks for: the kind of request (a job type, or "pipeline") and its validated parameters (so a field sent
+    as null, left out, or sent with its default value is the same request); ("", "") without the header."""
+    header = request.headers.get(IDEMPOTENCY_HEADER)
+    if header is None:
+        return "", ""
+    if not IDEMPOTENCY_KEY_PATTERN.match(header):
+        raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
+                            "characters (such as a UUID)")
+    asked = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    params_hash = hashlib.sha256((kind + "\n" + asked).encode()).hexdigest()
+    scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
+    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), params_hash
+
+
+def rate_counter() -> tuple[str, int]:
+    """The Redis counter of this client's submissions in the current minute, and the limit ("", 0: off).
+    The submit scripts count there, after they have looked at the Idempotency-Key: replays are free."""
+    limit = settings().rate_limit_per_minute
+    if limit <= 0:
+        return "", 0
+    return config.RATE_KEY.format(client=client_identity(), window=int(time.time() // 60)), limit
+
+
+def rate_limited() -> ApiError:
+    """The 429 answer, with the seconds until the next minute's window."""
+    now = time.time()
+    retry_after = max(1, math.ceil((int(now // 60) + 1) * 60 - now))
+    return ApiError(429, f"rate limit of {settings().rate_limit_per_minute} jobs per minute exceeded; retry in "
+                         f"{retry_after} s", {"Retry-After": str(retry_after)})
+
+
 # --- jobs as the API shows them ----------------------------------------------------------------
 
 def iso(timestamp: str | None) -> str | None:
@@ -138,6 +205,11 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
     }
     if record["status"] in ("failed", "cancelled"):
         answer["error"] = record.get("error") or record["status"]
+    if record.get("pipeline"):  # a pipeline's step: which, and (while waiting) the steps it takes inputs from
+        answer["pipeline"] = record["pipeline"]
+        answer["step"] = record.get("step", "")
+        if record["status"] == "waiting":
+            answer["waiting_for"] = sorted(set(json.loads(record.get("inputs_from") or "{}").values()))
     if record["status"] == "queued":
         position = record.get("queue_position")  # read with the record, or not yet
         answer["queue_position"] = (jobstore.queue_position(store(), record) if position is None
@@ -153,11 +225,23 @@ def status_answer(record: dict[str, str]) -> dict[str, Any]:
     if record.get("node_seconds"):
         answer.update(job_cost(settings(), record))
     if record.get("webhook_status", "none") != "none":
-        answer["webhook"] = {
-            "status": record["webhook_status"],
-            "attempts": int(record.get("webhook_attempts") or 0),
-            "last_error": record.get("webhook_error") or None,
-            "history": [{**event, "at": iso(str(event.get("at") or 0))}
-                        for event in webhook_state.webhook_history(record)],
-        }
+        answer["webhook"] = webhook_answer(record)
     return answer
+
+
+def webhook_answer(record: dict[str, str]) -> dict[str, Any]:
+    """The final webhook's delivery state of a job (or pipeline) record, as /status shows it."""
+    return {
+        "status": record["webhook_status"],
+        "attempts": int(record.get("webhook_attempts") or 0),
+        "last_error": record.get("webhook_error") or None,
+        "history": [{**event, "at": iso(str(event.get("at") or 0))}
+                    for event in webhook_state.webhook_history(record)],
+    }
+
+
+def result_of(record: dict[str, str]) -> dict[str, str]:
+    """A succeeded job's result: {"result_url"} (csm, portrait) or {"text"} (whisper, analyze)."""
+    if record["type"] in jobspec.MEDIA_JOB_TYPES:
+        return {"result_url": record.get("result_url", "")}
+    return {"text": record.get("text", "")}

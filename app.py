@@ -4,7 +4,7 @@ Takes jobs (POST /csm, /portrait, /api/v1/jobs/whisper (alias /whisper), /analyz
 against jobspec.py and queues them through jobstore.py; answers /status and /result, cancels, serves
 local result files on signed URLs, and describes itself at /openapi.json (openapi.py). Routes are plain
 module-level functions on one blueprint; `create_app()` only wires settings, Redis, error handlers and
-the other blueprints (events.py, metrics.py, dashboard.py). What the blueprints share (errors, the job
+the other blueprints (pipelines.py, events.py, metrics.py, dashboard.py). What the blueprints share (errors, the job
 status object, the request's settings and Redis client) is in api_common.py.
 Run it with `gunicorn 'app:create_app()'` in production or `flask --app app run` for development.
 """
@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
-import math
-import time
 from typing import Any
 
 import click
@@ -33,11 +30,26 @@ import jobstats
 import jobstore
 import localfiles
 import metrics
+import pipelines
 import redis_conn
 import storage
 import webhook_state
-from api_common import ApiError, attach, error_response, iso, record_or_error, settings, status_answer, store
-from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
+from api_common import (
+    ApiError,
+    attach,
+    error_response,
+    idempotency,
+    iso,
+    json_body,
+    rate_counter,
+    rate_limited,
+    record_or_error,
+    result_of,
+    settings,
+    status_answer,
+    store,
+)
+from jobspec import IDEMPOTENCY_HEADER
 from openapi import openapi_document
 
 log = logging.getLogger("c3-render.api")
@@ -73,6 +85,7 @@ def create_app(app_settings: config.Settings | None = None) -> Flask:
     app.register_blueprint(events.events_routes)
     app.register_blueprint(metrics.metrics_routes)
     app.register_blueprint(dashboard.dashboard_routes)
+    app.register_blueprint(pipelines.pipeline_routes)
     return app
 
 
@@ -118,10 +131,6 @@ def on_unexpected(exc: Exception) -> Response:
 
 # --- API keys and rate limits ------------------------------------------------------------------
 
-def client_identity() -> str:
-    return g.get("client_id") or f"addr:{request.remote_addr or 'unknown'}"
-
-
 def is_open_route(path: str) -> bool:
     """Routes answered without an API key: the service routes, signed file links, the dashboard's page
     and scripts (they hold no data: the page asks for a key and sends it with every call), and the
@@ -161,60 +170,6 @@ def check_api_key() -> None:
                             "Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
     g.client_id = "key:" + key_id(given)
     api_common.set_caller(key_id(given), admin)
-
-
-def rate_counter() -> tuple[str, int]:
-    """The Redis counter of this client's submissions in the current minute, and the limit ("", 0: off).
-    The submit script counts there, after it has looked at the Idempotency-Key: replays are free."""
-    limit = settings().rate_limit_per_minute
-    if limit <= 0:
-        return "", 0
-    return config.RATE_KEY.format(client=client_identity(), window=int(time.time() // 60)), limit
-
-
-def rate_limited() -> ApiError:
-    now = time.time()
-    retry_after = max(1, math.ceil((int(now // 60) + 1) * 60 - now))
-    return ApiError(429, f"rate limit of {settings().rate_limit_per_minute} jobs per minute exceeded; retry in "
-                         f"{retry_after} s", {"Retry-After": str(retry_after)})
-
-
-# --- reading requests --------------------------------------------------------------------------
-
-def json_body() -> Any:
-    if not request.is_json:
-        raise ApiError(415, "send the job as JSON with Content-Type: application/json")
-    raw = request.get_data(cache=True)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "malformed JSON in request body") from None
-    except RecursionError:
-        raise ApiError(400, f"JSON nested too deeply (more than {jobspec.MAX_JSON_DEPTH} levels of arrays "
-                            "and objects)") from None
-    try:
-        jobspec.check_json_shape(body)
-    except jobspec.ValidationError as exc:
-        raise ApiError(400, str(exc)) from None
-    return body
-
-
-# --- job submission ----------------------------------------------------------------------------
-
-def idempotency(job_type: str, params: dict[str, Any]) -> tuple[str, str]:
-    """The Redis key of the request's Idempotency-Key (scoped to the client) and the hash of what it
-    asks for: its validated parameters (so a field sent as null, left out, or sent with its default value
-    is the same request); ("", "") without the header."""
-    header = request.headers.get(IDEMPOTENCY_HEADER)
-    if header is None:
-        return "", ""
-    if not IDEMPOTENCY_KEY_PATTERN.match(header):
-        raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
-                            "characters (such as a UUID)")
-    asked = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    params_hash = hashlib.sha256((job_type + "\n" + asked).encode()).hexdigest()
-    scope = hashlib.sha256(client_identity().encode()).hexdigest()[:16]
-    return config.IDEMPOTENCY_KEY.format(client=scope, key=hashlib.sha256(header.encode()).hexdigest()), params_hash
 
 
 def submit(job_type: str) -> Response:
@@ -283,8 +238,7 @@ def job_detail(job_id: str) -> Response:
     answer["history"] = [{"status": item["status"], "at": iso(str(item["at"]))}
                          for item in jobstore.job_history(store(), job_id)]
     if record["status"] == "success":
-        key = "result_url" if record["type"] in jobspec.MEDIA_JOB_TYPES else "text"
-        answer["result"] = {key: record.get(key, "")}
+        answer["result"] = result_of(record)
     return jsonify(answer)
 
 
@@ -333,10 +287,7 @@ def result(job_id: str) -> Response:
         raise ApiError(409, f"job is {state}; the result is not ready")
     answer: dict[str, Any] = {"id": record["id"], "status": state}
     if state == "success":
-        if record["type"] in jobspec.MEDIA_JOB_TYPES:
-            answer["result_url"] = record.get("result_url", "")
-        else:
-            answer["text"] = record.get("text", "")
+        answer.update(result_of(record))
     else:
         answer["error"] = record.get("error") or state
     return jsonify(answer)

@@ -2,6 +2,8 @@
 
     c3-render --api URL [--key KEY] submit csm --text "Hello." [--voice V] [--wait] [--out hello.mp3]
     c3-render submit whisper|portrait|analyze ...   status ID   result ID   cancel ID   jobs   watch ID
+    c3-render submit talk --text "Hello." --image-url URL [--voice V] --wait --out talk.mp4   (a pipeline:
+    text -> speech -> talking portrait)   c3-render pipeline FILE.json [--wait]
 
 --api and --key default to $C3_RENDER_API and $C3_RENDER_API_KEY. With --wait (and in `watch`) a
 terminal shows a live line (status, phase, progress, queue position, elapsed); without a terminal, one
@@ -186,6 +188,100 @@ def submit_portrait(ctx: Context, image_url: str, audio_url: str, **common: Any)
 def submit_analyze(ctx: Context, image_url: str, prompt: str | None, **common: Any) -> None:
     """Image analysis (result: text)."""
     run_submit(ctx.api, "analyze", {"image_url": image_url, "prompt": prompt}, common)
+
+
+@submit.command("talk")
+@click.option("--text", required=True, help="What the portrait says (spoken by CSM first).")
+@click.option("--image-url", required=True, help="Portrait image (JPEG, PNG or WebP).")
+@click.option("--voice", help="random, conversational_a or conversational_b.")
+@submit_options
+@pass_api
+def submit_talk(ctx: Context, text: str, image_url: str, voice: str | None, **common: Any) -> None:
+    """Text to a talking portrait in one request: a pipeline of a CSM step and a portrait step that speaks
+    its audio (result: an MP4). --notify-url is the pipeline's webhook; --max-time and --complete-in hold
+    for each step."""
+    limits = {"max_time": common["max_time"], "complete_in": common["complete_in"]}
+    steps = {"speech": {"type": "csm", "text": text, "voice": voice, **limits},
+             "video": {"type": "portrait", "image_url": image_url, "audio_url": "{{speech.result_url}}", **limits}}
+    run_pipeline(ctx.api, steps, common["notify_url"], common)
+
+
+def run_pipeline(api: c3.Api, steps: dict[str, Any], notify_url: str | None, common: dict[str, Any]) -> None:
+    """Submit a pipeline; print its id, or with --wait follow it and print each step's result (--out saves
+    the last step's result)."""
+    answer = c3.submit_pipeline(api, steps, notify_url=notify_url, idempotency_key=common.get("idempotency_key"))
+    pipeline_id = answer["id"]
+    if not common.get("wait_"):
+        click.echo(pipeline_id)
+        return
+    err.print(f"queued pipeline {pipeline_id} ({', '.join(answer['steps'])})", highlight=False)
+    final = follow_pipeline(api, pipeline_id, common.get("timeout"))
+    names = list(final["steps"])
+    for name in names:
+        step = final["steps"][name] or {}
+        click.echo(f"{name}: {step.get('result_url') or step.get('text', '')}")
+    if common.get("out_file"):
+        print_result_file(api, final["steps"][names[-1]]["id"], common["out_file"])
+
+
+def follow_pipeline(api: c3.Api, pipeline_id: str, timeout: float | None) -> dict[str, Any]:
+    """Show the pipeline's steps live until it ends; its final object (exits non-zero on failure)."""
+    started = time.monotonic()
+
+    def line(pipeline: dict[str, Any]) -> str:
+        steps = ", ".join(f"{name} {describe(step, started).rsplit(' · ', 1)[0]}" for name, step in
+                          pipeline["steps"].items() if step)
+        return f"pipeline {pipeline_id}: {pipeline['status']} · {steps} · {time.monotonic() - started:.0f}s elapsed"
+
+    try:
+        if out.is_terminal:
+            with out.status(f"pipeline {pipeline_id}: waiting", spinner="dots") as display:
+                final = c3.wait_pipeline(api, pipeline_id, timeout, on_update=lambda p: display.update(line(p)))
+        else:
+            final = c3.wait_pipeline(api, pipeline_id, timeout, on_update=lambda p: click.echo(line(p)))
+    except c3.PipelineFailed as exc:
+        err.print(f"[red]pipeline {pipeline_id} {exc.job['status']}:[/red] {exc.job.get('error') or ''}",
+                  highlight=False)
+        for name, step in exc.job["steps"].items():
+            if step and step.get("error"):
+                err.print(f"  {name}: {step['status']}: {step['error']}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    except c3.WaitTimeout as exc:
+        err.print(f"[yellow]{exc}[/yellow]", highlight=False)
+        sys.exit(EXIT_TIMEOUT)
+    return final
+
+
+def print_result_file(api: c3.Api, job_id: str, out_file: str) -> None:
+    """Save a succeeded step's result: the file, or its text."""
+    answer = c3.result(api, job_id)
+    if answer.get("result_url"):
+        c3.download(api, job_id, out_file)
+    else:
+        with open(out_file, "w", encoding="utf-8") as handle:
+            handle.write(answer.get("text", ""))
+    err.print(f"saved {out_file}", highlight=False)
+
+
+@cli.command()
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--idempotency-key", help="Same key and body within 24 h: the same pipeline, queued once.")
+@click.option("--wait", "wait_", is_flag=True, help="Follow the pipeline to its end and print each step's result.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="With --wait: save the last step's result (file, or text) here.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 3).")
+@pass_api
+def pipeline(ctx: Context, file: Any, **common: Any) -> None:
+    """Submit a pipeline from FILE.json (the POST /pipelines body: {"steps": {...}, "notify_url": ...}; - is
+    stdin): jobs whose inputs are earlier steps' outputs ("{{speech.result_url}}")."""
+    try:
+        body = json.load(file)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="FILE") from None
+    if not isinstance(body, dict) or not isinstance(body.get("steps"), dict) or set(body) - {"steps", "notify_url"}:
+        raise click.BadParameter('expected {"steps": {name: job body with its "type"}, "notify_url": ...}',
+                                 param_hint="FILE")
+    run_pipeline(ctx.api, body["steps"], body.get("notify_url"), common)
 
 
 @cli.command()

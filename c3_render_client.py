@@ -6,10 +6,18 @@
     final = c3.wait(api, job_id, timeout=600)                   # raises JobFailed with the job's error
     c3.download(api, job_id, "hello.mp3")
 
+    pipeline = c3.submit_pipeline(api, {                          # one request, jobs chained by output
+        "speech": {"type": "csm", "text": "Hello there."},
+        "video": {"type": "portrait", "image_url": "https://example.com/face.jpg",
+                  "audio_url": "{{speech.result_url}}"}})
+    final = c3.wait_pipeline(api, pipeline["id"])                  # raises PipelineFailed
+    c3.download(api, final["steps"]["video"]["id"], "talk.mp4")
+
 Every function takes the `Api` from connect(). Errors of the service come back as ApiError with its
-status and message; a job that ends failed or cancelled raises JobFailed from wait(). watch() follows a
-job over Server-Sent Events (GET /events/<id>), reconnecting with Last-Event-ID, and falls back to
-polling /status if the stream cannot be opened.
+status and message; a job that ends failed or cancelled raises JobFailed from wait() (a pipeline:
+PipelineFailed from wait_pipeline()). watch() follows a job over Server-Sent Events (GET /events/<id>),
+reconnecting with Last-Event-ID, and falls back to polling /status if the stream cannot be opened;
+watch_pipeline() does the same for a pipeline (polling /pipelines/<id>).
 """
 
 from __future__ import annotations
@@ -46,6 +54,15 @@ class JobFailed(Exception):
     def __init__(self, job: dict[str, Any]):
         super().__init__(f"job {job['id']} {job['status']}: {job.get('error') or job['status']}")
         self.job = job
+
+
+class PipelineFailed(JobFailed):
+    """The pipeline ended failed or cancelled; `job` is its final object (its steps with their errors)."""
+
+    def __init__(self, pipeline: dict[str, Any]):
+        Exception.__init__(self, f"pipeline {pipeline['id']} {pipeline['status']}: "
+                                 f"{pipeline.get('error') or pipeline['status']}")
+        self.job = pipeline
 
 
 class WaitTimeout(Exception):
@@ -128,6 +145,29 @@ def submit_analyze(api: Api, image_url: str, *, prompt: str | None = None, **opt
     return submit(api, "analyze", {"image_url": image_url, "prompt": prompt, **options})
 
 
+def submit_pipeline(api: Api, steps: dict[str, dict[str, Any]], *, notify_url: str | None = None,
+                    idempotency_key: str | None = None) -> dict[str, Any]:
+    """Queue jobs chained by their outputs: steps is {name: job body with its "type"}, where a string that is
+    exactly "{{<step>.<output>}}" takes an earlier step's result_url (csm, portrait) or text (whisper,
+    analyze). The answer: {"id": pipeline id, "status", "steps": {name: job id}}."""
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    body: dict[str, Any] = {"steps": {name: {k: v for k, v in step.items() if v is not None}
+                                      for name, step in steps.items()}}
+    if notify_url:
+        body["notify_url"] = notify_url
+    return call(api, "POST", "/pipelines", body, headers=headers)
+
+
+def pipeline_status(api: Api, pipeline_id: str) -> dict[str, Any]:
+    """{"id", "status", "created_at", "started_at", "finished_at", "steps": {name: status object}, ...}."""
+    return call(api, "GET", f"/pipelines/{pipeline_id}")
+
+
+def cancel_pipeline(api: Api, pipeline_id: str) -> dict[str, Any]:
+    """Cancel every unfinished step of a pipeline."""
+    return call(api, "POST", f"/pipelines/{pipeline_id}/cancel")
+
+
 # --- following ------------------------------------------------------------------------------------
 
 def status(api: Api, job_id: str) -> dict[str, Any]:
@@ -168,6 +208,20 @@ def watch(api: Api, job_id: str, *, timeout: float | None = None,
 
     Raises WaitTimeout when timeout seconds pass first.
     """
+    return follow_events(api, job_id, lambda: status(api, job_id), timeout, poll_s)
+
+
+def watch_pipeline(api: Api, pipeline_id: str, *, timeout: float | None = None,
+                   poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+    """The pipeline's object (GET /pipelines/<id>) at every change of it or its steps, ending with its final
+    one (over /events, else polling). Raises WaitTimeout when timeout seconds pass first."""
+    return follow_events(api, pipeline_id, lambda: pipeline_status(api, pipeline_id), timeout, poll_s)
+
+
+def follow_events(api: Api, ident: str, read: Callable[[], dict[str, Any]], timeout: float | None,
+                  poll_s: float) -> Iterator[dict[str, Any]]:
+    """What /events/<ident> sends, until the end; read() (its status route) says what went wrong when the
+    stream is refused, and is polled when no event stream can be had."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last_id = ""
     last_job: dict[str, Any] | None = None
@@ -178,7 +232,7 @@ def watch(api: Api, job_id: str, *, timeout: float | None = None,
             return 60.0
         left = deadline - time.monotonic()
         if left <= 0:
-            raise WaitTimeout(job_id, timeout or 0, last_job)
+            raise WaitTimeout(ident, timeout or 0, last_job)
         return min(60.0, left)
 
     while True:
@@ -186,12 +240,12 @@ def watch(api: Api, job_id: str, *, timeout: float | None = None,
         if last_id:
             headers["Last-Event-ID"] = last_id
         try:
-            with api.session.get(f"{api.url}/events/{job_id}", headers=headers, stream=True,
+            with api.session.get(f"{api.url}/events/{ident}", headers=headers, stream=True,
                                  timeout=(api.timeout_s, remaining())) as response:
                 if response.status_code == 204:  # we already had the final event
                     return
                 if response.status_code in (400, 401, 403, 404):
-                    call(api, "GET", f"/status/{job_id}")  # raises ApiError with the service's message
+                    read()  # raises ApiError with the service's message
                 if response.status_code >= 400 or \
                         not response.headers.get("Content-Type", "").startswith("text/event-stream"):
                     raise ApiError(response.status_code, "no event stream")
@@ -210,8 +264,8 @@ def watch(api: Api, job_id: str, *, timeout: float | None = None,
                 raise
             remaining()
             failures += 1
-            if failures >= 3:  # no event stream here (a proxy, an older server): poll /status instead
-                for job in poll(api, job_id, poll_s):
+            if failures >= 3:  # no event stream here (a proxy, an older server): poll instead
+                for job in poll(read, poll_s):
                     remaining()
                     yield job
                 return
@@ -240,11 +294,11 @@ def parse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
                 event[name] = value
 
 
-def poll(api: Api, job_id: str, interval_s: float = 1.0) -> Iterator[dict[str, Any]]:
-    """The job's status object whenever it differs from the last one, until it is finished."""
+def poll(read: Callable[[], dict[str, Any]], interval_s: float = 1.0) -> Iterator[dict[str, Any]]:
+    """What read() gives (a job's or a pipeline's status) whenever it differs from the last, until finished."""
     last = None
     while True:
-        job = status(api, job_id)
+        job = read()
         if job != last:
             yield job
             last = job
@@ -253,19 +307,38 @@ def poll(api: Api, job_id: str, interval_s: float = 1.0) -> Iterator[dict[str, A
         time.sleep(interval_s)
 
 
+def final_of(updates: Iterator[dict[str, Any]], on_update: Callable[[dict[str, Any]], None] | None,
+             ask: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The last object a watch yields, each shown to on_update; asked once more (ask()) when the stream
+    ended without a finished one (a 204: the final event was already seen)."""
+    last: dict[str, Any] | None = None
+    for last in updates:
+        if on_update:
+            on_update(last)
+    if last is None or last["status"] not in FINISHED_STATUSES:
+        last = ask()
+    return last
+
+
 def wait(api: Api, job_id: str, timeout: float | None = None,
          on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Block until the job finishes; its final status object. Raises JobFailed (failed or cancelled)
     or WaitTimeout after timeout seconds; on_update sees every status object on the way."""
-    job: dict[str, Any] | None = None
-    for job in watch(api, job_id, timeout=timeout):
-        if on_update:
-            on_update(job)
-    if job is None or job["status"] not in FINISHED_STATUSES:
-        job = status(api, job_id)  # the stream ended with a 204: ask once more
+    job = final_of(watch(api, job_id, timeout=timeout), on_update, lambda: status(api, job_id))
     if job["status"] != "success":
         raise JobFailed(job)
     return job
+
+
+def wait_pipeline(api: Api, pipeline_id: str, timeout: float | None = None,
+                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Block until the pipeline finishes; its final object (each step with its result_url or text). Raises
+    PipelineFailed (failed or cancelled) or WaitTimeout after timeout seconds; on_update sees every change."""
+    pipeline = final_of(watch_pipeline(api, pipeline_id, timeout=timeout), on_update,
+                        lambda: pipeline_status(api, pipeline_id))
+    if pipeline["status"] != "success":
+        raise PipelineFailed(pipeline)
+    return pipeline
 
 
 def download(api: Api, job_id: str, dest: str | Path) -> Path:

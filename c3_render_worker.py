@@ -38,6 +38,7 @@ import comfyui
 import comput3
 import config
 import csm
+import jobspec
 import jobstore
 import media_check
 import netfetch
@@ -178,12 +179,20 @@ def claim(state: WorkerState, entry: str) -> ClaimedJob | None:
 
 
 def refused_before_start(job: ClaimedJob) -> Outcome | None:
-    """A job cancelled while it was taken, or whose complete_by passed while it was queued, ends at once."""
+    """A job cancelled while it was taken, or whose complete_by passed while it was queued, ends at once; so
+    does a pipeline step whose inputs from earlier steps break its field limits (an empty transcript, say)."""
     if job.record.get("cancel_requested") == "1":
         return Outcome("cancelled", {"error": CANCEL_REASON})
     if job.started > job.complete_by:
         return Outcome("failed", {"error": "expired before it started: its complete_by time passed while it "
                                            "was queued"})
+    if job.record.get("inputs_from", "{}") != "{}":
+        try:
+            jobspec.validate_stored(job.type, job.params)
+        except jobspec.ValidationError as exc:
+            steps = sorted(set(json.loads(job.record["inputs_from"]).values()))
+            named = ", ".join(f'"{step}"' for step in steps)
+            return Outcome("failed", {"error": f"the output of step {named} cannot be this step's input: {exc}"})
     return None
 
 
@@ -204,9 +213,12 @@ def execute(state: WorkerState, job: ClaimedJob) -> Outcome:
                                     work_dir=job.work_dir, settings=settings, should_stop=should_stop,
                                     progress=job_progress(state, job), phase=phase)
         output = pool.run_on_node(state, job.id, job.type, ENGINES[job.type], context, should_stop, phase,
-                                  min_life_s=job.params["max_time"] + NODE_LIFE_MARGIN_S)
+                                  min_life_s=job.params["max_time"] + NODE_LIFE_MARGIN_S,
+                                  prefer=job.record.get("prefer_node", ""))
         phase("storing")
         fields = storage.store_result(settings, state.r, job.type, job.id, output, job.work_dir, should_stop)
+        if state.lease is not None:  # the pipeline steps that take this job's outputs prefer its node
+            fields["node_id"] = state.lease.node_id
         log.info("job %s succeeded in %.1f s", job.id, time.monotonic() - job.started_mono)
         return Outcome("success", fields)
     except redis.RedisError:

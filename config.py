@@ -63,6 +63,10 @@ JOBS_BY_TYPE_KEY = "jobs:index:type:{type}"  # the jobs of one type
 JOBS_BY_STATUS_KEY = "jobs:index:status:{status}"  # the jobs in one status (moved on every transition)
 JOBS_BY_OWNER_KEY = "jobs:index:owner:{owner}"  # the jobs one API key submitted (owner: the key's id)
 JOB_HISTORY_KEY = "job:{id}:history"  # list: JSON {"status", "at"} per status change, expires with the record
+# Pipelines (pipelines.py): jobs whose inputs are earlier jobs' outputs; records expire with their jobs
+PIPELINE_KEY = "pipeline:{id}"  # hash: one pipeline (status, its steps' job ids and graph, owner, webhook)
+PIPELINES_INDEX_KEY = "pipelines:index"  # sorted set: every pipeline id, scored by created_at
+PIPELINES_BY_OWNER_KEY = "pipelines:index:owner:{owner}"  # sorted set: the pipelines one API key submitted
 FINISHED_RECENT_KEY = "stats:finished_recent"  # sorted set: jobs finished in the last day, scored by finish time
 # /metrics: counters kept in Redis so that every API process answers the same numbers
 JOBS_TOTAL_KEY = "stats:jobs_total"  # hash: "<type>|<status>" -> jobs submitted ("queued") or finished so
@@ -75,6 +79,7 @@ QUEUE_EVENTS_CHANNEL = "events:queue"  # a job left or re-entered the queue: que
 # Replication (redis_conn.py)
 REPLICATION_PROBE_KEY = "replication:probe"  # string: written just before each WAIT, so WAIT covers all before it
 PRIMARY_SINCE_KEY = "replication:primary_since:{replid}"  # string: when a promoted primary was first seen
+PIPELINE_EVENTS_CHANNEL = "events:pipeline:{id}"  # a pipeline or one of its steps changed (its change number)
 
 
 def node_url_problem(name: str, template: str) -> str | None:

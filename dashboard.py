@@ -1,9 +1,10 @@
 """GET /dashboard (the operator's page) and GET /docs (Swagger UI of /openapi.json), served locally.
 
 The dashboard is plain HTML + one small script in dashboard_assets/ (no build step, no CDN): it polls
-the JSON routes (/overview, /jobs, /jobs/<id>) with the API key the operator typed in, and cancels through
-/cancel/<id>. The page and its script hold no data, so they open without a key; the data needs one.
-Swagger UI's files come from the swagger-ui-py package (Swagger UI 5, which reads OpenAPI 3.1).
+the JSON routes (/overview, /jobs, /jobs/<id>, /pipelines) with the API key the operator typed in, and
+cancels through /cancel/<id> and /pipelines/<id>/cancel. The page and its script hold no data, so they
+open without a key; the data needs one. Swagger UI's files come from the swagger-ui-py package (Swagger
+UI 5, which reads OpenAPI 3.1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""GET /events/<id>: a job's status as Server-Sent Events, woken by Redis pub/sub.
+"""GET /events/<id>: a job's (or a pipeline's) status as Server-Sent Events, woken by Redis pub/sub.
 
 jobstore.py's scripts PUBLISH on `events:job:<id>` whenever a job record changes (status, progress,
-webhook, phase through notify_changed) and on `events:queue` when a job leaves or re-enters the queue.
+webhook, phase through notify_changed), on `events:pipeline:<id>` when a pipeline or one of its steps
+changes (pipelines.py), and on `events:queue` when a job leaves or re-enters the queue.
 Each API process holds ONE pub/sub connection (a `Hub` thread) and wakes the streams it serves; a woken
 stream reads the record once and sends the status object if it differs from what it sent last. So Redis
 work grows with changes, not with clients times seconds, and it works across API replicas.
@@ -20,7 +21,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -30,6 +31,7 @@ import api_common
 import config
 import jobspec
 import jobstore
+import pipelines
 
 log = logging.getLogger("c3-render.events")
 
@@ -46,6 +48,7 @@ class Hub:
         self.by_job: dict[str, set[queue.Queue]] = {}
         self.thread: threading.Thread | None = None
         self.job_prefix = config.JOB_EVENTS_CHANNEL.format(id="")
+        self.pipeline_prefix = config.PIPELINE_EVENTS_CHANNEL.format(id="")
 
     def open_streams(self) -> int:
         with self.lock:
@@ -82,7 +85,7 @@ class Hub:
         while True:
             pubsub = self.r.pubsub()
             try:
-                pubsub.psubscribe(self.job_prefix + "*")
+                pubsub.psubscribe(self.job_prefix + "*", self.pipeline_prefix + "*")
                 pubsub.subscribe(config.QUEUE_EVENTS_CHANNEL)
                 while True:
                     message = pubsub.get_message(timeout=1.0)
@@ -97,6 +100,8 @@ class Hub:
                         self.wake(None)
                     elif channel.startswith(self.job_prefix):
                         self.wake(channel[len(self.job_prefix):])
+                    elif channel.startswith(self.pipeline_prefix):  # (ids of jobs and pipelines never meet)
+                        self.wake(channel[len(self.pipeline_prefix):])
             except (redis.RedisError, OSError) as exc:
                 log.warning("event subscription lost (%s); reconnecting", type(exc).__name__)
                 time.sleep(1.0)
@@ -151,12 +156,33 @@ def sse(event: str, ident: str, data: dict[str, Any]) -> str:
     return f"event: {event}\nid: {ident}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+Snapshot = Callable[[redis.Redis, str], "tuple[dict[str, Any], str, bool] | None"]
+
+
+def job_snapshot(r: redis.Redis, job_id: str) -> tuple[dict[str, Any], str, bool] | None:
+    """A job's status object, its event id and whether it is finished; None once its record expired."""
+    current = jobstore.get_job_with_position(r, job_id)
+    if current is None:
+        return None
+    answer = api_common.status_answer(current)
+    return answer, event_id(current, answer), current["status"] in jobspec.FINISHED_STATUSES
+
+
 @events_routes.get("/events/<job_id>")
 def events(job_id: str) -> Response:
-    record = api_common.record_or_error(job_id)
+    """A job's stream, or a pipeline's (its GET /pipelines/<id> object on every change of it or its steps)."""
+    r = api_common.store()
+    snapshot: Snapshot = job_snapshot
+    what = "job"
+    record = jobstore.get_job(r, job_id) if jobstore.is_job_id(job_id) else None
+    pipeline = pipelines.get_pipeline(r, job_id) if record is None and jobstore.is_job_id(job_id) else None
+    if pipeline is not None and api_common.may_see(pipeline):
+        snapshot, what = pipelines.snapshot, "pipeline"
+    elif record is None or not api_common.may_see(record):
+        api_common.record_or_error(job_id)  # the 400, or the 404 of an unknown id (another key's job too)
     last_sent = request.headers.get("Last-Event-ID", "")
-    if record["status"] in jobspec.FINISHED_STATUSES and \
-            last_sent == event_id(record, api_common.status_answer(record)):
+    now = snapshot(r, job_id) if last_sent else None
+    if now is not None and now[2] and last_sent == now[1]:
         return Response(status=204)  # the client has the final event: EventSource stops reconnecting
     settings = api_common.settings()
     hub = current_hub()
@@ -167,7 +193,8 @@ def events(job_id: str) -> Response:
                                        f"{settings.sse_max_streams}); retry shortly or poll /status",
                                   {"Retry-After": "5"})
     wake = hub.register(job_id)  # before the first read, so no change can slip between the two
-    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s, settings.redis_failover_wait_s)
+    stream = status_stream(job_id, last_sent, hub, wake, settings.sse_keepalive_s, snapshot, what,
+                           settings.redis_failover_wait_s)
     response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
@@ -175,18 +202,18 @@ def events(job_id: str) -> Response:
 
 
 def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keepalive_s: float,
-                  patience_s: float = 0.0) -> Iterator[str]:
-    """The event stream of one job: its status object whenever it changes, until it finishes, the
-    record expires, Redis is lost for longer than patience_s (a failover: REDIS_FAILOVER_WAIT_S) or the
-    process stops; a comment every keepalive_s while nothing happens. Leaves the hub when it ends,
-    however it ends."""
+                  snapshot: Snapshot = job_snapshot, what: str = "job", patience_s: float = 0.0) -> Iterator[str]:
+    """The event stream of one job (or pipeline: `snapshot` reads it, `what` names it): its status object
+    whenever it changes, until it finishes, the record expires, Redis is lost for longer than patience_s
+    (a failover: REDIS_FAILOVER_WAIT_S) or the process stops; a comment every keepalive_s while nothing
+    happens. Leaves the hub when it ends, however it ends."""
     sent = last_sent
     lost_since: float | None = None
     try:
-        yield f"retry: 3000\n: following job {job_id}\n\n"
+        yield f"retry: 3000\n: following {what} {job_id}\n\n"
         while True:
             try:
-                current = jobstore.get_job_with_position(api_common.store(), job_id)
+                current = snapshot(api_common.store(), job_id)
                 lost_since = None
             except redis.RedisError:
                 lost_since = time.monotonic() if lost_since is None else lost_since
@@ -196,11 +223,9 @@ def status_stream(job_id: str, last_sent: str, hub: Hub, wake: queue.Queue, keep
                 time.sleep(0.5)  # Sentinel may be promoting a replica: read again shortly
                 continue
             if current is None:
-                yield sse("end", sent or "0", {"id": job_id, "error": "the job record has expired"})
+                yield sse("end", sent or "0", {"id": job_id, "error": f"the {what} record has expired"})
                 return
-            answer = api_common.status_answer(current)
-            ident = event_id(current, answer)
-            finished = current["status"] in jobspec.FINISHED_STATUSES
+            answer, ident, finished = current
             if ident != sent or finished:
                 yield sse("end" if finished else "status", ident, answer)
                 sent = ident

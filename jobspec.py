@@ -53,8 +53,21 @@ INPUT_URLS = {"whisper": (("audio", "audio_url", "audio"),),
               "portrait": (("image", "image_url", "image"), ("audio", "audio_url", "audio")),
               "analyze": (("image", "image_url", "image"),)}
 CLONE_INPUT = ("reference_audio", "reference_audio_url", "audio")  # csm with voice "clone"
-STATUSES = ("queued", "running", "success", "failed", "cancelled")
+# waiting: a pipeline step whose inputs (earlier steps' outputs) are not all there yet; it is in no queue.
+# Every queued job has an entry in the queue (the queue-position scheme of jobstore.py relies on it).
+STATUSES = ("waiting", "queued", "running", "success", "failed", "cancelled")
 FINISHED_STATUSES = ("success", "failed", "cancelled")
+# Pipelines (POST /pipelines): steps are job bodies; a string that is exactly {{<step>.<output>}} takes an
+# earlier step's output. What each type gives: a media file (result_url, of this kind) or text.
+MAX_PIPELINE_STEPS = 10
+STEP_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+REFERENCE_PATTERN = r"^\{\{([A-Za-z0-9_-]{1,40})\.([A-Za-z0-9_]{1,40})\}\}$"
+REFERENCE_INSIDE = re.compile(r"\{\{[^{}]*\.[^{}]*\}\}")  # the shape of a reference, anywhere in a string
+OUTPUTS = {"csm": {"result_url": "audio"}, "portrait": {"result_url": "video"}, "whisper": {"text": "text"},
+           "analyze": {"text": "text"}}
+# An earlier step's stored result as a later step's input (never its public URL): the worker reads the file in
+# OUTPUT_DIR or the bucket directly. Only the service writes it: a client's URL field must be http(s).
+STORED_RESULT_PREFIX = "c3-render-result:"
 JOBS_PAGE_DEFAULT = 50  # GET /jobs: jobs per page unless limit says otherwise
 JOBS_PAGE_MAX = 200
 # What a running job is doing now (shown in /status with the time it entered the phase), in the order a
@@ -429,3 +442,30 @@ def csm_rules_schema() -> dict[str, Any]:
                                 "reference_text": {"type": "string", "minLength": 1}}},
         "else": {"properties": {name: absent for name in clone_fields}},
     }
+
+
+def stored_result_name(value: Any) -> str | None:
+    """The stored result's name (e.g. <job id>.mp3) a pipeline put into an input URL field, else None."""
+    if isinstance(value, str) and value.startswith(STORED_RESULT_PREFIX):
+        return value[len(STORED_RESULT_PREFIX):]
+    return None
+
+
+def input_kind(job_type: str, name: str) -> str | None:
+    """What an input URL field of a job type takes ("audio" or "image"), or None when it is not one."""
+    inputs = INPUT_URLS.get(job_type, ()) + ((CLONE_INPUT,) if job_type == "csm" else ())
+    return next((kind for _role, field, kind in inputs if field == name), None)
+
+
+def is_text_field(job_type: str, name: str) -> bool:
+    """Whether a field of a job type holds free text (what a whisper or analyze output can fill)."""
+    return any(f.name == name and f.kind in ("string", "monologue") for f in fields_for(job_type))
+
+
+def validate_stored(job_type: str, params: dict[str, Any]) -> None:
+    """Check a stored job's parameters again, as validate() does (ValidationError): a pipeline step's, once
+    earlier steps filled in its inputs (a transcript may be empty, or longer than the field allows). A stored
+    result in an input URL field stands for a URL."""
+    body = {name: ("https://stored.invalid/" if stored_result_name(value) else value)
+            for name, value in params.items()}
+    validate(job_type, body)

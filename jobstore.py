@@ -21,6 +21,9 @@ from config.py; the scripts are lua/*.lua, run through redis_lua.py):
   minus the tombstones among them (`queue:jobs:cancelled`, id -> slot). (lua/lib/queue_slots.lua)
 - worker heartbeats (`worker:<id>:alive`, HEARTBEAT_KEY; the `workers` set) and `requeue_abandoned()`,
   which gives the jobs of dead workers back to the queue (or fails them after MAX_ATTEMPTS).
+- pipeline steps (pipelines.py): a step is a job with a `pipeline` field; one whose inputs are not there yet
+  is `waiting` and in no queue (so every queued job is in the queue), and the transition script that
+  finishes a step queues or fails the steps that take its outputs (lua/lib/pipeline_step.lua).
 - the GET /jobs indexes (time-ordered sorted sets), each job's status history, the /metrics counters and
   the pub/sub wake-ups of /events: all kept by the same scripts that change a job (lua/lib/job_changed.lua,
   lua/lib/job_finished.lua).
@@ -35,6 +38,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -104,8 +108,9 @@ def submit(
     if first == "rate_limited":
         raise RateLimited()
     first = json.loads(first)
-    if first.get("request_hash") != request_hash:  # (a record of an older API hashed the raw body)
-        raise IdempotencyConflict(first["job_id"])
+    # (a record of an older API hashed the raw body; a pipeline's record, another kind of request, names no job)
+    if first.get("request_hash") != request_hash:
+        raise IdempotencyConflict(first.get("job_id") or first.get("pipeline_id"))
     return first["job_id"], first["job_id"] == job_id
 
 
@@ -120,6 +125,18 @@ def get_job_with_position(r: redis.Redis, job_id: str) -> dict[str, str] | None:
     queue). What /status reads; queue_position() explains the count."""
     pairs = redis_lua.run(r, "record_with_position", (job_key(job_id), *QUEUE_KEYS), job_id)
     return dict(zip(pairs[::2], pairs[1::2], strict=True)) or None
+
+
+def get_jobs_with_positions(r: redis.Redis, job_ids: list[str]) -> list[dict[str, str] | None]:
+    """get_job_with_position() for many jobs in one round trip (a pipeline's steps), in order."""
+    answers = redis_lua.run_many(r, "record_with_position", [((job_key(job_id), *QUEUE_KEYS), (job_id,))
+                                                             for job_id in job_ids])
+    records: list[dict[str, str] | None] = []
+    for pairs in answers:
+        if isinstance(pairs, Exception):
+            raise pairs
+        records.append(dict(zip(pairs[::2], pairs[1::2], strict=True)) or None)
+    return records
 
 
 # --- GET /jobs: newest first from the time-ordered indexes -------------------------------------
@@ -160,6 +177,20 @@ def list_jobs(
         index = config.JOBS_BY_TYPE_KEY.format(type=job_type)
     else:
         index = config.JOBS_INDEX_KEY
+    def wanted(record: dict[str, str]) -> bool:
+        return (not status or record.get("status") == status) and \
+            (not job_type or record.get("type") == job_type) and (owner is None or record.get("owner") == owner)
+
+    return read_index(r, index, job_key, limit=limit, cursor=cursor, wanted=wanted, scan_budget=scan_budget)
+
+
+def read_index(r: redis.Redis, index: str, record_key: Callable[[str], str], *, limit: int, cursor: str | None,
+               wanted: Callable[[dict[str, str]], bool] = lambda _record: True, scan_budget: int = 2000
+               ) -> tuple[list[dict[str, str]], str | None]:
+    """One page of the records a time-ordered index (sorted set: id -> created_at) names, newest first from
+    the cursor on, those `wanted` (a page reads at most scan_budget entries and may come back short, with a
+    cursor to go on from); the next page's cursor, None at the end. Entries whose record (record_key(id))
+    has expired are dropped from the index on the way. BadCursor for a cursor not made here."""
     top, after_id = parse_cursor(cursor) if cursor else (float("inf"), "")
     page: list[dict[str, str]] = []
     scanned = 0
@@ -171,15 +202,13 @@ def list_jobs(
             return page, None
         pipe = r.pipeline(transaction=False)
         for member, _score in batch:
-            pipe.hgetall(job_key(member))
+            pipe.hgetall(record_key(member))
         records = pipe.execute()
         gone = [member for (member, _score), record in zip(batch, records, strict=True) if not record]
         if gone:
             r.zrem(index, *gone)
         for (member, score), record in zip(batch, records, strict=True):
-            if record and (not status or record.get("status") == status) \
-                    and (not job_type or record.get("type") == job_type) \
-                    and (owner is None or record.get("owner") == owner):
+            if record and wanted(record):
                 if len(page) == limit:  # one more exists: the page ends at the previous one
                     return page, job_cursor(top, after_id)
                 page.append(record)
@@ -284,7 +313,7 @@ def check_owner(worker_id: str, attempt: int) -> None:
 
 
 def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
-    """Cancel a job. Returns 'cancelled' (it was queued and is now cancelled), 'cancelling' (it is
+    """Cancel a job. Returns 'cancelled' (it was queued or waiting and is now cancelled), 'cancelling' (it is
     running; the worker stops it within seconds), 'finished:<status>' or 'missing'.
 
     O(log N) at any queue length: a queued job's entry stays in the queue as a tombstone that the
@@ -297,7 +326,7 @@ def cancel(r: redis.Redis, settings: config.Settings, job_id: str) -> str:
         status = record["status"]
         if status in FINISHED_STATUSES:
             return f"finished:{status}"
-        if status == "queued":
+        if status in ("queued", "waiting"):  # (waiting: a pipeline step whose inputs are not there yet)
             changed, _now = transition(r, settings, job_id, "cancelled", {"error": "cancelled by request"})
             if changed:
                 return "cancelled"

@@ -25,8 +25,9 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 import netfetch
+import storage
 from config import Settings
-from jobspec import CLONE_INPUT, INPUT_URLS
+from jobspec import CLONE_INPUT, INPUT_URLS, stored_result_name
 
 FFPROBE_TIMEOUT_S = 30.0
 DRAFT_SCALE = 8  # JPEG check: decode at 1/8 scale (DCT scaling); every byte is still decoded
@@ -390,15 +391,20 @@ def check_audio(path: Path | str, *, field: str, max_seconds: float) -> AudioInf
 def fetch_inputs(settings: Settings, job_type: str, params: dict[str, Any], job_id: str,
                  work_dir: Path) -> dict[str, Path]:
     """Download a job's input URLs (jobspec.INPUT_URLS) into work_dir and check each, before any GPU time
-    is spent; the local files by role ("audio", "image", "reference_audio")."""
+    is spent; the local files by role ("audio", "image", "reference_audio"). An earlier pipeline step's
+    result (jobspec.STORED_RESULT_PREFIX) is read from the result storage instead, and checked the same."""
     wanted = list(INPUT_URLS.get(job_type, ()))
     if job_type == "csm" and params.get("voice") == "clone":
         wanted.append(CLONE_INPUT)
     inputs: dict[str, Path] = {}
     for role, name, kind in wanted:
         dest = work_dir / f"{job_id}_download_{role}"
-        netfetch.download(params[name], dest, field=name, max_bytes=settings.max_input_bytes,
-                          allowlist=settings.url_allowlist, total_timeout=settings.download_timeout_s)
+        stored = stored_result_name(params[name])
+        if stored is not None:  # an earlier pipeline step's result: read where it is stored, not fetched
+            storage.fetch_result(settings, stored, dest, field=name)
+        else:
+            netfetch.download(params[name], dest, field=name, max_bytes=settings.max_input_bytes,
+                              allowlist=settings.url_allowlist, total_timeout=settings.download_timeout_s)
         if kind == "image":
             check_image(dest, field=name, max_pixels=settings.max_image_pixels)
         else:

@@ -6,9 +6,27 @@ from typing import Any
 
 import config
 import jobspec
+import pipelines
 from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN
 
 VERSION = config.VERSION
+
+
+def page_params(most: int, default: int) -> list[dict[str, Any]]:
+    """The limit and cursor query parameters of a listing route."""
+    return [{"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": most, "default": default}},
+            {"name": "cursor", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
+             "description": "next_cursor of the previous page."}]
+
+
+def page_response(items: str, schema: str, description: str) -> dict[str, Any]:
+    """The 200 answer of a listing route: {items: [schema], next_cursor}."""
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": [items, "next_cursor"],
+        "properties": {items: {"type": "array", "items": {"$ref": f"#/components/schemas/{schema}"}},
+                       "next_cursor": {"type": ["string", "null"]}}}}}}
 
 
 def _error_response(description: str) -> dict[str, Any]:
@@ -20,7 +38,30 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
     """An OpenAPI 3.1 document of every route, field, range and error."""
     ok = "application/json"
     timestamp = {"type": ["string", "null"], "format": "date-time"}
+    webhook = {
+        "type": "object", "required": ["status", "attempts", "last_error", "history"],
+        "properties": {
+            "status": {"type": "string",
+                       "enum": ["waiting", "pending", "retrying", "delivered", "failed"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "last_error": {"type": ["string", "null"]},
+            "history": {
+                "type": "array", "maxItems": config.WEBHOOK_HISTORY_MAX,
+                "description": "Delivery events, oldest first (the last "
+                               f"{config.WEBHOOK_HISTORY_MAX} are kept).",
+                "items": {"type": "object", "required": ["at", "attempt", "outcome"],
+                          "properties": {
+                              "at": {"type": "string", "format": "date-time"},
+                              "attempt": {"type": "integer", "minimum": 0},
+                              "outcome": {"type": "string",
+                                          "enum": ["delivered", "retrying", "failed",
+                                                   "resend requested"]},
+                              "error": {"type": "string"}}},
+            },
+        },
+    }
     schemas: dict[str, Any] = {
+        "Webhook": webhook,
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "JobAccepted": {
             "type": "object", "required": ["id", "status"],
@@ -48,28 +89,12 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                              "description": "Percent done within the phase, only where the node reports "
                                             "it (portrait: while encoding)."},
                 "cancel_requested": {"type": "boolean"},
-                "webhook": {
-                    "type": "object", "required": ["status", "attempts", "last_error", "history"],
-                    "properties": {
-                        "status": {"type": "string",
-                                   "enum": ["waiting", "pending", "retrying", "delivered", "failed"]},
-                        "attempts": {"type": "integer", "minimum": 0},
-                        "last_error": {"type": ["string", "null"]},
-                        "history": {
-                            "type": "array", "maxItems": config.WEBHOOK_HISTORY_MAX,
-                            "description": "Delivery events, oldest first (the last "
-                                           f"{config.WEBHOOK_HISTORY_MAX} are kept).",
-                            "items": {"type": "object", "required": ["at", "attempt", "outcome"],
-                                      "properties": {
-                                          "at": {"type": "string", "format": "date-time"},
-                                          "attempt": {"type": "integer", "minimum": 0},
-                                          "outcome": {"type": "string",
-                                                      "enum": ["delivered", "retrying", "failed",
-                                                               "resend requested"]},
-                                          "error": {"type": "string"}}},
-                        },
-                    },
-                },
+                "pipeline": {"type": "string", "format": "uuid", "description": "A pipeline's step: its pipeline."},
+                "step": {"type": "string", "description": "A pipeline's step: its name."},
+                "waiting_for": {"type": "array", "items": {"type": "string"},
+                                "description": "While waiting (a pipeline's step): the steps whose outputs it "
+                                               "takes."},
+                "webhook": {"$ref": "#/components/schemas/Webhook"},
             },
         },
         "JobResult": {
@@ -97,6 +122,33 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
     }
     for job_type in jobspec.JOB_TYPES:
         schemas[f"{job_type.capitalize()}Request"] = jobspec.request_schema(job_type)
+        schemas[f"{job_type.capitalize()}Step"] = pipelines.step_schema(job_type)
+    schemas["PipelineRequest"] = pipelines.request_schema()
+    step_ids = {"type": "object", "additionalProperties": {"type": "string", "format": "uuid"},
+                "description": "Each step's job id (an ordinary job: /status, /events, /cancel work on it)."}
+    schemas["PipelineAccepted"] = {
+        "type": "object", "required": ["id", "status", "steps"],
+        "properties": {"id": {"type": "string", "format": "uuid"},
+                       "status": {"type": "string", "enum": list(pipelines.PIPELINE_STATUSES)},
+                       "steps": step_ids},
+    }
+    schemas["Pipeline"] = {
+        "type": "object", "required": ["id", "status", "created_at", "started_at", "finished_at", "steps"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "status": {"type": "string", "enum": list(pipelines.PIPELINE_STATUSES)},
+            "created_at": timestamp, "started_at": timestamp, "finished_at": timestamp,
+            "error": {"type": "string", "description": "Why it failed: the step that failed first and its error."},
+            "steps": {"type": "object", "description": "Each step's status object, as /status gives it, with its "
+                                                       "result_url or text once it succeeded (null once expired).",
+                      "additionalProperties": {"anyOf": [
+                          {"allOf": [{"$ref": "#/components/schemas/JobStatus"},
+                                     {"type": "object", "properties": {"result_url": {"type": "string"},
+                                                                       "text": {"type": "string"}}}]},
+                          {"type": "null"}]}},
+            "webhook": {"$ref": "#/components/schemas/Webhook"},
+        },
+    }
 
     job_id_param = {"name": "job_id", "in": "path", "required": True,
                     "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
@@ -192,22 +244,12 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
              "schema": {"type": "string", "enum": list(jobspec.STATUSES)}},
             {"name": "type", "in": "query", "required": False,
              "schema": {"type": "string", "enum": list(jobspec.JOB_TYPES)}},
-            {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": jobspec.JOBS_PAGE_MAX,
-                        "default": jobspec.JOBS_PAGE_DEFAULT}},
-            {"name": "cursor", "in": "query", "required": False,
-             "schema": {"type": "string", "pattern": jobspec.JOBS_CURSOR_PATTERN},
-             "description": "next_cursor of the previous page."},
+            *page_params(jobspec.JOBS_PAGE_MAX, jobspec.JOBS_PAGE_DEFAULT),
         ],
         "responses": {
-            "200": {"description": "One page. A page filtered by status and type together (or, for a key "
-                                   "that is not an admin key, by either) may be short with a next_cursor: "
-                                   "follow it until it is null.",
-                    "content": {ok: {"schema": {
-                        "type": "object", "required": ["jobs", "next_cursor"],
-                        "properties": {"jobs": {"type": "array",
-                                                "items": {"$ref": "#/components/schemas/JobStatus"}},
-                                       "next_cursor": {"type": ["string", "null"]}}}}}},
+            "200": page_response("jobs", "JobStatus", "One page. A page filtered by status and type together (or, "
+                                 "for a key that is not an admin key, by either) may be short with a "
+                                 "next_cursor: follow it until it is null."),
             "400": _error_response("Unknown status or type, limit out of range, or a bad cursor."),
             **common_errors,
         },
@@ -227,11 +269,13 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
         ]}}}}, **by_id},
     }}
     paths["/events/{job_id}"] = {"get": {
-        "summary": "Live status as Server-Sent Events",
+        "summary": "Live status as Server-Sent Events (of a job, or of a pipeline)",
         "description": "An `event: status` with the JobStatus object as `data:` on every change (status, "
                        "phase, progress, queue position, webhook), then `event: end` with the final one, "
                        "and the stream closes. Comment lines keep it alive. Send Last-Event-ID to resume: "
-                       "no repeat of the event you have, and 204 once you have the final one.",
+                       "no repeat of the event you have, and 204 once you have the final one. Given a "
+                       "pipeline's id, the data is its Pipeline object, sent on every change of it or of one "
+                       "of its steps.",
         "operationId": "events", "parameters": [
             job_id_param,
             {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
@@ -244,6 +288,70 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "503": _error_response("Redis cannot be reached, or this API process holds SSE_MAX_STREAMS "
                                    "streams already; see Retry-After."),
         },
+    }}
+    pipeline_id_param = {"name": "pipeline_id", "in": "path", "required": True,
+                         "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+                         "description": "A pipeline id as returned on submission (a lower-case UUID4)."}
+    pipeline_by_id = {"400": _error_response("Malformed pipeline id."),
+                      "404": _error_response("Unknown pipeline id, or (with API keys) another key's pipeline: "
+                                             "answered exactly as an unknown id."),
+                      **common_errors}
+    paths["/pipelines"] = {
+        "post": {
+            "summary": "Submit a pipeline: jobs whose inputs are earlier steps' outputs",
+            "description": pipelines.REFERENCE_TEXT + " Each step is the body of one job of its type (the same "
+                           "fields, limits and defaults as its route). Steps whose inputs are ready are queued "
+                           "at once; the others wait (status waiting) and are queued, at the end of the queue "
+                           "taken next, in the step that finishes the last step they take outputs from. A "
+                           "failed or cancelled step fails every step that depends on it. One final webhook "
+                           "(notify_url) with each step's result.",
+            "operationId": "submit_pipeline",
+            "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
+                            "description": "As on the job routes: the same key and the same pipeline (as "
+                                           "validated) within 24 h give the same pipeline, queued once."}],
+            "requestBody": {"required": True, "content": {ok: {"schema": {
+                "$ref": "#/components/schemas/PipelineRequest"}}}},
+            "responses": {
+                "200": {"description": "Written: every step is a job.", "content": {ok: {"schema": {
+                    "$ref": "#/components/schemas/PipelineAccepted"}}}},
+                "400": _error_response("Refused before anything is queued, the message naming the step and field "
+                                       "(steps.<step>.<field>: ...): an unknown step, a cycle, an output the step "
+                                       "type does not have, text into a URL field, a media file into a text "
+                                       "field, a reference inside a longer string, more than "
+                                       f"{jobspec.MAX_PIPELINE_STEPS} steps, or a field its job route refuses; "
+                                       "also malformed JSON and a bad Idempotency-Key."),
+                "413": _error_response("Body larger than MAX_CONTENT_LENGTH."),
+                "415": _error_response("Body is not JSON."),
+                "422": _error_response("Idempotency-Key reused with another request."),
+                "429": _error_response("Rate limit exceeded (each step counts as a submission); see Retry-After."),
+                **common_errors,
+            },
+        },
+        "get": {
+            "summary": "List pipelines, newest first, with their steps (cursor pages)",
+            "description": "With API keys: the caller's pipelines (an admin key: every pipeline).",
+            "operationId": "list_pipelines",
+            "parameters": page_params(pipelines.PAGE_MAX, pipelines.PAGE_DEFAULT),
+            "responses": {
+                "200": page_response("pipelines", "Pipeline", "One page."),
+                "400": _error_response("limit out of range, or a bad cursor."),
+                **common_errors,
+            },
+        },
+    }
+    paths["/pipelines/{pipeline_id}"] = {"get": {
+        "summary": "A pipeline: its status and each step's status and result", "operationId": "pipeline_status",
+        "parameters": [pipeline_id_param],
+        "responses": {"200": {"description": "The pipeline.", "content": {ok: {"schema": {
+            "$ref": "#/components/schemas/Pipeline"}}}}, **pipeline_by_id},
+    }}
+    paths["/pipelines/{pipeline_id}/cancel"] = {"post": {
+        "summary": "Cancel every unfinished step of a pipeline (a running one as a job cancel does)",
+        "operationId": "cancel_pipeline", "parameters": [pipeline_id_param],
+        "responses": {"200": {"description": "Cancelled, or a step still runs and was asked to stop.",
+                              "content": {ok: {"schema": {"$ref": "#/components/schemas/CancelAnswer"}}}},
+                      "409": _error_response("Already finished."), **pipeline_by_id},
     }}
     paths["/overview"] = {"get": {
         "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds, Redis replication",

@@ -157,15 +157,17 @@ def release_stale(state: NodeHolder, current: Lease | None) -> None:
 
 def run_on_node(state: NodeHolder, job_id: str, job_type: str, engine: Callable[[JobContext], Path | str],
                 context: Callable[..., JobContext], should_stop: ShouldStop, phase: Phase,
-                min_life_s: float = 0.0) -> Path | str:
+                min_life_s: float = 0.0, prefer: str = "") -> Path | str:
     """Lease a slot (state.lease), wait for the node and its service, run the engine there
     (`context(node=urls)` is the job as the engine sees it). The caller releases state.lease once the job
     is settled. A node that fails under the job is stopped and the job tried on a fresh one
-    NODE_FAILURE_RETRIES times."""
+    NODE_FAILURE_RETRIES times. prefer: a node id to take first when it has a free slot (a pipeline step's
+    parent's node)."""
     tries = 1 + max(0, state.settings.node_failure_retries)
     for attempt in range(1, tries + 1):
         phase("waiting_for_node")
-        lease = state.lease = acquire(state, job_id, job_type, should_stop, phase, min_life_s)
+        lease = state.lease = acquire(state, job_id, job_type, should_stop, phase, min_life_s,
+                                      prefer if attempt == 1 else "")
         try:
             nodes.wait_booted(state, lease, should_stop)
             nodes.wait_service_ready(state, lease, job_type, should_stop)

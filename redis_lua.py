@@ -51,6 +51,10 @@ NAMES: dict[str, str] = {
     "pool_node": config.POOL_NODE_KEY.format(id=""),
     "pool_leases": config.POOL_LEASES_KEY.format(id=""),
     "node_time": config.NODE_TIME_KEY,
+    "pipeline_prefix": config.PIPELINE_KEY.format(id=""),
+    "pipeline_channel": config.PIPELINE_EVENTS_CHANNEL.format(id=""),
+    "pipelines_index": config.PIPELINES_INDEX_KEY,
+    "pipelines_by_owner": config.PIPELINES_BY_OWNER_KEY.format(owner=""),
 }
 
 _USES = re.compile(r"^--! uses:(.*)$")

@@ -9,6 +9,7 @@ This module owns putting a result somewhere a client can fetch it (no job logic)
   GetBucketLocation request is made) and never contacts either host.
 - Local mode: localfiles.py (OUTPUT_DIR, signed /files links).
 
+`fetch_result` reads a stored result back for a later pipeline step (never through its public URL).
 `store_result` is what the worker calls: it names the file (jobspec.RESULT_NAMES) and uploads it with
 `upload_with_retry`, which keeps trying a transient failure (full or unwritable disk, S3 unreachable)
 with back-off for STORAGE_RETRY_S while the output stays in the work directory. Secrets (S3 keys, the
@@ -266,6 +267,33 @@ def upload_with_retry(settings: Settings, path: Path, object_name: str, file_sec
         pause(delay, should_stop, sleep)
         waited += delay
         delay = min(delay * 2, 15.0)
+
+
+def fetch_result(settings: Settings, name: str, dest: Path, *, field: str) -> None:
+    """Copy a stored result (an earlier pipeline step's) to dest, read directly from OUTPUT_DIR or the bucket:
+    never through its public URL, so no MINIO_PUBLIC_URL or URL_ALLOWLIST is needed for it. StorageError
+    (naming the field, no path) when it is gone or unreadable, or larger than MAX_INPUT_BYTES."""
+    localfiles.check_name(name)
+    if uses_minio(settings):
+        client = _client(settings, settings.minio_endpoint.strip(), settings.minio_secure)
+        try:
+            size = client.stat_object(settings.minio_bucket, name).size or 0
+            if size > settings.max_input_bytes:
+                raise StorageError(f"{field}: the earlier step's result is larger than MAX_INPUT_BYTES")
+            client.fget_object(settings.minio_bucket, name, str(dest))
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise StorageError(f"{field}: the earlier step's result cannot be read from bucket "
+                               f"{settings.minio_bucket!r}: {_describe(exc, settings)}") from None
+        return
+    path = localfiles.local_file_path(settings, name)
+    if path is None:
+        raise StorageError(f"{field}: the earlier step's result is no longer in the output directory")
+    try:
+        if path.stat().st_size > settings.max_input_bytes:
+            raise StorageError(f"{field}: the earlier step's result is larger than MAX_INPUT_BYTES")
+        shutil.copyfile(path, dest)
+    except OSError as exc:
+        raise StorageError(f"{field}: the earlier step's result cannot be read ({exc.strerror or 'error'})") from None
 
 
 # --- keeping paths out of errors, and the disk from filling up ---------------------------------------

@@ -2,6 +2,7 @@
 
 - `webhooks:outbox` (WEBHOOK_OUTBOX_KEY): deliveries waiting for a sender. jobstore.transition() queues a
   finished job's one final webhook there (its body from webhook_body()); resend_webhook() queues it again.
+  A finished pipeline's webhook (lua/lib/finish_pipeline.lua) names its record in the entry (`record`).
 - `webhooks:inflight:<worker>` (WEBHOOK_INFLIGHT_KEY): the deliveries a worker is sending. settle_webhook()
   takes an entry off it and records the attempt in one step; return_inflight() gives them all back.
 - `webhooks:retry` (WEBHOOK_RETRY_KEY): deliveries waiting for their next attempt, scored by its time;
@@ -42,12 +43,13 @@ def webhook_inflight_key(worker_id: str) -> str:
 
 
 def settle_webhook(r: redis.Redis, worker_id: str, raw_entry: str, job_id: str, outcome: str, attempt: int,
-                   error: str = "", retry_entry: str = "", retry_at: float = 0.0) -> bool:
+                   error: str = "", retry_entry: str = "", retry_at: float = 0.0, record_key: str = "") -> bool:
     """Record one attempt's outcome (status fields and a webhook_history event) and take the entry off
     the worker's in-flight list, scheduling retry_entry at retry_at if given; all in one step. False
-    (nothing changed) when the entry was given back to the outbox meanwhile, or settled already."""
-    keys = (webhook_inflight_key(worker_id), config.JOB_KEY.format(id=job_id), config.WEBHOOK_RETRY_KEY,
-            config.WEBHOOK_OUTCOMES_KEY)
+    (nothing changed) when the entry was given back to the outbox meanwhile, or settled already. The state
+    is kept on the job's record, or on record_key (the entry's `record`: a pipeline's webhook)."""
+    keys = (webhook_inflight_key(worker_id), record_key or config.JOB_KEY.format(id=job_id),
+            config.WEBHOOK_RETRY_KEY, config.WEBHOOK_OUTCOMES_KEY)
     return bool(redis_lua.run(r, "settle_webhook", keys, raw_entry, outcome, str(attempt), error[:500],
                               repr(time.time()), retry_entry, repr(retry_at), config.WEBHOOK_HISTORY_MAX, job_id,
                               confirm=True))

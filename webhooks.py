@@ -19,8 +19,8 @@ back to the outbox unchanged (`stop_delivery`); the sweep does the same for work
 (`recover_inflight`), and for a worker that stopped while Redis was unreachable (`abandon_delivery`
 says how many it left in flight).
 
-Signatures follow the Standard Webhooks scheme: headers webhook-id (the job id, the same on every
-attempt so receivers can drop copies), webhook-timestamp and webhook-signature
+Signatures follow the Standard Webhooks scheme: headers webhook-id (the job id, or a pipeline's id for
+its final webhook; the same on every attempt so receivers can drop copies), webhook-timestamp and webhook-signature
 "v1,<base64 HMAC-SHA256(secret, id.timestamp.body)>". A secret written "whsec_<base64>" is decoded
 as the standard says; any other secret is used as its UTF-8 bytes (config.webhook_secret_key, which
 refuses at start-up a whsec_ secret that is not standard base64).
@@ -251,7 +251,7 @@ def attempt_and_settle(r: redis.Redis, settings: config.Settings, worker_id: str
     def settle() -> None:  # one atomic step; a second run after a lost reply changes nothing
         try:
             settled = webhook_state.settle_webhook(r, worker_id, raw, job_id, outcome, number, error, retry_entry,
-                                                   retry_at)
+                                                   retry_at, entry.get("record", ""))
         except redis_conn.NotReplicated as exc:
             recorded[0] = recorded[0] or bool(exc.result)
             raise

@@ -1,6 +1,6 @@
 // The c3-render dashboard: polls the JSON routes every few seconds with the API key typed in (kept in
 // this browser's localStorage) and builds the page with DOM calls (never innerHTML: job errors are text).
-// An ordinary key sees its own jobs; the numbers and workers (/overview) are for admin keys, so with any
+// An ordinary key sees its own jobs and pipelines; the numbers and workers (/overview) are for admin keys, so with any
 // other key (403) those panels are hidden and the page says why.
 "use strict";
 
@@ -73,6 +73,35 @@ function jobRow(job) {
     el("td", {}, when(job.created_at)),
     el("td", { class: "progress" }, progressText(job)),
     el("td", { class: "error" }, job.error || ""),
+    el("td", {}, cancel));
+}
+
+async function cancelPipeline(id, event) {
+  event.stopPropagation();
+  try {
+    await call("POST", `/pipelines/${id}/cancel`);
+  } catch (error) {
+    showProblem(error.message);
+  }
+  refresh();
+}
+
+// A pipeline and its steps: each step's name and status, a click opens the step's job in the detail view.
+function pipelineRow(pipeline) {
+  const open = pipeline.status === "queued" || pipeline.status === "running";
+  const cancel = open
+    ? el("button", { class: "cancel", type: "button", onclick: (e) => cancelPipeline(pipeline.id, e) }, "Cancel")
+    : "";
+  const steps = Object.entries(pipeline.steps).map(([name, step]) => step
+    ? el("a", { href: "#", class: "step", "data-step": name, "data-job-id": step.id,
+                onclick: (e) => { e.preventDefault(); select(step.id); } }, `${name} `, badge(step.status))
+    : el("span", { class: "step muted", "data-step": name }, `${name} (expired)`));
+  return el("tr", { class: "pipeline", "data-pipeline-id": pipeline.id },
+    el("td", {}, el("code", { title: pipeline.id }, pipeline.id.slice(0, 8))),
+    el("td", {}, badge(pipeline.status)),
+    el("td", {}, when(pipeline.created_at)),
+    el("td", { class: "steps" }, ...steps),
+    el("td", { class: "error" }, pipeline.error || ""),
     el("td", {}, cancel));
 }
 
@@ -173,12 +202,14 @@ function showOverview(overview) {
 
 async function refresh() {
   try {
-    const [overview, page, failures] = await Promise.all([
+    const [overview, page, failures, pipelines] = await Promise.all([
       overviewOrScope(),
       call("GET", `/jobs?${filterQuery({ limit: 50 })}`),
       call("GET", "/jobs?status=failed&limit=10"),
+      call("GET", "/pipelines?limit=20"),
     ]);
     showOverview(overview);
+    $("pipelines").tBodies[0].replaceChildren(...pipelines.pipelines.map(pipelineRow));
     $("jobs").tBodies[0].replaceChildren(...page.jobs.map(jobRow), ...state.older.map(jobRow));
     if (!state.older.length) state.cursor = page.next_cursor;
     $("more").hidden = !state.cursor;

@@ -1,6 +1,6 @@
 -- submit: write a new job's record and its queue entry (LPUSH), with the GET /jobs indexes, its
--- history and the submission counter of /metrics. The script builds the record, so the request
--- sends 12 values instead of 23 field/value pairs; jobstore.queue_entry() gives the same entry.
+-- history and the submission counter of /metrics (new_job). The script builds the record, so the request
+-- sends 12 values instead of 23 field/value pairs.
 -- An Idempotency-Key is looked at first: a replay (its record names a job that still exists) writes
 -- nothing and is not counted against the rate limit; a record whose job is gone (expired after
 -- RESULT_TTL, which may be shorter than the key's 24 h) leaves the key unused. Then the client's
@@ -16,14 +16,13 @@
 -- Returns: '' when queued (or when a record with this id exists: this submit sent again after an
 --          unconfirmed answer, see redis_conn.through_failover; nothing is counted or written then);
 --          'rate_limited' when over the limit; else the idempotency record already stored (JSON with
---          job_id, request_hash). Nothing is written but when queued.
--- Names: index (JOBS_INDEX_KEY), by_type (JOBS_BY_TYPE_KEY), by_status (JOBS_BY_STATUS_KEY),
---        by_owner (JOBS_BY_OWNER_KEY), history_prefix/history_suffix (JOB_HISTORY_KEY),
---        jobs_total (JOBS_TOTAL_KEY), job_prefix (JOB_KEY)
+--          job_id or pipeline_id, and request_hash). Nothing is written but when queued.
+-- Names: none
+--! uses: replay, new_job
 if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 if ARGV[1] ~= '' then
-  local seen = redis.call('GET', KEYS[4])
-  if seen and redis.call('EXISTS', '${job_prefix}' .. cjson.decode(seen).job_id) == 1 then return seen end
+  local seen = replay(KEYS[4])
+  if seen then return seen end
 end
 local limit = tonumber(ARGV[11])
 if limit > 0 then
@@ -31,19 +30,7 @@ if limit > 0 then
   redis.call('EXPIRE', KEYS[5], ARGV[12])
   if count > limit then return 'rate_limited' end
 end
-local id, job_type, notify_url, owner = ARGV[3], ARGV[4], ARGV[9], ARGV[10]
-local entry = '{"id":"' .. id .. '","type":"' .. job_type .. '"}'
-redis.call('HSET', KEYS[1], 'id', id, 'type', job_type, 'status', 'queued', 'params', ARGV[5],
-  'created_at', ARGV[6], 'complete_by', ARGV[7], 'max_time', ARGV[8], 'attempts', '0',
-  'notify_url', notify_url, 'webhook_status', notify_url ~= '' and 'waiting' or 'none',
-  'queue_entry', entry, 'queue_slot', -redis.call('INCR', KEYS[3]), 'owner', owner)
-redis.call('LPUSH', KEYS[2], entry)
+new_job(KEYS[2], KEYS[3], KEYS[1], ARGV[3], ARGV[4], 'queued', ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
+        ARGV[10], {})
 if ARGV[1] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
-local now = tonumber(ARGV[6])
-redis.call('ZADD', '${index}', now, id)
-redis.call('ZADD', '${by_type}' .. job_type, now, id)
-redis.call('ZADD', '${by_status}queued', now, id)
-if owner ~= '' then redis.call('ZADD', '${by_owner}' .. owner, now, id) end
-redis.call('RPUSH', '${history_prefix}' .. id .. '${history_suffix}', cjson.encode({status = 'queued', at = now}))
-redis.call('HINCRBY', '${jobs_total}', job_type .. '|queued', 1)
 return ''

@@ -1,6 +1,9 @@
 -- transition: move a job to a new status if that is allowed; the one place a status changes.
 -- A finished job never changes again. A queued job that finishes (a cancel) leaves its entry in the
--- queue as a tombstone, noted in the cancelled set. Finishing queues the job's one final webhook.
+-- queue as a tombstone, noted in the cancelled set. Finishing queues the job's one final webhook. A
+-- pipeline's step changes its pipeline in the same step (pipeline_step): its success queues the steps
+-- waiting for its outputs, its failure fails them, its pipeline finishes with its last step. A waiting
+-- step (its inputs not there yet) can only be cancelled or failed; pipeline_step queues it.
 -- A worker's change names the worker and, past the claim, the attempt its claim produced: a claim is
 -- refused unless the entry is in that worker's processing list, any other change unless the job runs on
 -- that worker in that attempt (a stale worker whose job the sweep gave back changes nothing). Without a
@@ -16,7 +19,7 @@
 -- Returns: {1, new status, attempts} when changed (attempts: the record's, so a claim's attempt number),
 --          {0, current status or 'missing'} when refused.
 -- Names: none
---! uses: job_changed, job_finished, queue_slots, owned_by
+--! uses: job_changed, finish_job, queue_slots, owned_by, pipeline_step
 local Q = {KEYS[2], KEYS[3], KEYS[4], KEYS[5]}
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, 'missing'} end
@@ -24,6 +27,7 @@ local new = ARGV[2]
 -- which status may follow which; finished statuses have no successors
 local allowed = {
   queued = {running = true, cancelled = true, failed = true},
+  waiting = {cancelled = true, failed = true},
   running = {success = true, failed = true, cancelled = true, queued = true},
 }
 if not allowed[cur] or not allowed[cur][new] then return {0, cur} end
@@ -54,15 +58,6 @@ if new == 'running' then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   trim_slots(Q)
 end
-if finishing then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'cancel_requested', 'progress', 'phase', 'phase_since')
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  local url = redis.call('HGET', KEYS[1], 'notify_url')
-  if url and url ~= '' and ARGV[8] ~= '' then
-    redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_attempts', 0)
-    redis.call('LPUSH', KEYS[6], cjson.encode({job_id = ARGV[1], url = url, body = ARGV[8], attempt = 0}))
-  end
-  job_finished(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4])
-end
+if finishing then finish_job(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4], KEYS[6], ARGV[8]) end
+if new == 'running' or finishing then pipeline_step(KEYS[1], ARGV[1], new, ARGV[3], ARGV[4], Q, KEYS[6]) end
 return {1, new, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}

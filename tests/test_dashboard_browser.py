@@ -186,3 +186,46 @@ def http_text(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def test_the_dashboard_lists_pipelines_with_their_steps_to_their_owner(stack):
+    """A talk pipeline from the CLI (the ordinary key's) and a failing one of another client's: the admin
+    sees both with their steps, the ordinary key only its own; a step opens as a job in the detail view."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not stack["workers"]:  # run on its own
+        stack["workers"].append(start_worker(stack["env"], stack["tmp"], "dashboard-worker"))
+    done = cli(stack, "submit", "talk", "--text", "Hello from a pipeline.", "--image-url",
+               stack["files"] + "/astronaut.jpg", "--wait")
+    assert done.returncode == 0, done.stderr
+    mine = done.stderr.split("queued pipeline ", 1)[1].split()[0]
+    status, foreign = http_json("POST", stack["api"] + "/pipelines", {"steps": {
+        "look": {"type": "analyze", "image_url": stack["files"] + "/page.jpg"},
+        "say": {"type": "csm", "text": "{{look.text}}"}}}, {"X-C3-RENDER-KEY": OTHER})
+    assert status == 200, foreign
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(stack["api"] + "/dashboard")
+        page.fill("#api-key", ADMIN)
+        page.click("#key-form button")
+        rows = page.locator("#pipelines tbody tr")
+        expect(rows).to_have_count(2)
+        theirs = page.locator(f'tr[data-pipeline-id="{foreign["id"]}"]')
+        expect(theirs.locator("td [data-status]").first).to_have_text("failed", timeout=60_000)
+        expect(theirs.locator(".error")).to_contain_text('step "look" failed')
+        expect(theirs.locator('[data-step="say"] [data-status]')).to_have_text("failed")
+        talk = page.locator(f'tr[data-pipeline-id="{mine}"]')
+        expect(talk.locator("td [data-status]").first).to_have_text("success")
+        expect(talk.locator('[data-step="speech"] [data-status]')).to_have_text("success")
+        talk.locator('[data-step="video"]').click()
+        expect(page.locator('#detail-fields [data-field="type"]')).to_have_text("portrait")
+        expect(page.locator('#detail-fields [data-field="pipeline"]')).to_have_text(mine)
+        page.screenshot(path=str(stack["tmp"] / "dashboard-pipelines.png"), full_page=True)
+
+        page.fill("#api-key", KEY)
+        page.click("#key-form button")
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_have_attribute("data-pipeline-id", mine)
+        expect(page.locator("#problem")).to_be_hidden()
+        browser.close()

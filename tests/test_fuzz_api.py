@@ -12,6 +12,7 @@ import redis
 import schemathesis
 from conftest import RedisServer, free_port
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import app as api
 import config
@@ -40,6 +41,9 @@ def fuzz_app(fuzz_redis, tmp_path_factory):
 # reaches into pytest internals that changed in pytest 9.2 (AttributeError: '_nodeid').
 OPERATIONS = sorted(f"{method.upper()} {path}" for path, item in api.openapi_document()["paths"].items()
                     for method in item)
+# A schema cannot say that a pipeline's references name steps of the same pipeline, without a cycle: a
+# schema-valid pipeline may be refused (400), as the document says. Everything else is still checked.
+CROSS_FIELD_RULES = {"POST /pipelines"}
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
@@ -55,7 +59,8 @@ def test_api_conforms_to_its_openapi_document(label, fuzz_app):
         if case.headers and "Idempotency-Key" in case.headers:
             # a fresh key per case: a key reused with another body is a 422 by design, not a finding
             case.headers["Idempotency-Key"] = str(uuid.uuid4())
-        response = case.call_and_validate()
+        excluded = [positive_data_acceptance] if label in CROSS_FIELD_RULES else []
+        response = case.call_and_validate(excluded_checks=excluded)
         assert response.status_code < 500, response.text
         checked.append(response.status_code)
 

@@ -100,7 +100,7 @@ def test_pieces_are_joined_once_and_before_what_uses_them():
 def test_key_names_come_from_config():
     text = redis_lua.script("submit").text
     assert f"'{config.JOBS_INDEX_KEY}'" in text
-    assert f"'{config.JOBS_BY_STATUS_KEY.format(status='')}queued'" in text
+    assert f"'{config.JOBS_BY_STATUS_KEY.format(status='')}' .. status" in text  # (new_job: queued or waiting)
     assert str(config.DURATION_BUCKETS[-1]) in redis_lua.script("transition").text
 
 
