@@ -185,6 +185,32 @@ def test_submit_answers_503_until_the_replica_confirms_and_the_replay_gives_the_
     assert client(primary).zcard(config.JOBS_INDEX_KEY) == 2
 
 
+def test_a_pipeline_submit_is_confirmed_like_a_job_and_its_replay_gives_the_same_steps(ha: HA, primary: int,
+                                                                                       tmp_path: Path):
+    settings = sentinel_settings(ha, redis_min_replica_acks=1, redis_failover_wait_s=1.0,
+                                 output_dir=str(tmp_path / "output"))
+    http = api.create_app(settings).test_client()
+    key = {"Idempotency-Key": "replica-pipeline-1"}
+    body = {"steps": {"speech": {"type": "csm", "text": "Hello there."},
+                      "video": {"type": "portrait", "image_url": "https://example.com/face.jpg",
+                                "audio_url": "{{speech.result_url}}"}}}
+    index = config.PIPELINES_INDEX_KEY
+    with stopped(ha, replica_of(ha, primary)):
+        answer = http.post("/pipelines", json=body, headers=key)
+        assert answer.status_code == 503 and "Idempotency-Key" in answer.get_json()["error"]
+        [written] = client(primary).zrange(index, 0, -1)
+        # retried for REDIS_FAILOVER_WAIT_S with the same ids: written by the first try only (one queue
+        # entry of its first step, not one per try)
+        assert http.post("/pipelines", json=body).status_code == 503
+        assert client(primary).zcard(index) == 2 and client(primary).llen(config.QUEUE_KEY) == 2
+    replay = http.post("/pipelines", json=body, headers=key)
+    assert replay.status_code == 200 and replay.get_json()["id"] == written
+    steps = replay.get_json()["steps"]
+    assert client(primary).zcard(index) == 2
+    assert jobstore.get_job(client(primary), steps["speech"])["status"] == "queued"
+    assert jobstore.get_job(client(primary), steps["video"])["status"] == "waiting"
+
+
 def test_a_claim_the_replica_does_not_confirm_is_not_run(ha: HA, primary: int, tmp_path: Path):
     settings = sentinel_settings(ha, redis_min_replica_acks=1, work_dir=str(tmp_path / "work"))
     r = redis_conn.connect(settings)
