@@ -125,6 +125,24 @@ def test_client_reports_failures_timeouts_and_cancels(api):
         c3.wait(api, slow, timeout=30)
 
 
+def test_every_submit_helper_sends_its_idempotency_key_as_the_header(api):
+    """idempotency_key= is the Idempotency-Key header, not a body field (which the API refuses with a 400):
+    the same key again gives the same job, another key a new one."""
+    sent = [
+        lambda key: c3.submit_csm(api, text="Same order.", idempotency_key=key),
+        lambda key: c3.submit_whisper(api, "http://127.0.0.1/talk.mp3", idempotency_key=key),
+        lambda key: c3.submit_portrait(api, "http://127.0.0.1/face.png", "http://127.0.0.1/talk.mp3",
+                                       idempotency_key=key),
+        lambda key: c3.submit_analyze(api, "http://127.0.0.1/photo.jpg", idempotency_key=key),
+    ]
+    for n, submit in enumerate(sent):
+        first = submit(f"order-{n}-{time.time_ns()}")
+        key = f"order-{n}-again"
+        again = submit(key)
+        assert submit(key) == again != first
+        assert c3.status(api, again)["id"] == again
+
+
 def test_client_lists_pages_and_surfaces_api_errors(api, stack):
     ids = [c3.submit_analyze(api, "http://127.0.0.1/photo.jpg", prompt=f"n{n}") for n in range(5)]
     for job_id in ids:
