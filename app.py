@@ -313,19 +313,7 @@ def cancel(job_id: str) -> Response:
 @api.post("/jobs/<job_id>/webhook")
 def resend_webhook(job_id: str) -> Response:
     record_or_error(job_id)
-    outcome = webhook_state.resend_webhook(store(), job_id)
-    problems = {
-        "missing": (404, f"no job with id {job_id}"),
-        "unfinished": (409, "the job has not finished; its webhook is sent when it does"),
-        "no_url": (409, "the job has no notify_url, so there is no webhook to send"),
-        "busy": (409, "the webhook is being delivered (pending or retrying); see /status for its history"),
-    }
-    if outcome in problems:
-        raise ApiError(*problems[outcome])
-    log.info("job %s: webhook queued again on request", job_id)
-    response = jsonify({"id": job_id, "webhook": {"status": "pending"}})
-    response.status_code = 202
-    return response
+    return api_common.resend_answer("job", job_id, webhook_state.resend_webhook(store(), job_id))
 
 
 @api.post("/job/<job_id>")

@@ -353,6 +353,16 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                               "content": {ok: {"schema": {"$ref": "#/components/schemas/CancelAnswer"}}}},
                       "409": _error_response("Already finished."), **pipeline_by_id},
     }}
+    paths["/pipelines/{pipeline_id}/webhook"] = {"post": {
+        "summary": "Send a finished pipeline's final webhook again (same body and webhook-id), after it was "
+                   "delivered or failed for good",
+        "operationId": "resend_pipeline_webhook", "parameters": [pipeline_id_param],
+        "responses": {"202": {"description": "Queued for delivery; follow it in GET /pipelines/{pipeline_id}.",
+                              "content": {ok: {"schema": {"$ref": "#/components/schemas/WebhookQueued"}}}},
+                      "409": _error_response("Not finished, no notify_url, or the webhook is being "
+                                             "delivered."),
+                      **pipeline_by_id},
+    }}
     paths["/overview"] = {"get": {
         "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds, Redis replication",
         "description": "About every client's jobs: with API keys, for admin keys (C3_RENDER_ADMIN_KEYS) only.",

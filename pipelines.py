@@ -15,7 +15,8 @@ its one final webhook. Every step is an ordinary job with `pipeline` and `step` 
 The pipeline record (`pipeline:<id>`, config.PIPELINE_KEY) belongs to the API key that submitted it, as a
 job does (another key gets 404); it and its steps' records expire RESULT_TTL after it finishes. Routes:
 POST /pipelines, GET /pipelines (the caller's, newest first), GET /pipelines/<id>,
-POST /pipelines/<id>/cancel; GET /events/<id> streams a pipeline too (events.py, with `snapshot`).
+POST /pipelines/<id>/cancel, POST /pipelines/<id>/webhook (its final webhook again); GET /events/<id> streams
+a pipeline too (events.py, with `snapshot`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jobspec
 import jobstore
 import redis_conn
 import redis_lua
+import webhook_state
 from api_common import ApiError, iso, settings, store
 from jobspec import FINISHED_STATUSES, MAX_PIPELINE_STEPS, OUTPUTS, REFERENCE_INSIDE, REFERENCE_PATTERN
 
@@ -444,3 +446,11 @@ def cancel_route(pipeline_id: str) -> Response:
     if outcome == "cancelling":
         return jsonify({"id": pipeline_id, "status": "running", "cancel_requested": True})
     return jsonify({"id": pipeline_id, "status": "cancelled"})
+
+
+@pipeline_routes.post("/pipelines/<pipeline_id>/webhook")
+def resend_webhook_route(pipeline_id: str) -> Response:
+    """Send a finished pipeline's final webhook again (same body and webhook-id), as POST /jobs/<id>/webhook."""
+    pipeline_or_error(pipeline_id)
+    return api_common.resend_answer("pipeline", pipeline_id,
+                                    webhook_state.resend_webhook(store(), pipeline_id, pipeline=True))
