@@ -305,7 +305,7 @@ def result(ctx: Context, job_id: str, out_file: str | None) -> None:
 @click.argument("job_id")
 @pass_api
 def cancel(ctx: Context, job_id: str) -> None:
-    """Cancel a queued or running job."""
+    """Cancel a waiting, queued or running job."""
     answer = c3.cancel(ctx.api, job_id)
     click.echo("cancelling (the worker stops it within seconds)" if answer.get("cancel_requested") else "cancelled")
 
