@@ -155,6 +155,14 @@ def rate_limited() -> ApiError:
 
 # --- jobs as the API shows them ----------------------------------------------------------------
 
+def page_limit(default: int, most: int) -> int:
+    """A listing's `limit` query parameter (default when absent), or the 400 giving its range."""
+    raw = request.args.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise ApiError(400, f"limit: an integer from 1 to {most}")
+    return int(raw)
+
+
 def resend_answer(what: str, ident: str, outcome: str) -> Response:
     """The answer of a webhook resend (POST /jobs/<id>/webhook, POST /pipelines/<id>/webhook) of a job or a
     pipeline (`what`), given webhook_state.resend_webhook's outcome: 202, or the 404/409 saying why not."""

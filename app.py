@@ -107,7 +107,7 @@ def on_not_replicated(exc: redis_conn.NotReplicated) -> Response:
     log.warning("Redis replicas did not confirm a write: %s", exc)
     return error_response(503, "service unavailable: the job store could not confirm the change on its "
                                f"replicas ({exc.acked} of {exc.wanted} in time), so it may be lost in a "
-                               "failover; send the request again (a job submitted with the same "
+                               "failover; send the request again (a request sent again with the same "
                                f"{IDEMPOTENCY_HEADER} is not queued twice)", {"Retry-After": "2"})
 
 
@@ -216,12 +216,10 @@ def list_jobs() -> Response:
         raise ApiError(400, f"status: one of {', '.join(jobspec.STATUSES)}")
     if type_filter is not None and type_filter not in jobspec.JOB_TYPES:
         raise ApiError(400, f"type: one of {', '.join(jobspec.JOB_TYPES)}")
-    raw_limit = request.args.get("limit", str(jobspec.JOBS_PAGE_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= jobspec.JOBS_PAGE_MAX:
-        raise ApiError(400, f"limit: an integer from 1 to {jobspec.JOBS_PAGE_MAX}")
+    limit = api_common.page_limit(jobspec.JOBS_PAGE_DEFAULT, jobspec.JOBS_PAGE_MAX)
     try:
         records, next_cursor = jobstore.list_jobs(
-            store(), status=status_filter, job_type=type_filter, limit=int(raw_limit),
+            store(), status=status_filter, job_type=type_filter, limit=limit,
             cursor=request.args.get("cursor") or None,
             owner=None if api_common.sees_every_job() else api_common.caller_owner())
     except jobstore.BadCursor:

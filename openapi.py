@@ -332,7 +332,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "summary": "List pipelines, newest first, with their steps (cursor pages)",
             "description": "With API keys: the caller's pipelines (an admin key: every pipeline).",
             "operationId": "list_pipelines",
-            "parameters": page_params(pipelines.PAGE_MAX, pipelines.PAGE_DEFAULT),
+            "parameters": page_params(jobspec.PIPELINES_PAGE_MAX, jobspec.PIPELINES_PAGE_DEFAULT),
             "responses": {
                 "200": page_response("pipelines", "Pipeline", "One page."),
                 "400": _error_response("limit out of range, or a bad cursor."),

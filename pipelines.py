@@ -48,7 +48,6 @@ pipeline_routes = Blueprint("pipelines", __name__)
 
 PIPELINE_FIELDS = ("steps", "notify_url")
 PIPELINE_STATUSES = ("queued", "running", "success", "failed", "cancelled")
-PAGE_DEFAULT, PAGE_MAX = 20, 100  # GET /pipelines
 # What stands for a reference while a step is validated as its job route would validate it.
 STAND_IN = {"url": "https://pipeline.invalid/reference", "text": "reference"}
 REFERENCE = re.compile(REFERENCE_PATTERN)
@@ -420,12 +419,10 @@ def submit_route() -> Response:
 @pipeline_routes.get("/pipelines")
 def list_route() -> Response:
     """The caller's pipelines, newest first, with their steps (an admin key, or no keys: every pipeline)."""
-    raw_limit = request.args.get("limit", str(PAGE_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
-        raise ApiError(400, f"limit: an integer from 1 to {PAGE_MAX}")
+    limit = api_common.page_limit(jobspec.PIPELINES_PAGE_DEFAULT, jobspec.PIPELINES_PAGE_MAX)
     owner = None if api_common.sees_every_job() else api_common.caller_owner()
     try:
-        records, next_cursor = list_pipelines(store(), limit=int(raw_limit), cursor=request.args.get("cursor") or None,
+        records, next_cursor = list_pipelines(store(), limit=limit, cursor=request.args.get("cursor") or None,
                                               owner=owner)
     except jobstore.BadCursor:
         raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None

@@ -411,3 +411,18 @@ def test_the_graph_names_what_each_step_takes():
     spec = pipelines.validate_pipeline(CHAIN)
     assert spec.order.index("speech") < spec.order.index("hear") < spec.order.index("say")
     assert [(n.field, n.step, n.output) for n in spec.steps["say"].needs] == [("text", "hear", "text")]
+
+
+def test_the_pipeline_page_limits_are_jobspecs_and_the_documents(client):
+    """GET /pipelines takes limit 1-100 (default 20: a pipeline carries its steps' status objects), as
+    jobspec says and the OpenAPI document shows; /jobs' are its own (1-200, default 50)."""
+    for n in range(jobspec.PIPELINES_PAGE_DEFAULT + 1):
+        submit(client, {"steps": {"speech": step("csm", text=f"Hi {n}.")}})
+    assert len(client.get("/pipelines").json["pipelines"]) == jobspec.PIPELINES_PAGE_DEFAULT == 20
+    assert client.get(f"/pipelines?limit={jobspec.PIPELINES_PAGE_MAX}").status_code == 200
+    over = client.get(f"/pipelines?limit={jobspec.PIPELINES_PAGE_MAX + 1}")
+    assert over.status_code == 400 and over.json["error"] == "limit: an integer from 1 to 100"
+    limit = next(p for p in client.get("/openapi.json").json["paths"]["/pipelines"]["get"]["parameters"]
+                 if p["name"] == "limit")
+    assert limit["schema"]["maximum"] == 100 and limit["schema"]["default"] == 20
+    assert client.get(f"/jobs?limit={jobspec.JOBS_PAGE_MAX}").status_code == 200
