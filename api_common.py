@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ import jobspec
 import jobstore
 import webhook_state
 from jobspec import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_LENGTH
+
+log = logging.getLogger("c3-render.api")
 
 
 class ApiError(Exception):
@@ -151,6 +154,33 @@ def rate_limited() -> ApiError:
 
 
 # --- jobs as the API shows them ----------------------------------------------------------------
+
+def page_limit(default: int, most: int) -> int:
+    """A listing's `limit` query parameter (default when absent), or the 400 giving its range."""
+    raw = request.args.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise ApiError(400, f"limit: an integer from 1 to {most}")
+    return int(raw)
+
+
+def resend_answer(what: str, ident: str, outcome: str) -> Response:
+    """The answer of a webhook resend (POST /jobs/<id>/webhook, POST /pipelines/<id>/webhook) of a job or a
+    pipeline (`what`), given webhook_state.resend_webhook's outcome: 202, or the 404/409 saying why not."""
+    problems = {
+        "missing": (404, f"no {what} with id {ident}"),
+        "unfinished": (409, f"the {what} has not finished; its webhook is sent when it does"),
+        "no_url": (409, f"the {what} has no notify_url, so there is no webhook to send"),
+        "busy": (409, "the webhook is being delivered (pending or retrying); see "
+                      f"{'/status' if what == 'job' else 'GET /pipelines/<id>'} for its history"),
+        "no_body": (409, f"the {what} finished before its webhook body was kept; there is nothing to send again"),
+    }
+    if outcome in problems:
+        raise ApiError(*problems[outcome])
+    log.info("%s %s: webhook queued again on request", what, ident)
+    response = jsonify({"id": ident, "webhook": {"status": "pending"}})
+    response.status_code = 202
+    return response
+
 
 def iso(timestamp: str | None) -> str | None:
     """A stored Unix time as ISO 8601 UTC with milliseconds (None stays None)."""

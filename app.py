@@ -107,7 +107,7 @@ def on_not_replicated(exc: redis_conn.NotReplicated) -> Response:
     log.warning("Redis replicas did not confirm a write: %s", exc)
     return error_response(503, "service unavailable: the job store could not confirm the change on its "
                                f"replicas ({exc.acked} of {exc.wanted} in time), so it may be lost in a "
-                               "failover; send the request again (a job submitted with the same "
+                               "failover; send the request again (a request sent again with the same "
                                f"{IDEMPOTENCY_HEADER} is not queued twice)", {"Retry-After": "2"})
 
 
@@ -216,12 +216,10 @@ def list_jobs() -> Response:
         raise ApiError(400, f"status: one of {', '.join(jobspec.STATUSES)}")
     if type_filter is not None and type_filter not in jobspec.JOB_TYPES:
         raise ApiError(400, f"type: one of {', '.join(jobspec.JOB_TYPES)}")
-    raw_limit = request.args.get("limit", str(jobspec.JOBS_PAGE_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= jobspec.JOBS_PAGE_MAX:
-        raise ApiError(400, f"limit: an integer from 1 to {jobspec.JOBS_PAGE_MAX}")
+    limit = api_common.page_limit(jobspec.JOBS_PAGE_DEFAULT, jobspec.JOBS_PAGE_MAX)
     try:
         records, next_cursor = jobstore.list_jobs(
-            store(), status=status_filter, job_type=type_filter, limit=int(raw_limit),
+            store(), status=status_filter, job_type=type_filter, limit=limit,
             cursor=request.args.get("cursor") or None,
             owner=None if api_common.sees_every_job() else api_common.caller_owner())
     except jobstore.BadCursor:
@@ -313,19 +311,7 @@ def cancel(job_id: str) -> Response:
 @api.post("/jobs/<job_id>/webhook")
 def resend_webhook(job_id: str) -> Response:
     record_or_error(job_id)
-    outcome = webhook_state.resend_webhook(store(), job_id)
-    problems = {
-        "missing": (404, f"no job with id {job_id}"),
-        "unfinished": (409, "the job has not finished; its webhook is sent when it does"),
-        "no_url": (409, "the job has no notify_url, so there is no webhook to send"),
-        "busy": (409, "the webhook is being delivered (pending or retrying); see /status for its history"),
-    }
-    if outcome in problems:
-        raise ApiError(*problems[outcome])
-    log.info("job %s: webhook queued again on request", job_id)
-    response = jsonify({"id": job_id, "webhook": {"status": "pending"}})
-    response.status_code = 202
-    return response
+    return api_common.resend_answer("job", job_id, webhook_state.resend_webhook(store(), job_id))
 
 
 @api.post("/job/<job_id>")

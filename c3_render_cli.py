@@ -3,7 +3,8 @@
     c3-render --api URL [--key KEY] submit csm --text "Hello." [--voice V] [--wait] [--out hello.mp3]
     c3-render submit whisper|portrait|analyze ...   status ID   result ID   cancel ID   jobs   watch ID
     c3-render submit talk --text "Hello." --image-url URL [--voice V] --wait --out talk.mp4   (a pipeline:
-    text -> speech -> talking portrait)   c3-render pipeline FILE.json [--wait]
+    text -> speech -> talking portrait)   c3-render pipeline FILE.json [--wait]   pipeline-status ID
+    pipeline-cancel ID
 
 --api and --key default to $C3_RENDER_API and $C3_RENDER_API_KEY. With --wait (and in `watch`) a
 terminal shows a live line (status, phase, progress, queue position, elapsed); without a terminal, one
@@ -14,6 +15,7 @@ or the service refused, 3 --timeout passed first. Built on c3_render_client.py.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -23,8 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 import c3_render_client as c3
-from jobspec import JOB_TYPES, STATUSES
+from jobspec import JOB_TYPES, REFERENCE_PATTERN, STATUSES
 
+REFERENCE = re.compile(REFERENCE_PATTERN)  # {{<step>.<output>}}: group 1 is the step
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 3
 
@@ -106,21 +109,26 @@ def cli(ctx: click.Context, api_url: str, api_key: str, request_timeout: float) 
     ctx.obj = Context(c3.connect(api_url, api_key, timeout_s=request_timeout))
 
 
-def submit_options(func):
-    """The options every `submit` command shares."""
+def submit_options(what: str = "job"):
+    """The options every `submit` command shares; `what` it submits (a job, or for `talk` a pipeline)."""
+    each = "each step" if what == "pipeline" else "the job"
     decorators = [
-        click.option("--notify-url", help="Webhook URL called once when the job finishes."),
-        click.option("--max-time", type=int, help="Seconds the job may run once started."),
-        click.option("--complete-in", type=int, help="Seconds from now by which the job must be done."),
-        click.option("--idempotency-key", help="Same key and body within 24 h: the same job, queued once."),
-        click.option("--wait", "wait_", is_flag=True, help="Follow the job to its end and print its result."),
+        click.option("--notify-url", help=f"Webhook URL called once when the {what} finishes."),
+        click.option("--max-time", type=int, help=f"Seconds {each} may run once started."),
+        click.option("--complete-in", type=int, help=f"Seconds from now by which {each} must be done."),
+        click.option("--idempotency-key", help=f"Same key and body within 24 h: the same {what}, queued once."),
+        click.option("--wait", "wait_", is_flag=True, help=f"Follow the {what} to its end and print its result."),
         click.option("--out", "out_file", type=click.Path(dir_okay=False),
                      help="With --wait: save the result (file, or text) here."),
         click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 3)."),
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+
+    def decorate(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return decorate
 
 
 def run_submit(api: c3.Api, job_type: str, fields: dict[str, Any], common: dict[str, Any]) -> None:
@@ -146,7 +154,7 @@ def submit() -> None:
 @click.option("--voice", help="random, conversational_a, conversational_b or clone.")
 @click.option("--reference-audio-url", help="voice=clone: audio of the voice.")
 @click.option("--reference-text", help="voice=clone: what the reference audio says.")
-@submit_options
+@submit_options()
 @pass_api
 def submit_csm(ctx: Context, text: str | None, sentences: tuple[str, ...], voice: str | None,
                reference_audio_url: str | None, reference_text: str | None, **common: Any) -> None:
@@ -161,7 +169,7 @@ def submit_csm(ctx: Context, text: str | None, sentences: tuple[str, ...], voice
 @click.option("--model", help="Whisper model size.")
 @click.option("--task", type=click.Choice(["transcribe", "translate"]))
 @click.option("--language", help="Language code such as en; empty to detect it.")
-@submit_options
+@submit_options()
 @pass_api
 def submit_whisper(ctx: Context, audio_url: str, model: str | None, task: str | None, language: str | None,
                    **common: Any) -> None:
@@ -173,7 +181,7 @@ def submit_whisper(ctx: Context, audio_url: str, model: str | None, task: str | 
 @submit.command("portrait")
 @click.option("--image-url", required=True, help="Portrait image (JPEG, PNG or WebP).")
 @click.option("--audio-url", required=True, help="Audio the portrait speaks.")
-@submit_options
+@submit_options()
 @pass_api
 def submit_portrait(ctx: Context, image_url: str, audio_url: str, **common: Any) -> None:
     """Talking-portrait video (result: an MP4)."""
@@ -183,7 +191,7 @@ def submit_portrait(ctx: Context, image_url: str, audio_url: str, **common: Any)
 @submit.command("analyze")
 @click.option("--image-url", required=True, help="Image to analyze.")
 @click.option("--prompt", help="What to look for in the image.")
-@submit_options
+@submit_options()
 @pass_api
 def submit_analyze(ctx: Context, image_url: str, prompt: str | None, **common: Any) -> None:
     """Image analysis (result: text)."""
@@ -194,7 +202,7 @@ def submit_analyze(ctx: Context, image_url: str, prompt: str | None, **common: A
 @click.option("--text", required=True, help="What the portrait says (spoken by CSM first).")
 @click.option("--image-url", required=True, help="Portrait image (JPEG, PNG or WebP).")
 @click.option("--voice", help="random, conversational_a or conversational_b.")
-@submit_options
+@submit_options("pipeline")
 @pass_api
 def submit_talk(ctx: Context, text: str, image_url: str, voice: str | None, **common: Any) -> None:
     """Text to a talking portrait in one request: a pipeline of a CSM step and a portrait step that speaks
@@ -206,9 +214,18 @@ def submit_talk(ctx: Context, text: str, image_url: str, voice: str | None, **co
     run_pipeline(ctx.api, steps, common["notify_url"], common)
 
 
+def final_step(steps: dict[str, Any]) -> str:
+    """The step whose result a pipeline ends with: the one step no other step takes an output from, or
+    (when several are) the one listed last."""
+    used = {match.group(1) for step in steps.values() if isinstance(step, dict) for value in step.values()
+            if isinstance(value, str) and (match := REFERENCE.match(value))}
+    ends = [name for name in steps if name not in used]
+    return ends[0] if len(ends) == 1 else list(steps)[-1]
+
+
 def run_pipeline(api: c3.Api, steps: dict[str, Any], notify_url: str | None, common: dict[str, Any]) -> None:
     """Submit a pipeline; print its id, or with --wait follow it and print each step's result (--out saves
-    the last step's result)."""
+    the final step's result: final_step)."""
     answer = c3.submit_pipeline(api, steps, notify_url=notify_url, idempotency_key=common.get("idempotency_key"))
     pipeline_id = answer["id"]
     if not common.get("wait_"):
@@ -221,7 +238,7 @@ def run_pipeline(api: c3.Api, steps: dict[str, Any], notify_url: str | None, com
         step = final["steps"][name] or {}
         click.echo(f"{name}: {step.get('result_url') or step.get('text', '')}")
     if common.get("out_file"):
-        print_result_file(api, final["steps"][names[-1]]["id"], common["out_file"])
+        print_result_file(api, final["steps"][final_step(steps)]["id"], common["out_file"])
 
 
 def follow_pipeline(api: c3.Api, pipeline_id: str, timeout: float | None) -> dict[str, Any]:
@@ -268,7 +285,8 @@ def print_result_file(api: c3.Api, job_id: str, out_file: str) -> None:
 @click.option("--idempotency-key", help="Same key and body within 24 h: the same pipeline, queued once.")
 @click.option("--wait", "wait_", is_flag=True, help="Follow the pipeline to its end and print each step's result.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
-              help="With --wait: save the last step's result (file, or text) here.")
+              help="With --wait: save the final step's result (file, or text) here: the step no other "
+                   "step takes an output from (if several, the one listed last).")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 3).")
 @pass_api
 def pipeline(ctx: Context, file: Any, **common: Any) -> None:
@@ -305,9 +323,26 @@ def result(ctx: Context, job_id: str, out_file: str | None) -> None:
 @click.argument("job_id")
 @pass_api
 def cancel(ctx: Context, job_id: str) -> None:
-    """Cancel a queued or running job."""
+    """Cancel a waiting, queued or running job."""
     answer = c3.cancel(ctx.api, job_id)
     click.echo("cancelling (the worker stops it within seconds)" if answer.get("cancel_requested") else "cancelled")
+
+
+@cli.command("pipeline-status")
+@click.argument("pipeline_id")
+@pass_api
+def pipeline_status(ctx: Context, pipeline_id: str) -> None:
+    """Print a pipeline's status object with its steps (JSON)."""
+    click.echo(json.dumps(c3.pipeline_status(ctx.api, pipeline_id), indent=2))
+
+
+@cli.command("pipeline-cancel")
+@click.argument("pipeline_id")
+@pass_api
+def pipeline_cancel(ctx: Context, pipeline_id: str) -> None:
+    """Cancel every unfinished step of a pipeline."""
+    answer = c3.cancel_pipeline(ctx.api, pipeline_id)
+    click.echo("cancelling (a running step stops within seconds)" if answer.get("cancel_requested") else "cancelled")
 
 
 @cli.command()

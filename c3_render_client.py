@@ -121,28 +121,31 @@ def submit(api: Api, job_type: str, params: dict[str, Any], idempotency_key: str
 
 def submit_csm(api: Api, *, text: str | None = None, monologue: list[str] | str | None = None,
                voice: str | None = None, reference_audio_url: str | None = None,
-               reference_text: str | None = None, **options: Any) -> str:
-    """Text to speech (result: an MP3 file). Exactly one of text and monologue."""
+               reference_text: str | None = None, idempotency_key: str | None = None, **options: Any) -> str:
+    """Text to speech (result: an MP3 file). Exactly one of text and monologue. The other submit_* take
+    idempotency_key too: sent as the Idempotency-Key header, so a retried submit queues one job."""
     return submit(api, "csm", {"text": text, "monologue": monologue, "voice": voice,
                                "reference_audio_url": reference_audio_url, "reference_text": reference_text,
-                               **options})
+                               **options}, idempotency_key)
 
 
 def submit_whisper(api: Api, audio_url: str, *, model: str | None = None, task: str | None = None,
-                   language: str | None = None, **options: Any) -> str:
+                   language: str | None = None, idempotency_key: str | None = None, **options: Any) -> str:
     """Speech to text (result: text)."""
     return submit(api, "whisper", {"audio_url": audio_url, "model": model, "task": task, "language": language,
-                                   **options})
+                                   **options}, idempotency_key)
 
 
-def submit_portrait(api: Api, image_url: str, audio_url: str, **options: Any) -> str:
+def submit_portrait(api: Api, image_url: str, audio_url: str, *, idempotency_key: str | None = None,
+                    **options: Any) -> str:
     """Talking-portrait video (result: an MP4 file)."""
-    return submit(api, "portrait", {"image_url": image_url, "audio_url": audio_url, **options})
+    return submit(api, "portrait", {"image_url": image_url, "audio_url": audio_url, **options}, idempotency_key)
 
 
-def submit_analyze(api: Api, image_url: str, *, prompt: str | None = None, **options: Any) -> str:
+def submit_analyze(api: Api, image_url: str, *, prompt: str | None = None, idempotency_key: str | None = None,
+                   **options: Any) -> str:
     """Image analysis (result: text)."""
-    return submit(api, "analyze", {"image_url": image_url, "prompt": prompt, **options})
+    return submit(api, "analyze", {"image_url": image_url, "prompt": prompt, **options}, idempotency_key)
 
 
 def submit_pipeline(api: Api, steps: dict[str, dict[str, Any]], *, notify_url: str | None = None,

@@ -70,6 +70,9 @@ OUTPUTS = {"csm": {"result_url": "audio"}, "portrait": {"result_url": "video"}, 
 STORED_RESULT_PREFIX = "c3-render-result:"
 JOBS_PAGE_DEFAULT = 50  # GET /jobs: jobs per page unless limit says otherwise
 JOBS_PAGE_MAX = 200
+# GET /pipelines: smaller pages, as each pipeline carries the status objects of its steps (up to 10)
+PIPELINES_PAGE_DEFAULT = 20
+PIPELINES_PAGE_MAX = 100
 # What a running job is doing now (shown in /status with the time it entered the phase), in the order a
 # job usually goes through them (inputs are downloaded and checked before any node is asked for).
 PHASES = ("downloading", "waiting_for_node", "booting_node", "uploading_inputs", "rendering", "encoding",

@@ -34,9 +34,8 @@ from typing import Any
 import redis
 
 import config
+import pool_policy
 import redis_lua
-
-DEFAULT_MAX_GAPS = 100  # idle gaps kept per node type (pool_policy.MAX_GAPS)
 
 
 def node_key(node_id: str) -> str:
@@ -73,7 +72,7 @@ def lease_slot(r: redis.Redis, node_id: str, node_type: str, job_id: str, worker
         r, "pool_lease", (node_key(node_id), leases_key(node_id), config.POOL_STATS_KEY,
                           config.POOL_GAPS_KEY.format(type=node_type)),
         job_id, lease_json(worker_id, service, now), service, slots, total, repr(now),
-        "" if min_expires is None else repr(min_expires), DEFAULT_MAX_GAPS))
+        "" if min_expires is None else repr(min_expires), pool_policy.MAX_GAPS))  # idle gaps kept per node type
 
 
 def release_lease(r: redis.Redis, node_id: str, job_id: str, now: float,

@@ -29,6 +29,21 @@ def page_response(items: str, schema: str, description: str) -> dict[str, Any]:
                        "next_cursor": {"type": ["string", "null"]}}}}}}
 
 
+def resend_path(what: str, operation: str, id_param: dict[str, Any], follow: str,
+                errors: dict[str, Any]) -> dict[str, Any]:
+    """POST .../webhook of a job or a pipeline: its final webhook sent again."""
+    return {"post": {
+        "summary": f"Send a finished {what}'s final webhook again (same body and webhook-id), after it was "
+                   "delivered or failed for good",
+        "operationId": operation, "parameters": [id_param],
+        "responses": {"202": {"description": f"Queued for delivery; follow it in {follow}.",
+                              "content": {"application/json": {"schema": {
+                                  "$ref": "#/components/schemas/WebhookQueued"}}}},
+                      "409": _error_response("Not finished, no notify_url, or the webhook is being delivered."),
+                      **errors},
+    }}
+
+
 def _error_response(description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -214,16 +229,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "properties": {"status": {"type": "string", "enum": ["cancelled"]}}}}}},
         "responses": {**cancel_responses, "415": _error_response("Body is not JSON.")},
     }}
-    paths["/jobs/{job_id}/webhook"] = {"post": {
-        "summary": "Send a finished job's final webhook again (same body and webhook-id), after it was "
-                   "delivered or failed for good",
-        "operationId": "resend_webhook", "parameters": [job_id_param],
-        "responses": {"202": {"description": "Queued for delivery; follow it in /status.",
-                              "content": {ok: {"schema": {"$ref": "#/components/schemas/WebhookQueued"}}}},
-                      "409": _error_response("Not finished, no notify_url, or the webhook is being "
-                                             "delivered."),
-                      **by_id},
-    }}
+    paths["/jobs/{job_id}/webhook"] = resend_path("job", "resend_webhook", job_id_param, "/status", by_id)
     paths["/files/{name}"] = {"get": {
         "summary": "A result file (local storage mode), on a signed, expiring link",
         "operationId": "files",
@@ -332,7 +338,7 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
             "summary": "List pipelines, newest first, with their steps (cursor pages)",
             "description": "With API keys: the caller's pipelines (an admin key: every pipeline).",
             "operationId": "list_pipelines",
-            "parameters": page_params(pipelines.PAGE_MAX, pipelines.PAGE_DEFAULT),
+            "parameters": page_params(jobspec.PIPELINES_PAGE_MAX, jobspec.PIPELINES_PAGE_DEFAULT),
             "responses": {
                 "200": page_response("pipelines", "Pipeline", "One page."),
                 "400": _error_response("limit out of range, or a bad cursor."),
@@ -353,6 +359,8 @@ def openapi_document(settings: config.Settings | None = None) -> dict[str, Any]:
                               "content": {ok: {"schema": {"$ref": "#/components/schemas/CancelAnswer"}}}},
                       "409": _error_response("Already finished."), **pipeline_by_id},
     }}
+    paths["/pipelines/{pipeline_id}/webhook"] = resend_path("pipeline", "resend_pipeline_webhook", pipeline_id_param,
+                                                            "GET /pipelines/{pipeline_id}", pipeline_by_id)
     paths["/overview"] = {"get": {
         "summary": "Operator numbers: queue, throughput, workers and their nodes, node-seconds, Redis replication",
         "description": "About every client's jobs: with API keys, for admin keys (C3_RENDER_ADMIN_KEYS) only.",

@@ -15,7 +15,8 @@ its one final webhook. Every step is an ordinary job with `pipeline` and `step` 
 The pipeline record (`pipeline:<id>`, config.PIPELINE_KEY) belongs to the API key that submitted it, as a
 job does (another key gets 404); it and its steps' records expire RESULT_TTL after it finishes. Routes:
 POST /pipelines, GET /pipelines (the caller's, newest first), GET /pipelines/<id>,
-POST /pipelines/<id>/cancel; GET /events/<id> streams a pipeline too (events.py, with `snapshot`).
+POST /pipelines/<id>/cancel, POST /pipelines/<id>/webhook (its final webhook again); GET /events/<id> streams
+a pipeline too (events.py, with `snapshot`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jobspec
 import jobstore
 import redis_conn
 import redis_lua
+import webhook_state
 from api_common import ApiError, iso, settings, store
 from jobspec import FINISHED_STATUSES, MAX_PIPELINE_STEPS, OUTPUTS, REFERENCE_INSIDE, REFERENCE_PATTERN
 
@@ -46,7 +48,6 @@ pipeline_routes = Blueprint("pipelines", __name__)
 
 PIPELINE_FIELDS = ("steps", "notify_url")
 PIPELINE_STATUSES = ("queued", "running", "success", "failed", "cancelled")
-PAGE_DEFAULT, PAGE_MAX = 20, 100  # GET /pipelines
 # What stands for a reference while a step is validated as its job route would validate it.
 STAND_IN = {"url": "https://pipeline.invalid/reference", "text": "reference"}
 REFERENCE = re.compile(REFERENCE_PATTERN)
@@ -418,12 +419,10 @@ def submit_route() -> Response:
 @pipeline_routes.get("/pipelines")
 def list_route() -> Response:
     """The caller's pipelines, newest first, with their steps (an admin key, or no keys: every pipeline)."""
-    raw_limit = request.args.get("limit", str(PAGE_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
-        raise ApiError(400, f"limit: an integer from 1 to {PAGE_MAX}")
+    limit = api_common.page_limit(jobspec.PIPELINES_PAGE_DEFAULT, jobspec.PIPELINES_PAGE_MAX)
     owner = None if api_common.sees_every_job() else api_common.caller_owner()
     try:
-        records, next_cursor = list_pipelines(store(), limit=int(raw_limit), cursor=request.args.get("cursor") or None,
+        records, next_cursor = list_pipelines(store(), limit=limit, cursor=request.args.get("cursor") or None,
                                               owner=owner)
     except jobstore.BadCursor:
         raise ApiError(400, "cursor: not a cursor from a previous page (use next_cursor as given)") from None
@@ -444,3 +443,11 @@ def cancel_route(pipeline_id: str) -> Response:
     if outcome == "cancelling":
         return jsonify({"id": pipeline_id, "status": "running", "cancel_requested": True})
     return jsonify({"id": pipeline_id, "status": "cancelled"})
+
+
+@pipeline_routes.post("/pipelines/<pipeline_id>/webhook")
+def resend_webhook_route(pipeline_id: str) -> Response:
+    """Send a finished pipeline's final webhook again (same body and webhook-id), as POST /jobs/<id>/webhook."""
+    pipeline_or_error(pipeline_id)
+    return api_common.resend_answer("pipeline", pipeline_id,
+                                    webhook_state.resend_webhook(store(), pipeline_id, pipeline=True))

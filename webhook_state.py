@@ -55,16 +55,20 @@ def settle_webhook(r: redis.Redis, worker_id: str, raw_entry: str, job_id: str, 
                               confirm=True))
 
 
-def resend_webhook(r: redis.Redis, job_id: str) -> str:
-    """Queue a finished job's final webhook again (same body and webhook-id) after it was delivered
-    or failed for good. Returns 'queued', 'missing', 'unfinished', 'no_url' or 'busy' (being sent)."""
-    key = config.JOB_KEY.format(id=job_id)
+def resend_webhook(r: redis.Redis, job_id: str, *, pipeline: bool = False) -> str:
+    """Queue a finished job's (or with pipeline, a pipeline's) final webhook again (same body and
+    webhook-id) after it was delivered or failed for good. Returns 'queued', 'missing', 'unfinished',
+    'no_url', 'busy' (being sent) or 'no_body' (a pipeline that finished before its body was kept)."""
+    key = (config.PIPELINE_KEY if pipeline else config.JOB_KEY).format(id=job_id)
     record = r.hgetall(key)
     if not record:
         return "missing"
-    body = webhook_body(job_id, record["status"], record) if record["status"] in FINISHED_STATUSES else ""
+    if pipeline:  # built by finish_pipeline.lua with each step's result, kept on the record
+        body = record.get("webhook_body", "")
+    else:
+        body = webhook_body(job_id, record["status"], record) if record["status"] in FINISHED_STATUSES else ""
     return str(redis_lua.run(r, "resend_webhook", (key, config.WEBHOOK_OUTBOX_KEY), job_id, body,
-                             repr(time.time()), config.WEBHOOK_HISTORY_MAX, confirm=True))
+                             repr(time.time()), config.WEBHOOK_HISTORY_MAX, key if pipeline else "", confirm=True))
 
 
 def return_inflight(r: redis.Redis, worker_id: str) -> int:

@@ -61,7 +61,7 @@ async function cancelJob(id, event) {
 }
 
 function jobRow(job) {
-  const open = job.status === "queued" || job.status === "running";
+  const open = job.status === "waiting" || job.status === "queued" || job.status === "running";
   const cancel = open && !job.cancel_requested
     ? el("button", { class: "cancel", type: "button", onclick: (e) => cancelJob(job.id, e) }, "Cancel")
     : "";

@@ -32,6 +32,9 @@ choose_port() {
   [ "$port" = "$default" ] || echo "port $default ($what) is in use by another program; using $port instead (set $var to choose)"
   printf -v "$var" '%s' "$port"
 }
+# Only this script's own redis-server: Redis settings exported in the shell (Sentinels, which win over
+# REDIS_URL, a password, replica acks, the older REDIS_HOST) would point the API and worker elsewhere.
+unset REDIS_SENTINELS REDIS_SENTINEL_MASTER REDIS_SENTINEL_PASSWORD REDIS_PASSWORD REDIS_MIN_REPLICA_ACKS REDIS_HOST
 choose_port REDIS_PORT 6379 "Redis"
 choose_port API_PORT 8000 "the API"
 choose_port DEVNODE_PORT 8700 "the dev node"

@@ -125,12 +125,30 @@ def test_client_reports_failures_timeouts_and_cancels(api):
         c3.wait(api, slow, timeout=30)
 
 
+def test_every_submit_helper_sends_its_idempotency_key_as_the_header(api):
+    """idempotency_key= is the Idempotency-Key header, not a body field (which the API refuses with a 400):
+    the same key again gives the same job, another key a new one."""
+    sent = [
+        lambda key: c3.submit_csm(api, text="Same order.", idempotency_key=key),
+        lambda key: c3.submit_whisper(api, "http://127.0.0.1/talk.mp3", idempotency_key=key),
+        lambda key: c3.submit_portrait(api, "http://127.0.0.1/face.png", "http://127.0.0.1/talk.mp3",
+                                       idempotency_key=key),
+        lambda key: c3.submit_analyze(api, "http://127.0.0.1/photo.jpg", idempotency_key=key),
+    ]
+    for n, submit in enumerate(sent):
+        first = submit(f"order-{n}-{time.time_ns()}")
+        key = f"order-{n}-again"
+        again = submit(key)
+        assert submit(key) == again != first
+        assert c3.status(api, again)["id"] == again
+
+
 def test_client_lists_pages_and_surfaces_api_errors(api, stack):
     ids = [c3.submit_analyze(api, "http://127.0.0.1/photo.jpg", prompt=f"n{n}") for n in range(5)]
     for job_id in ids:
         c3.wait(api, job_id, timeout=30)
     listed = [job["id"] for job in c3.iter_jobs(api, job_type="analyze", page_size=2)]
-    assert listed == ids[::-1]
+    assert listed[:len(ids)] == ids[::-1]  # newest first (earlier tests of this module queued analyze jobs too)
     page = c3.list_jobs(api, job_type="analyze", limit=2)
     assert len(page["jobs"]) == 2 and page["next_cursor"]
     with pytest.raises(c3.ApiError, match="image_url") as bad:
@@ -179,6 +197,30 @@ def test_cli_status_result_cancel_jobs_watch(stack):
     assert finished.returncode == 0 and finished.stdout.strip().splitlines()[-1] == "a transcript"
     analyze_id = json.loads(cli(stack, "jobs", "--type", "analyze", "--limit", "1", "--json").stdout)["id"]
     assert cli(stack, "result", analyze_id).stdout.strip() == "a transcript"
+
+
+def test_cli_pipeline_out_saves_the_final_step_and_pipeline_status_cancel(stack, tmp_path):
+    """--out saves the step no other step takes an output from, wherever it is listed (here first)."""
+    body = tmp_path / "steps.json"
+    body.write_text(json.dumps({"steps": {"hear": {"type": "whisper", "audio_url": "{{speech.result_url}}"},
+                                          "speech": {"type": "csm", "text": "Hello."}}}))
+    out = tmp_path / "said.txt"
+    done = cli(stack, "pipeline", str(body), "--wait", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "a transcript"  # the whisper step's text, not the speech listed last
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps({"steps": {"speech": {"type": "csm", "text": "A slow one."},
+                                          "hear": {"type": "whisper", "audio_url": "{{speech.result_url}}"}}}))
+    pipeline_id = cli(stack, "pipeline", str(slow)).stdout.strip()
+    shown = json.loads(cli(stack, "pipeline-status", pipeline_id).stdout)
+    assert shown["id"] == pipeline_id and shown["steps"]["hear"]["status"] == "waiting"
+    cancelled = cli(stack, "pipeline-cancel", pipeline_id)
+    assert cancelled.returncode == 0 and cancelled.stdout.startswith(("cancelling", "cancelled")), cancelled.stderr
+    with pytest.raises(c3.PipelineFailed) as failed:
+        c3.wait_pipeline(c3.connect(stack, KEY, timeout_s=10), pipeline_id, timeout=30)
+    assert failed.value.job["status"] == "cancelled"
+    again = cli(stack, "pipeline-cancel", pipeline_id)
+    assert again.returncode == 1 and "already finished" in again.stderr
 
 
 def test_console_script_is_declared():

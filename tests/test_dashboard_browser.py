@@ -229,3 +229,33 @@ def test_the_dashboard_lists_pipelines_with_their_steps_to_their_owner(stack):
         expect(rows.first).to_have_attribute("data-pipeline-id", mine)
         expect(page.locator("#problem")).to_be_hidden()
         browser.close()
+
+
+def test_a_waiting_step_has_a_cancel_button_that_cancels_it(redis_server, tmp_path):
+    """API and Redis only (no worker, so nothing moves): a pipeline's second step is waiting for the first;
+    its row has a Cancel button, as the queued one has, and the API cancels it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    redis.Redis.from_url(redis_server.url).flushall()
+    api, api_url = start_api(clean_env(REDIS_URL=redis_server.url, OUTPUT_DIR=str(tmp_path / "output")), tmp_path)
+    try:
+        status, answer = http_json("POST", api_url + "/pipelines", {"steps": {
+            "speech": {"type": "csm", "text": "Hello."},
+            "video": {"type": "portrait", "image_url": "https://example.com/face.jpg",
+                      "audio_url": "{{speech.result_url}}"}}})
+        assert status == 200, answer
+        waiting = answer["steps"]["video"]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(api_url + "/dashboard")
+            expect(status_of(page, waiting)).to_have_text("waiting")
+            page.locator(f'tr[data-job-id="{waiting}"] button.cancel').click()
+            expect(status_of(page, waiting)).to_have_text("cancelled")
+            expect(page.locator(f'tr[data-job-id="{waiting}"] button.cancel')).to_have_count(0)
+            browser.close()
+        assert http_json("GET", f"{api_url}/status/{waiting}")[1]["status"] == "cancelled"
+    finally:
+        api.stop()

@@ -129,6 +129,27 @@ def test_comput3_worker_gets_the_real_node_urls_and_no_dev_node(compose, tmp_pat
     assert settings.c3_ollama_url == config.Settings.c3_ollama_url
 
 
+POOL = {"NODE_SLOTS": "csm:2,whisper:1,portrait:1,analyze:1", "MAX_NODES": "6", "NODE_POLICY": "fixed",
+        "MIN_WARM_NODES": "1", "GPU_IDLE_TIMEOUT": "120", "C3_PRICE_PER_HOUR": "1.10"}
+
+
+@pytest.mark.parametrize("env", [{}, POOL])
+def test_the_pool_settings_reach_the_workers_and_the_api_and_unset_keep_the_defaults(compose, tmp_path, monkeypatch,
+                                                                                    env):
+    services = resolve(compose, tmp_path, "--profile", "comput3",
+                       env={"C3_API_KEY": "k-123", "C3_RENDER_API_KEYS": "client-key", **env})["services"]
+    defaults = config.Settings()
+    for name in ("worker", "worker-comput3", "api"):
+        settings = worker_settings(services[name], monkeypatch)
+        got = (settings.node_slots, settings.max_nodes, settings.node_policy, settings.min_warm_nodes,
+               settings.gpu_idle_timeout_s, settings.price_per_hour)
+        if env:
+            assert got == (POOL["NODE_SLOTS"], 6, "fixed", 1, 120.0, "1.10"), name
+        else:  # passed empty: config.py's defaults
+            assert got == (defaults.node_slots, defaults.max_nodes, defaults.node_policy, defaults.min_warm_nodes,
+                           defaults.gpu_idle_timeout_s, defaults.price_per_hour), name
+
+
 def test_a_node_url_default_inside_an_interpolation_is_caught(compose, tmp_path, monkeypatch):
     """The mistake this file once had: compose v1 ends ${VAR:-...} at the first '}' (v2 does not), so
     http://{node}/comfyui became http://{node/comfyui}; the worker refuses such a template at start."""

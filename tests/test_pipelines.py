@@ -21,6 +21,7 @@ import jobstore
 import media_check
 import pipelines
 import storage
+import webhook_state
 
 FACE = "https://example.com/face.jpg"
 TALK = {"steps": {"speech": {"type": "csm", "text": "Hello there.", "voice": "conversational_a"},
@@ -249,8 +250,41 @@ def test_cancelling_the_pipeline_cancels_every_unfinished_step(client, r, settin
     shown = client.get(f"/pipelines/{answer['id']}").json
     assert shown["status"] == "cancelled" and shown["steps"]["other"]["status"] == "success"
     body = json.loads(json.loads(r.lindex(config.WEBHOOK_OUTBOX_KEY, 0))["body"])
-    assert body["status"] == "failed" and body["error"] == "cancelled by request"  # as a job's webhook says it
+    # as a job's webhook says a cancel: failed, with the reason; so are the cancelled steps
+    assert body == {"id": answer["id"], "status": "failed", "error": "cancelled by request",
+                    "steps": {"speech": {"id": ids["speech"], "status": "failed", "error": "cancelled by request"},
+                              "hear": {"id": ids["hear"], "status": "failed", "error": "cancelled by request"},
+                              "say": {"id": ids["say"], "status": "failed", "error": "cancelled by request"},
+                              "other": {"id": ids["other"], "status": "success", "text": "done"}}}
     assert client.post(f"/pipelines/{answer['id']}/cancel").status_code == 409
+
+
+def test_a_pipelines_failed_webhook_is_sent_again_with_the_same_id_and_body(client, r, settings):
+    answer = submit(client, {"steps": {"speech": step("csm", text="Hi.")}, "notify_url": "https://example.com/h"})
+    unfinished = client.post(f"/pipelines/{answer['id']}/webhook")
+    assert unfinished.status_code == 409 and "the pipeline has not finished" in unfinished.json["error"]
+    run_step(r, settings, answer["steps"]["speech"], "success", {"result_url": "https://files.example/s.mp3"})
+    first = r.lindex(config.WEBHOOK_OUTBOX_KEY, 0)
+    # a worker takes it and it fails for good
+    taken = r.lmove(config.WEBHOOK_OUTBOX_KEY, webhook_state.webhook_inflight_key("w1"), "RIGHT", "LEFT")
+    assert webhook_state.settle_webhook(r, "w1", taken, answer["id"], "failed", 5, "receiver answered HTTP 500",
+                                        record_key=f"pipeline:{answer['id']}")
+    assert client.get(f"/pipelines/{answer['id']}").json["webhook"]["status"] == "failed"
+    resent = client.post(f"/pipelines/{answer['id']}/webhook")
+    assert resent.status_code == 202 and resent.json == {"id": answer["id"], "webhook": {"status": "pending"}}
+    queued = [json.loads(e) for e in r.lrange(config.WEBHOOK_OUTBOX_KEY, 0, -1)]
+    assert queued == [json.loads(first)]  # the same webhook-id (the pipeline id), body and record, attempt 0
+    assert queued[0]["job_id"] == answer["id"] and queued[0]["record"] == f"pipeline:{answer['id']}"
+    webhook = client.get(f"/pipelines/{answer['id']}").json["webhook"]
+    assert webhook["status"] == "pending" and [e["outcome"] for e in webhook["history"]] == ["failed",
+                                                                                             "resend requested"]
+    busy = client.post(f"/pipelines/{answer['id']}/webhook")
+    assert busy.status_code == 409 and "being delivered" in busy.json["error"]
+    no_url = submit(client, {"steps": {"speech": step("csm", text="Hi.")}})
+    run_step(r, settings, no_url["steps"]["speech"], "success", {"result_url": "https://files.example/t.mp3"})
+    refused = client.post(f"/pipelines/{no_url['id']}/webhook")
+    assert refused.status_code == 409 and "no notify_url" in refused.json["error"]
+    assert client.post(f"/pipelines/{uuid.uuid4()}/webhook").status_code == 404
 
 
 # --- idempotency, tenancy, events -----------------------------------------------------------------
@@ -274,7 +308,8 @@ def test_another_keys_pipeline_is_a_404_like_an_unknown_id(settings, r):
     alice, bob = {"X-C3-RENDER-KEY": ALICE}, {"X-C3-RENDER-KEY": BOB}
     answer = keyed.post("/pipelines", json=TALK, headers=alice).json
     unknown = str(uuid.uuid4())
-    for method, path in (("GET", "/pipelines/{}"), ("POST", "/pipelines/{}/cancel"), ("GET", "/events/{}")):
+    for method, path in (("GET", "/pipelines/{}"), ("POST", "/pipelines/{}/cancel"), ("GET", "/events/{}"),
+                         ("POST", "/pipelines/{}/webhook")):
         mine = keyed.open(path.format(answer["id"]), method=method, headers=bob)
         none = keyed.open(path.format(unknown), method=method, headers=bob)
         assert mine.status_code == none.status_code == 404, (path, mine.json)
@@ -376,3 +411,18 @@ def test_the_graph_names_what_each_step_takes():
     spec = pipelines.validate_pipeline(CHAIN)
     assert spec.order.index("speech") < spec.order.index("hear") < spec.order.index("say")
     assert [(n.field, n.step, n.output) for n in spec.steps["say"].needs] == [("text", "hear", "text")]
+
+
+def test_the_pipeline_page_limits_are_jobspecs_and_the_documents(client):
+    """GET /pipelines takes limit 1-100 (default 20: a pipeline carries its steps' status objects), as
+    jobspec says and the OpenAPI document shows; /jobs' are its own (1-200, default 50)."""
+    for n in range(jobspec.PIPELINES_PAGE_DEFAULT + 1):
+        submit(client, {"steps": {"speech": step("csm", text=f"Hi {n}.")}})
+    assert len(client.get("/pipelines").json["pipelines"]) == jobspec.PIPELINES_PAGE_DEFAULT == 20
+    assert client.get(f"/pipelines?limit={jobspec.PIPELINES_PAGE_MAX}").status_code == 200
+    over = client.get(f"/pipelines?limit={jobspec.PIPELINES_PAGE_MAX + 1}")
+    assert over.status_code == 400 and over.json["error"] == "limit: an integer from 1 to 100"
+    limit = next(p for p in client.get("/openapi.json").json["paths"]["/pipelines"]["get"]["parameters"]
+                 if p["name"] == "limit")
+    assert limit["schema"]["maximum"] == 100 and limit["schema"]["default"] == 20
+    assert client.get(f"/jobs?limit={jobspec.JOBS_PAGE_MAX}").status_code == 200

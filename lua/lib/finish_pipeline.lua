@@ -4,7 +4,8 @@
 -- expire together, ttl seconds from now (RESULT_TTL); its index entries past retention are trimmed; its one
 -- final webhook (with each step's result, as the step's own webhook gives it) is queued in the outbox
 -- (WEBHOOK_OUTBOX_KEY) when it has a notify_url: webhook-id is the pipeline id, and the delivery state is
--- kept on the pipeline record (the entry's `record`).
+-- kept on the pipeline record (the entry's `record`), with the body (`webhook_body`: a resend sends it again,
+-- POST /pipelines/<id>/webhook).
 -- Names: job_prefix (JOB_KEY), history_prefix/history_suffix (JOB_HISTORY_KEY), horizon (INDEX_HORIZON_S),
 --        pipelines_index (PIPELINES_INDEX_KEY), pipelines_by_owner (PIPELINES_BY_OWNER_KEY)
 --! uses: pipeline_changed
@@ -41,8 +42,9 @@ local function finish_pipeline(pipeline_key, pipeline_id, graph, now, ttl, outbo
   if url and url ~= '' then
     local body = {id = pipeline_id, status = status == 'success' and 'success' or 'failed', steps = steps}
     if status ~= 'success' then body.error = redis.call('HGET', pipeline_key, 'error') or status end
-    redis.call('HSET', pipeline_key, 'webhook_status', 'pending', 'webhook_attempts', 0)
-    redis.call('LPUSH', outbox, cjson.encode({job_id = pipeline_id, url = url, body = cjson.encode(body),
+    local encoded = cjson.encode(body)
+    redis.call('HSET', pipeline_key, 'webhook_status', 'pending', 'webhook_attempts', 0, 'webhook_body', encoded)
+    redis.call('LPUSH', outbox, cjson.encode({job_id = pipeline_id, url = url, body = encoded,
                                               attempt = 0, record = pipeline_key}))
   end
   pipeline_changed(pipeline_key, pipeline_id)
