@@ -180,10 +180,11 @@ class Stack:
     r: redis.Redis | None = None
 
 
-def start_devnode(tmp: Path) -> tuple[Child, str]:
+def start_devnode(tmp: Path, boot_s: float = 1.0) -> tuple[Child, str]:
+    """The dev node on a free port; its nodes boot for boot_s (DEVNODE_BOOT_S)."""
     port = free_port()
     env = base_env(DEVNODE_CACHE_DIR=os.environ.get("DEVNODE_CACHE_DIR") or str(ROOT / "var" / "devnode-cache"),
-                   DEVNODE_DATA_DIR=str(tmp / "devnode-data"), DEVNODE_BOOT_S="1", DEVNODE_API_KEY=C3_KEY)
+                   DEVNODE_DATA_DIR=str(tmp / "devnode-data"), DEVNODE_BOOT_S=f"{boot_s:g}", DEVNODE_API_KEY=C3_KEY)
     child = Child("devnode", [sys.executable, "-m", "devnode", "--host", "127.0.0.1", "--port", str(port)],
                   env, tmp / "devnode.log").start()
     url = f"http://127.0.0.1:{port}"
