@@ -166,15 +166,12 @@ class TraceRun:
 def prepare_speech(tmp: Path, inputs: Path) -> str:
     """A few seconds of speech for the Whisper jobs, from one CSM job on a throwaway stack (so that neither
     its node nor what the pool learnt from it is in any trace's figures); stopped before the traces."""
-    stack = start_stack(tmp, 1)
+    tmp.mkdir(parents=True)
+    stack = start_stack(tmp, 1, inputs=inputs, receivers=False)
     try:
         return make_speech(stack, inputs)
     finally:
-        for receiver in stack.receivers.values():
-            receiver.close()
-        stack.files.shutdown()
-        stop_all_started()
-        STARTED.clear()
+        stop_stack(stack)
 
 
 def start_cost_stack(tmp: Path, cfg: RunConfig, inputs: Path) -> Stack:
