@@ -46,7 +46,7 @@ lock:
 	@bash scripts/install-deps.sh dev
 	bash scripts/lock.sh $(ARGS)
 
-## bench: every benchmark under bench/ (about 15 minutes); bench/README.md has their last figures
+## bench: every benchmark under bench/ (about 25 minutes; the cost replay on short traces); bench/README.md has their last figures
 bench:
 	@bash scripts/install-deps.sh dev
 	$(PYTHON) bench/queue_scale.py
@@ -60,6 +60,8 @@ bench:
 	$(PYTHON) bench/redis_capacity.py
 	$(PYTHON) bench/pipeline_latency.py
 	$(PYTHON) bench/soak.py --jobs 300 --workers 4 --seed 42
+	$(PYTHON) bench/cost_sim.py
+	$(PYTHON) bench/cost.py --traces steady:3,bursty:3
 
 ## clean: remove what runs and tests created (var/, caches); keeps .venv (remove it with `rm -rf .venv`)
 clean:

@@ -59,10 +59,11 @@ def lease_json(worker_id: str, service: str, since: float) -> str:
 def reserve_node(r: redis.Redis, node_id: str, node_type: str, worker_id: str, max_nodes: int, now: float,
                  job_id: str = "", service: str = "") -> bool:
     """Take a place in the pool for a node of node_type about to be launched (with a lease for job_id on
-    it); False when MAX_NODES nodes are in the pool."""
-    return bool(redis_lua.run(r, "pool_reserve", (config.POOL_NODES_KEY, node_key(node_id), leases_key(node_id)),
+    it, which ends the type's idle gap); False when MAX_NODES nodes are in the pool."""
+    return bool(redis_lua.run(r, "pool_reserve", (config.POOL_NODES_KEY, node_key(node_id), leases_key(node_id),
+                                                  config.POOL_STATS_KEY, config.POOL_GAPS_KEY.format(type=node_type)),
                               node_id, node_type, worker_id, repr(now), max_nodes, job_id,
-                              lease_json(worker_id, service, now)))
+                              lease_json(worker_id, service, now), pool_policy.MAX_GAPS))
 
 
 def lease_slot(r: redis.Redis, node_id: str, node_type: str, job_id: str, worker_id: str, service: str,

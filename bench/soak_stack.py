@@ -180,10 +180,11 @@ class Stack:
     r: redis.Redis | None = None
 
 
-def start_devnode(tmp: Path) -> tuple[Child, str]:
+def start_devnode(tmp: Path, boot_s: float = 1.0) -> tuple[Child, str]:
+    """The dev node on a free port; its nodes boot for boot_s (DEVNODE_BOOT_S)."""
     port = free_port()
     env = base_env(DEVNODE_CACHE_DIR=os.environ.get("DEVNODE_CACHE_DIR") or str(ROOT / "var" / "devnode-cache"),
-                   DEVNODE_DATA_DIR=str(tmp / "devnode-data"), DEVNODE_BOOT_S="1", DEVNODE_API_KEY=C3_KEY)
+                   DEVNODE_DATA_DIR=str(tmp / "devnode-data"), DEVNODE_BOOT_S=f"{boot_s:g}", DEVNODE_API_KEY=C3_KEY)
     child = Child("devnode", [sys.executable, "-m", "devnode", "--host", "127.0.0.1", "--port", str(port)],
                   env, tmp / "devnode.log").start()
     url = f"http://127.0.0.1:{port}"
@@ -231,18 +232,22 @@ def start_worker(stack: Stack, slot: int) -> Child:
     return child
 
 
-def start_stack(tmp: Path, workers: int) -> Stack:
+def start_stack(tmp: Path, workers: int, *, boot_s: float = 1.0, settings: dict[str, str] | None = None,
+                inputs: Path | None = None, receivers: bool = True) -> Stack:
+    """redis-server, the dev node (nodes boot for boot_s), the API and the workers with service_env plus
+    settings, a file server of inputs (tmp/inputs, made empty, by default) and the webhook receivers."""
     redis_proc = RedisProc(free_port(), tmp / "redis", tmp / "redis.log")
     redis_proc.start()
-    devnode, devnode_url = start_devnode(tmp)
-    env = service_env(tmp, redis_proc.url, devnode_url, workers)
+    devnode, devnode_url = start_devnode(tmp, boot_s)
+    env = {**service_env(tmp, redis_proc.url, devnode_url, workers), **(settings or {})}
     api, api_url = start_api(tmp, env)
-    inputs = tmp / "inputs"
-    inputs.mkdir()
+    if inputs is None:
+        inputs = tmp / "inputs"
+        inputs.mkdir()
     files, files_url = serve_files(inputs)
     stack = Stack(tmp=tmp, redis=redis_proc, devnode=devnode, devnode_url=devnode_url, api=api,
                   api_url=api_url, api_port=int(api_url.rsplit(":", 1)[1]), env=env,
-                  receivers=start_receivers(), files=files, files_url=files_url,
+                  receivers=start_receivers() if receivers else {}, files=files, files_url=files_url,
                   r=redis.Redis.from_url(redis_proc.url, decode_responses=True, socket_timeout=5,
                                          socket_connect_timeout=2))
     for slot in range(workers):

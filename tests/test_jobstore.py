@@ -238,6 +238,29 @@ def test_node_time_is_shared_among_its_jobs_and_adds_up_to_its_life(r):
     assert r.lrange(config.POOL_GAPS_KEY.format(type="media:fast"), 0, -1) == ["10"]  # 40 -> 50
 
 
+def test_an_idle_gap_that_ends_in_a_launch_is_noted_and_a_pre_warm_ends_none(r):
+    """The long gaps end in a cold start (no node left to lease): the keep-alive policy must see them, and
+    a job joining the launched node while its first job runs ends no gap (the type is busy)."""
+    gaps = config.POOL_GAPS_KEY.format(type="media:fast")
+    assert nodestore.reserve_node(r, "n1", "media:fast", "w", 4, 0.0, "job-a", "csm")
+    nodestore.mark_booting(r, "n1", {"state": "booting", "workload": "wl1"})
+    nodestore.mark_ready(r, "n1", 10.0)
+    nodestore.release_lease(r, "n1", "job-a", 20.0)  # the type is idle from 20
+    assert nodestore.claim_stop(r, "n1", "w", 25.0)
+    nodestore.forget_node(r, "n1", 25.0)
+    assert nodestore.reserve_node(r, "n2", "media:fast", "w", 4, 80.0, "job-b", "whisper")  # a cold start
+    assert r.lrange(gaps, 0, -1) == ["60"]
+    nodestore.mark_booting(r, "n2", {"state": "booting", "workload": "wl2"})
+    nodestore.mark_ready(r, "n2", 90.0)
+    assert nodestore.lease_slot(r, "n2", "media:fast", "job-c", "w", "csm", 1, 3, 95.0) == "ok"
+    assert r.lrange(gaps, 0, -1) == ["60"]  # job-b runs: no gap ended
+    nodestore.release_lease(r, "n2", "job-b", 100.0)
+    nodestore.release_lease(r, "n2", "job-c", 100.0)
+    assert nodestore.reserve_node(r, "n3", "media:fast", "w", 4, 110.0)  # a pre-warm: the gap goes on
+    assert r.lrange(gaps, 0, -1) == ["60"]
+    assert float(r.hget(config.POOL_STATS_KEY, "idle_since:media:fast")) == 100.0
+
+
 def test_a_node_that_ran_no_job_is_unattributed(r):
     assert nodestore.reserve_node(r, "n1", "media:fast", "w", 4, 0.0)  # a pre-warm: no job
     nodestore.mark_booting(r, "n1", {"state": "booting"})
