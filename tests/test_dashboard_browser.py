@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, clean_env, wait_for
+from conftest import ROOT, RedisServer, clean_env, free_port, wait_for
 from devnode_helpers import start_devnode, stop_devnode
 from PIL import Image
 from system import ffprobe, http_json, running_nodes, service_env, start_api, start_file_server, start_worker
@@ -231,15 +231,17 @@ def test_the_dashboard_lists_pipelines_with_their_steps_to_their_owner(stack):
         browser.close()
 
 
-def test_a_waiting_step_has_a_cancel_button_that_cancels_it(redis_server, tmp_path):
-    """API and Redis only (no worker, so nothing moves): a pipeline's second step is waiting for the first;
-    its row has a Cancel button, as the queued one has, and the API cancels it."""
+def test_a_waiting_step_has_a_cancel_button_that_cancels_it(tmp_path):
+    """API and a Redis of its own only (no worker, so nothing moves; the module's stack keeps its own Redis
+    and nodes): a pipeline's second step is waiting for the first; its row has a Cancel button, as the
+    queued one has, and the API cancels it."""
     from playwright.sync_api import expect, sync_playwright
 
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    redis.Redis.from_url(redis_server.url).flushall()
-    api, api_url = start_api(clean_env(REDIS_URL=redis_server.url, OUTPUT_DIR=str(tmp_path / "output")), tmp_path)
+    own_redis = RedisServer(port=free_port(), data_dir=tmp_path / "redis")
+    own_redis.start()
+    api, api_url = start_api(clean_env(REDIS_URL=own_redis.url, OUTPUT_DIR=str(tmp_path / "output")), tmp_path)
     try:
         status, answer = http_json("POST", api_url + "/pipelines", {"steps": {
             "speech": {"type": "csm", "text": "Hello."},
@@ -259,3 +261,4 @@ def test_a_waiting_step_has_a_cancel_button_that_cancels_it(redis_server, tmp_pa
         assert http_json("GET", f"{api_url}/status/{waiting}")[1]["status"] == "cancelled"
     finally:
         api.stop()
+        own_redis.stop()
