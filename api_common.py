@@ -182,6 +182,16 @@ def resend_answer(what: str, ident: str, outcome: str) -> Response:
     return response
 
 
+def cancel_answer(what: str, ident: str, outcome: str) -> Response:
+    """The answer of a cancel of a job or pipeline (`what`) from the cancel's outcome: 409 once it finished,
+    else cancelled, or still running with the cancel requested (a step or the job is stopping)."""
+    if outcome.startswith("finished:"):
+        raise ApiError(409, f"{what} already finished ({outcome.split(':', 1)[1]}); nothing to cancel")
+    if outcome == "cancelling":
+        return jsonify({"id": ident, "status": "running", "cancel_requested": True})
+    return jsonify({"id": ident, "status": "cancelled"})
+
+
 def iso(timestamp: str | None) -> str | None:
     """A stored Unix time as ISO 8601 UTC with milliseconds (None stays None)."""
     if not timestamp:

@@ -37,6 +37,7 @@ import webhook_state
 from api_common import (
     ApiError,
     attach,
+    cancel_answer,
     error_response,
     idempotency,
     iso,
@@ -296,11 +297,7 @@ def do_cancel(job_id: str) -> Response:
     outcome = jobstore.cancel(store(), settings(), job_id)
     if outcome == "missing":
         raise ApiError(404, f"no job with id {job_id}")
-    if outcome.startswith("finished:"):
-        raise ApiError(409, f"job already finished ({outcome.split(':', 1)[1]}); nothing to cancel")
-    if outcome == "cancelling":
-        return jsonify({"id": job_id, "status": "running", "cancel_requested": True})
-    return jsonify({"id": job_id, "status": "cancelled"})
+    return cancel_answer("job", job_id, outcome)
 
 
 @api.post("/cancel/<job_id>")

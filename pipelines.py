@@ -438,11 +438,7 @@ def status_route(pipeline_id: str) -> Response:
 def cancel_route(pipeline_id: str) -> Response:
     record = pipeline_or_error(pipeline_id)
     outcome = cancel(store(), settings(), record)
-    if outcome.startswith("finished:"):
-        raise ApiError(409, f"pipeline already finished ({outcome.split(':', 1)[1]}); nothing to cancel")
-    if outcome == "cancelling":
-        return jsonify({"id": pipeline_id, "status": "running", "cancel_requested": True})
-    return jsonify({"id": pipeline_id, "status": "cancelled"})
+    return api_common.cancel_answer("pipeline", pipeline_id, outcome)
 
 
 @pipeline_routes.post("/pipelines/<pipeline_id>/webhook")
