@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -154,6 +155,29 @@ def rate_limited() -> ApiError:
 
 
 # --- jobs as the API shows them ----------------------------------------------------------------
+
+def submit_answer(write: Callable[[str, int], tuple[str, bool]], created: Callable[[str], dict[str, Any]],
+                  replayed: Callable[[str], dict[str, Any] | None], conflict: str) -> Response:
+    """The answer of a submit route (a job or a pipeline): write(rate key, limit) -> (id, created) stores
+    it; a new one is answered by created(id), an Idempotency-Key replay by replayed(id) (None once its
+    record expired, between the script and the read: then it is written anew, once)."""
+    for _ in range(2):
+        rate_key, limit = rate_counter()
+        try:
+            ident, new = write(rate_key, limit)
+        except jobstore.IdempotencyConflict:
+            raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request{conflict}") from None
+        except jobstore.RateLimited:
+            raise rate_limited() from None
+        if new:
+            return jsonify(created(ident))
+        answer = replayed(ident)  # a replay answers with the status now
+        if answer is not None:
+            response = jsonify(answer)
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+    raise ApiError(503, "the job store changed under this request; retry it", {"Retry-After": "1"})
+
 
 def page_limit(default: int, most: int) -> int:
     """A listing's `limit` query parameter (default when absent), or the 400 giving its range."""

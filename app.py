@@ -42,13 +42,12 @@ from api_common import (
     idempotency,
     iso,
     json_body,
-    rate_counter,
-    rate_limited,
     record_or_error,
     result_of,
     settings,
     status_answer,
     store,
+    submit_answer,
 )
 from jobspec import IDEMPOTENCY_HEADER
 from openapi import openapi_document
@@ -181,25 +180,20 @@ def submit(job_type: str) -> Response:
         raise ApiError(400, str(exc)) from None
     idem_key, params_hash = idempotency(job_type, params)
     r = store()
-    for _ in range(2):  # a replayed job may expire between the script and our read: then it is queued anew
-        rate_key, limit = rate_counter()
-        try:
-            job_id, created = jobstore.submit(r, job_type, params, idempotency_key=idem_key, request_hash=params_hash,
-                                              owner=api_common.caller_owner(), rate_key=rate_key, rate_limit=limit)
-        except jobstore.IdempotencyConflict:
-            raise ApiError(422, f"{IDEMPOTENCY_HEADER} was already used with a different request (other job "
-                                "parameters)") from None
-        except jobstore.RateLimited:
-            raise rate_limited() from None
-        if created:
-            log.info("job %s (%s) queued", job_id, job_type)
-            return jsonify({"id": job_id, "status": "queued"})
-        record = jobstore.get_job(r, job_id)  # a replay answers with the job's status now
-        if record is not None:
-            response = jsonify({"id": job_id, "status": record["status"]})
-            response.headers["Idempotent-Replayed"] = "true"
-            return response
-    raise ApiError(503, "the job store changed under this request; retry it", {"Retry-After": "1"})
+
+    def write(rate_key: str, limit: int) -> tuple[str, bool]:
+        return jobstore.submit(r, job_type, params, idempotency_key=idem_key, request_hash=params_hash,
+                               owner=api_common.caller_owner(), rate_key=rate_key, rate_limit=limit)
+
+    def created(job_id: str) -> dict[str, Any]:
+        log.info("job %s (%s) queued", job_id, job_type)
+        return {"id": job_id, "status": "queued"}
+
+    def replayed(job_id: str) -> dict[str, Any] | None:
+        record = jobstore.get_job(r, job_id)
+        return None if record is None else {"id": job_id, "status": record["status"]}
+
+    return submit_answer(write, created, replayed, " (other job parameters)")
 
 
 for _route, _job_type in jobspec.SUBMIT_ROUTES.items():

@@ -395,25 +395,22 @@ def submit_route() -> Response:
         raise ApiError(400, str(exc)) from None
     idem_key, request_hash = api_common.idempotency("pipeline", spec.canonical())
     r = store()
-    for _ in range(2):  # a replayed pipeline may expire between the script and our read: then it is queued anew
-        rate_key, limit = api_common.rate_counter()
-        try:
-            pipeline_id, created = submit(r, spec, idempotency_key=idem_key, request_hash=request_hash,
-                                          owner=api_common.caller_owner(), rate_key=rate_key, rate_limit=limit)
-        except jobstore.IdempotencyConflict:
-            raise ApiError(422, f"{jobspec.IDEMPOTENCY_HEADER} was already used with a different request") from None
-        except jobstore.RateLimited:
-            raise api_common.rate_limited() from None
-        if created:
-            log.info("pipeline %s (%s) queued", pipeline_id, ", ".join(f"{n}: {s.type}" for n, s in spec.steps.items()))
-            return jsonify({"id": pipeline_id, "status": "queued",
-                            "steps": {name: step.job_id for name, step in spec.steps.items()}})
-        record = get_pipeline(r, pipeline_id)  # a replay answers with the pipeline's status now
-        if record is not None:
-            response = jsonify({"id": pipeline_id, "status": record["status"], "steps": json.loads(record["steps"])})
-            response.headers["Idempotent-Replayed"] = "true"
-            return response
-    raise ApiError(503, "the job store changed under this request; retry it", {"Retry-After": "1"})
+
+    def write(rate_key: str, limit: int) -> tuple[str, bool]:
+        return submit(r, spec, idempotency_key=idem_key, request_hash=request_hash, owner=api_common.caller_owner(),
+                      rate_key=rate_key, rate_limit=limit)
+
+    def created(pipeline_id: str) -> dict[str, Any]:
+        log.info("pipeline %s (%s) queued", pipeline_id, ", ".join(f"{n}: {s.type}" for n, s in spec.steps.items()))
+        return {"id": pipeline_id, "status": "queued",
+                "steps": {name: step.job_id for name, step in spec.steps.items()}}
+
+    def replayed(pipeline_id: str) -> dict[str, Any] | None:
+        record = get_pipeline(r, pipeline_id)
+        return None if record is None else {"id": pipeline_id, "status": record["status"],
+                                            "steps": json.loads(record["steps"])}
+
+    return api_common.submit_answer(write, created, replayed, "")
 
 
 @pipeline_routes.get("/pipelines")
