@@ -228,12 +228,17 @@ def record_or_error(job_id: str, with_position: bool = False) -> dict[str, str]:
     """The job's record, or the 400/404 answer; with_position adds a queued job's queue position in the
     same round trip (see jobstore.get_job_with_position). Another API key's job is answered exactly as an
     unknown id, so that a key cannot even learn that a job id exists."""
-    if not jobstore.is_job_id(job_id):
-        raise ApiError(400, f"malformed job id {job_id[:64]!r}: expected a UUID4")
-    read = jobstore.get_job_with_position if with_position else jobstore.get_job
-    record = read(store(), job_id)
+    return owned_or_error("job", job_id, jobstore.get_job_with_position if with_position else jobstore.get_job)
+
+
+def owned_or_error(what: str, ident: str, read: Callable[[redis.Redis, str], dict[str, str] | None]) -> dict[str, str]:
+    """The record of a job or pipeline (`what`) as read(store, id) gives it, or the 400 of a malformed id,
+    or the 404 of an unknown one; another API key's record is a 404 exactly as an unknown id."""
+    if not jobstore.is_job_id(ident):
+        raise ApiError(400, f"malformed {what} id {ident[:64]!r}: expected a UUID4")
+    record = read(store(), ident)
     if record is None or not may_see(record):
-        raise ApiError(404, f"no job with id {job_id} (unknown, or expired after its retention)")
+        raise ApiError(404, f"no {what} with id {ident} (unknown, or expired after its retention)")
     return record
 
 

@@ -291,12 +291,7 @@ def step_answer(record: dict[str, str] | None) -> dict[str, Any] | None:
 
 def pipeline_or_error(pipeline_id: str) -> dict[str, str]:
     """The pipeline's record, or the 400/404 answer (another API key's pipeline is a 404, as an unknown id)."""
-    if not jobstore.is_job_id(pipeline_id):
-        raise ApiError(400, f"malformed pipeline id {pipeline_id[:64]!r}: expected a UUID4")
-    record = get_pipeline(store(), pipeline_id)
-    if record is None or not api_common.may_see(record):
-        raise ApiError(404, f"no pipeline with id {pipeline_id} (unknown, or expired after its retention)")
-    return record
+    return api_common.owned_or_error("pipeline", pipeline_id, get_pipeline)
 
 
 def snapshot(r: redis.Redis, pipeline_id: str) -> tuple[dict[str, Any], str, bool] | None:
